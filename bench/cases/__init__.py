@@ -1,0 +1,1 @@
+"""One module per kernel family; each registers its cases with ``bench.registry.register``."""

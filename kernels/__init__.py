@@ -1,0 +1,43 @@
+"""r1fast.kernels: Triton kernels for GRPO training, each with a PyTorch reference.
+
+Public ops (each module holds kernels -> launcher -> autograd registration -> public function):
+
+    grpo_loss        fused_linear_logprobs, fused_linear_grpo_loss
+    paged_attention  paged_attention, append_kv
+    fp8              quantize_fp8_1x128, quantize_fp8_128x128
+    moe_gemm         fp8_grouped_gemm, moe_ffn_fp8
+
+Which implementation runs is decided by one rule in ``dispatch.py``; ``backend(device)`` tells it.
+Ops are imported lazily so that ``import r1fast.kernels`` stays cheap and does not import Triton.
+"""
+
+import importlib
+
+from .dispatch import BACKENDS, backend, interpreting, use_triton
+
+# public name -> module (inside r1fast.kernels) that defines it
+_OPS = {
+    "fused_linear_logprobs": "grpo_loss",
+    "fused_linear_grpo_loss": "grpo_loss",
+    "paged_attention": "paged_attention",
+    "append_kv": "paged_attention",
+    "quantize_fp8_1x128": "fp8",
+    "quantize_fp8_128x128": "fp8",
+    "fp8_grouped_gemm": "moe_gemm",
+    "moe_ffn_fp8": "moe_gemm",
+}
+
+__all__ = ["BACKENDS", "backend", "interpreting", "use_triton", *sorted(_OPS)]
+
+
+def __getattr__(name):
+    module = _OPS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'r1fast.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_OPS))
