@@ -41,7 +41,7 @@ def _worst(err: torch.Tensor, out: torch.Tensor, ref: torch.Tensor, k: int = 5) 
     k = min(k, flat.numel())
     vals, idx = flat.topk(k)
     lines = []
-    for v, i in zip(vals.tolist(), idx.tolist()):
+    for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
         pos = tuple(int(p) for p in torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else ()
         lines.append(f"  at {pos}: got {out.flatten()[i].item():.8g}, ref {ref.flatten()[i].item():.8g}, err {v:.3g}")
     return "\n".join(lines)

@@ -1,0 +1,300 @@
+"""Run configuration: one dataclass per concern, TOML files, ``--section.field value`` overrides.
+
+Every field carries a docstring (the string literal under it, read back with ``ast`` for ``--help``),
+so adding an option is one annotated line plus its docstring. Types come from the annotation:
+``bool``, ``int``, ``float``, ``str``, ``Literal[...]`` (choices), ``X | None`` (written ``none``),
+``list[X]``, ``tuple[X, ...]``/``tuple[X, Y]``, ``dict[str, X]`` and nested dataclasses (sections).
+Numeric ranges are declared with ``bounded(default, ge=.., gt=.., le=.., lt=..)``; they apply to every
+element of a list/tuple/dict value too.
+
+Validation is strict and every error is a one-line ``ConfigError`` naming the full key:
+unknown keys (with the allowed ones listed), wrong types, values outside choices or ranges, and the
+cross-field rules in ``Config.validate`` / each section's ``validate``. ``config_to_toml`` writes the
+resolved config so that ``load_config`` of that file gives back an equal ``Config``; ``None`` is written
+as the string ``"none"`` (TOML has no null), so an ``str | None`` field cannot hold the text "none".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from r1fast import config_io
+from r1fast.config_io import (
+    ConfigError,
+    _check_tree,  # noqa: F401  (Config.validate)
+    bounded,
+    config_to_toml,
+    field_docs,
+    save_config,
+)
+
+__all__ = [
+    "ConfigError", "bounded", "ModelConfig", "RolloutConfig", "GRPOConfig", "RewardsConfig", "DataConfig",
+    "ParallelConfig", "TrainConfig", "Config", "load_config", "config_to_toml", "save_config", "describe",
+    "field_docs", "parse_cli",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# Sections. Defaults describe a tiny run that finishes on a laptop CPU.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The policy model (and its tokenizer)."""
+
+    name_or_path: str = "tiny"
+    """'tiny' builds the small in-code transformer from the shape fields below; otherwise a local HF
+    model directory (config.json + safetensors), whose own config overrides the shape fields."""
+    tokenizer: str | None = None
+    """Tokenizer directory; none = the model directory ('tiny' uses the built-in byte-level tokenizer)."""
+    vocab_size: int = bounded(512, ge=1)
+    """Vocabulary size of the tiny model (must cover the tokenizer's ids)."""
+    hidden_size: int = bounded(64, ge=1)
+    """Width of the residual stream."""
+    num_layers: int = bounded(2, ge=1)
+    """Number of transformer blocks."""
+    num_heads: int = bounded(4, ge=1)
+    """Query heads per attention layer; must divide hidden_size."""
+    num_kv_heads: int = bounded(2, ge=1)
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    intermediate_size: int = bounded(128, ge=1)
+    """Hidden width of the SwiGLU MLP."""
+    max_seq_len: int = bounded(256, ge=1)
+    """Longest prompt + completion the model (RoPE cache, KV cache) must hold."""
+    rope_theta: float = bounded(10000.0, gt=0)
+    """RoPE base frequency."""
+    head_dim: int | None = bounded(None, ge=2)
+    """Width of one attention head; none = hidden_size / num_heads."""
+    rms_norm_eps: float = bounded(1e-6, gt=0)
+    """Epsilon of the RMSNorm layers."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output head (tiny model)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter and compute dtype (bfloat16 on GPUs; float32 for CPU runs and tests)."""
+
+    def validate(self) -> None:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size} "
+                              "when model.head_dim is none")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"model head dim {self.resolved_head_dim} must be even (RoPE rotates pairs of "
+                              "dimensions); set model.head_dim or model.num_heads")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """head_dim, or hidden_size // num_heads when it is none."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclass
+class RolloutConfig:
+    """Generation of the completions (the rollout engine and its paged KV cache)."""
+
+    max_new_tokens: int = bounded(64, ge=1)
+    """Longest completion; also the fixed normalizer L of the dr_grpo loss."""
+    temperature: float = bounded(1.0, ge=0)
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = bounded(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = bounded(0, ge=0)
+    """Keep only the k most likely tokens (0 = off)."""
+    block_size: int = bounded(16, ge=1)
+    """Tokens per KV-cache block; a power of two (the attention kernel's tile)."""
+    num_blocks: int | None = bounded(None, ge=1)
+    """KV-cache blocks to allocate; none = as many as memory_fraction of free memory allows."""
+    max_batch_tokens: int = bounded(4096, ge=1)
+    """Token budget of one engine step (prefill + decode); bounds activation memory."""
+    memory_fraction: float = bounded(0.5, gt=0, le=1)
+    """Fraction of free device memory the KV cache may take when num_blocks is none."""
+
+    def validate(self) -> None:
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"rollout.block_size={self.block_size} must be a power of two")
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO objective: groups, advantages, clipping, KL, loss normalization, filters."""
+
+    prompts_per_step: int = bounded(4, ge=1)
+    """P: prompts drawn per optimizer step."""
+    samples_per_prompt: int = bounded(4, ge=1)
+    """G: completions sampled per prompt (the group)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the reward std of the group, of the whole batch, or not at all (Dr. GRPO)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """Loss normalization: grpo = mean per sequence then over sequences; bnpo = over the local batch's
+    tokens; dr_grpo = sum / (sequences x rollout.max_new_tokens); dapo = over the global batch's tokens."""
+    eps_low: float = bounded(0.2, ge=0, lt=1)
+    """Lower clip: the ratio is clipped at 1 - eps_low."""
+    eps_high: float = bounded(0.2, ge=0)
+    """Upper clip: the ratio is clipped at 1 + eps_high (DAPO's clip-higher uses 0.28)."""
+    delta: float | None = bounded(None, gt=1)
+    """Two-sided clipping: cap the ratio at delta for negative advantages; none = off."""
+    beta: float = bounded(0.001, ge=0)
+    """Weight of the k3 KL penalty to the reference model (0 = no reference model)."""
+    ref_update_steps: int = bounded(0, ge=0)
+    """Copy the policy into the reference model every N steps (0 = never)."""
+    updates_per_rollout: int = bounded(1, ge=1)
+    """mu: optimizer updates on each batch of rollouts (>1 makes the ratio differ from 1)."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (GRPO) or per sequence, length-normalized (GSPO)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
+    overlong_filter: bool = False
+    """Mask out completions truncated at max_new_tokens from the loss."""
+    soft_overlong_penalty: bool = False
+    """Penalize completions linearly over the last overlong_cache_len tokens before max_new_tokens (DAPO)."""
+    overlong_cache_len: int = bounded(16, ge=1)
+    """Length of the soft overlong penalty ramp, in tokens."""
+    micro_batch_size: int = bounded(8, ge=1)
+    """Completions per forward/backward pass (gradient accumulation over the batch)."""
+
+
+@dataclass
+class RewardsConfig:
+    """Rule-based rewards and the code sandbox."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    """Weight per reward name; the total reward is the weighted sum. CLI: --rewards.weights.format 0.2."""
+    format_partial_credit: bool = False
+    """Give partial format reward per well-formed tag instead of all-or-nothing."""
+    language: str = "en"
+    """Target language (ISO 639-1) of the language-consistency reward."""
+    sandbox_timeout_s: float = bounded(5.0, gt=0)
+    """Wall-clock limit for running one generated program."""
+    sandbox_memory_mb: int = bounded(512, ge=16)
+    """Address-space limit for one generated program."""
+
+    def validate(self) -> None:
+        for name, weight in self.weights.items():
+            if not math.isfinite(weight):
+                raise ConfigError(f"rewards.weights.{name}: expected a finite float, got {weight!r}")
+
+
+@dataclass
+class DataConfig:
+    """Prompts: which task, how many, which template."""
+
+    task: str = "arithmetic"
+    """A built-in task name (see r1fast.data) or a path to a .jsonl file of prompts and answers."""
+    train_size: int = bounded(1000, ge=1)
+    """Training prompts (generated tasks) or the first N lines of the file."""
+    eval_size: int = bounded(64, ge=0)
+    """Held-out evaluation prompts (0 = no evaluation set)."""
+    seed: int = 0
+    """Seed of task generation and prompt shuffling."""
+    template: str = "r1_zero"
+    """Prompt template name ('r1_zero' is the DeepSeek-R1-Zero template verbatim)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over devices and compiled."""
+
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: optimizer, schedule, logging, checkpoints, cold-start SFT."""
+
+    name: str = "tiny"
+    """Run name; outputs go to out_dir/name."""
+    steps: int = bounded(20, ge=0)
+    """GRPO optimizer steps."""
+    lr: float = bounded(3e-4, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = bounded(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    """AdamW (beta1, beta2)."""
+    grad_clip: float = bounded(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 = off)."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Linear learning-rate warmup steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    seed: int = 0
+    """Seed of model init and sampling."""
+    out_dir: str = "runs"
+    """Directory holding one subdirectory per run."""
+    checkpoint_every: int = bounded(0, ge=0)
+    """Save a checkpoint every N steps (0 = no periodic checkpoints)."""
+    log_every: int = bounded(1, ge=1)
+    """Write metrics every N steps."""
+    eval_every: int = bounded(0, ge=0)
+    """Evaluate on the held-out prompts every N steps (0 = never)."""
+    eval_samples: int = bounded(1, ge=1)
+    """Completions sampled per evaluation prompt (pass@k uses k of them)."""
+    resume: str | None = None
+    """none = fresh run; 'latest' = newest checkpoint under out_dir/name; else a checkpoint directory."""
+    sft_steps: int = bounded(0, ge=0)
+    """Cold-start supervised fine-tuning steps before GRPO (0 = R1-Zero style, no SFT)."""
+    sft_lr: float = bounded(1e-4, gt=0)
+    """Learning rate of the cold-start SFT."""
+
+
+@dataclass
+class Config:
+    """A whole run: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model and tokenizer."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation of completions."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """The GRPO objective."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """Rule-based rewards."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and templates."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution and compilation."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+    def validate(self) -> Config:
+        """Check every field's type and range, each section's own rules, then cross-section rules."""
+        _check_tree(self, "")
+        g, r = self.grpo, self.rollout
+        if g.dynamic_sampling and g.samples_per_prompt < 2:
+            raise ConfigError("grpo.dynamic_sampling needs grpo.samples_per_prompt >= 2 "
+                              f"(got {g.samples_per_prompt}): a group of one always has equal rewards")
+        if g.soft_overlong_penalty and g.overlong_cache_len >= r.max_new_tokens:
+            raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
+                              f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")
+        if r.max_new_tokens >= self.model.max_seq_len:
+            raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be < model.max_seq_len="
+                              f"{self.model.max_seq_len} (the prompt needs room)")
+        return self
+
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, *, schema: type | None = None) -> Any:
+    """Defaults, then the TOML file at ``path`` (if any), then ``--section.field value`` overrides, validated."""
+    return config_io.load_config(path, overrides, schema=schema or Config)
+
+
+def describe(cfg_cls: type | None = None, prefix: str = "") -> str:
+    """Every option as ``--key TYPE = default`` followed by its docstring (for --help)."""
+    return config_io.describe(cfg_cls or Config, prefix)
+
+
+def parse_cli(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    """Split argv into (config path or None, override tokens); ``--help`` prints every option and exits."""
+    return config_io.parse_cli(argv, schema=Config)

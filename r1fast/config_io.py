@@ -1,0 +1,469 @@
+"""Generic config machinery: TOML files and ``--section.field value`` overrides onto nested dataclasses.
+
+Every field carries a docstring (the string literal under it, read back with ``ast`` for ``--help``).
+Types come from the annotation: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]`` (choices),
+``X | None`` (written ``none``), ``list[X]``, ``tuple[X, ...]``/``tuple[X, Y]``, ``dict[str, X]`` and
+nested dataclasses (sections). Numeric ranges are declared with ``bounded(default, ge=.., gt=.., le=..,
+lt=..)``; they apply to every element of a list/tuple/dict value too. Every error is a one-line
+``ConfigError`` naming the full key. ``None`` is dumped as the string ``"none"`` (TOML has no null).
+The run's sections live in ``r1fast.config``; this module knows none of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import os
+import re
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import field
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "bounded", "load_config", "config_to_toml", "save_config", "describe", "field_docs", "parse_cli"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and names the full key."""
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a numeric range, checked on load and by ``Config.validate``."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"bounds": bounds})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Types: describe, parse text, coerce values.
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """name -> (Field, resolved annotation), in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+        raise TypeError(f"unsupported union annotation {tp!r}: only X | None is allowed")
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _split_optional(tp)
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        name = "one of " + ", ".join(repr(a) for a in args)
+    elif origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
+        name = f"list of {_type_name(args[0])}"
+    elif origin is tuple:
+        name = "(" + ", ".join(_type_name(a) for a in args) + ")"
+    elif origin is dict:
+        name = f"table of {_type_name(args[0])} to {_type_name(args[1])}"
+    else:
+        name = getattr(inner, "__name__", repr(inner))
+    return f"{name} or none" if optional else name
+
+
+def _bad(key: str, tp: Any, value: Any, where: str) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{where}")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str = "") -> Any:
+    """Check a TOML-native value against ``tp`` and normalize it (int -> float, list -> tuple)."""
+    inner, optional = _split_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise _bad(key, tp, value, where)
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed{where}; allowed values: "
+                          + ", ".join(repr(a) for a in args))
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+    elif inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif inner is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        if isinstance(value, (list, tuple)):
+            items = [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in pairs)
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {_coerce(k, args[0], key, where): _coerce(v, args[1], f"{key}.{k}", where)
+                    for k, v in value.items()}
+    else:
+        raise TypeError(f"{key}: unsupported annotation {tp!r} (see the r1fast.config docstring)")
+    raise _bad(key, tp, value, where)
+
+
+def _toml_value(text: str) -> Any:
+    return tomllib.loads(f"v = {text}")["v"]
+
+
+def _from_text(text: str, tp: Any, key: str, where: str) -> Any:
+    """Turn a command-line string into a value of ``tp`` (then checked by ``_coerce``)."""
+    inner, optional = _split_optional(tp)
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    try:
+        if inner is bool:
+            word = text.strip().lower()
+            if word in ("true", "1"):
+                return True
+            if word in ("false", "0"):
+                return False
+        elif inner is int:
+            return int(text)
+        elif inner is float:
+            return float(text)
+        elif inner is str:
+            return text
+        elif origin is Literal:
+            for choice in args:
+                if str(choice) == text:
+                    return choice
+            return text  # _coerce reports it with the allowed values
+        elif origin in (list, tuple):
+            if text.lstrip().startswith("["):
+                return _toml_value(text)
+            parts = [p.strip() for p in text.split(",")] if text.strip() else []
+            elem_types = [args[0]] * len(parts) if origin is list or args[-1] is Ellipsis else list(args)
+            if len(elem_types) != len(parts):
+                raise ValueError
+            pairs = enumerate(zip(parts, elem_types, strict=True))
+            return [_from_text(p, t, f"{key}[{i}]", where) for i, (p, t) in pairs]
+        elif origin is dict:
+            if text.lstrip().startswith("{"):
+                return _toml_value(text)
+    except ConfigError:  # an element's own error names the element: keep it
+        raise
+    except (ValueError, tomllib.TOMLDecodeError):
+        pass
+    raise _bad(key, tp, text, where)
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str, where: str = "") -> None:
+    if value is None or not bounds:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_bounds(v, bounds, f"{key}[{i}]", where)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_bounds(v, bounds, f"{key}.{k}", where)
+        return
+    violated = ((isinstance(value, float) and math.isnan(value))
+                or ("ge" in bounds and value < bounds["ge"]) or ("gt" in bounds and value <= bounds["gt"])
+                or ("le" in bounds and value > bounds["le"]) or ("lt" in bounds and value >= bounds["lt"]))
+    if violated:
+        lo = f"{bounds['ge']:g} <= " if "ge" in bounds else f"{bounds['gt']:g} < " if "gt" in bounds else ""
+        hi = f" <= {bounds['le']:g}" if "le" in bounds else f" < {bounds['lt']:g}" if "lt" in bounds else ""
+        raise ConfigError(f"{key}: {value!r} is out of range{where}; allowed: {lo}value{hi}")
+
+
+def _check_tree(obj: Any, prefix: str) -> None:
+    """Type- and range-check every field (normalizing values in place), then call section validate()."""
+    for name, (f, tp) in _fields(type(obj)).items():
+        key = f"{prefix}{name}"
+        value = getattr(obj, name)
+        if _is_section(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"{key}: expected section {tp.__name__}, got {value!r}")
+            _check_tree(value, key + ".")
+            continue
+        value = _coerce(value, tp, key)
+        _check_bounds(value, f.metadata.get("bounds", {}), key)
+        setattr(obj, name, value)
+    if prefix and hasattr(obj, "validate"):
+        obj.validate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: TOML tables, then command-line overrides.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _unknown(key: str, cls: type, where: str) -> ConfigError:
+    allowed = list(_fields(cls))
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    scope = f"[{key.rsplit('.', 1)[0]}]" if "." in key else "the top level"
+    return ConfigError(f"unknown key {key!r}{where}{hint}; allowed keys in {scope}: {', '.join(allowed)}")
+
+
+def _set_leaf(obj: Any, f: dataclasses.Field, tp: Any, value: Any, key: str, where: str) -> None:
+    value = _coerce(value, tp, key, where)
+    _check_bounds(value, f.metadata.get("bounds", {}), key, where)
+    setattr(obj, f.name, value)
+
+
+def _apply_table(obj: Any, table: dict[str, Any], prefix: str, where: str) -> None:
+    fields = _fields(type(obj))
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key, type(obj), where)
+        f, tp = fields[name]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section{where}; write it as a [{key}] table, got {value!r}")
+            _apply_table(getattr(obj, name), value, key + ".", where)
+        else:
+            _set_leaf(obj, f, tp, value, key, where)
+
+
+def _apply_override(cfg: Any, key: str, text: str | None) -> None:
+    """Set one dotted key from command-line text; ``text`` None means a bare flag (booleans only)."""
+    where = f" (from --{key})"
+    obj, parts = cfg, key.split(".")
+    for depth, name in enumerate(parts):
+        fields = _fields(type(obj))
+        sub = ".".join(parts[: depth + 1])
+        if name not in fields:
+            raise _unknown(sub, type(obj), where)
+        f, tp = fields[name]
+        rest = parts[depth + 1:]
+        if _is_section(tp):
+            if not rest:
+                raise ConfigError(f"{sub} is a section{where}; set one of its keys: {', '.join(_fields(tp))}")
+            obj = getattr(obj, name)
+            continue
+        inner, _ = _split_optional(tp)
+        if text is None and inner is not bool:
+            raise ConfigError(f"--{key} needs a value ({_type_name(tp)})")
+        if rest and typing.get_origin(inner) is dict and len(rest) == 1:
+            # --rewards.weights.format 0.2: replace one entry of a table field.
+            value_tp = typing.get_args(inner)[1]
+            entry = _from_text(text, value_tp, key, where)
+            _set_leaf(obj, f, tp, {**(getattr(obj, name) or {}), rest[0]: entry}, sub, where)
+        elif rest:
+            raise ConfigError(f"{sub} is not a section{where}; {key!r} does not exist")
+        else:
+            value = True if text is None else _from_text(text, tp, key, where)
+            _set_leaf(obj, f, tp, value, key, where)
+        return
+
+
+def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None]]:
+    pairs, i = [], 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"expected an override written --section.field VALUE, got {token!r}")
+        if "=" in token:
+            key, text = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            key, text = token[2:], overrides[i + 1]
+            i += 2
+        else:
+            key, text = token[2:], None
+            i += 1
+        pairs.append((key, text))
+    return pairs
+
+
+def load_config(path: str | None, overrides: list[str] | None, *, schema: type) -> Any:
+    """Defaults, then the TOML file at ``path`` (if any), then ``--section.field value`` overrides.
+
+    ``schema`` is the root dataclass (``Config``; tests and tools may pass another). The result is
+    checked by the root's ``validate()`` when it has one, else field by field.
+    """
+    cfg = schema()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path!r}: {err.strerror or err}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+        _apply_table(cfg, table, "", f" (in {path})")
+    for key, text in _split_overrides(list(overrides or [])):
+        _apply_override(cfg, key, text)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    else:
+        _check_tree(cfg, "")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dumping and describing.
+# ---------------------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else _toml_string(k)
+
+
+def _toml_literal(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _dump_section(obj: Any, prefix: str, lines: list[str], comments: bool) -> None:
+    docs = field_docs(type(obj))
+    subsections = []
+    for name, (_, tp) in _fields(type(obj)).items():
+        if _is_section(tp):
+            subsections.append(name)
+            continue
+        if comments:
+            lines += [f"# {line}" for line in docs.get(name, "").splitlines()]
+        lines.append(f"{_toml_key(name)} = {_toml_literal(getattr(obj, name))}")
+    for name in subsections:
+        lines += ["", f"[{prefix}{name}]"]
+        _dump_section(getattr(obj, name), f"{prefix}{name}.", lines, comments)
+
+
+def config_to_toml(cfg: Any, *, comments: bool = True) -> str:
+    """The resolved config as TOML; ``load_config`` of this text gives back an equal ``Config``."""
+    lines = ["# r1fast resolved config (None is written as \"none\")"]
+    _dump_section(cfg, "", lines, comments)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write ``config_to_toml(cfg)`` to ``path`` (creating parent directories)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(config_to_toml(cfg))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """name -> docstring (the string literal right under the field), read from the class source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # source unavailable (e.g. frozen app): no docs, not an error
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def describe(cfg_cls: type, prefix: str = "") -> str:
+    """Every option of ``cfg_cls`` as ``--key TYPE = default`` followed by its docstring (for --help)."""
+    out, defaults = [], cfg_cls()
+    docs = field_docs(cfg_cls)
+    for name, (f, tp) in _fields(cfg_cls).items():
+        key = f"{prefix}{name}"
+        if _is_section(tp):
+            out += ["", f"[{key}]  {inspect.cleandoc(tp.__doc__ or '')}".rstrip(), describe(tp, key + ".")]
+            continue
+        bounds = f.metadata.get("bounds", {})
+        rng = ", ".join(f"{'>=' if k == 'ge' else '>' if k == 'gt' else '<=' if k == 'le' else '<'} {v:g}"
+                        for k, v in bounds.items())
+        default = getattr(defaults, name)
+        shown = "none" if default is None else _toml_literal(default)
+        out.append(f"  --{key} {_type_name(tp)} = {shown}"
+                   + (f"  ({rng})" if rng else ""))
+        out += [f"      {line}" for line in docs.get(name, "").splitlines()]
+    return "\n".join(out).strip("\n")
+
+
+_USAGE = """usage: [--config PATH] [--section.field VALUE | --section.field=VALUE ...]
+Values: bool true/false/1/0 (a bare --flag means true), numbers, text, none for optional fields,
+lists as a,b,c or [a, b], tables as {name = 1.0}; one table entry as --section.table.name VALUE.
+A value that itself starts with -- must be written --section.field=VALUE."""
+
+
+def parse_cli(argv: list[str] | None, *, schema: type) -> tuple[str | None, list[str]]:
+    """Split argv into (config path or None, override tokens). ``--help``/``-h`` prints every option and exits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(_USAGE + "\n\n" + describe(schema))
+        raise SystemExit(0)
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--config" or token.startswith("--config="):
+            if token == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError("--config needs a path")
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = token.split("=", 1)[1], i + 1
+            if path is not None:
+                raise ConfigError(f"--config given twice ({path!r} and {value!r})")
+            path = value
+        else:
+            rest.append(token)
+            i += 1
+    _split_overrides(rest)  # report malformed tokens now, before any work starts
+    return path, rest
+

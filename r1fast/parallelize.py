@@ -1,0 +1,78 @@
+"""Applies parallelism to a built model from outside: the model itself knows none of it.
+
+Dense models: FSDP2 (``fully_shard``) per transformer block, then the root. Across nodes the mesh is
+2-D, replicate x shard (HSDP): the shard axis stays inside a node where NVLink carries the
+all-gathers and reduce-scatters, and only the gradient all-reduce crosses InfiniBand.
+Rollouts run on the live weights: ``unsharded_for_rollout`` gathers them once for the whole
+generation (ranks generate different numbers of tokens, so per-forward all-gathers would deadlock)
+and re-shards afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def build_mesh(device_type: str, world_size: int, local_world_size: int):
+    """1-D shard mesh inside a node, 2-D (replicate, shard) mesh across nodes; None on one process."""
+    if world_size <= 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size > local_world_size and world_size % local_world_size == 0:
+        return init_device_mesh(
+            device_type, (world_size // local_world_size, local_world_size), mesh_dim_names=("replicate", "shard")
+        )
+    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks that are sharded one by one (``model.layers`` by convention)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(inner).__name__} has no `layers` to shard")
+    return list(layers)
+
+
+def apply_fsdp(root: nn.Module, mesh, *, param_dtype: torch.dtype | None = None, reduce_dtype=torch.float32) -> nn.Module:
+    """Shard each transformer block, then ``root`` (which owns embeddings, final norm and head)."""
+    if mesh is None:
+        return root
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in transformer_blocks(root):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp)
+    return root
+
+
+def _fsdp_modules(root: nn.Module):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded_for_rollout(root: nn.Module):
+    """Hold full (unsharded) parameters while the rollout engine runs forwards of its own pace."""
+    mods = _fsdp_modules(root) if dist.is_initialized() else []
+    if not mods:
+        yield
+        return
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            # FSDP2 keeps the root's parameters gathered between forward and backward (they are
+            # needed again at once); every other module reshards after forward.
+            m.set_reshard_after_forward(m is not root, recurse=False)
