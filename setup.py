@@ -91,6 +91,7 @@ setup(
         "rich>=13",
         "math-verify>=0.7",
         "matplotlib>=3.7",
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers>=4.46"],
