@@ -88,13 +88,22 @@ def register(family: str):
     return deco
 
 
-def families() -> dict[str, Callable[[bool], Iterable[Case]]]:
-    """All registered families, importing every module under bench/cases first."""
+def families(errors: list[dict] | None = None) -> dict[str, Callable[[bool], Iterable[Case]]]:
+    """All registered families, importing every module under bench/cases first.
+
+    With ``errors`` given, a case module that fails to import is recorded there
+    (``{"where": ..., "error": ...}``) and the others still load; without it the import error is raised.
+    """
     import importlib
     import pkgutil
 
     from bench import cases
 
     for info in pkgutil.iter_modules(cases.__path__):
-        importlib.import_module(f"bench.cases.{info.name}")
+        try:
+            importlib.import_module(f"bench.cases.{info.name}")
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors.append({"where": f"bench/cases/{info.name}.py", "error": f"import failed: {type(exc).__name__}: {exc}"})
     return dict(_REGISTRY)

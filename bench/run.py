@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Run r1fast's kernel benchmarks: every registered case times r1fast and each available peer.
+
+    python bench/run.py                      # all cases, full timing budget (CUDA only)
+    python bench/run.py --quick              # cases marked quick, short timing budget
+    python bench/run.py --only grpo_loss     # cases whose name starts with / contains NAME (repeatable)
+    python bench/run.py --list               # list families, cases, shapes, floors (works on CPU)
+    python bench/run.py --ceilings           # only measure the device ceilings (and save them)
+    python bench/run.py --out DIR --no-save  # where results go / print only
+
+Results are ratios: to the floor (FLOPs / measured matmul ceiling, bytes / measured copy ceiling,
+both measured in this run) and to the fastest peer. They are written to
+``bench/results/<date>_<gpu>_<commit>.json`` and ``.md`` (see bench/results/README.md).
+Exit status: 0 on success (and on a machine without CUDA, where nothing is timed), 1 when a case
+generator failed or r1fast's own implementation raised, 2 when ``--only`` selects nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script (``python bench/run.py``), Python puts bench/ on sys.path, not the repo root.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import argparse  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+
+from bench import registry  # noqa: E402
+from bench.rows import ceiling_values, floor_ms, impl_rows, matches_only, validate_case  # noqa: E402
+from bench.tables import ceilings_table, family_table, list_table  # noqa: E402
+
+DEFAULT_OUT = _REPO_ROOT / "bench" / "results"
+NEEDS_GPU = "benchmarks need a CUDA GPU"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="list families and cases with shapes (no GPU needed)")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="run cases whose name starts with or contains NAME"
+    )
+    parser.add_argument("--quick", action="store_true", help="only cases marked quick, short timing budget")
+    parser.add_argument("--ceilings", action="store_true", help="only measure and report the device ceilings")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--no-save", action="store_true", help="print the results without writing files")
+    return parser.parse_args(argv)
+
+
+def load_families() -> tuple[dict, list[dict]]:
+    """Import every ``bench/cases`` module; one broken case file must not hide the other families."""
+    errors: list[dict] = []
+    return registry.families(errors), errors
+
+
+def collect_cases(generators: dict, *, quick: bool, only: list[str]) -> tuple[list[tuple[str, object]], list[dict]]:
+    """Call each generator (never ``make_inputs``) and keep the valid cases ``--quick``/``--only`` select."""
+    selected, errors = [], []
+    for family in sorted(generators):
+        try:
+            cases = list(generators[family](quick))
+        except Exception as exc:
+            errors.append({"where": f"family {family}", "error": f"case generator raised {type(exc).__name__}: {exc}"})
+            continue
+        for case in cases:
+            if (quick and not case.quick) or not matches_only(case.name, only):
+                continue
+            try:
+                validate_case(case)
+            except ValueError as exc:
+                errors.append({"where": f"family {family}", "error": str(exc)})
+                continue
+            selected.append((family, case))
+    return selected, errors
+
+
+def case_record(family: str, case, run, ceilings: dict | None) -> dict:
+    """The JSON record of one timed case: what it is, how its inputs were laid out, one row per impl."""
+    floor = floor_ms(case.flops, case.bytes, case.ceiling, ceiling_values(ceilings))
+    return {
+        "family": family,
+        "name": case.name,
+        "shape": dict(case.shape),
+        "flops": case.flops,
+        "bytes": case.bytes,
+        "ceiling": case.ceiling,
+        "floor_ms": floor,
+        "input_sets": run.input_sets,
+        "set_bytes": run.set_bytes,
+        "notes": case.notes,
+        "run_notes": run.notes,
+        "extra": dict(case.extra),
+        "rows": impl_rows(run.results, flops=case.flops, bytes_=case.bytes, floor=floor),
+    }
+
+
+def _save(report: dict, args, console: Console) -> None:
+    if args.no_save:
+        return
+    from bench.results_io import write_report
+
+    json_path, md_path = write_report(report, args.out)
+    console.print(f"wrote {json_path}\nwrote {md_path}")
+
+
+def _print_errors(errors: list[dict], console: Console) -> None:
+    for e in errors:
+        console.print(f"[red]error[/] in {e['where']}: {e['error']}", markup=True, highlight=False)
+
+
+def run_ceilings_only(args, meta: dict, console: Console) -> int:
+    from bench.ceilings import measure_ceilings
+
+    ceilings = measure_ceilings(quick=args.quick)
+    console.print(ceilings_table(ceilings, title=f"Device ceilings: {meta['gpu']}, {meta['date']}, {meta['commit']}"))
+    _save({"kind": "ceilings", "meta": meta, "ceilings": ceilings, "cases": [], "errors": []}, args, console)
+    return 0
+
+
+def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) -> int:
+    import torch
+
+    from bench.ceilings import measure_ceilings
+    from bench.timing import time_case
+
+    torch.manual_seed(0)  # fresh random inputs, but the same ones on a rerun
+    ceilings = None
+    if any(case.flops is not None or case.bytes is not None for _, case in selected):
+        console.print("measuring device ceilings (the floors every ratio is taken against)")
+        ceilings = measure_ceilings(quick=args.quick)
+        console.print(ceilings_table(ceilings))
+    records: list[dict] = []
+    families = list(dict.fromkeys(family for family, _ in selected))
+    for family in families:
+        family_records = []
+        for fam, case in selected:
+            if fam != family:
+                continue
+            console.print(f"[dim]timing {case.name}[/]", highlight=False)
+            family_records.append(case_record(family, case, time_case(case, quick=args.quick), ceilings))
+        console.print(family_table(family, family_records))
+        records += family_records
+    for record in records:
+        for row in record["rows"]:
+            if row["ours"] and row["status"] == "error":
+                errors.append({"where": record["name"], "error": f"{row['impl']} raised {row['reason']}"})
+    _print_errors(errors, console)
+    report = {"kind": "quick" if args.quick else "cases", "meta": meta, "ceilings": ceilings, "cases": records}
+    report["errors"] = errors
+    _save(report, args, console)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Wide when not a terminal, so piped output and logs keep whole case names on one line.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+
+    if args.list:
+        generators, errors = load_families()
+        selected, gen_errors = collect_cases(generators, quick=args.quick, only=args.only)
+        errors += gen_errors
+        console.print(list_table(selected))
+        if not selected:
+            console.print("no case matches --only " + " ".join(args.only) if args.only else "no cases are registered")
+        _print_errors(errors, console)
+        return 1 if errors else 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        console.print(
+            f"bench/run.py: {NEEDS_GPU}, and this machine has none (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}). Nothing was timed; `--list` shows the cases.",
+            highlight=False,
+        )
+        return 0
+
+    from bench.results_io import environment_metadata
+
+    meta = environment_metadata()
+    meta.update(quick=args.quick, only=args.only, argv=list(sys.argv[1:] if argv is None else argv))
+    if args.ceilings:
+        return run_ceilings_only(args, meta, console)
+
+    generators, errors = load_families()
+    selected, gen_errors = collect_cases(generators, quick=args.quick, only=args.only)
+    errors += gen_errors
+    if not selected:
+        _print_errors(errors, console)
+        if args.only:
+            console.print(f"no case matches --only {' '.join(args.only)} (see --list)")
+            return 2
+        console.print("no benchmark cases are registered (bench/cases/*.py)")
+        return 1 if errors else 0
+    return run_cases(selected, errors, args, meta, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
