@@ -1,0 +1,241 @@
+"""FP8 (E4M3) quantizers of the DeepSeek-V3 recipe, in Triton.
+
+Tilings (scale = max(amax, 1e-4) / 448 per tile, dequant = fp8 * scale):
+
+* ``quantize_fp8_1x128(x)``      activations: one scale per row and 128 columns -> scale [M, ceil(K/128)]
+* ``quantize_fp8_128x128(w)``    weights: one scale per 128x128 block -> [ceil(N/128), ceil(K/128)];
+                                 also accepts stacked expert weights [E, N, K]
+* ``quantize_fp8_1x128_dual(x)`` the 1x128 tiling and, from the same read of ``x``, the 128x1 tiling
+                                 along the token axis that the weight gradient needs, emitted
+                                 transposed: ``(x_fp8, x_scale, xt_fp8 [K, M], xt_scale [K, ceil(M/128)])``,
+                                 i.e. the second pair equals ``quantize_fp8_1x128(x.T)`` bit for bit.
+                                 Token-contiguous ``xt`` is the K-major operand layout Hopper's FP8
+                                 tensor cores want for the token-reduction GEMM.
+
+``power_of_two=True`` rounds each scale up to a power of two (dequant is then exact scaling by 2^e).
+The last tile may be ragged (K or M not a multiple of 128): its scale covers the valid elements only.
+
+Rounding. Triton 3.9's interpreter converts fp32 -> fp8 wrongly (round-half-up instead of
+round-half-to-even, and a mantissa carry that overflows into the wrong exponent: 127.99 -> 64,
+measured on this repo's CI machine). The kernels therefore round ``x / scale`` to the E4M3 grid in
+fp32 themselves (``_round_to_e4m3_grid``: exact power-of-two rescaling plus the 2^23 magic-number
+round-to-nearest-even), after which the cast to fp8 is exact in any rounding mode, so compiled and
+interpreted kernels produce the same bytes as PyTorch's ``.to(torch.float8_e4m3fn)``. Divisions use
+``div_rn`` (IEEE) so the scales and quotients match PyTorch's fp32 division bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .triton_utils import INTERPRET
+
+FP8_MAX = 448.0
+"""Largest finite E4M3 value."""
+AMAX_FLOOR = 1e-4
+"""Tiles whose amax is below this get the scale of this amax (keeps all-zero tiles finite)."""
+TILE = 128
+"""Scale-tile length of the recipe."""
+
+
+@triton.jit
+def _round_to_e4m3_grid(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest E4M3 value, ties to even, staying in fp32."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag = tl.abs(y)
+    biased_exp = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # E4M3 spacing: 2^(e-3) for normals (e >= -6), 2^-9 for subnormals.
+    ulp_exp = tl.maximum(biased_exp, 127 - 6) - 3
+    ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
+    steps = mag * inv_ulp  # exact: power-of-two scaling, result < 16
+    steps = (steps + 8388608.0) - 8388608.0  # round to integer, ties to even (fp32 add is RTNE)
+    rounded = steps * ulp
+    return tl.where(bits < 0, -rounded, rounded)  # keeps the sign of -0.0 like PyTorch
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even also under the interpreter.
+
+    Triton 3.9's interpreter truncates fp32 -> bf16 (measured: half of a GEMM's outputs 1 ulp low);
+    compiled kernels round to nearest even. Under the interpreter we round the fp32 bits first
+    (add 0x7FFF plus the lowest kept bit, clear the low 16 bits), so the cast itself is exact.
+    """
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _scale_from_amax(amax, POWER_OF_TWO: tl.constexpr):
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if POWER_OF_TWO:
+        bits = scale.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
+        scale = bits.to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _quantize_tile(x, scale):
+    """fp32 tile and a broadcastable scale -> e4m3 tile."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return _round_to_e4m3_grid(y).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_rows_cols_kernel(
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+    M, K,
+    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    EMIT_ROWS: tl.constexpr, EMIT_COLS: tl.constexpr, POWER_OF_TWO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, 128] tile of x: 1x128 row tiles and/or 128x1 column tiles (stored transposed)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if EMIT_ROWS:
+        row_scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), POWER_OF_TWO)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _quantize_tile(x, row_scale[:, None]), mask=mask)
+        tl.store(s_ptr + rows * stride_sm + pid_k, row_scale, mask=row_ok)
+    if EMIT_COLS:
+        # BLOCK_M == 128 here: one scale per column over this 128-row tile
+        col_scale = _scale_from_amax(tl.max(tl.abs(x), axis=0), POWER_OF_TWO)
+        q = _quantize_tile(x, col_scale[None, :])
+        tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=mask)
+        tl.store(st_ptr + cols * stride_stk + pid_m, col_scale, mask=col_ok)
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+    w_ptr, q_ptr, s_ptr,
+    N, K,
+    stride_wb, stride_wn, stride_qb, stride_qn, stride_sb, stride_sn,
+    POWER_OF_TWO: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One 128x128 block of w[b]: a single scale for the whole block."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + pid_b * stride_wb + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
+    w = w.to(tl.float32)
+    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POWER_OF_TWO)
+    tl.store(q_ptr + pid_b * stride_qb + rows[:, None] * stride_qn + cols[None, :], _quantize_tile(w, scale), mask=mask)
+    tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, scale)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _check_float(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _launch_rows_cols(x, emit_rows: bool, emit_cols: bool, power_of_two: bool):
+    x = x.contiguous()
+    M, K = x.shape
+    dev = x.device
+    nk, nm = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
+    q = torch.empty((M, K) if emit_rows else (0, 0), dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.empty((M, nk) if emit_rows else (0, 0), dtype=torch.float32, device=dev)
+    qt = torch.empty((K, M) if emit_cols else (0, 0), dtype=torch.float8_e4m3fn, device=dev)
+    st = torch.empty((K, nm) if emit_cols else (0, 0), dtype=torch.float32, device=dev)
+    if M and K:
+        block_m = TILE if emit_cols else 32
+        grid = (triton.cdiv(M, block_m), nk)
+        _quantize_rows_cols_kernel[grid](
+            x, q, s, qt, st, M, K,
+            x.stride(0), max(q.stride(0), 1), max(s.stride(0), 1), max(qt.stride(0), 1), max(st.stride(0), 1),
+            EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two,
+            BLOCK_M=block_m, BLOCK_K=TILE, num_warps=4,
+        )
+    return q, s, qt, st
+
+
+# -------------------------------------------------------------------------------------- public functions
+
+
+def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False):
+    """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile."""
+    _check_float("x", x, (2,))
+    if not use_triton(x.device):
+        from .ref_fp8 import quantize_fp8_1x128 as ref
+
+        return ref(x, power_of_two=power_of_two)
+    q, s, _, _ = _launch_rows_cols(x, True, False, power_of_two)
+    return q, s
+
+
+def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False):
+    """x [M, K] -> (xt_fp8 [K, M], scale [K, ceil(M/128)]): 128x1 tiles along M, stored transposed.
+
+    Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
+    """
+    _check_float("x", x, (2,))
+    if not use_triton(x.device):
+        from .ref_fp8 import quantize_fp8_1x128 as ref
+
+        return ref(x.t(), power_of_two=power_of_two)
+    _, _, qt, st = _launch_rows_cols(x, False, True, power_of_two)
+    return qt, st
+
+
+def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False):
+    """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x))``."""
+    _check_float("x", x, (2,))
+    if not use_triton(x.device):
+        from .ref_fp8 import quantize_fp8_1x128 as ref
+
+        return (*ref(x, power_of_two=power_of_two), *ref(x.t(), power_of_two=power_of_two))
+    return _launch_rows_cols(x, True, True, power_of_two)
+
+
+def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):
+    """w [N, K] or stacked [E, N, K] -> (w_fp8 same shape, scale [(E,) ceil(N/128), ceil(K/128)])."""
+    _check_float("w", w, (2, 3))
+    if not use_triton(w.device):
+        from .ref_fp8 import quantize_fp8_128x128 as ref
+
+        return ref(w, power_of_two=power_of_two)
+    squeeze = w.dim() == 2
+    w3 = (w.unsqueeze(0) if squeeze else w).contiguous()
+    B, N, K = w3.shape
+    nn, nk = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    q = torch.empty((B, N, K), dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((B, nn, nk), dtype=torch.float32, device=w.device)
+    if B and N and K:
+        _quantize_blocks_kernel[(B, nn, nk)](
+            w3, q, s, N, K,
+            w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+            POWER_OF_TWO=power_of_two, BLOCK=TILE, num_warps=8,
+        )
+    return (q[0], s[0]) if squeeze else (q, s)
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 ``q * scale`` with each scale entry covering a ``block`` of the last two dims (ragged ok)."""
+    from .ref_fp8 import dequantize_fp8 as ref
+
+    return ref(q, scale, block)

@@ -1,0 +1,241 @@
+"""Grouped FP8 GEMMs of the DeepSeek-V3 recipe (Triton): forward/dgrad and wgrad.
+
+``fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes)``: rows of ``a`` [M, K] are contiguous per
+expert (``group_sizes`` int32 [E] on the device, any sizes incl. 0); ``b`` [E, N, K] with 128x128
+block scales. out[rows of e] = dequant(a_e) @ dequant(b_e).T in bf16. FP32 promotion every 128 of K:
+each 128-wide K chunk is multiplied into a fresh fp32 accumulator (the tensor-core MMA), which is
+then scaled by a_scale (per row) x b_scale (per block) and added to the main fp32 accumulator.
+The same kernel is the **dgrad**: dx = dy @ W needs b = W^T [E, K, N], the 128x128 blocks of which
+are the transposed blocks of W with the same scales (``Fp8Weight.t``), so dgrad is exact reuse.
+
+No host sync: the grid is sized by the upper bound ceil(M/BLOCK_M) + E row tiles; each program
+computes the per-expert tile prefix sums from ``group_sizes`` in registers and finds its
+(expert, row block), and programs past the last tile exit.
+
+``fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes)``: dW[e] = dy_e^T @ x_e in fp32,
+reduced over the tokens of expert e, both operands in the 128x1 token-axis tiling stored transposed
+(``quantize_fp8_128x1``). Token tiles are the global 128-row tiles of the permuted buffer, so an
+expert that starts inside a tile uses that tile's scales and masks the other expert's rows out.
+
+Hopper tuning (reasoned, not yet measured: no GPU in the session that wrote this): BLOCK_K = 128 is
+fixed by the recipe (one scale pair per K chunk); BLOCK_M = BLOCK_N = 128 gives one 128x128 B scale
+per program and a 128x128 wgmma tile; 4 stages x (16 KiB A + 16 KiB B) = 128 KiB of shared memory;
+8 warps (two warpgroups) so the rescale FMA of one chunk can overlap the next chunk's MMA. The
+plain loop still serializes MMA and rescale (the ~650 TFLOP/s of ANCHORS.md); the warp-specialized /
+persistent schedule that reaches >= 1,250 is not done.
+The autograd layer ``moe_ffn_fp8`` and its weight cache live in ``moe_layer.py`` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .fp8 import cast_rne
+from .triton_utils import dot
+
+TILE = 128
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, group_sizes_ptr, out_ptr,
+    M, N, K, NUM_EXPERTS,
+    stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_om,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    experts = tl.arange(0, E_PAD)
+    sizes = tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
+    if expert >= NUM_EXPERTS:  # past the last tile of the upper-bound grid
+        return
+    before = experts < expert
+    tile_in_expert = pid_m - tl.sum(tl.where(before, tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(before, sizes, 0), axis=0).to(tl.int64)
+    size = tl.sum(tl.where(experts == expert, sizes, 0), axis=0)
+
+    local = tile_in_expert * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_start + local
+    row_ok = (local < size) & (rows < M)  # rows < M guards group sizes that overshoot M
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    e64 = expert.to(tl.int64)
+    b_base = b_ptr + e64 * stride_be
+    b_scale_row = b_scale_ptr + e64 * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + cols[None, :] * stride_bn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        chunk = dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32))  # fresh fp32 accumulator per 128 of K
+        a_scale = tl.load(a_scale_ptr + rows * stride_asm + k0 // BLOCK_K, mask=row_ok, other=0.0)
+        b_scale = tl.load(b_scale_row + k0 // BLOCK_K)
+        acc += chunk * (a_scale[:, None] * b_scale)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    at_ptr, at_scale_ptr, bt_ptr, bt_scale_ptr, group_sizes_ptr, out_ptr,
+    M, N, K, NUM_EXPERTS,
+    stride_atn, stride_asn, stride_btk, stride_bsk, stride_oe, stride_on,
+    ACCUMULATE: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    experts = tl.arange(0, E_PAD)
+    sizes = tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    row_start = tl.sum(tl.where(experts < expert, sizes, 0), axis=0).to(tl.int64)
+    row_end = tl.minimum(row_start + tl.sum(tl.where(experts == expert, sizes, 0), axis=0), M)
+    ns = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = ns < N
+    k_ok = ks < K
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for tile in range(row_start // BLOCK_T, (row_end + BLOCK_T - 1) // BLOCK_T):  # global 128-token tiles
+        toks = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = (toks >= row_start) & (toks < row_end)
+        a = tl.load(at_ptr + ns[:, None] * stride_atn + toks[None, :], mask=n_ok[:, None] & t_ok[None, :], other=0.0)
+        b = tl.load(bt_ptr + ks[None, :] * stride_btk + toks[:, None], mask=k_ok[None, :] & t_ok[:, None], other=0.0)
+        chunk = dot(a, b, tl.zeros((BLOCK_N, BLOCK_K), tl.float32))  # fresh fp32 accumulator per 128 tokens
+        a_scale = tl.load(at_scale_ptr + ns * stride_asn + tile, mask=n_ok, other=0.0)
+        b_scale = tl.load(bt_scale_ptr + ks * stride_bsk + tile, mask=k_ok, other=0.0)
+        acc += chunk * (a_scale[:, None] * b_scale[None, :])
+    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ns[:, None] * stride_on + ks[None, :]
+    mask = n_ok[:, None] & k_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _check_fp8(name: str, t, dims: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name} must be a torch.float8_e4m3fn tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_scale(name: str, t, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be float32 of shape {shape}, got {getattr(t, 'dtype', None)} "
+                         f"{tuple(getattr(t, 'shape', ()))}")
+
+
+def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool | None) -> None:
+    if not isinstance(group_sizes, torch.Tensor) or group_sizes.dtype not in (torch.int32, torch.int64):
+        raise ValueError("group_sizes must be an int32/int64 tensor")
+    if tuple(group_sizes.shape) != (num_experts,):
+        raise ValueError(f"group_sizes must have shape ({num_experts},) (one per expert), got {tuple(group_sizes.shape)}")
+    if validate is None:  # default: check whenever it costs no graph break (reads the sizes on the host)
+        validate = not (group_sizes.is_cuda and torch.cuda.is_current_stream_capturing())
+    if validate:
+        if bool((group_sizes < 0).any()) or int(group_sizes.sum()) != total:
+            raise ValueError(f"group_sizes must be non-negative and sum to {total} (rows of the token operand), "
+                             f"got {group_sizes.tolist()}")
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate: bool | None = None):
+    """Grouped block-scaled FP8 GEMM: bf16 [M, N], out[rows of e] = dequant(a_e) @ dequant(b[e]).T.
+
+    a [M, K] e4m3 + a_scale fp32 [M, ceil(K/128)] (1x128 tiles); b [E, N, K] e4m3 + b_scale fp32
+    [E, ceil(N/128), ceil(K/128)] (128x128 blocks); group_sizes int32 [E] on a's device. K need not be
+    a multiple of 128 (the last chunk is masked with zeros). ``validate``: check that group_sizes sums
+    to M (reads it on the host). None = check unless a CUDA graph is being captured; internal callers
+    whose sizes come from ``route_tokens`` pass False so the training step never syncs.
+    """
+    _check_fp8("a", a, 2)
+    _check_fp8("b", b, 3)
+    M, K = a.shape
+    E, N, Kb = b.shape
+    if Kb != K:
+        raise ValueError(f"b must have K = {K} (a's last dim) as its last dim, got {Kb}")
+    _check_scale("a_scale", a_scale, (M, triton.cdiv(K, TILE)))
+    _check_scale("b_scale", b_scale, (E, triton.cdiv(N, TILE), triton.cdiv(K, TILE)))
+    _check_group_sizes(group_sizes, E, M, validate)
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    elif out.shape != (M, N) or out.dtype != torch.bfloat16 or out.stride(1) != 1:
+        raise ValueError(f"out must be a bf16 [{M}, {N}] tensor with contiguous rows")
+    if not use_triton(a.device):
+        from .ref_fp8 import fp8_grouped_gemm as ref
+
+        return ref(a, a_scale, b, b_scale, group_sizes, out=out)
+    if M == 0 or N == 0 or E == 0:
+        return out
+    a, b, a_scale, b_scale = a.contiguous(), b.contiguous(), a_scale.contiguous(), b_scale.contiguous()
+    block_m, block_n = 128, 128
+    grid = (triton.cdiv(M, block_m) + E, triton.cdiv(N, block_n))
+    _grouped_gemm_kernel[grid](
+        a, a_scale, b, b_scale, group_sizes, out, M, N, K, E,
+        a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1), out.stride(0),
+        E_PAD=triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE,
+        num_warps=8, num_stages=4,
+    )
+    return out
+
+
+def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None, accumulate=False,
+                           validate: bool | None = None):
+    """Per-expert weight gradient in fp32: out[e] (+)= dequant(at)[:, rows e] @ dequant(bt)[:, rows e].T.
+
+    at [N, M] and bt [K, M] are e4m3 in the 128x1 token-axis tiling stored transposed (scales
+    [N, ceil(M/128)] and [K, ceil(M/128)], from ``quantize_fp8_128x1``); group_sizes int32 [E] splits
+    the M tokens. Returns out fp32 [E, N, K]; ``accumulate=True`` adds into ``out`` (a gradient
+    buffer) instead of overwriting it. Experts with no tokens get zeros (or keep ``out``).
+    """
+    _check_fp8("at", at, 2)
+    _check_fp8("bt", bt, 2)
+    N, M = at.shape
+    K, Mb = bt.shape
+    if Mb != M:
+        raise ValueError(f"bt must have M = {M} tokens (at's last dim) as its last dim, got {Mb}")
+    _check_scale("at_scale", at_scale, (N, triton.cdiv(M, TILE)))
+    _check_scale("bt_scale", bt_scale, (K, triton.cdiv(M, TILE)))
+    E = group_sizes.shape[0] if isinstance(group_sizes, torch.Tensor) and group_sizes.dim() == 1 else -1
+    _check_group_sizes(group_sizes, E, M, validate)
+    if out is None:
+        if accumulate:
+            raise ValueError("out is required when accumulate=True")
+        out = torch.empty(E, N, K, dtype=torch.float32, device=at.device)
+    elif out.shape != (E, N, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{E}, {N}, {K}] tensor")
+    if not use_triton(at.device):
+        from .ref_fp8 import fp8_grouped_gemm_wgrad as ref
+
+        return ref(at, at_scale, bt, bt_scale, group_sizes, out=out, accumulate=accumulate)
+    if out.numel() == 0:
+        return out
+    at, bt, at_scale, bt_scale = at.contiguous(), bt.contiguous(), at_scale.contiguous(), bt_scale.contiguous()
+    block_n, block_k = 128, 128
+    grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _grouped_wgrad_kernel[grid](
+        at, at_scale, bt, bt_scale, group_sizes, out, M, N, K, E,
+        at.stride(0), at_scale.stride(0), bt.stride(0), bt_scale.stride(0), out.stride(0), out.stride(1),
+        ACCUMULATE=accumulate, E_PAD=triton.next_power_of_2(E),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=TILE, num_warps=8, num_stages=4,
+    )
+    return out
+
+
+def __getattr__(name):
+    # The layer imports this module, so it is re-exported lazily (no import cycle).
+    if name in ("moe_ffn_fp8", "Fp8WeightCache", "Fp8Weight"):
+        from . import moe_layer
+
+        return getattr(moe_layer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
