@@ -1,0 +1,239 @@
+"""HF-format checkpoints: streaming safetensors load onto a meta-built model, sharded atomic save.
+
+Layout read and written (what ``transformers`` uses): ``config.json`` plus either ``model.safetensors`` or
+``model-0000i-of-0000n.safetensors`` shards listed in ``model.safetensors.index.json``. Tensor names are
+HF's; r1fast's stacked experts (``w_gate_up`` [E, 2I, H], ``w_down`` [E, H, I]) map to HF's per-expert
+``experts.{e}.{gate,up,down}_proj.weight`` (transformers-5's fused ``experts.gate_up_proj`` /
+``experts.down_proj`` are also accepted on load).
+
+Loading checks everything it can from the safetensors headers before allocating any weight (missing,
+unexpected, wrongly shaped tensors; unreadable or truncated files), then allocates the model once on the
+target device and copies one tensor at a time into it, so no second copy of the weights exists. Every
+problem raises ``CheckpointError`` (a ``ValueError``) naming the file and the tensor; a model is returned
+only when every parameter was filled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model_config import ModelArgs
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_KEEP_FP32 = ("e_score_correction_bias",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
+
+
+@dataclass
+class Piece:
+    """One HF tensor and where it lives in r1fast's state: ``state[ours][index]``."""
+
+    hf_name: str
+    ours: str
+    index: tuple
+    shape: tuple
+
+
+def _pieces(model, fused_expert_layers=frozenset()) -> list[Piece]:
+    """HF tensors of ``model`` in a stable order (HF names; experts split per expert unless fused)."""
+    out = []
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    for name, t in state.items():
+        if name.endswith("experts.w_gate_up") or name.endswith("experts.w_down"):
+            prefix = "model." + name[: -len("w_gate_up" if name.endswith("w_gate_up") else "w_down")]
+            if prefix in fused_expert_layers:
+                hf = prefix + ("gate_up_proj" if name.endswith("w_gate_up") else "down_proj")
+                out.append(Piece(hf, name, (), tuple(t.shape)))
+                continue
+            num_experts, rows = t.shape[0], t.shape[1]
+            for e in range(num_experts):
+                if name.endswith("w_down"):
+                    out.append(Piece(f"{prefix}{e}.down_proj.weight", name, (e,), tuple(t.shape[1:])))
+                else:
+                    half = rows // 2
+                    out.append(Piece(f"{prefix}{e}.gate_proj.weight", name, (e, slice(0, half)), (half, t.shape[2])))
+                    out.append(Piece(f"{prefix}{e}.up_proj.weight", name, (e, slice(half, rows)), (half, t.shape[2])))
+        else:
+            hf = name if name.startswith("lm_head.") else "model." + name
+            out.append(Piece(hf, name, (), tuple(t.shape)))
+    return out
+
+
+def _ignorable(hf_name: str, args: ModelArgs) -> bool:
+    """Tensors HF checkpoints may carry that r1fast deliberately does not load."""
+    if args.tie_word_embeddings and hf_name == "lm_head.weight":
+        return True  # tied: the head is the embedding
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return True  # derived from the config
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    # DeepSeek-V3's multi-token-prediction layers sit after the last decoder layer; training ignores them
+    return bool(m and int(m.group(1)) >= args.num_layers)
+
+
+def _read_headers(path: str) -> dict[str, tuple[str, list[int]]]:
+    """HF name -> (file, shape) from the safetensors headers (no tensor data read)."""
+    index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: unreadable index ({e})") from e
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    found = {}
+    for file in files:
+        full = os.path.join(path, file)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{full}: listed in {INDEX_FILE} but missing")
+        try:
+            with safe_open(full, framework="pt") as f:
+                for name in f.keys():
+                    found[name] = (full, list(f.get_slice(name).get_shape()))
+        except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+            raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from e
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in found or os.path.basename(found[name][0]) != file:
+                raise CheckpointError(f"{os.path.join(path, file)}: tensor {name} is listed in {INDEX_FILE} but not stored there")
+    return found
+
+
+def load_pretrained(cls, path, *, dtype=None, device=None):
+    """Build ``cls`` from an HF directory; see the module docstring for what is checked and when."""
+    path = os.fspath(path)
+    args = ModelArgs.from_dir(path)
+    if dtype is None:
+        dtype = _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.float32)
+    device = torch.device(device or "cpu")
+    found = _read_headers(path)
+    with torch.device("meta"):
+        model = cls(args).to(dtype)
+    fused = {n[: -len("gate_up_proj")] for n in found if n.endswith("experts.gate_up_proj")}
+    pieces = _pieces(model, frozenset(fused))
+    expected = {p.hf_name for p in pieces}
+    missing = [n for n in expected if n not in found]
+    if missing:
+        where = os.path.join(path, INDEX_FILE if os.path.isfile(os.path.join(path, INDEX_FILE)) else SINGLE_FILE)
+        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s), e.g. {sorted(missing)[:5]}")
+    extra = sorted(n for n in found if n not in expected and not _ignorable(n, args))
+    if extra:
+        raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
+    for p in pieces:
+        file, shape = found[p.hf_name]
+        if tuple(shape) != p.shape:
+            raise CheckpointError(f"{file}: tensor {p.hf_name} has shape {tuple(shape)}, expected {p.shape}")
+    model.to_empty(device=device)
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    by_file: dict[str, list[Piece]] = {}
+    for p in pieces:
+        by_file.setdefault(found[p.hf_name][0], []).append(p)
+    with torch.no_grad():
+        for file, file_pieces in by_file.items():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for p in file_pieces:
+                        try:
+                            tensor = f.get_tensor(p.hf_name)
+                        except Exception as e:
+                            raise CheckpointError(f"{file}: tensor {p.hf_name} cannot be read ({e})") from e
+                        state[p.ours][p.index].copy_(tensor)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot be read ({e})") from e
+    return model
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (HF's convention: GB = 1e9)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size (e.g. 5GB, 500MB, 2GiB or an int)")
+    unit = m.group(2).upper()
+    power = "KMGT".index(unit[0]) + 1
+    return int(float(m.group(1)) * ((1024 if "I" in unit else 1000) ** power))
+
+
+def _atomic_write(final: str, write) -> None:
+    """Write through a temp file in the same directory, fsync, then rename over ``final``."""
+    tmp = f"{final}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(file: str, text: str) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
+    """Write ``model`` as an HF directory; each file lands atomically, stale shards of an earlier save go."""
+    path = os.fspath(path)
+    limit = parse_size(max_shard_size)
+    os.makedirs(path, exist_ok=True)
+    pieces = _pieces(model)
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+
+    def out_dtype(p: Piece):
+        t = state[p.ours]
+        if dtype is None or not t.is_floating_point() or p.ours.endswith(_KEEP_FP32):
+            return t.dtype
+        return dtype
+
+    shards, current, current_bytes = [], [], 0
+    for p in pieces:
+        nbytes = torch.Size(p.shape).numel() * torch.empty(0, dtype=out_dtype(p)).element_size()
+        if current and current_bytes + nbytes > limit:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(p)
+        current_bytes += nbytes
+    shards.append(current)
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards, strict=True):
+        # clone: per-expert slices share storage, which safetensors refuses; also detaches from autograd
+        tensors = {p.hf_name: state[p.ours].detach()[p.index].to("cpu", out_dtype(p)).clone() for p in shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        weight_map.update({n: name for n in tensors})
+        del tensors
+    if len(shards) > 1:
+        index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        _atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_text(tmp, index))
+    saved_dtype = dtype or model.embed_tokens.weight.dtype
+    config = json.dumps(model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", "")), indent=2)
+    _atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_text(tmp, config))
+    for stale in os.listdir(path):
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
+            if stale != INDEX_FILE or len(shards) == 1:
+                os.remove(os.path.join(path, stale))

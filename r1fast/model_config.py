@@ -1,0 +1,296 @@
+"""``ModelArgs``: the one configuration object of r1fast's transformer, read from and written to HF config.json.
+
+Covers the dense Llama / Qwen2 / Qwen3 family and DeepSeek-V3 / V2 (multi-head latent attention + MoE).
+Anything a config asks for that the model does not implement (sliding windows, partial rotary, dynamic or
+longrope scaling, activations other than SiLU, unknown architectures) is refused with a ``ValueError``
+naming the field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+}
+MODEL_TYPE_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelArgs:
+    """Shapes and options of one decoder-only transformer (field names follow HF where they exist)."""
+
+    model_type: str = "qwen2"
+    """One of llama, qwen2, qwen3, deepseek_v3, deepseek_v2 (decides the HF architecture written on save)."""
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    """FFN width of dense layers (SwiGLU)."""
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    """Heads of k/v as the attention backend sees them (MLA: equal to num_heads, k/v are decompressed)."""
+    head_dim: int = 16
+    """Head dim of q and k as the attention backend sees them (MLA: qk_nope_head_dim + qk_rope_head_dim)."""
+    v_head_dim: int | None = None
+    """Head dim of v (None: head_dim; MLA sets it from the config)."""
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF rope_scaling / rope_parameters dict without rope_theta (rope_type default, linear, llama3, yarn)."""
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over head_dim on q and k before RoPE."""
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    # multi-head latent attention (DeepSeek); kv_lora_rank > 0 switches it on
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    rope_interleave: bool = True
+    """MLA rope dims rotate in interleaved pairs (DeepSeek checkpoints); False: rotate-half like Llama."""
+    # mixture of experts; n_routed_experts > 0 switches it on for layers >= first_k_dense_replace
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    scoring_func: str = "sigmoid"
+    """Router scores: sigmoid (V3, with e_score_correction_bias) or softmax (V2)."""
+    topk_method: str = "noaux_tc"
+    """noaux_tc (V3: bias-corrected group-limited top-k), greedy or group_limited_greedy (V2)."""
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    fp8: bool = False
+    """Run routed experts through the FP8 hook installed with ``r1fast.moe.set_fp8_experts_fn``."""
+    torch_dtype: str | None = None
+    """dtype named in config.json (used when from_pretrained gets dtype=None)."""
+    hf_config: dict = field(default_factory=dict, repr=False)
+    """The config.json this came from, kept so save_pretrained writes back every field it does not own."""
+
+    def __post_init__(self):
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        if self.model_type not in MODEL_TYPE_TO_ARCH:
+            raise ValueError(f"model_type={self.model_type!r} is not supported; supported: {sorted(MODEL_TYPE_TO_ARCH)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        if self.is_moe:
+            if self.scoring_func not in ("sigmoid", "softmax"):
+                raise ValueError(f"scoring_func={self.scoring_func!r} is not supported (sigmoid or softmax)")
+            if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+                raise ValueError(f"topk_method={self.topk_method!r} is not supported")
+            if self.n_routed_experts % self.n_group:
+                raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of dims RoPE rotates per head."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    # ---- HF config.json in and out -------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
+        """Parse an HF config.json dict; ValueError naming the field for anything unsupported."""
+        cfg = dict(cfg)
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type")
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if archs and arch is None:
+            raise ValueError(f"architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
+        if arch is not None:
+            model_type = ARCHITECTURES[arch]
+        if model_type not in MODEL_TYPE_TO_ARCH:
+            raise ValueError(f"model_type={model_type!r} is not supported; supported: {sorted(MODEL_TYPE_TO_ARCH)}")
+        if cfg.get("quantization_config"):
+            method = cfg["quantization_config"].get("quant_method", "?")
+            raise ValueError(f"quantization_config (quant_method={method!r}) is not supported: dequantize to bf16 first")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu / SwiGLU)")
+        if cfg.get("use_sliding_window") or (model_type == "llama" and cfg.get("sliding_window")):
+            raise ValueError("use_sliding_window=True is not supported")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor={partial} is not supported")
+        if rope.get("rope_type", "default") == "default":
+            rope = {}
+        heads = cfg["num_attention_heads"]
+        common = dict(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            hf_config=copy.deepcopy(cfg),
+        )
+        if model_type.startswith("deepseek"):
+            nope, rdim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+            v2 = model_type == "deepseek_v2"
+            if cfg.get("attention_bias"):
+                raise ValueError("attention_bias=True is not supported for MLA")
+            return cls(
+                **common,
+                num_kv_heads=heads,
+                head_dim=nope + rdim,
+                v_head_dim=cfg["v_head_dim"],
+                q_lora_rank=cfg.get("q_lora_rank"),
+                kv_lora_rank=cfg["kv_lora_rank"],
+                qk_nope_head_dim=nope,
+                qk_rope_head_dim=rdim,
+                # V2 always rotates interleaved pairs (complex multiply); V3 says so in rope_interleave.
+                rope_interleave=True if v2 else bool(cfg.get("rope_interleave", True)),
+                n_routed_experts=cfg.get("n_routed_experts") or 0,
+                n_shared_experts=cfg.get("n_shared_experts") or 0,
+                num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+                first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+                moe_layer_freq=cfg.get("moe_layer_freq") or 1,
+                scoring_func="softmax" if v2 else cfg.get("scoring_func", "sigmoid"),
+                topk_method=cfg.get("topk_method") or ("greedy" if v2 else "noaux_tc"),
+                n_group=cfg.get("n_group") or 1,
+                topk_group=cfg.get("topk_group") or 1,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", not v2)),
+                routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            )
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            **common,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            qkv_bias=True if model_type == "qwen2" else bias,
+            o_bias=False if model_type == "qwen2" else bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+        )
+
+    def to_hf_config(self, dtype: str | None = None) -> dict:
+        """The config.json dict (fields this class owns overwrite the stored original's)."""
+        rope = {"rope_type": "default"} if not self.rope_scaling else dict(self.rope_scaling)
+        rope["rope_theta"] = self.rope_theta
+        out = {
+            "architectures": [MODEL_TYPE_TO_ARCH[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.is_mla:
+            out.update(
+                head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                attention_bias=False,
+                n_routed_experts=self.n_routed_experts,
+                n_shared_experts=self.n_shared_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                first_k_dense_replace=self.first_k_dense_replace,
+                moe_layer_freq=self.moe_layer_freq,
+                topk_method=self.topk_method,
+                n_group=self.n_group,
+                topk_group=self.topk_group,
+                norm_topk_prob=self.norm_topk_prob,
+                routed_scaling_factor=self.routed_scaling_factor,
+            )
+            if self.model_type == "deepseek_v3":
+                out.update(rope_interleave=self.rope_interleave, scoring_func=self.scoring_func)
+        else:
+            out["head_dim"] = self.head_dim
+            if self.model_type != "qwen2":
+                out["attention_bias"] = self.qkv_bias
+            if self.model_type == "llama":
+                out["mlp_bias"] = self.mlp_bias
+        cfg = copy.deepcopy(self.hf_config)
+        cfg.pop("rope_scaling", None)
+        cfg.pop("torch_dtype", None)
+        cfg.update(out)
+        if dtype is not None:
+            cfg["dtype"] = dtype
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> ModelArgs:
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise ValueError(f"{file}: not found (from_pretrained needs an HF model directory)")
+        with open(file, encoding="utf-8") as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_config(cfg)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{file}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from e
+
+    def replace(self, **changes) -> ModelArgs:
+        """A copy with some fields changed (re-validated)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ModelArgs(**values)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("hf_config")
+        return d

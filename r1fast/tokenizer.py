@@ -1,0 +1,203 @@
+"""Tokenizers: HF ``tokenizers`` (tokenizer.json + tokenizer_config.json) and a built-in character tokenizer.
+
+Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_id``, ``pad_id``, ``bos_id``,
+``vocab_size`` and ``apply_chat_template(messages, add_generation_prompt=True)`` when a chat template is known.
+
+``CharTokenizer`` serves the offline tiny recipes: one id per character of a fixed alphabet (digits,
+letters, punctuation, space, newline) plus single-token specials <pad> <bos> <eos> and the R1 tags
+<think> </think> <answer> </answer>. ``save(dir)`` writes a real HF ``tokenizer.json`` (built with the
+``tokenizers`` library: added tokens + per-character WordLevel) and ``tokenizer_config.json``, so a
+checkpoint directory is complete for HF tooling; ``load(dir)`` recognizes it and returns a CharTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>")
+R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
+_MARKER = "r1fast.CharTokenizer"
+
+
+def _content(token):
+    """A special token from tokenizer_config.json: a string or {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _render(template: str, messages, add_generation_prompt: bool, **extra) -> str:
+    import jinja2  # noqa: PLC0415  (a transformers dependency; only needed for chat templates)
+
+    def raise_exception(msg):
+        raise ValueError(msg)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+class CharTokenizer:
+    """Character-level tokenizer with the R1 tags as single tokens (ids: specials first, then ALPHABET)."""
+
+    def __init__(self, alphabet: str = ALPHABET, chat_template: str | None = None):
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError("alphabet has repeated characters")
+        self.special_tokens = CONTROL_TOKENS + R1_TAGS
+        self.vocab = list(self.special_tokens) + list(alphabet)
+        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
+        self.chat_template = chat_template
+        self.pad_id, self.bos_id, self.eos_id = (self.token_to_id[t] for t in CONTROL_TOKENS)
+        # longest specials first so "</think>" is never read as "<" + ...
+        self._specials_by_length = sorted(self.special_tokens, key=len, reverse=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of ``text``; ``add_special_tokens`` prepends <bos>. ValueError on characters outside the alphabet."""
+        ids = [self.bos_id] if add_special_tokens else []
+        i = 0
+        while i < len(text):
+            if text[i] == "<":
+                tag = next((s for s in self._specials_by_length if text.startswith(s, i)), None)
+                if tag is not None:
+                    ids.append(self.token_to_id[tag])
+                    i += len(tag)
+                    continue
+            tid = self.token_to_id.get(text[i])
+            if tid is None:
+                raise ValueError(f"text: character {text[i]!r} at position {i} is not in the CharTokenizer alphabet")
+            ids.append(tid)
+            i += 1
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; <pad>/<bos>/<eos> are dropped unless skip_special_tokens=False (R1 tags always kept)."""
+        skip = set(range(len(CONTROL_TOKENS))) if skip_special_tokens else set()
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self.vocab):
+                raise ValueError(f"ids: {i} is outside the vocabulary [0, {len(self.vocab)})")
+            if i not in skip:
+                out.append(self.vocab[i])
+        return "".join(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        return _render(self.chat_template, messages, add_generation_prompt, bos_token="<bos>", eos_token="<eos>")
+
+    def to_hf_tokenizer(self):
+        """The same tokenization as an HF ``tokenizers.Tokenizer`` (what ``save`` writes as tokenizer.json)."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+
+        chars = {c: i for i, c in enumerate(self.vocab) if c not in self.special_tokens}
+        tok = Tokenizer(models.WordLevel(vocab={**{s: i for i, s in enumerate(self.special_tokens)}, **chars},
+                                         unk_token="<pad>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in R1_TAGS])
+        return tok
+
+    def save(self, path) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.to_hf_tokenizer().save(os.path.join(path, "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "r1fast_tokenizer": _MARKER,
+            "alphabet": "".join(self.vocab[len(self.special_tokens):]),
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "model_max_length": 1_000_000,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+class HFTokenizer:
+    """An HF ``tokenizers.Tokenizer`` plus the special tokens and chat template of tokenizer_config.json."""
+
+    def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None):
+        self.tok = tokenizer
+        config = config or {}
+        self.bos_token, self.eos_token = _content(config.get("bos_token")), _content(config.get("eos_token"))
+        self.pad_token = _content(config.get("pad_token"))
+        self.chat_template = chat_template or config.get("chat_template")
+        self.bos_id = self._id(self.bos_token, "bos_token")
+        self.eos_id = self._id(self.eos_token, "eos_token")
+        pad = self._id(self.pad_token, "pad_token")
+        self.pad_id = pad if pad is not None else self.eos_id
+
+    def _id(self, token, field):
+        if token is None:
+            return None
+        tid = self.tok.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"tokenizer_config.json: {field}={token!r} is not in the vocabulary")
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        return _render(self.chat_template, messages, add_generation_prompt,
+                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def save(self, path) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.tok.save(os.path.join(path, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def load(path):
+    """The tokenizer saved in directory ``path``: a CharTokenizer if r1fast wrote one, else an HFTokenizer."""
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(cfg_file):
+        with open(cfg_file, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    template_file = os.path.join(path, "chat_template.jinja")  # newer transformers store the template apart
+    template = None
+    if os.path.isfile(template_file):
+        with open(template_file, encoding="utf-8") as f:
+            template = f.read()
+    if config.get("r1fast_tokenizer") == _MARKER:
+        return CharTokenizer(config["alphabet"], chat_template=template or config.get("chat_template"))
+    tok_file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok_file):
+        raise ValueError(f"{tok_file}: not found (load needs an HF tokenizer.json or an r1fast CharTokenizer)")
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    try:
+        tokenizer = Tokenizer.from_file(tok_file)
+    except Exception as e:
+        raise ValueError(f"{tok_file}: cannot be read ({e})") from e
+    return HFTokenizer(tokenizer, config, template)

@@ -1,0 +1,177 @@
+"""r1fast.checkpoint: HF safetensors in and out (sharded or not), and loud failures on bad checkpoints."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+from test_model import ATOL, V, hf_config, hf_logits, r1_logits, saved_hf  # noqa: E402
+
+from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, parse_size  # noqa: E402
+from r1fast.model import Transformer  # noqa: E402
+from r1fast.model_config import ModelArgs  # noqa: E402
+
+
+def _load_hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch,shard", [("qwen2", None), ("llama", "20KB"), ("deepseek_v3", None), ("deepseek_v3", "30KB"),
+                                        ("deepseek_v2", "30KB"), ("qwen3", None)])
+def test_save_pretrained_loads_in_transformers(arch, shard, tmp_path, tmp_path_factory):
+    hf, src = saved_hf(arch, tmp_path_factory)
+    ours = Transformer.from_pretrained(src)
+    out = tmp_path / "out"
+    ours.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    files = sorted(os.listdir(out))
+    if shard:
+        assert INDEX_FILE in files and SINGLE_FILE not in files
+        assert sum(f.endswith(".safetensors") for f in files) > 1
+    else:
+        assert files == ["config.json", SINGLE_FILE]
+    ids = torch.randint(0, V, (2, 9))
+    torch.testing.assert_close(hf_logits(_load_hf(out), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(r1_logits(Transformer.from_pretrained(out), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_sharded_transformers_checkpoint_loads(tmp_path, tmp_path_factory):
+    hf, _ = saved_hf("deepseek_v3", tmp_path_factory)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.isfile(tmp_path / INDEX_FILE)
+    ids = torch.randint(0, V, (1, 11))
+    torch.testing.assert_close(r1_logits(Transformer.from_pretrained(tmp_path), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "deepseek_v3"])
+def test_from_config_checkpoint_is_complete_for_transformers(model_type, tmp_path):
+    """A model that never saw an HF config (tiny recipes) still writes a config transformers understands."""
+    if model_type == "qwen2":
+        args = ModelArgs(model_type="qwen2", vocab_size=V, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True, eos_token_id=2)
+    else:
+        args = ModelArgs.from_hf_config(hf_config("deepseek_v3").to_dict()).replace(hf_config={})
+    ours = Transformer.from_config(args, seed=5)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(6.0)  # std 0.12: meaningful logits
+    ours.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    ids = torch.randint(0, V, (2, 7))
+    back = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    hf = _load_hf(tmp_path)
+    torch.testing.assert_close(hf_logits(hf, ids), r1_logits(back, ids), atol=ATOL, rtol=0)
+    rounded = ours.to(torch.bfloat16).to(torch.float32)  # what the bf16 file holds
+    torch.testing.assert_close(r1_logits(back, ids), r1_logits(rounded, ids), atol=ATOL, rtol=0)
+
+
+def test_dtype_and_device_arguments(tmp_path_factory):
+    _, path = saved_hf("deepseek_v3", tmp_path_factory)
+    model = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cpu")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0
+    with safe_open(os.path.join(path, SINGLE_FILE), "pt") as f:
+        assert torch.equal(bias, f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias"))
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_save_replaces_an_earlier_sharded_save(tmp_path, tmp_path_factory):
+    _, path = saved_hf("qwen2", tmp_path_factory)
+    model = Transformer.from_pretrained(path)
+    model.save_pretrained(tmp_path, max_shard_size=20_000)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", SINGLE_FILE]
+    assert not any(".tmp." in f for f in os.listdir(tmp_path))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123
+    for bad in ["lots", "-1MB", 0]:
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)
+
+
+# ---- bad checkpoints: an error naming the file and the tensor, never a half-loaded model ----------------
+def _copy(name, tmp_path, tmp_path_factory):
+    _, src = saved_hf(name, tmp_path_factory)
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(file, edit):
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("problem,tensor", [
+    ("missing", "model.layers.1.mlp.experts.3.up_proj.weight"),
+    ("extra", "model.layers.0.self_attn.surprise.weight"),
+    ("shape", "model.layers.2.self_attn.kv_b_proj.weight"),
+])
+def test_bad_tensors_are_named(problem, tensor, tmp_path, tmp_path_factory):
+    path = _copy("deepseek_v3", tmp_path, tmp_path_factory)
+    file = str(path / SINGLE_FILE)
+
+    def edit(t):
+        if problem == "missing":
+            del t[tensor]
+        elif problem == "extra":
+            t[tensor] = torch.zeros(3)
+        else:
+            t[tensor] = torch.zeros(t[tensor].shape[0], t[tensor].shape[1] + 1)
+
+    _rewrite(file, edit)
+    with pytest.raises(CheckpointError) as err:
+        Transformer.from_pretrained(path)
+    assert tensor in str(err.value) and SINGLE_FILE in str(err.value)
+
+
+def test_truncated_file_is_named(tmp_path, tmp_path_factory):
+    path = _copy("qwen3", tmp_path, tmp_path_factory)
+    file = path / SINGLE_FILE
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=SINGLE_FILE):
+        Transformer.from_pretrained(path)
+
+
+def test_truncated_shard_and_index_mismatch(tmp_path, tmp_path_factory):
+    hf, _ = saved_hf("llama", tmp_path_factory)
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    index = json.load(open(tmp_path / INDEX_FILE))
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    name = next(n for n, f in index["weight_map"].items() if f == shard)
+    index["weight_map"][name] = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as err:
+        Transformer.from_pretrained(tmp_path)
+    assert name in str(err.value)
+    data = (tmp_path / shard).read_bytes()
+    (tmp_path / shard).write_bytes(data[:200])
+    with pytest.raises(CheckpointError, match=shard):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_unsupported_configs_are_refused(tmp_path, tmp_path_factory):
+    path = _copy("llama", tmp_path, tmp_path_factory)
+    cfg = json.load(open(path / "config.json"))
+    for change, match in [({"architectures": ["MixtralForCausalLM"]}, "architectures"),
+                          ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config")]:
+        (path / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=match) as err:
+            Transformer.from_pretrained(path)
+        assert "config.json" in str(err.value)
+    os.remove(path / "config.json")
+    with pytest.raises(ValueError, match="config.json"):
+        Transformer.from_pretrained(path)
