@@ -1,0 +1,1 @@
+"""Drop-in APIs for other trainers: ``liger`` (a ``LigerFusedLinearGRPOLoss`` replacement)."""
