@@ -12,6 +12,8 @@ Ops are imported lazily so that ``import r1fast.kernels`` stays cheap and does n
 """
 
 import importlib
+import sys
+import types
 
 from .dispatch import BACKENDS, backend, interpreting, use_triton
 
@@ -21,6 +23,7 @@ _OPS = {
     "fused_linear_grpo_loss": "grpo_loss",
     "paged_attention": "paged_attention",
     "append_kv": "paged_attention",
+    "paged_attention_cascade": "paged_attention",
     "quantize_fp8_1x128": "fp8",
     "quantize_fp8_128x128": "fp8",
     "fp8_grouped_gemm": "moe_gemm",
@@ -41,3 +44,19 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_OPS))
+
+
+class _KernelsPackage(types.ModuleType):
+    """Keeps public ops bound to functions when a same-named submodule is imported.
+
+    ``paged_attention`` is both an op and its module: importing ``r1fast.kernels.paged_attention``
+    makes Python set the package attribute to the module, which would shadow the function.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _OPS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

@@ -13,6 +13,7 @@ _REFERENCES = {
     "fused_linear_grpo_loss": "ref_grpo_loss",
     "paged_attention": "ref_paged_attention",
     "append_kv": "ref_paged_attention",
+    "paged_attention_cascade": "ref_paged_attention",
     "quantize_fp8_1x128": "ref_fp8",
     "quantize_fp8_128x128": "ref_fp8",
     "fp8_grouped_gemm": "ref_fp8",

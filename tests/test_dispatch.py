@@ -99,3 +99,11 @@ def test_interpreter_bf16_dot_is_wrong_and_helper_fixes_it():
 @pytest.mark.gpu
 def test_dot_helper_compiles_to_native_bf16_mma():
     assert _run_mm(True, "cuda") < 1e-4
+
+
+def test_op_named_like_its_module_stays_the_function():
+    import importlib
+
+    module = importlib.import_module("r1fast.kernels.paged_attention")
+    assert callable(K.paged_attention) and K.paged_attention is module.paged_attention
+    assert K.paged_attention_cascade is module.paged_attention_cascade

@@ -1,0 +1,315 @@
+"""The rollout engine: ``Engine(model).generate(prompts, n=G, ...)`` on the trainer's live weights.
+
+One step = one packed forward of the scheduler's chunks (``scheduler.py``) through the model with the paged
+backend (``paged_backend.py``), then one batched sampling call (``sampler.py``) for the sequences whose
+next token is due. The model's parameters are used as they are (no copy): after an optimizer step the
+next ``generate`` sees the new weights; CUDA graphs are dropped when a parameter's storage moved.
+
+GRPO groups (``n > 1``): the full blocks of each prompt are computed once by a prefix job and shared by
+the prompt's n samples (``kv_cache.py`` explains the partially filled last block); decode steps where
+samples share prefixes run the cascade kernel, which reads each shared block once per group.
+
+On CUDA, pure-decode steps replay CUDA graphs captured per (batch bucket, block-table width, kernel
+form); every other step, and every step on CPU, runs eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cuda_graphs import DecodeGraphs
+from .kv_cache import PagedKVCache
+from .paged_backend import PagedAttentionBackend, StepMetadata, cache_head_dim
+from .sampler import SamplingParams, SequenceRandom, sample
+from .scheduler import Chunk, Scheduler, Sequence
+
+CPU_CACHE_TOKENS = 65536
+"""CPU default cache size in tokens (capped at 1 GiB): tests and small models, not production."""
+
+
+@dataclass
+class Completion:
+    """One generated completion."""
+
+    token_ids: list[int]
+    """Generated tokens (without the prompt); a stop token that ended it is included."""
+    logprobs: list[float]
+    """Per generated token: log-prob under the distribution sampled from, after temperature, before
+    top-p/top-k truncation (greedy: the untempered distribution); see ``sampler.py``."""
+    finish_reason: str
+    """"stop" (a stop token was sampled) or "length" (max_new_tokens reached)."""
+
+
+def _attention_dims(args) -> tuple[int, int, int]:
+    """(cached KV heads, qk head dim, v head dim) of the tensors the model hands its attention backend."""
+    if args.is_mla:  # MLA hands decompressed per-head k and v to the backend
+        return args.num_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+    return args.num_kv_heads, args.head_dim, args.v_head_dim
+
+
+class Engine:
+    """Paged-KV generation engine over a ``r1fast.model.Transformer`` (live weights, no copy)."""
+
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, memory_fraction: float = 0.9,
+                 max_batch_tokens: int = 8192, max_num_seqs: int = 1024, use_cuda_graphs: bool = True):
+        if not isinstance(block_size, int) or block_size < 8 or block_size > 128 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two from 8 to 128, got {block_size!r}")
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
+        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
+        self.model = model
+        self.args = model.args
+        weight = model.lm_head_weight
+        self.device, self.dtype = weight.device, weight.dtype
+        kv_heads, qk_dim, v_dim = _attention_dims(self.args)
+        head_dim = cache_head_dim(qk_dim, v_dim)
+        per_block = PagedKVCache.bytes_per_block(num_layers=self.args.num_layers, block_size=block_size,
+                                                 num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype)
+        if num_blocks is None:
+            num_blocks = self._default_num_blocks(per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs)
+        elif not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
+        self.cache = PagedKVCache(num_layers=self.args.num_layers, num_blocks=num_blocks, block_size=block_size,
+                                  num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype, device=self.device)
+        self.backend = PagedAttentionBackend(self.cache)
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.graphs = DecodeGraphs(self) if use_cuda_graphs and self.device.type == "cuda" else None
+        self._stats = {"preemptions": 0, "generated_tokens": 0, "generate_seconds": 0.0, "steps": 0,
+                       "max_blocks_used": 0, "max_blocks_shared": 0, "last_tokens_per_s": 0.0}
+
+    def _default_num_blocks(self, per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            a = self.args
+            item = self.weight_itemsize
+            # activations of the largest step (a few [T, H] and [T, I] buffers) and the logits/sampling
+            # temporaries of the largest decode batch; estimated, not measured
+            activations = max_batch_tokens * (8 * a.hidden_size + 3 * a.intermediate_size) * item
+            sampling = min(max_num_seqs, max_batch_tokens) * a.vocab_size * 4 * 6
+            budget = free * memory_fraction - activations - sampling
+            blocks = int(budget // per_block)
+            if blocks < 1:
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB free, "
+                                 f"memory_fraction={memory_fraction}); pass num_blocks or free memory")
+            return blocks
+        tokens = min(CPU_CACHE_TOKENS, (1 << 30) * block_size // per_block)
+        return max(1, tokens // block_size)
+
+    @property
+    def weight_itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    # -- public API -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Blocks used / shared now and at peak, preemptions, steps and generated tokens/s (all calls)."""
+        s = dict(self._stats)
+        alloc = self.cache.allocator
+        s.update(num_blocks=alloc.num_blocks, blocks_used=alloc.num_used, blocks_shared=alloc.num_shared,
+                 block_size=self.block_size)
+        s["tokens_per_s"] = s["generated_tokens"] / s["generate_seconds"] if s["generate_seconds"] else 0.0
+        return s
+
+    @torch.no_grad()
+    def generate(self, prompts, *, n: int = 1, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, seed=None, stop_token_ids=()) -> list[list[Completion]]:
+        """``n`` completions for each prompt (lists of token ids); returns ``[len(prompts)][n]`` Completions.
+
+        seed: None (drawn from torch's global RNG), an int (completion k = i * n + j of prompt i gets
+        seed + k) or a list of ``len(prompts) * n`` ints; each completion's tokens depend only on its own
+        seed, so ``generate([p], n=4, seed=s)`` equals ``generate([p] * 4, seed=s)``. temperature 0 =
+        greedy. Raises ValueError before any work for bad arguments.
+        """
+        prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+        params = self._validate(prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids)
+        seeds = self._seeds(seed, len(prompts) * n)
+        scheduler = Scheduler(self.cache.allocator, block_size=self.block_size,
+                              max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs)
+        outputs: list[list[Sequence]] = []
+        arrival = 0
+        for i, prompt in enumerate(prompts):
+            # a group shares the prompt's full blocks except the one holding the last token (see kv_cache.py)
+            prefix_len = self.block_size * ((len(prompt) - 1) // self.block_size) if n > 1 else 0
+            job = None
+            if prefix_len > 0:
+                job = Sequence(arrival, prompt[:prefix_len], prefix_len, is_prefix_job=True)
+                scheduler.add(job)
+                arrival += 1
+            group = []
+            for j in range(n):
+                seq = Sequence(arrival, list(prompt), len(prompt), prefix_job=job,
+                               random=SequenceRandom(seeds[i * n + j]))
+                arrival += 1
+                group.append(seq)
+                scheduler.add(seq)
+            if job is not None:
+                job.samples = group
+            outputs.append(group)
+        if self.graphs is not None:
+            self.graphs.check_weights()
+        start = time.perf_counter()
+        generated = 0
+        while scheduler.has_work:
+            chunks = scheduler.schedule()
+            generated += self._step(scheduler, chunks, params)
+            alloc = self.cache.allocator
+            self._stats["max_blocks_used"] = max(self._stats["max_blocks_used"], alloc.num_used)
+            self._stats["max_blocks_shared"] = max(self._stats["max_blocks_shared"], alloc.num_shared)
+            self._stats["steps"] += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self._stats["preemptions"] += scheduler.num_preemptions
+        self._stats["generated_tokens"] += generated
+        self._stats["generate_seconds"] += seconds
+        self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
+        return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _validate(self, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids) -> SamplingParams:
+        vocab = self.args.vocab_size
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        stop = tuple(stop_token_ids)
+        for t in stop:
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"stop_token_ids holds {t!r}, not a token id in [0, {vocab})")
+        capacity = self.cache.capacity_tokens
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+            for t in prompt:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise ValueError(f"prompts[{i}] holds token id {t!r} outside the vocabulary [0, {vocab})")
+            if len(prompt) + max_new_tokens > capacity:
+                raise ValueError(
+                    f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the KV cache "
+                    f"({self.cache.num_blocks} blocks x {self.block_size} = {capacity} tokens); raise num_blocks")
+        return SamplingParams(float(temperature), float(top_p), top_k, max_new_tokens, stop)
+
+    @staticmethod
+    def _seeds(seed, count: int) -> list[int]:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return [seed + k for k in range(count)]
+        seeds = list(seed)
+        if len(seeds) != count or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"seed must be None, an int or a list of len(prompts) * n = {count} ints")
+        return seeds
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _step(self, scheduler: Scheduler, chunks: list[Chunk], params: SamplingParams) -> int:
+        """Run the chunks' forward, sample due tokens, update sequences; returns tokens generated."""
+        logits, rows = self._forward(chunks)
+        due = [c.seq for c in chunks if c.samples_next_token]
+        for chunk in chunks:
+            scheduler.advance(chunk)
+            if chunk.seq.is_prefix_job and chunk.seq.num_remaining == 0:
+                scheduler.finish_prefix(chunk.seq)
+        if not due:
+            return 0
+        tokens, logprobs = sample(logits[rows] if rows is not None else logits, params, [s.random for s in due])
+        for seq, token, logprob in zip(due, tokens.tolist(), logprobs.tolist(), strict=False):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            if token in params.stop_token_ids:
+                scheduler.finish(seq, "stop")
+            elif len(seq.token_ids) - seq.prompt_len >= params.max_new_tokens:
+                scheduler.finish(seq, "length")
+        return len(due)
+
+    def _forward(self, chunks: list[Chunk]):
+        """Logits of the chunks' sampling rows; returns (logits, row selector or None for all rows)."""
+        bs = self.block_size
+        decode = all(c.length == 1 for c in chunks)
+        ids, positions, slots, lens = [], [], [], []
+        for c in chunks:
+            ids.extend(c.seq.token_ids[c.start : c.start + c.length])
+            for p in range(c.start, c.start + c.length):
+                positions.append(p)
+                slots.append(c.seq.blocks[p // bs] * bs + p % bs)
+            lens.append(c.start + c.length)
+        cascade = decode and any(c.seq.num_shared_blocks for c in chunks)
+        if decode and self.graphs is not None:
+            logits = self.graphs.run(chunks, ids, positions, slots, lens, cascade)
+            if logits is not None:
+                return logits, torch.tensor([c.samples_next_token for c in chunks], device=logits.device)
+        dev = self.device
+        as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+        input_ids = as_dev(ids, torch.int64)
+        if cascade:
+            meta = self.cascade_metadata(chunks, slots, lens, as_dev)
+        else:
+            width = max(len(c.seq.blocks) for c in chunks)
+            table = [c.seq.blocks + [0] * (width - len(c.seq.blocks)) for c in chunks]
+            cu = [0]
+            for c in chunks:
+                cu.append(cu[-1] + c.length)
+            meta = StepMetadata("decode" if decode else "varlen", as_dev(slots, torch.int64),
+                                block_table=as_dev(table, torch.int32), seq_lens=as_dev(lens, torch.int32),
+                                cu_seqlens_q=None if decode else as_dev(cu, torch.int32),
+                                max_seqlen_q=max(c.length for c in chunks))
+        self.backend.set_step(meta)
+        cu_q = meta.cu_seqlens_q if meta.cu_seqlens_q is not None else torch.arange(len(chunks) + 1, dtype=torch.int32, device=dev)
+        hidden = self.model(input_ids, position_ids=as_dev(positions, torch.int64), cu_seqlens=cu_q,
+                            attn=self.backend, max_seqlen=meta.max_seqlen_q)
+        ends, cu_end = [], 0
+        for c in chunks:
+            cu_end += c.length
+            if c.samples_next_token:
+                ends.append(cu_end - 1)
+        if not ends:
+            return None, None
+        return self.model.logits(hidden[as_dev(ends, torch.int64)]), None
+
+    def cascade_metadata(self, chunks: list[Chunk], slots, lens, as_dev) -> StepMetadata:
+        """Decode metadata where samples read their group's shared prompt blocks through the cascade kernel.
+
+        Group 0 is the empty prefix (sequences that share nothing); group g > 0 is one prefix job's blocks.
+        """
+        bs = self.block_size
+        group_index: dict[int, int] = {}
+        prefix_rows: list[list[int]] = [[]]
+        group_of_seq, suffix_rows, suffix_lens = [], [], []
+        for c, length in zip(chunks, lens, strict=False):
+            seq, shared = c.seq, c.seq.num_shared_blocks
+            g = 0
+            if shared:
+                key = id(seq.prefix_job)
+                if key not in group_index:
+                    group_index[key] = len(prefix_rows)
+                    prefix_rows.append(seq.blocks[:shared])
+                g = group_index[key]
+            group_of_seq.append(g)
+            suffix_rows.append(seq.blocks[shared:])
+            suffix_lens.append(length - shared * bs)
+        counts = [0] * len(prefix_rows)
+        for g in group_of_seq:
+            counts[g] += 1
+        pw = max(1, max(len(r) for r in prefix_rows))
+        sw = max(1, max(len(r) for r in suffix_rows))
+        return StepMetadata(
+            "cascade", as_dev(slots, torch.int64),
+            prefix_block_table=as_dev([r + [0] * (pw - len(r)) for r in prefix_rows], torch.int32),
+            prefix_lens=as_dev([len(r) * bs for r in prefix_rows], torch.int32),
+            group_of_seq=as_dev(group_of_seq, torch.int32),
+            suffix_block_table=as_dev([r + [0] * (sw - len(r)) for r in suffix_rows], torch.int32),
+            suffix_lens=as_dev(suffix_lens, torch.int32), max_group_size=max(counts),
+        )
+

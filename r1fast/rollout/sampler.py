@@ -1,0 +1,108 @@
+"""Token sampling: temperature, top-k, top-p, per-sequence seeds, logprobs.
+
+Reproducibility: every sequence owns a CPU ``torch.Generator`` seeded from its request seed. It draws one
+uniform number per generated token (in chunks, so the generator is touched once per 256 tokens), and the
+token is picked by inverse-CDF sampling with that number. A sequence's t-th token therefore depends only
+on its own seed and its own logits, never on which other sequences share the batch, on preemption
+(recomputation draws nothing) or on the order of requests. The whole batch is sampled with one cumsum
+and one searchsorted instead of one kernel launch per sequence.
+
+Logprobs: the returned logprob of a token is that of the distribution actually sampled from *after the
+temperature and before top-p/top-k truncation*: ``log_softmax(logits / temperature)[token]`` in fp32.
+That is the behaviour policy GRPO's importance ratio needs when no truncation is used, and it does not
+depend on the truncation thresholds. ``temperature == 0`` means greedy decoding; its logprobs are those
+of the untempered distribution, ``log_softmax(logits)[token]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DRAW_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one ``generate`` call (shared by all its sequences)."""
+
+    temperature: float = 1.0
+    """0 = greedy; > 0 divides the logits."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 16
+    """Generated tokens per completion at most."""
+    stop_token_ids: tuple[int, ...] = ()
+    """A sampled token in this set ends the completion (the stop token is kept in the output)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceRandom:
+    """A sequence's private random stream: one uniform in [0, 1) per generated token."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+        self._draws = torch.empty(0, dtype=torch.float64)
+        self._next = 0
+
+    def uniform(self) -> float:
+        if self._next == len(self._draws):
+            self._draws = torch.rand(_DRAW_CHUNK, generator=self.generator, dtype=torch.float64)
+            self._next = 0
+        value = float(self._draws[self._next])
+        self._next += 1
+        return value
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / top-p sets to -inf (logits already divided by the temperature)."""
+    vocab = logits.shape[-1]
+    if top_k > 0 and top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # mass strictly before each token; a token is kept while that mass is below top_p, so the most
+        # likely token is always kept
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, randoms: list[SequenceRandom]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of ``logits`` [B, V]; returns (tokens int64 [B], logprobs fp32 [B]) on CPU.
+
+    ``randoms[i]`` is row i's stream (unused for greedy decoding).
+    """
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+        return tokens.cpu(), logprobs.cpu()
+    scaled = logits / params.temperature
+    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    truncated = _truncate(scaled, params.top_k, params.top_p)
+    probs = torch.softmax(truncated, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    uniforms = torch.tensor([r.uniform() for r in randoms], dtype=torch.float32).to(logits.device)
+    # scale by the row total so rounding in the cumsum cannot push the target past the last token;
+    # right=True returns the first index whose cdf exceeds the target, which has nonzero probability
+    target = uniforms[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # fp32 rounding of the target can land past the last kept token; clamp to it, never to a token
+    # outside the kept set
+    vocab = logits.shape[-1]
+    last_kept = vocab - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+    tokens = torch.minimum(tokens, last_kept)
+    logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
+    return tokens.cpu(), logprobs.cpu()
