@@ -1,0 +1,45 @@
+"""Language-consistency reward (DeepSeek-R1): the share of chain-of-thought words in the target language.
+
+Words are found by script, with no model or download: a run of ASCII letters is one English word, each
+CJK ideograph is one Chinese word (Chinese has no spaces; R1 counts characters the same way), and a run
+of other letters (Cyrillic, Greek, kana, Hangul, accented Latin, ...) is one word of another language.
+Digits, symbols and punctuation are not words, so ``12+35=47`` neither helps nor hurts.
+
+Score: target words / all words in the ``<think>`` block. A completion without a well-formed think
+block scores 0 (there is no chain of thought to credit); a think block with no words at all scores 1
+(nothing in it is in the wrong language).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .format import extract_think
+
+__all__ = ["SUPPORTED_LANGUAGES", "count_words_by_language", "language_consistency_reward"]
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
+_WORD_RE = re.compile(rf"(?P<en>[A-Za-z]+)|(?P<zh>[{_CJK}])|(?P<other>[^\W\d_A-Za-z{_CJK}]+)")
+
+SUPPORTED_LANGUAGES = ("en", "zh")
+
+
+def count_words_by_language(text: str) -> dict[str, int]:
+    """``{"en": n, "zh": n, "other": n}`` word counts of ``text`` by script."""
+    counts = {"en": 0, "zh": 0, "other": 0}
+    for match in _WORD_RE.finditer(text):
+        counts[match.lastgroup] += 1
+    return counts
+
+
+def language_consistency_reward(prompt: str, completion: str, meta: dict, *, language: str = "en") -> float:
+    """Share of the think block's words in ``meta['language']`` (default ``language``), in [0, 1]."""
+    target = meta.get("language", language) if isinstance(meta, dict) else language
+    if target not in SUPPORTED_LANGUAGES:
+        raise ValueError(f"language: unsupported target {target!r}; supported: {list(SUPPORTED_LANGUAGES)}")
+    think = extract_think(completion)
+    if not think:
+        return 0.0
+    counts = count_words_by_language(think)
+    total = sum(counts.values())
+    return 1.0 if total == 0 else counts[target] / total

@@ -1,0 +1,216 @@
+"""Rewards: format, accuracy (exact and math-verify), language, length, repetition, code, the registry."""
+
+import logging
+import math
+
+import pytest
+
+from r1fast.rewards import REWARDS, STATS, combine, get_reward
+from r1fast.rewards.accuracy import MathVerifier
+from r1fast.rewards.format import extract_answer, extract_think, format_reward, format_reward_partial
+from r1fast.rewards.language import count_words_by_language
+from r1fast.rewards.sandbox import SandboxLimits
+
+FAST = {"limits": SandboxLimits(wall_time_s=1.5, cpu_time_s=1, memory_bytes=256 * 2**20, max_processes=8,
+                                max_output_bytes=4096)}
+
+# (completion, strict, partial)
+FORMAT_CASES = [
+    ("<think>a</think><answer>1</answer>", 1.0, 1.0),
+    ("  <think>\nsteps\n</think>\n<answer> 1 </answer>\n", 1.0, 1.0),
+    ("<think></think><answer></answer>", 1.0, 1.0),
+    ("<think>a</think><answer>1</answer> trailing", 0.0, 0.5),
+    ("lead <think>a</think><answer>1</answer>", 0.0, 0.5),
+    ("<answer>1</answer><think>a</think>", 0.0, 0.5),                   # wrong order
+    ("<think>a<answer>1</answer>", 0.0, 0.25),                          # unclosed think
+    ("<think>a</think><answer>1", 0.0, 0.25),                           # unclosed answer
+    ("<think><think>a</think></think><answer>1</answer>", 0.0, 0.25),   # nested think
+    ("<think>a<answer>0</answer></think><answer>1</answer>", 0.0, 0.25),  # answer nested in think
+    ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0, 0.25),  # two answers
+    ("</think>a<think><answer>1</answer>", 0.0, 0.25),                  # closed before opened
+    ("<think>a</think>", 0.0, 0.25),
+    ("", 0.0, 0.0),
+    ("47", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,strict,partial", FORMAT_CASES)
+def test_format_reward(completion, strict, partial):
+    assert format_reward("", completion, {}) == strict
+    assert format_reward_partial("", completion, {}) == partial
+    assert get_reward("format")("", completion, {}) == strict
+    assert get_reward("format", partial=True)("", completion, {}) == partial
+
+
+def test_extraction():
+    assert extract_answer("<think> x </think><answer> 42 </answer>") == "42"
+    assert extract_think("<think> x y </think><answer>42</answer>") == "x y"
+    assert extract_answer("<answer>1</answer><answer>2</answer>") is None
+    assert extract_answer("<answer><think>1</think></answer>") is None
+    assert extract_answer("no tags") is None
+
+
+def test_task_accuracy_exact_match():
+    acc = get_reward("accuracy")
+    meta = {"prompt": "47+385", "answer": "432", "task": "addition", "id": "x"}
+    assert acc("", "<think>..</think><answer>432</answer>", meta) == 1.0
+    assert acc("", "<think>..</think><answer>431</answer>", meta) == 0.0
+    assert acc("", "432", meta) == 0.0  # no answer block: nothing to grade
+    assert acc("", "<think>..<answer>432</answer>", meta) == 1.0  # format is the format reward's job
+    count = {"prompt": "make 24 with 4 6 1", "answer": "4*6*1", "task": "countdown", "id": "c",
+             "numbers": [4, 6, 1], "target": 24}
+    assert acc("", "<answer>(6-1+1)*4</answer>", count) == 0.0  # 1 used twice
+    assert acc("", "<answer>6*4/1</answer>", count) == 1.0
+    assert acc("", "<answer>9**9**9</answer>", count) == 0.0
+
+
+def test_math_accuracy_and_unparsable_gold():
+    before = STATS["gold_unparsable"]
+    reward = combine({"accuracy": 1.0})
+    metas = [{"answer": "\\frac{1}{2}", "task": "math"}, {"answer": "\\frac{1}{2}", "task": "math"},
+             {"answer": "x^2+1", "task": "math"}, {"answer": "no number here at all", "task": "math"},
+             {"answer": "72"}]
+    completions = ["<think>half</think><answer>0.5</answer>", "<think>t</think><answer>1/3</answer>",
+                   "<think>t</think><answer>$1+x^2$</answer>", "<think>t</think><answer>1</answer>",
+                   "<think>t</think>72"]
+    batch = reward.score([""] * 5, completions, metas)
+    assert batch.per_reward["accuracy"][:3] == [1.0, 0.0, 1.0]
+    assert math.isnan(batch.per_reward["accuracy"][3]) and batch.skipped == [False, False, False, True, False]
+    assert batch.total == [1.0, 0.0, 1.0, 0.0, 0.0] and batch.num_skipped == 1
+    assert STATS["gold_unparsable"] == before + 1
+    assert batch.errors == {"accuracy": 0}
+
+
+def test_math_verifier_timeout_kills_and_recovers():
+    verifier = MathVerifier(num_workers=1, timeout_s=0.001)  # too short even to start the worker
+    before = STATS["verify_timeout"]
+    try:
+        assert verifier.check(["1"], ["1"]) == [False]
+        assert STATS["verify_timeout"] == before + 1
+        verifier.timeout_s = 30.0
+        assert verifier.check(["2", "3"], ["2", "4"]) == [True, False]
+    finally:
+        verifier.close()
+    with pytest.raises(ValueError, match="num_workers"):
+        MathVerifier(num_workers=0)
+
+
+def test_language_consistency():
+    lang = get_reward("language")
+    assert count_words_by_language("I think 所以 x=3, да") == {"en": 3, "zh": 2, "other": 1}
+    assert lang("", "<think>add the ones then the tens</think><answer>5</answer>", {}) == 1.0
+    assert lang("", "<think>add 然后 carry</think><answer>5</answer>", {}) == pytest.approx(2 / 4)
+    assert lang("", "<think>先加个位</think><answer>5</answer>", {"language": "zh"}) == 1.0
+    assert lang("", "<think>先加个位</think><answer>5</answer>", {}) == 0.0
+    assert lang("", "<think>12+35: 2+5=7</think><answer>47</answer>", {}) == 1.0  # no words at all
+    assert lang("", "<answer>47</answer>", {}) == 0.0  # no chain of thought
+    assert get_reward("language", language="zh")("", "<think>abc 好</think>", {}) == 0.5
+    with pytest.raises(ValueError, match="language"):
+        lang("", "<think>a</think>", {"language": "fr"})
+
+
+def test_cosine_length_reward():
+    r = get_reward("length_cosine", max_len=100)
+    assert r("", "", {"correct": True, "completion_tokens": 0}) == pytest.approx(1.0)
+    assert r("", "", {"correct": True, "completion_tokens": 50}) == pytest.approx(0.75)
+    assert r("", "", {"correct": True, "completion_tokens": 100}) == pytest.approx(0.5)
+    assert r("", "", {"correct": True, "completion_tokens": 500}) == pytest.approx(0.5)
+    assert r("", "", {"correct": False, "completion_tokens": 0}) == pytest.approx(-1.0)
+    assert r("", "", {"correct": False, "completion_tokens": 100}) == pytest.approx(-0.5)
+    x = 30 / 100
+    assert r("", "", {"correct": False, "completion_tokens": 30}) == pytest.approx(-0.5 - 0.25 * (1 + math.cos(math.pi * x)))
+    # Without "correct" and token counts: accuracy computed, length in characters.
+    meta = {"prompt": "1+2", "answer": "3", "task": "addition", "id": "a"}
+    good = "<think>1+2=3</think><answer>3</answer>"
+    assert r("", good, meta) == pytest.approx(0.5 + 0.25 * (1 + math.cos(math.pi * len(good) / 100)))
+    with pytest.raises(ValueError, match="max_len"):
+        get_reward("length_cosine", max_len=0)("", "", {"correct": True})
+
+
+def test_repetition_penalty():
+    rep = get_reward("repetition")
+    assert rep("", "one two three four five", {}) == 0.0
+    assert rep("", "a b", {}) == 0.0
+    # 7 trigrams, 3 distinct -> -(1 - 3/7)
+    assert rep("", "a b c a b c a b c", {}) == pytest.approx(-(1 - 3 / 7))
+    assert get_reward("repetition", ngram_size=2, unit="char", max_penalty=-0.5)("", "abab", {}) == pytest.approx(-0.5 / 3)
+
+
+ADD_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6"}, {"input": "0 0", "output": "0"}]
+
+
+def _code(body):
+    return f"<think>read and add</think><answer>\n```python\n{body}\n```\n</answer>"
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("a, b = map(int, input().split())\nprint(a + b)", 1.0),
+    ("a, b = map(int, input().split())\nprint(a + b if a < 5 else 1)", 2 / 3),
+    ("import sys\nsys.exit(0)", 0.0),                                   # exit(0) only
+    ("pass", 0.0),                                                      # prints nothing
+    ("print(9**9**9)", 0.0),
+    ("while True:\n    pass", 0.0),                                     # infinite loop
+    ("while True:\n    print('5' * 100)", 0.0),                         # output flood
+    ("import os\nwhile True:\n    os.fork()", 0.0),                     # fork bomb
+    ("x = bytearray(8 * 1024**3)\nprint(5)", 0.0),                      # memory bomb
+])
+def test_code_reward_adversarial(body, expected):
+    tests = ADD_TESTS[:1] if expected == 0.0 else ADD_TESTS  # a failing program needs one test to show it
+    assert get_reward("code", **FAST)("", _code(body), {"tests": tests}) == pytest.approx(expected)
+
+
+def test_code_reward_cannot_read_the_tests():
+    secret = "7f3a9c1e"
+    # The program hunts for the expected output everywhere it could be: its directory tree, its stdin
+    # file, the parent's command line, environment and open files, and /tmp.
+    hunter = (
+        "import os, sys\n"
+        "seen = []\n"
+        "def grab(path):\n"
+        "    try:\n"
+        "        with open(path, 'rb') as f: seen.append(f.read(100000))\n"
+        "    except Exception: pass\n"
+        "for root in ('..', '/tmp'):\n"
+        "    for d, _, files in os.walk(root):\n"
+        "        for name in files: grab(os.path.join(d, name))\n"
+        "ppid = os.getppid()\n"
+        "for p in ('cmdline', 'environ', 'fd/0', 'fd/1', 'fd/3', 'mem'):\n"
+        "    grab(f'/proc/{ppid}/{p}')\n"
+        "grab('/proc/self/fd/0')\n"
+        "blob = b''.join(seen)\n"
+        "print('FOUND' if b'" + secret + "' in blob else 'nothing')\n"
+    )
+    result = get_reward("code", **FAST)("", _code(hunter), {"tests": [{"input": "", "output": "FOUND"}]})
+    assert result == 0.0
+
+
+def test_code_reward_rejects_tests_that_cannot_fail():
+    with pytest.raises(ValueError, match=r"meta\['tests'\]\[0\]: empty expected output"):
+        get_reward("code", **FAST)("", _code("pass"), {"tests": [{"input": "", "output": "  \n"}]})
+    with pytest.raises(ValueError, match=r"meta\['tests'\]"):
+        get_reward("code", **FAST)("", _code("pass"), {})
+
+
+def test_combine_validation_and_errors(caplog):
+    with pytest.raises(ValueError, match=r"unknown reward name 'acuracy'; known: \['accuracy'"):
+        combine({"acuracy": 1.0})
+    with pytest.raises(ValueError, match="names_to_weights"):
+        combine({"format": float("nan")})
+    with pytest.raises(ValueError, match="params.format.strict: unknown parameter"):
+        combine({"format": 1.0}, params={"format": {"strict": True}})
+    with pytest.raises(ValueError, match="params.code"):
+        combine({"format": 1.0}, params={"code": {}})
+    assert set(REWARDS) >= {"accuracy", "format", "language", "code", "length_cosine", "repetition"}
+
+    # A reward that raises (malformed tests) scores 0 and is logged; the others still count.
+    reward = combine({"format": 0.5, "code": 1.0}, params={"code": FAST})
+    metas = [{"tests": "not json"}, {"tests": [{"input": "", "output": "hi"}]}]
+    completions = ["<think>a</think><answer>print('hi')</answer>"] * 2
+    with caplog.at_level(logging.WARNING, logger="r1fast.rewards"):
+        batch = reward.score(["", ""], completions, metas)
+    assert batch.per_reward["code"] == [0.0, 1.0] and batch.errors == {"format": 0, "code": 1}
+    assert batch.total == [0.5, 1.5]
+    assert any("reward 'code' raised" in r.getMessage() for r in caplog.records)
+    assert reward("", completions[1], metas[1]) == 1.5
+    with pytest.raises(ValueError, match="prompts/metas"):
+        reward.score([""], completions, metas)
