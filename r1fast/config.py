@@ -50,8 +50,9 @@ class ModelConfig:
     model directory (config.json + safetensors), whose own config overrides the shape fields."""
     tokenizer: str | None = None
     """Tokenizer directory; none = the model directory ('tiny' uses the built-in byte-level tokenizer)."""
-    vocab_size: int = bounded(512, ge=1)
-    """Vocabulary size of the tiny model (must cover the tokenizer's ids)."""
+    vocab_size: int | None = bounded(None, ge=1)
+    """Vocabulary of the tiny model; none = exactly the tokenizer's (larger would let it sample
+    ids the tokenizer cannot decode)."""
     hidden_size: int = bounded(64, ge=1)
     """Width of the residual stream."""
     num_layers: int = bounded(2, ge=1)
@@ -191,6 +192,12 @@ class DataConfig:
     """Seed of task generation and prompt shuffling."""
     template: str = "r1_zero"
     """Prompt template name ('r1_zero' is the DeepSeek-R1-Zero template verbatim)."""
+    params: dict[str, int] = field(default_factory=dict)
+    """Difficulty knobs of the generated task for GRPO and evaluation, e.g. {min_digits = 2, max_digits = 3}."""
+    sft_params: dict[str, int] = field(default_factory=dict)
+    """Difficulty knobs of the cold-start SFT's worked solutions (empty = the task's defaults)."""
+    sft_size: int = bounded(2000, ge=1)
+    """Distinct worked solutions generated for the cold-start SFT."""
 
 
 @dataclass
@@ -247,6 +254,8 @@ class TrainConfig:
     """Cold-start supervised fine-tuning steps before GRPO (0 = R1-Zero style, no SFT)."""
     sft_lr: float = bounded(1e-4, gt=0)
     """Learning rate of the cold-start SFT."""
+    sft_batch_size: int = bounded(32, ge=1)
+    """Worked solutions per cold-start SFT step (global, split over ranks)."""
 
 
 @dataclass

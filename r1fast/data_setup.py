@@ -1,0 +1,73 @@
+"""Builds what a run trains on from its config: tokenizer, policy model, and the prompt sets."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1fast.config import Config, ConfigError
+from r1fast.data import MIXTURES, TASKS, apply_template, generate_tasks, load_jsonl, split_of, worked_solution
+from r1fast.model import Transformer
+from r1fast.model_config import ModelArgs
+from r1fast.tokenizer import CharTokenizer
+from r1fast.tokenizer import load as load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tokenizer_and_model(cfg: Config, device: torch.device):
+    """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory."""
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    if m.name_or_path == "tiny":
+        tok = CharTokenizer()
+        if m.vocab_size is not None and m.vocab_size != tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} must equal the character tokenizer's "
+                              f"{tok.vocab_size} ids (or be none)")
+        args = ModelArgs(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
+                         intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                         num_kv_heads=m.num_kv_heads, head_dim=m.resolved_head_dim, rms_norm_eps=m.rms_norm_eps,
+                         rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len,
+                         tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         pad_token_id=tok.pad_id, torch_dtype=m.dtype)
+        model = Transformer.from_config(args, dtype=dtype, device=device, seed=cfg.train.seed)
+        return tok, model
+    if not os.path.isdir(m.name_or_path):
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
+    tok = load_tokenizer(m.tokenizer or m.name_or_path)
+    model = Transformer.from_pretrained(m.name_or_path, dtype=dtype, device=device)
+    return tok, model
+
+
+def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(cold-start SFT samples with a 'solution', GRPO training prompts, held-out prompts).
+
+    Generated tasks: SFT and GRPO samples come from the train split, evaluation from the held-out
+    split; the splits are disjoint by content hash. A JSONL file is split the same way.
+    """
+    d, t = cfg.data, cfg.train
+    if d.task in TASKS or d.task in MIXTURES:
+        train = generate_tasks(d.task, d.train_size, seed=d.seed, split="train", **d.params)
+        heldout = generate_tasks(d.task, d.eval_size, seed=d.seed, split="heldout", **d.params) if d.eval_size else []
+        sft = []
+        if t.sft_steps:
+            sft = generate_tasks(d.task, d.sft_size, seed=d.seed + 1, split="train", **d.sft_params)
+            sft = [{**s, "solution": worked_solution(s)} for s in sft]
+        return sft, train, heldout
+    if not d.task.endswith(".jsonl"):
+        raise ConfigError(f"data.task: {d.task!r} is neither a built-in task ({sorted(TASKS) + sorted(MIXTURES)}) "
+                          "nor a .jsonl file")
+    rows = load_jsonl(d.task)
+    train = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "train"][: d.train_size]
+    heldout = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "heldout"][: d.eval_size]
+    sft = [r for r in train if r.get("solution")]
+    if t.sft_steps and not sft:
+        raise ConfigError(f"train.sft_steps={t.sft_steps} but no line of {d.task} has a 'solution' to imitate")
+    return sft, train, heldout
+
+
+def encode_prompts(tokenizer, samples: list[dict], template: str) -> list[list[int]]:
+    """Token ids of each sample's prompt inside the template, with <bos> first when the tokenizer has one."""
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+    return [bos + tokenizer.encode(apply_template(s["prompt"], template)) for s in samples]

@@ -1,0 +1,168 @@
+"""One GRPO step after generation: rewards -> advantages -> masks -> micro-batched fused-loss updates.
+
+Loss normalization across micro-batches and ranks. FSDP averages gradients over ranks, and each
+micro-batch's kernel call normalizes by what it sees, so each loss type gets the scale that makes
+the accumulated gradient equal the one of the whole global batch in one call:
+    grpo, dr_grpo  per-sequence terms: scale each micro-batch by B_micro / B_rank (ranks hold equal B);
+    bnpo           the kernel's ``dapo`` reduction with normalizer = this rank's active tokens
+                   (TRL normalizes bnpo per process);
+    dapo           normalizer = global active tokens / world size (computed once per rollout batch).
+A 1-rank run and a 2-rank run of the same global batch therefore take the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from r1fast import distributed as D
+from r1fast.config import Config
+from r1fast.grpo import dynamic_sampling_mask, group_advantages, soft_overlong_penalty
+from r1fast.policy import PackedBatch, pack, pad_rows
+
+
+@dataclass
+class RolloutBatch:
+    """This rank's completions of one step, flattened prompt-major (G consecutive samples per prompt)."""
+
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    rollout_logps: list[list[float]]
+    advantages: torch.Tensor
+    """[B] fp32 on the device."""
+    keep: list[bool]
+    """False for completions excluded from the loss (dynamic sampling, overlong filter, ungradable)."""
+    metrics: dict = field(default_factory=dict)
+    reward_seconds: float = 0.0
+    generated_tokens: int = 0
+
+
+def global_token_count(mask: torch.Tensor) -> float:
+    """Active tokens summed over ranks (the dapo normalizer and the SFT normalizer)."""
+    return D.all_reduce_sum(mask.sum().detach().double().reshape(1)).item()
+
+
+def _global_means(named: dict[str, list[float]]) -> dict[str, float]:
+    """Mean over all ranks of each list (NaN entries ignored)."""
+    sums = torch.zeros(2 * len(named), dtype=torch.float64)
+    for i, values in enumerate(named.values()):
+        finite = [v for v in values if not math.isnan(v)]
+        sums[2 * i], sums[2 * i + 1] = sum(finite), len(finite)
+    D.all_reduce_sum(sums)
+    return {name: (sums[2 * i] / sums[2 * i + 1]).item() if sums[2 * i + 1] > 0 else float("nan")
+            for i, name in enumerate(named)}
+
+
+def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], prompts: list[list[int]],
+                        completions, device) -> RolloutBatch:
+    """Score this rank's completions and compute advantages with statistics over the global batch."""
+    g, r = cfg.grpo, cfg.rollout
+    group = g.samples_per_prompt
+    flat = [(s, p, c) for s, p, comps in zip(samples, prompts, completions, strict=True) for c in comps]
+    texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
+    t0 = time.perf_counter()
+    metas = [{**s, "completion_tokens": len(c.token_ids)} for s, _, c in flat]  # length rewards count tokens
+    graded = scorer.score([s["prompt"] for s, _, _ in flat], texts, metas)
+    reward_seconds = time.perf_counter() - t0
+    rewards = torch.tensor(graded.total, dtype=torch.float64)
+    lengths = torch.tensor([len(c.token_ids) for _, _, c in flat], dtype=torch.float64)
+    if g.soft_overlong_penalty:  # DAPO: linear penalty over the last overlong_cache_len tokens
+        rewards += soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
+    # groups never straddle ranks; "batch" scaling all-reduces its statistics inside
+    advantages = group_advantages(rewards, group, scale_rewards=g.scale_rewards)
+    keep = [not skipped for skipped in graded.skipped]
+    if g.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
+        keep = [k and bool(m) for k, m in zip(keep, dynamic_sampling_mask(rewards, group).tolist(), strict=True)]
+    if g.overlong_filter:
+        keep = [k and c.finish_reason != "length" for k, (_, _, c) in zip(keep, flat, strict=True)]
+    per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
+    means = _global_means({"reward_mean": [float(x) for x in rewards], "reward_sq": [float(x) ** 2 for x in rewards],
+                           **per_reward,
+                           "response_length_mean": lengths.tolist(),
+                           "kept_fraction": [float(k) for k in keep],
+                           "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]})
+    longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
+    if D.world_size() > 1:
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    metrics = {**means, "reward_std": math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0)),
+               "response_length_max": longest.item(), "reward_skipped": sum(graded.skipped),
+               "reward_errors": sum(graded.errors.values())}
+    metrics["accuracy"] = means.get("reward_accuracy", means.get("reward_task_accuracy", float("nan")))
+    if "reward_format" in means:
+        metrics["format_rate"] = means["reward_format"]
+    return RolloutBatch(prompts=[p for _, p, _ in flat], completions=[list(c.token_ids) for _, _, c in flat],
+                        rollout_logps=[list(c.logprobs) for _, _, c in flat], advantages=advantages.float().to(device),
+                        keep=keep, metrics=metrics, reward_seconds=reward_seconds,
+                        generated_tokens=int(lengths.sum().item()))
+
+
+def _micro_batches(cfg: Config, batch: RolloutBatch, device) -> list[tuple[slice, PackedBatch]]:
+    size = cfg.grpo.micro_batch_size
+    out = []
+    for start in range(0, len(batch.completions), size):
+        sl = slice(start, min(start + size, len(batch.completions)))
+        packed = pack(batch.prompts[sl], batch.completions[sl], device=device)
+        keep = torch.tensor(batch.keep[sl], dtype=torch.float32, device=device)
+        packed.mask = packed.mask * keep[:, None]
+        out.append((sl, packed))
+    return out
+
+
+def train_on_batch(cfg: Config, root, ref_root, batch: RolloutBatch, clip_and_step, optimizer, world: int) -> dict:
+    """``updates_per_rollout`` optimizer updates on this rollout batch; returns loss-side metrics."""
+    g = cfg.grpo
+    device = batch.advantages.device
+    micro = _micro_batches(cfg, batch, device)
+    b_rank = len(batch.completions)
+    local_tokens = sum(float(p.mask.sum()) for _, p in micro)
+    global_tokens = D.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item()
+    temperature = cfg.rollout.temperature
+    old, ref = [], []
+    with torch.no_grad():
+        for sl, packed in micro:
+            if g.updates_per_rollout > 1:  # the policy moves between updates: freeze pi_old once
+                old.append(root(packed, mode="logps", temperature=temperature))
+            else:  # one update: the rollout's own log-probs are pi_old
+                old.append(pad_rows(batch.rollout_logps[sl], packed.completion_ids.shape[1]).to(device))
+            ref.append(ref_root(packed, mode="logps", temperature=temperature) if ref_root is not None else None)
+    loss_type, normalizer = g.loss_type, None
+    if g.loss_type == "bnpo":
+        loss_type, normalizer = "dapo", max(local_tokens, 1.0)
+    elif g.loss_type == "dapo":
+        normalizer = max(global_tokens, 1.0) / world
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+    grad_norms, skipped = [], 0
+    for _ in range(g.updates_per_rollout):
+        finite = True
+        for (sl, packed), old_logps, ref_logps in zip(micro, old, ref, strict=True):
+            loss, m = root(packed, mode="loss", advantages=batch.advantages[sl], old_logps=old_logps,
+                           ref_logps=ref_logps, beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, delta=g.delta,
+                           temperature=temperature, loss_type=loss_type, importance_level=g.importance_level,
+                           max_completion_length=cfg.rollout.max_new_tokens, normalizer=normalizer)
+            scale = (sl.stop - sl.start) / b_rank if loss_type in ("grpo", "dr_grpo") else 1.0
+            finite &= bool(torch.isfinite(loss))
+            (loss * scale).backward()
+            share = float(packed.mask.sum()) / max(global_tokens, 1.0)
+            sums["loss"] += float(loss.detach()) * scale
+            for key in ("kl", "clip_frac", "entropy"):
+                if key in m:
+                    sums[key] += float(m[key]) * share
+        if D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=device)).item() > 0:
+            optimizer.zero_grad(set_to_none=True)  # a non-finite loss: skip this update, keep the weights
+            skipped += 1
+            continue
+        grad_norms.append(clip_and_step())
+        optimizer.zero_grad(set_to_none=True)
+    totals = D.all_reduce_sum(torch.tensor([sums["loss"] / world, sums["kl"], sums["clip_frac"], sums["entropy"]],
+                                           dtype=torch.float64))
+    metrics = {"loss": totals[0].item() / g.updates_per_rollout, "clip_frac": totals[2].item() / g.updates_per_rollout,
+               "entropy": totals[3].item() / g.updates_per_rollout, "active_tokens": global_tokens,
+               "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")}
+    if g.beta > 0:
+        metrics["kl"] = totals[1].item() / g.updates_per_rollout
+    if skipped:
+        metrics["skipped_nonfinite"] = skipped
+    return metrics

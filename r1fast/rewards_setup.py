@@ -1,0 +1,46 @@
+"""The run's reward function from its config: weighted rule-based rewards plus the evaluation check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1fast.config import Config, ConfigError
+from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
+from r1fast.rewards.accuracy import accuracy_reward
+from r1fast.rewards.format import format_score
+
+
+@dataclass
+class Scorer:
+    """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation."""
+
+    combined: CombinedReward
+
+    def score(self, prompts: list[str], completions: list[str], metas: list[dict]) -> RewardBatch:
+        return self.combined.score(prompts, completions, metas)
+
+    @staticmethod
+    def check(sample: dict, completion: str) -> tuple[bool, bool]:
+        try:
+            correct = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
+        except Exception:  # an ungradable sample counts as wrong in evaluation, never crashes it
+            correct = False
+        return correct, format_score("", completion, sample) >= 1.0
+
+
+def build_scorer(cfg: Config) -> Scorer:
+    """Validate reward names and parameters before any training starts."""
+    r = cfg.rewards
+    unknown = [name for name in r.weights if name not in REWARDS]
+    if unknown:
+        raise ConfigError(f"rewards.weights.{unknown[0]}: unknown reward; known: {', '.join(sorted(REWARDS))}")
+    params: dict[str, dict] = {}
+    if "format" in r.weights:
+        params["format"] = {"partial": r.format_partial_credit}
+    if "language" in r.weights:
+        params["language"] = {"language": r.language}
+    if "code" in r.weights:
+        params["code"] = {"timeout_s": r.sandbox_timeout_s, "memory_mb": r.sandbox_memory_mb}
+    if "length_cosine" in r.weights:
+        params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens}
+    return Scorer(combine(dict(r.weights), params))

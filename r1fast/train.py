@@ -1,0 +1,295 @@
+"""GRPO training, the main job: ``torchrun [--nproc_per_node N] -m r1fast.train [--config X.toml] [--a.b v ...]``.
+
+One step: each rank takes its shard of P prompts, samples G completions per prompt with the rollout
+engine on the live (unsharded) weights, scores them with the rule-based rewards, computes group
+advantages over the global batch, and runs ``updates_per_rollout`` optimizer updates on the fused GRPO
+loss (FSDP2 over all ranks). Without ``--config`` the built-in tiny recipe runs
+(``recipes/tiny_r1_zero.toml``, equal to the config defaults): a tiny model built in code with the
+character tokenizer, a short cold-start SFT on worked solutions, then GRPO on harder instances.
+
+Outputs under ``<train.out_dir>/<train.name>/``: config.toml, metrics.jsonl, summary.json,
+training_curves.png, checkpoints/step_<N>/ (HF model + resume state), final/ (HF model + tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from r1fast import distributed as D
+from r1fast.config import Config, load_config, parse_cli, save_config
+from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
+from r1fast.evaluation import evaluate
+from r1fast.grpo_step import RolloutBatch, build_rollout_batch, global_token_count, train_on_batch
+from r1fast.metrics import MetricsLogger, read_metrics
+from r1fast.parallelize import apply_fsdp, build_mesh, unsharded_for_rollout
+from r1fast.policy import PolicyHead, pack
+from r1fast.progress import progress
+from r1fast.rewards_setup import build_scorer
+from r1fast.rollout import Engine
+from r1fast.schedule import build_scheduler
+from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+MAX_NONFINITE_IN_A_ROW = 3
+"""Consecutive non-finite losses after which the run checkpoints and aborts (one is skipped and logged)."""
+
+
+def default_recipe() -> str | None:
+    """recipes/tiny_r1_zero.toml beside the package (source checkouts); None = the config defaults."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny_r1_zero.toml")
+    return path if os.path.isfile(path) else None
+
+
+class _StopFlag:
+    """Set by SIGTERM; checked (and agreed on by all ranks) at the end of each step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        return bool(D.all_reduce_sum(flag).item() > 0)
+
+
+class Trainer:
+    """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
+
+    def __init__(self, cfg: Config, dist: D.DistInfo):
+        self.cfg, self.dist = cfg, dist
+        t = cfg.train
+        self.run_dir = os.path.join(t.out_dir, t.name)
+        torch.manual_seed(t.seed)
+        self.tokenizer, model = build_tokenizer_and_model(cfg, dist.device)
+        self.model = model
+        self.sft_samples, self.train_samples, self.eval_samples = build_datasets(cfg)
+        self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
+        self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
+        self.score = build_scorer(cfg)
+        self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size) if cfg.parallel.fsdp else None
+        self.ref_root = None
+        if cfg.grpo.beta > 0:  # frozen copy, refreshed every ref_update_steps; not allocated when beta = 0
+            ref = type(model).from_config(model.args, device=dist.device, dtype=next(model.parameters()).dtype)
+            ref.load_state_dict(model.state_dict())
+            ref.requires_grad_(False)
+            self.ref_root = apply_fsdp(PolicyHead(ref), self.mesh)
+        self.root = apply_fsdp(PolicyHead(model), self.mesh)
+        self.optimizer = torch.optim.AdamW(self.root.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                           weight_decay=t.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                                         schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+        r = cfg.rollout
+        self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
+                             memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
+        self.logger = MetricsLogger(self.run_dir, rank=dist.rank)
+        self.stop = _StopFlag()
+        self.step = 0
+        self.loop_state: dict = {}
+
+    # -- phases -------------------------------------------------------------------------------------
+    def evaluate(self, tag: str) -> dict:
+        cfg = self.cfg
+        with unsharded_for_rollout(self.root):
+            result = evaluate(self.engine, self.tokenizer, self.eval_samples, self.eval_prompt_ids, self.score.check,
+                              max_new_tokens=cfg.rollout.max_new_tokens, k=cfg.train.eval_samples,
+                              seed=cfg.train.seed)
+        self.logger.log(self.step, phase="eval", tag=tag, **result)
+        return result
+
+    def cold_start_sft(self) -> None:
+        """R1's cold start: supervised steps on worked solutions so the policy emits the template."""
+        t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
+        if t.sft_steps == 0:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.sft_lr
+        batch = t.sft_batch_size
+        if batch % world:
+            raise ValueError(f"train.sft_batch_size={batch} must be divisible by the {world} ranks")
+        order = torch.randperm(len(self.sft_samples), generator=torch.Generator().manual_seed(t.seed))
+        eos = [self.tokenizer.eos_id]
+        with progress(t.sft_steps, "cold-start SFT", enabled=self.dist.is_main) as bar:
+            for step in range(t.sft_steps):
+                idx = [order[(step * batch + i) % len(order)].item() for i in range(rank, batch, world)]
+                samples = [self.sft_samples[i] for i in idx]
+                prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
+                targets = [self.tokenizer.encode(s["solution"]) + eos for s in samples]
+                packed = pack(prompts, targets, device=self.dist.device)
+                tokens = global_token_count(packed.mask)
+                loss = self.root(packed, mode="nll", normalizer=tokens / world)
+                loss.backward()
+                grad_norm = self._clip_and_step()
+                self.optimizer.zero_grad(set_to_none=True)
+                nll = D.all_reduce_sum(loss.detach().clone()).item() / world
+                bar.advance(nll=f"{nll:.3f}")
+                if (step + 1) % t.log_every == 0:
+                    self.logger.log(step, phase="sft", nll=nll, grad_norm=grad_norm, tokens=tokens)
+        for group in self.optimizer.param_groups:  # GRPO starts from its own schedule
+            group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](0)
+
+    def _clip_and_step(self) -> float:
+        clip = self.cfg.train.grad_clip
+        params = [p for p in self.root.parameters() if p.grad is not None]
+        if self.mesh is None and self.dist.world_size > 1:  # no FSDP: average gradients by hand
+            for p in params:
+                D.all_reduce_sum(p.grad).div_(self.dist.world_size)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        return float(norm)
+
+    def rollout(self, step: int) -> RolloutBatch:
+        """This rank's prompts of ``step`` and their G completions, scored; advantages over the global batch."""
+        g, world, rank = self.cfg.grpo, self.dist.world_size, self.dist.rank
+        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(
+            self.cfg.data.seed * 1_000_003 + step // max(1, len(self.train_samples) // g.prompts_per_step)))
+        first = (step * g.prompts_per_step) % len(order)
+        global_idx = [order[(first + i) % len(order)].item() for i in range(g.prompts_per_step)]
+        mine = list(range(rank, g.prompts_per_step, world))
+        r = self.cfg.rollout
+        seeds = [(self.cfg.train.seed * 7_919 + step) * 1_000_003 + i * g.samples_per_prompt + j
+                 for i in mine for j in range(g.samples_per_prompt)]
+        with unsharded_for_rollout(self.root):
+            completions = self.engine.generate([self.train_prompt_ids[global_idx[i]] for i in mine],
+                                               n=g.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                                               temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                               seed=seeds, stop_token_ids=[self.tokenizer.eos_id])
+        samples = [self.train_samples[global_idx[i]] for i in mine]
+        prompts = [self.train_prompt_ids[global_idx[i]] for i in mine]
+        return build_rollout_batch(self.cfg, self.tokenizer, self.score, samples, prompts, completions,
+                                   device=self.dist.device)
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.toml"))
+        resume_from = self._resume_path()
+        summary: dict = {}
+        if resume_from is None:
+            summary["eval_initial"] = self.evaluate("initial")
+            self.cold_start_sft()
+            summary["eval_before_rl"] = self.evaluate("before_rl")
+        else:
+            self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler)
+            summary.update(self.loop_state.get("summary", {}))
+        nonfinite = 0
+        with progress(t.steps, "GRPO", enabled=self.dist.is_main) as bar:
+            bar.advance(self.step)
+            while self.step < t.steps:
+                metrics = self.grpo_step(self.step)
+                nonfinite = nonfinite + 1 if metrics.get("skipped_nonfinite") else 0
+                self.step += 1
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.logger.log(self.step, phase="rl", **metrics)
+                bar.advance(1, reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    self.evaluate(f"step_{self.step}")
+                self.loop_state["summary"] = summary
+                if nonfinite >= MAX_NONFINITE_IN_A_ROW:
+                    save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
+                                    self.loop_state, self.tokenizer)
+                    raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {self.step}; checkpoint "
+                                       f"written under {self.run_dir}/checkpoints")
+                if self.stop.agreed(self.dist.device):
+                    path = save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer,
+                                           self.scheduler, self.loop_state, self.tokenizer)
+                    print(f"r1fast.train: SIGTERM: checkpoint written to {path}; exiting", file=sys.stderr)
+                    return summary
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
+                                    self.loop_state, self.tokenizer)
+        summary["eval_after_rl"] = self.evaluate("after_rl")
+        self._finish(summary)
+        return summary
+
+    def grpo_step(self, step: int) -> dict:
+        times = {}
+        t0 = time.perf_counter()
+        batch = self.rollout(step)
+        times["time_rollout_s"] = time.perf_counter() - t0 - batch.reward_seconds
+        times["time_reward_s"] = batch.reward_seconds
+        t1 = time.perf_counter()
+        if self.ref_root is not None and self.cfg.grpo.ref_update_steps and step % self.cfg.grpo.ref_update_steps == 0 \
+                and step > 0:
+            with torch.no_grad():
+                for p_ref, p in zip(self.ref_root.parameters(), self.root.parameters(), strict=True):
+                    p_ref.copy_(p)
+        metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
+                                 self.dist.world_size)
+        self.scheduler.step()
+        times["time_train_s"] = time.perf_counter() - t1
+        gen_tokens = D.all_reduce_sum(torch.tensor([float(batch.generated_tokens)])).item()
+        times["generated_tokens_per_s"] = gen_tokens / max(times["time_rollout_s"], 1e-9)
+        return {**batch.metrics, **metrics, **times, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _resume_path(self) -> str | None:
+        r = self.cfg.train.resume
+        if r is None:
+            return None
+        path = latest_checkpoint(self.run_dir) if r == "latest" else r
+        if path is None:
+            raise FileNotFoundError(f"train.resume=latest but {self.run_dir}/checkpoints holds no finished checkpoint")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"train.resume: checkpoint directory {path!r} does not exist")
+        return path
+
+    def _finish(self, summary: dict) -> None:
+        final = save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
+                                self.loop_state, self.tokenizer)
+        if not self.dist.is_main:
+            return
+        before, after = summary.get("eval_before_rl"), summary.get("eval_after_rl")
+        if before and after:
+            summary["greedy_accuracy_gain_points"] = 100 * (after["greedy_accuracy"] - before["greedy_accuracy"])
+        summary["final_checkpoint"] = os.path.join(final, "model")
+        summary["steps"] = self.step
+        summary["world_size"] = self.dist.world_size
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        from r1fast.plots import plot_training_curves
+
+        plot_training_curves(read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"),
+                             title=f"{self.cfg.train.name}: GRPO on {self.cfg.data.task}")
+        self.logger.close()
+
+
+def run(cfg: Config) -> dict:
+    """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary."""
+    dist = D.init_distributed(cfg.parallel.backend)
+    trainer = Trainer(cfg, dist)
+    previous = signal.signal(signal.SIGTERM, trainer.stop) if _main_thread() else None
+    try:
+        return trainer.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv)
+    cfg = load_config(path if path is not None else default_recipe(), overrides)
+    summary = run(cfg)
+    if D.rank() == 0 and "eval_after_rl" in summary:
+        print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))
+    D.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

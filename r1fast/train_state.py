@@ -1,0 +1,113 @@
+"""Resumable training state: model + optimizer + scheduler + RNG + data position, written atomically.
+
+Layout of ``<run>/checkpoints/step_<N>/``:
+    model/              HF format (config.json + safetensors + tokenizer): loads in transformers
+    train_state.pt      full (unsharded) model and optimizer state, scheduler, step, loop state
+    rng_rank<R>.pt      each rank's torch / python / numpy RNG state
+
+Everything is written into ``step_<N>.tmp`` and renamed into place once complete, so a crash or a
+SIGTERM mid-save never leaves a checkpoint that looks finished. The full state dict is gathered on
+rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and broadcast back on resume;
+fp32 tensors round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from r1fast import distributed as D
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest finished ``step_<N>`` directory under ``run_dir/checkpoints``, or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optimizer, scheduler, loop_state: dict,
+                    tokenizer=None) -> str:
+    """Write the checkpoint of ``step``; every rank must call it. Returns the final directory."""
+    final = os.path.join(run_dir, "checkpoints", f"step_{step}")
+    tmp = final + ".tmp"
+    if D.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    D.barrier()
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=opts)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{D.rank()}.pt"))
+    if D.rank() == 0:
+        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+                    "loop": loop_state}, os.path.join(tmp, "train_state.pt"))
+        hf_dir = os.path.join(tmp, "model")
+        prefix = "model."
+        weights = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+        _save_hf(model, weights, hf_dir)
+        if tokenizer is not None:
+            tokenizer.save(hf_dir)
+    D.barrier()
+    if D.rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    D.barrier()
+    return final
+
+
+def _save_hf(model, weights: dict, path: str) -> None:
+    """save_pretrained of ``model``'s architecture with the gathered full ``weights``."""
+    from r1fast.checkpoint import save_pretrained
+
+    shell = type(model).from_config(model.args, device="meta") if hasattr(type(model), "from_config") else None
+    if shell is None:
+        raise ValueError(f"{type(model).__name__} cannot be saved in HF format")
+    shell.to_empty(device="cpu")
+    shell.load_state_dict(weights, strict=True)
+    save_pretrained(shell, path)
+
+
+def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns (step, loop_state)."""
+    state_file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"{state_file}: not a finished r1fast checkpoint (train_state.pt missing)")
+    state = torch.load(state_file, map_location="cpu", weights_only=False) if D.rank() == 0 else None
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if D.world_size() > 1:
+        set_state_dict(root, optimizer, model_state_dict=state["model"] if state else {},
+                       optim_state_dict=state["optimizer"] if state else {}, options=opts)
+        meta = D.broadcast_object({k: state[k] for k in ("scheduler", "step", "loop")} if state else None)
+    else:
+        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        meta = state
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{D.rank()}.pt")
+    if not os.path.isfile(rng_file):
+        raise FileNotFoundError(f"{rng_file}: checkpoint was written by a run with fewer ranks")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta["step"], meta["loop"]
