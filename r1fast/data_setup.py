@@ -29,7 +29,7 @@ def build_tokenizer_and_model(cfg: Config, device: torch.device):
                          intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
                          num_kv_heads=m.num_kv_heads, head_dim=m.resolved_head_dim, rms_norm_eps=m.rms_norm_eps,
                          rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len,
-                         tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         qkv_bias=True, tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                          pad_token_id=tok.pad_id, torch_dtype=m.dtype)
         model = Transformer.from_config(args, dtype=dtype, device=device, seed=cfg.train.seed)
         return tok, model

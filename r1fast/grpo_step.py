@@ -87,7 +87,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
     if D.world_size() > 1:
         torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
-    metrics = {**means, "reward_std": math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0)),
+    reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))
+    metrics = {**means, "reward_std": reward_std,
                "response_length_max": longest.item(), "reward_skipped": sum(graded.skipped),
                "reward_errors": sum(graded.errors.values())}
     metrics["accuracy"] = means.get("reward_accuracy", means.get("reward_task_accuracy", float("nan")))

@@ -257,6 +257,10 @@ class ModelArgs:
                 out.update(rope_interleave=self.rope_interleave, scoring_func=self.scoring_func)
         else:
             out["head_dim"] = self.head_dim
+            if self.model_type == "qwen2" and not self.qkv_bias:
+                # transformers' Qwen2 always builds q/k/v biases: without ours it would fill them randomly
+                raise ValueError("a qwen2 checkpoint always has q/k/v biases; build the model with qkv_bias=True "
+                                 "or model_type='llama'")
             if self.model_type != "qwen2":
                 out["attention_bias"] = self.qkv_bias
             if self.model_type == "llama":

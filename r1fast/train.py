@@ -22,7 +22,7 @@ import time
 import torch
 
 from r1fast import distributed as D
-from r1fast.config import Config, load_config, parse_cli, save_config
+from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
 from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
 from r1fast.evaluation import evaluate
 from r1fast.grpo_step import RolloutBatch, build_rollout_batch, global_token_count, train_on_batch
@@ -282,8 +282,15 @@ def _main_thread() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv)
-    cfg = load_config(path if path is not None else default_recipe(), overrides)
+    try:
+        path, overrides = parse_cli(argv)
+        cfg = load_config(path if path is not None else default_recipe(), overrides)
+        if cfg.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: GRPO samples and divides logits "
+                              "by it, so it must be > 0")
+    except ConfigError as err:  # one line naming the key, no traceback
+        print(f"r1fast.train: error: {err}", file=sys.stderr)
+        return 2
     summary = run(cfg)
     if D.rank() == 0 and "eval_after_rl" in summary:
         print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))

@@ -1,0 +1,196 @@
+"""Evaluation of a checkpoint: ``python -m r1fast.eval --model DIR --data FILE [--k 16] [--out DIR] [...]``.
+
+Samples ``k`` completions per prompt with the rollout engine (temperature 0.6, top-p 0.95 by default,
+as DeepSeek-R1 evaluated) plus one greedy completion, grades them with the accuracy reward (exact
+match for r1fast's generated tasks, math-verify otherwise) and the R1 format rule, and reports pass@1
+averaged over the k samples, unbiased pass@k, cons@k (majority vote), greedy accuracy, format rate,
+mean response length, reflection-word frequency and bootstrap standard deviations
+(``r1fast.eval_metrics`` defines each). Under torchrun each rank evaluates its shard of the prompts
+and rank 0 aggregates; sample seeds depend only on the prompt's index, so results do not depend on
+the number of ranks.
+
+Data: JSONL of ``{"prompt", "answer"}`` (``r1fast.data.load_jsonl``; a ``"task"`` naming a generated task
+selects its exact verifier). Outputs in ``--out`` (when given): eval.json, eval.md, samples.jsonl.
+A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from r1fast import distributed as D
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
+from r1fast.data import load_jsonl
+from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
+from r1fast.sft import (
+    check_checkpoint,
+    check_file,
+    check_template,
+    encode_prompt,
+    load_policy,
+    pick_device_dtype,
+    render_prompt,
+)
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation of a checkpoint on a prompt set."""
+
+    model: str = ""
+    """HF checkpoint directory with its tokenizer (required)."""
+    data: str = ""
+    """JSONL file of {"prompt", "answer"} records (required)."""
+    template: str = "auto"
+    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', r1_zero, compact, none."""
+    limit: int | None = bounded(None, ge=1)
+    """Evaluate only the first N prompts; none = all."""
+    k: int = bounded(4, ge=1)
+    """Samples per prompt for pass@1 (averaged), pass@k and cons@k."""
+    pass_k: tuple[int, ...] = bounded((1, 2, 4, 8, 16, 32, 64), ge=1)
+    """pass@k is reported for each of these k that is <= k."""
+    temperature: float = bounded(0.6, ge=0)
+    """Sampling temperature of the k samples (R1: 0.6)."""
+    top_p: float = bounded(0.95, gt=0, le=1)
+    """Nucleus mass of the k samples (R1: 0.95)."""
+    top_k: int = bounded(0, ge=0)
+    """Top-k truncation of the k samples (0 = off)."""
+    max_new_tokens: int = bounded(256, ge=1)
+    """Longest completion."""
+    greedy: bool = True
+    """Also decode one greedy completion per prompt (greedy accuracy)."""
+    require_answer_tag: bool = True
+    """Grade only the <answer> block (False: math answers are searched in the whole completion)."""
+    reflection_words: tuple[str, ...] = REFLECTION_WORDS
+    """Words counted as reflection (whole-word, case-insensitive)."""
+    bootstrap_resamples: int = bounded(1000, ge=2)
+    """Bootstrap resamples of the prompts for the standard deviations."""
+    seed: int = 0
+    """Seed of sampling and of the bootstrap."""
+    out: str | None = None
+    """Directory for eval.json, eval.md and samples.jsonl; none = print only."""
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    block_size: int = bounded(16, ge=8)
+    """KV-cache block size of the rollout engine."""
+    max_batch_tokens: int = bounded(4096, ge=1)
+    """Token budget of one engine step."""
+
+    def validate(self) -> EvalConfig:
+        _check_tree(self, "")
+        if not self.model:
+            raise ConfigError("model: a checkpoint directory is required (--model DIR)")
+        if not self.data:
+            raise ConfigError("data: a JSONL file of prompts and answers is required (--data FILE)")
+        check_template(self.template, "template")
+        return self
+
+
+def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool) -> tuple[list, list, list]:
+    """(accuracy or None per text, format flag per text, extracted answer per text)."""
+    from r1fast.rewards.accuracy import accuracy_batch
+    from r1fast.rewards.format import extract_answer, format_reward
+
+    scores = accuracy_batch([s["prompt"] for s in samples], texts, samples, require_answer_tag=require_answer_tag)
+    formatted = [format_reward("", t, {}) == 1.0 for t in texts]
+    return scores, formatted, [extract_answer(t) for t in texts]
+
+
+def _gather(items: list) -> list:
+    """Every rank's list, concatenated on every rank (one process: unchanged)."""
+    if D.world_size() == 1:
+        return items
+    parts = [None] * D.world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """(metrics, per-prompt records) of the model behind ``engine`` on ``samples`` (all ranks call it)."""
+    rank, world = D.rank(), D.world_size()
+    mine = list(range(rank, len(samples), world))
+    prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
+                             cfg.template) for i in mine]
+    stop = [tokenizer.eos_id]
+    records = []
+    if mine:
+        seeds = [cfg.seed * 1_000_003 + i * cfg.k + j for i in mine for j in range(cfg.k)]
+        sampled = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop)
+        greedy = engine.generate(prompts, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                 stop_token_ids=stop) if cfg.greedy else [None] * len(mine)
+        for i, group, g in zip(mine, sampled, greedy, strict=True):
+            completions = list(group) + ([g[0]] if g is not None else [])
+            texts = [tokenizer.decode(c.token_ids) for c in completions]
+            scores, formatted, answers = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag)
+            rec = {"index": i, "id": samples[i].get("id"), "prompt": samples[i]["prompt"],
+                   "answer": samples[i]["answer"], "skipped": any(s is None for s in scores),
+                   "correct": [bool(s) for s in scores[:cfg.k]], "formatted": formatted[:cfg.k],
+                   "answers": answers[:cfg.k], "texts": texts[:cfg.k],
+                   "lengths": [len(c.token_ids) for c in group]}
+            if g is not None:
+                rec.update(greedy_correct=bool(scores[-1]), greedy_formatted=formatted[-1],
+                           greedy_length=len(g[0].token_ids), greedy_text=texts[-1])
+            records.append(rec)
+    records = sorted(_gather(records), key=lambda r: r["index"])
+    graded = [r for r in records if not r["skipped"]]
+    if not graded:
+        raise ValueError(f"eval: none of the {len(records)} prompts could be graded (unparsable gold answers)")
+    metrics = summarize(graded, ks=cfg.pass_k, reflection_words=cfg.reflection_words,
+                        num_resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    metrics["skipped_prompts"] = len(records) - len(graded)
+    return metrics, records
+
+
+def write_outputs(out_dir: str, metrics: dict, records: list[dict], cfg: EvalConfig) -> None:
+    """eval.json (metrics + settings), eval.md (table), samples.jsonl (per prompt)."""
+    os.makedirs(out_dir, exist_ok=True)
+    settings = {k: getattr(cfg, k) for k in ("model", "data", "template", "k", "temperature", "top_p", "top_k",
+                                            "max_new_tokens", "seed")}
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({"metrics": metrics, "settings": settings}, f, indent=2)
+    title = f"{os.path.basename(os.path.normpath(cfg.model))} on {os.path.basename(cfg.data)}"
+    with open(os.path.join(out_dir, "eval.md"), "w") as f:
+        f.write(markdown_table(metrics, title=title))
+    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate ``cfg.model`` on ``cfg.data``; returns the metrics. Missing paths fail before any work."""
+    cfg.validate()
+    check_checkpoint(cfg.model, "model")
+    check_file(cfg.data, "data")
+    from r1fast.rollout import Engine
+
+    samples = load_jsonl(cfg.data, limit=cfg.limit)
+    device, dtype = pick_device_dtype(cfg.dtype)
+    tokenizer, model = load_policy(cfg.model, device=device, dtype=dtype)
+    model.eval()
+    engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
+    with torch.no_grad():
+        metrics, records = evaluate_policy(engine, tokenizer, samples, cfg)
+    if cfg.out is not None and D.rank() == 0:
+        write_outputs(cfg.out, metrics, records, cfg)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, schema=EvalConfig)
+    cfg = load_config(path, overrides, schema=EvalConfig)
+    D.init_distributed()
+    metrics = run_eval(cfg)
+    if D.rank() == 0:
+        print(markdown_table(metrics, title=f"{cfg.model} on {cfg.data}"))
+    D.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

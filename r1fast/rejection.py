@@ -1,0 +1,275 @@
+"""Rejection sampling: ``python -m r1fast.rejection --checkpoint DIR --data FILE --out FILE [...]``.
+
+DeepSeek-R1's third stage: sample ``k`` completions per prompt from the RL checkpoint with the rollout
+engine, keep the correct ones, filter them, and write the kept traces as SFT data. Filters run in this
+order and each reports how many samples it removed (``r1fast.rejection_filters`` defines them):
+
+    ungradable       the gold answer could not be parsed (math-verify)
+    incorrect        accuracy reward below 1 (or, with require_format, not in the R1 template)
+    length           truncated at max_new_tokens, or outside [min_tokens, max_tokens]
+    mixed_language   under min_language_share of the chain of thought's words in the target language
+    repetition       more than max_repeated_fraction of the word n-grams are repeats
+    contaminated     shares a word n-gram with (or equals) a prompt of a decontamination set
+    exact_duplicate  same prompt and completion (case and whitespace runs ignored) as a kept trace
+    near_duplicate   word-shingle Jaccard >= near_duplicate_threshold with a kept trace of the same prompt
+    per_prompt_cap   beyond max_per_prompt kept traces for one prompt
+
+Output: a JSONL of ``{"prompt", "completion", "answer", "task", "id", "rewards", "provenance"}`` (SFT reads
+prompt/completion; provenance holds the checkpoint, the sampling settings, the sample's seed and
+index, token count and finish reason), written to ``out + ".tmp"`` and renamed, so an existing output
+is complete; plus ``<out>.stats.json`` with the counts. An empty kept set raises ``EmptyKeptSetError``
+naming the stage and the counts; a missing checkpoint or data file fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from r1fast import distributed as D
+from r1fast import rejection_filters as F
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
+from r1fast.data import load_jsonl
+from r1fast.sft import (
+    check_checkpoint,
+    check_file,
+    check_template,
+    encode_prompt,
+    load_policy,
+    pick_device_dtype,
+    render_prompt,
+)
+
+FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "repetition", "contaminated",
+                 "exact_duplicate", "near_duplicate", "per_prompt_cap")
+"""Filter names, in the order they run; each is a key of the counts."""
+
+
+class EmptyKeptSetError(RuntimeError):
+    """No trace survived rejection sampling; the message names the stage and every filter count."""
+
+
+@dataclass
+class RejectionConfig:
+    """Rejection sampling of reasoning traces from a checkpoint."""
+
+    checkpoint: str = ""
+    """HF checkpoint directory (with its tokenizer) to sample from (required)."""
+    data: str = ""
+    """JSONL of {"prompt", "answer"} records to sample on (required)."""
+    out: str = ""
+    """Output JSONL of kept traces (required)."""
+    template: str = "auto"
+    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', r1_zero, compact, none."""
+    limit: int | None = bounded(None, ge=1)
+    """Use only the first N prompts; none = all."""
+    k: int = bounded(4, ge=1)
+    """Samples per prompt."""
+    temperature: float = bounded(0.7, ge=0)
+    """Sampling temperature."""
+    top_p: float = bounded(0.95, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = bounded(0, ge=0)
+    """Top-k truncation (0 = off)."""
+    max_new_tokens: int = bounded(256, ge=1)
+    """Longest completion; a trace cut here is dropped by the length filter."""
+    seed: int = 0
+    """Sampling seed; completion j of prompt i gets seed * 1000003 + i * k + j."""
+    require_format: bool = True
+    """Keep only traces in the R1 template <think>...</think><answer>...</answer>."""
+    min_tokens: int = bounded(1, ge=0)
+    """Shortest kept trace, in tokens."""
+    max_tokens: int | None = bounded(None, ge=1)
+    """Longest kept trace, in tokens; none = max_new_tokens (truncated traces are dropped in any case)."""
+    language: str = "en"
+    """Target language of the chain of thought (en or zh)."""
+    min_language_share: float = bounded(0.95, ge=0, le=1)
+    """Least share of chain-of-thought words in the target language."""
+    repetition_ngram: int = bounded(4, ge=1)
+    """Word n-gram size of the repetition filter."""
+    max_repeated_fraction: float = bounded(0.5, ge=0, le=1)
+    """Most word n-grams that may repeat an earlier one."""
+    decontaminate: tuple[str, ...] = ()
+    """JSONL evaluation sets whose prompts must not leak into the kept traces."""
+    decontamination_ngram: int = bounded(8, ge=1)
+    """Word n-gram size of the decontamination overlap test."""
+    near_duplicate_threshold: float = bounded(0.8, gt=0, le=1)
+    """Jaccard similarity of word shingles at or above which a trace is a near duplicate."""
+    shingle_size: int = bounded(3, ge=1)
+    """Word shingle size of the near-duplicate test."""
+    max_per_prompt: int = bounded(0, ge=0)
+    """Most kept traces per prompt (0 = no cap)."""
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    block_size: int = bounded(16, ge=8)
+    """KV-cache block size of the rollout engine."""
+    max_batch_tokens: int = bounded(4096, ge=1)
+    """Token budget of one engine step."""
+
+    def validate(self) -> RejectionConfig:
+        _check_tree(self, "")
+        for key in ("checkpoint", "data", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required (--{key} PATH)")
+        check_template(self.template, "template")
+        if self.language not in ("en", "zh"):
+            raise ConfigError(f"language: expected en or zh, got {self.language!r}")
+        return self
+
+
+def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float | None]]:
+    """Reward values per text: accuracy (None when ungradable), format, language consistency."""
+    from r1fast.rewards.accuracy import accuracy_batch
+    from r1fast.rewards.format import format_reward
+    from r1fast.rewards.language import language_consistency_reward
+
+    acc = accuracy_batch([s["prompt"] for s in samples], texts, samples)
+    return [{"accuracy": a, "format": format_reward("", t, {}),
+             "language_consistency": language_consistency_reward("", t, s)}
+            for a, t, s in zip(acc, texts, samples, strict=True)]
+
+
+def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = ()) -> tuple[list[dict], dict]:
+    """(kept traces, counts) after the filters of the module docstring, in order; traces come in prompt order.
+
+    A trace: ``prompt``, ``completion``, ``prompt_index``, ``rewards`` ({"accuracy": float | None,
+    "format": float, ...}), ``num_tokens``, ``finish_reason``.
+    """
+    counts = {"samples": len(traces), **dict.fromkeys(FILTER_STAGES, 0)}
+    index = F.NgramIndex(eval_texts, n=cfg.decontamination_ngram) if eval_texts else None
+    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else cfg.max_new_tokens
+    seen: set[str] = set()
+    kept_shingles: dict[int, list[set]] = {}
+    per_prompt: dict[int, int] = {}
+    kept = []
+    for t in traces:
+        text, r = t["completion"], t["rewards"]
+        shingles = None
+        if r["accuracy"] is None:
+            stage = "ungradable"
+        elif r["accuracy"] < 1.0 or (cfg.require_format and r.get("format", 0.0) < 1.0):
+            stage = "incorrect"
+        elif F.bad_length(t["num_tokens"], t["finish_reason"], min_tokens=cfg.min_tokens, max_tokens=max_tokens):
+            stage = "length"
+        elif F.mixed_language(text, language=cfg.language, min_share=cfg.min_language_share):
+            stage = "mixed_language"
+        elif F.too_repetitive(text, n=cfg.repetition_ngram, max_fraction=cfg.max_repeated_fraction):
+            stage = "repetition"
+        elif index is not None and index.contaminated(t["prompt"], text):
+            stage = "contaminated"
+        elif F.exact_key(t["prompt"], text) in seen:
+            stage = "exact_duplicate"
+        elif F.near_duplicate_of(shingles := F.ngrams(F.words(text), cfg.shingle_size),
+                                 kept_shingles.get(t["prompt_index"], []), threshold=cfg.near_duplicate_threshold):
+            stage = "near_duplicate"
+        elif cfg.max_per_prompt and per_prompt.get(t["prompt_index"], 0) >= cfg.max_per_prompt:
+            stage = "per_prompt_cap"
+        else:
+            stage = None
+        if stage is not None:
+            counts[stage] += 1
+            continue
+        seen.add(F.exact_key(t["prompt"], text))
+        kept_shingles.setdefault(t["prompt_index"], []).append(shingles)
+        per_prompt[t["prompt_index"]] = per_prompt.get(t["prompt_index"], 0) + 1
+        kept.append(t)
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
+                  score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> list[dict]:
+    """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank."""
+    rank, world = D.rank(), D.world_size()
+    mine = list(range(rank, len(samples), world))
+    traces = []
+    if mine:
+        prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
+                                 cfg.template) for i in mine]
+        seeds = [cfg.seed * 1_000_003 + i * cfg.k + j for i in mine for j in range(cfg.k)]
+        groups = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=[tokenizer.eos_id])
+        flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
+        texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
+        rewards = score([samples[i] for i, _, _ in flat], texts)
+        for (i, j, c), text, r in zip(flat, texts, rewards, strict=True):
+            s = samples[i]
+            traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
+                           "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
+                           "seed": cfg.seed * 1_000_003 + i * cfg.k + j, "num_tokens": len(c.token_ids),
+                           "finish_reason": c.finish_reason})
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, traces)
+        traces = [t for part in parts for t in part]
+    return sorted(traces, key=lambda t: (t["prompt_index"], t["sample_index"]))
+
+
+def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig) -> None:
+    sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in kept:
+            provenance = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
+                          "template": cfg.template, "sampling": sampling, "sample_index": t["sample_index"],
+                          "seed": t["seed"], "num_tokens": t["num_tokens"], "finish_reason": t["finish_reason"]}
+            rec = {k: t[k] for k in ("prompt", "completion", "answer", "task", "id", "rewards")}
+            f.write(json.dumps({**rec, "provenance": provenance}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> dict:
+    """Sample, filter and write the kept traces; returns {"out", "stats", "counts"}. All ranks call it.
+
+    ``score(samples, texts)`` gives each text's reward dict (needs "accuracy": float or None, and "format"
+    when require_format). Raises EmptyKeptSetError when no trace survives (nothing is written then).
+    """
+    cfg.validate()
+    check_checkpoint(cfg.checkpoint, "checkpoint")
+    check_file(cfg.data, "data")
+    for path in cfg.decontaminate:
+        check_file(path, "decontaminate")
+    from r1fast.rollout import Engine
+
+    samples = load_jsonl(cfg.data, limit=cfg.limit)
+    eval_texts = [s["prompt"] for path in cfg.decontaminate for s in load_jsonl(path)]
+    device, dtype = pick_device_dtype(cfg.dtype)
+    tokenizer, model = load_policy(cfg.checkpoint, device=device, dtype=dtype, key="checkpoint")
+    model.eval()
+    engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
+    with torch.no_grad():
+        traces = sample_traces(engine, tokenizer, samples, cfg, score)
+    kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts)
+    counts["prompts"] = len(samples)
+    counts["prompts_with_kept"] = len({t["prompt_index"] for t in kept})
+    if not kept:
+        raise EmptyKeptSetError(f"rejection sampling from {cfg.checkpoint!r}: no trace survived the filters "
+                                f"(counts: {json.dumps(counts)})")
+    stats = cfg.out + ".stats.json"
+    if D.rank() == 0:
+        _write_jsonl(cfg.out, kept, cfg)
+        with open(stats, "w") as f:
+            json.dump({"counts": counts, "checkpoint": os.path.abspath(cfg.checkpoint), "data": cfg.data}, f, indent=2)
+    D.barrier()
+    return {"out": cfg.out, "stats": stats, "counts": counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, schema=RejectionConfig)
+    cfg = load_config(path, overrides, schema=RejectionConfig)
+    D.init_distributed()
+    result = run_rejection(cfg)
+    if D.rank() == 0:
+        print(json.dumps(result["counts"], indent=1))
+    D.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Supervised fine-tuning: ``torchrun [--nproc_per_node N] -m r1fast.sft --data FILE [--config X.toml] [--a.b v]``.
+
+R1's cold start, the SFT on rejection-sampled traces, and distillation into a smaller student are all
+this one loop: packed variable-length (prompt, completion) sequences, loss on completion tokens only,
+computed from hidden states by the fused log-prob kernel (``PolicyHead(mode="nll")``, no [N, V] logits),
+the same model / FSDP2 / HF-checkpoint path as GRPO, AdamW with warmup + cosine, gradient clipping.
+
+Data: JSONL, one object per line, either ``{"prompt": ..., "completion": ...}`` or chat
+``{"messages": [..., {"role": "assistant", "content": ...}]}`` (the last message is the target).
+Prompts are rendered by ``render_prompt``: ``template = "auto"`` uses the tokenizer's chat template
+when it has one and the R1-Zero template otherwise. Each target ends with the tokenizer's EOS.
+
+Loss normalization: every optimizer step takes ``batch_size`` sequences from a seeded stream of epoch
+permutations (full batches only, so every rank runs the same number of forward passes under FSDP); the
+loss is summed over the step's completion tokens on all ranks and divided by their global count, so the
+update does not depend on the number of ranks or micro-batches.
+
+Outputs under ``<out_dir>/<name>/``: config.toml, metrics.jsonl, summary.json, model/ (HF safetensors +
+tokenizer; written to model.tmp and renamed, so an existing model/ is always complete).
+Also home to the helpers the other stages share: ``check_checkpoint``, ``load_policy``,
+``render_prompt``, ``encode_prompt``, ``pick_device_dtype``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from r1fast import distributed as D
+from r1fast.config import ModelConfig, ParallelConfig
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
+from r1fast.data import TEMPLATES, apply_template
+from r1fast.metrics import MetricsLogger
+from r1fast.parallelize import apply_fsdp, build_mesh
+from r1fast.policy import PolicyHead, pack
+from r1fast.progress import progress
+from r1fast.schedule import build_scheduler
+
+MAX_NONFINITE_IN_A_ROW = 3
+"""Consecutive non-finite losses after which SFT aborts (a single one is skipped and logged)."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SFTConfig:
+    """One supervised fine-tuning run."""
+
+    data: str = ""
+    """JSONL file of {"prompt", "completion"} or {"messages"} records (required)."""
+    template: str = "auto"
+    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', or a named
+    template: r1_zero, compact, none."""
+    limit: int | None = bounded(None, ge=1)
+    """Use only the first N records; none = all."""
+    max_seq_len: int | None = bounded(None, ge=2)
+    """Drop (and count) examples whose prompt + completion is longer; none = the model's max_position_embeddings."""
+    name: str = "sft"
+    """Run name; outputs go to out_dir/name."""
+    out_dir: str = "runs"
+    """Directory holding one subdirectory per run."""
+    epochs: int = bounded(1, ge=1)
+    """Passes over the data when steps is 0."""
+    steps: int = bounded(0, ge=0)
+    """Optimizer steps; 0 = epochs x ceil(examples / batch_size)."""
+    batch_size: int = bounded(16, ge=1)
+    """Sequences per optimizer step, over all ranks (must be divisible by the number of ranks)."""
+    micro_batch_size: int = bounded(8, ge=1)
+    """Sequences per forward/backward pass on one rank (gradient accumulation)."""
+    lr: float = bounded(1e-4, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = bounded(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    """AdamW (beta1, beta2)."""
+    grad_clip: float = bounded(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 = off)."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Linear learning-rate warmup steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    seed: int = 0
+    """Seed of model init (tiny) and data order."""
+    log_every: int = bounded(1, ge=1)
+    """Write metrics every N steps."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train: 'tiny' (built in code) or a local HF directory (base or teacher-distilled student)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution (FSDP2 over all ranks when parallel.fsdp)."""
+
+    def validate(self) -> SFTConfig:
+        _check_tree(self, "")
+        if not self.data:
+            raise ConfigError("data: a JSONL file of training records is required (--data FILE)")
+        check_template(self.template, "template")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared by sft, eval and rejection: checkpoints, devices, prompt rendering.
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_template(template: str, key: str) -> None:
+    if template not in ("auto", "chat") and template not in TEMPLATES:
+        raise ConfigError(f"{key}: unknown template {template!r}; allowed: auto, chat, {', '.join(TEMPLATES)}")
+
+
+def check_checkpoint(path: str, key: str) -> None:
+    """FileNotFoundError naming ``key`` unless ``path`` is an HF model directory (has config.json)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}: checkpoint directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{key}: {path!r} is not a model checkpoint (no config.json in it)")
+
+
+def check_file(path: str, key: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: file {path!r} does not exist")
+
+
+def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
+    """This rank's device, and ``dtype`` ('auto' = bfloat16 on CUDA, float32 on CPU)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return device, _DTYPES[dtype]
+
+
+def load_policy(path: str, *, device, dtype, key: str = "model"):
+    """(tokenizer, Transformer) of the HF checkpoint directory ``path``; checked before anything loads."""
+    from r1fast.model import Transformer
+    from r1fast.tokenizer import load as load_tokenizer
+
+    check_checkpoint(path, key)
+    tokenizer = load_tokenizer(path)
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    return tokenizer, model
+
+
+def build_model(m: ModelConfig, device, *, seed: int):
+    """(tokenizer, Transformer) of a model section: 'tiny' built in code (seeded) or a local HF directory.
+    The same builder as the GRPO trainer's, so every stage's checkpoints share one architecture."""
+    from r1fast.config import Config, TrainConfig
+    from r1fast.data_setup import build_tokenizer_and_model
+
+    if m.name_or_path != "tiny":
+        check_checkpoint(m.name_or_path, "model.name_or_path")
+    return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device)
+
+
+def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messages: list[dict] | None = None) -> str:
+    """The text the model is conditioned on: a chat template (``chat``/``auto`` with one) or a named template.
+
+    Give either a bare ``prompt`` or chat ``messages`` (ending before the assistant's turn). A named
+    template wraps a single user message, so multi-turn or system messages need a chat template.
+    """
+    if (prompt is None) == (messages is None):
+        raise ValueError("render_prompt: give exactly one of prompt or messages")
+    if messages is None:
+        messages = [{"role": "user", "content": prompt}]
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    if template == "chat" or (template == "auto" and has_chat):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    name = "r1_zero" if template == "auto" else template
+    if len(messages) != 1 or messages[0].get("role") != "user":
+        raise ValueError(f"template {name!r} renders a single user message; got roles "
+                         f"{[m.get('role') for m in messages]} (use a tokenizer with a chat template)")
+    return apply_template(messages[0]["content"], name)
+
+
+def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
+    """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``),
+    chat templates write their own."""
+    chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
+    bos = getattr(tokenizer, "bos_id", None)
+    return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_sft_records(path: str, *, limit: int | None = None) -> list[tuple[dict, str]]:
+    """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}. Errors name path:line."""
+    check_file(path, "data")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
+            if "messages" in rec:
+                msgs = rec["messages"]
+                if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
+                        or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
+                    raise ValueError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
+                                     "an assistant message with string content")
+                out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
+            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+                out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+            else:
+                raise ValueError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages'")
+    if not out:
+        raise ValueError(f"data: {path!r} holds no records")
+    return out
+
+
+def encode_sft_examples(records, tokenizer, template: str, max_seq_len: int) -> tuple[list[tuple[list, list]], int]:
+    """(prompt ids, completion ids + EOS) per record, and how many were dropped for exceeding max_seq_len."""
+    examples, dropped = [], 0
+    for spec, completion in records:
+        prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, template, **spec), template)
+        target = tokenizer.encode(completion) + [tokenizer.eos_id]
+        if len(prompt_ids) + len(target) > max_seq_len or not prompt_ids:
+            dropped += 1
+            continue
+        examples.append((prompt_ids, target))
+    return examples, dropped
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: a stream of seeded epoch permutations, cut in full batches."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, num_examples)
+        perm = _epoch_perm(seed, epoch, num_examples)
+        out.append(perm[offset])
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_perm(seed: int, epoch: int, n: int) -> list[int]:
+    key = (seed, epoch, n)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return _PERM_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _clip_and_step(root, optimizer, grad_clip: float, manual_allreduce: bool) -> float:
+    params = [p for p in root.parameters() if p.grad is not None]
+    if manual_allreduce:  # several ranks without FSDP: average gradients by hand
+        for p in params:
+            D.all_reduce_sum(p.grad).div_(D.world_size())
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if torch.isfinite(norm):
+        optimizer.step()
+    return float(norm)
+
+
+def _save_model(root, model, tokenizer, final: str) -> None:
+    """HF checkpoint of the (possibly sharded) model into ``final``, atomically; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    tmp = final + ".tmp"
+    sharded = any(isinstance(m, FSDPModule) for m in root.modules())
+    full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if sharded else None
+    if D.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is None:
+            model.save_pretrained(tmp)
+        else:
+            shell = type(model).from_config(model.args, device="meta")
+            shell.to_empty(device="cpu")
+            shell.load_state_dict({k[len("model."):]: v for k, v in full.items()}, strict=True)
+            shell.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    D.barrier()
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train with ``cfg``; returns the summary (also written to summary.json). Bad paths fail before any work."""
+    cfg.validate()
+    check_file(cfg.data, "data")
+    if cfg.model.name_or_path != "tiny":
+        check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
+    dist = D.init_distributed(cfg.parallel.backend)
+    world, rank = dist.world_size, dist.rank
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
+    torch.manual_seed(cfg.seed)
+    tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed)
+    limit = cfg.max_seq_len or model.args.max_position_embeddings
+    examples, dropped = encode_sft_examples(read_sft_records(cfg.data, limit=cfg.limit), tokenizer, cfg.template, limit)
+    if not examples:
+        raise ValueError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
+    steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    mesh = build_mesh(dist.device.type, world, dist.local_world_size) if cfg.parallel.fsdp else None
+    root = apply_fsdp(PolicyHead(model), mesh)
+    optimizer = torch.optim.AdamW(root.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=steps, schedule=cfg.schedule,
+                                min_lr_ratio=cfg.min_lr_ratio)
+    run_dir = os.path.join(cfg.out_dir, cfg.name)
+    if dist.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.toml"))
+    logger = MetricsLogger(run_dir, rank=rank)
+    history, nonfinite, tokens_total, start = [], 0, 0.0, time.perf_counter()
+    with progress(steps, f"SFT {cfg.name}", enabled=None if dist.is_main else False) as bar:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            mine = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)[rank::world]
+            local = torch.tensor([float(sum(len(examples[i][1]) for i in mine))], device=dist.device)
+            tokens = D.all_reduce_sum(local).item()
+            nll = torch.zeros((), device=dist.device)
+            for first in range(0, len(mine), cfg.micro_batch_size):
+                chunk = [examples[i] for i in mine[first:first + cfg.micro_batch_size]]
+                packed = pack([p for p, _ in chunk], [c for _, c in chunk], device=dist.device)
+                loss = root(packed, mode="nll", normalizer=tokens / world)
+                loss.backward()
+                nll += loss.detach()
+            nll = D.all_reduce_sum(nll).item() / world
+            if math.isfinite(nll):
+                grad_norm = _clip_and_step(root, optimizer, cfg.grad_clip, mesh is None and world > 1)
+                nonfinite = 0
+            else:
+                grad_norm, nonfinite = float("nan"), nonfinite + 1
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if nonfinite >= MAX_NONFINITE_IN_A_ROW:
+                raise RuntimeError(f"SFT {cfg.name}: {nonfinite} non-finite losses in a row at step {step}")
+            tokens_total += tokens
+            history.append(nll)
+            bar.advance(1, nll=f"{nll:.3f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                logger.log(step + 1, phase="sft", nll=nll if math.isfinite(nll) else None,
+                           skipped_nonfinite=not math.isfinite(nll), grad_norm=grad_norm, lr=lr, tokens=tokens,
+                           tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
+    model_dir = os.path.join(run_dir, "model")
+    _save_model(root, model, tokenizer, model_dir)
+    summary = {"steps": steps, "examples": len(examples), "dropped_too_long": dropped, "tokens_trained": tokens_total,
+               "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,
+               "base_model": cfg.model.name_or_path, "world_size": world, "time_s": time.perf_counter() - start}
+    if dist.is_main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    logger.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, schema=SFTConfig)
+    summary = run_sft(load_config(path, overrides, schema=SFTConfig))
+    if D.rank() == 0:
+        print(json.dumps(summary, indent=1))
+    D.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

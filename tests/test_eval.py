@@ -1,0 +1,182 @@
+"""r1fast.eval_metrics against hand-computed values, and r1fast.eval end to end on a tiny checkpoint."""
+
+import json
+import math
+import random
+
+import pytest
+
+from r1fast.config_io import ConfigError, load_config
+from r1fast.data import generate_tasks
+from r1fast.eval import EvalConfig, main, run_eval
+from r1fast.eval_metrics import (
+    bootstrap_std,
+    majority_vote,
+    markdown_table,
+    normalize_answer,
+    pass_at_k,
+    reflection_stats,
+    summarize,
+)
+from r1fast.model import Transformer
+from r1fast.model_config import ModelArgs
+from r1fast.tokenizer import CharTokenizer
+
+
+def test_pass_at_k_hand_computed():
+    # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7, abs=1e-15)
+    # n=4, c=1, k=3: 1 - C(3,3)/C(4,3) = 1 - 1/4
+    assert pass_at_k(4, 1, 3) == pytest.approx(0.75, abs=1e-15)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3, abs=1e-15)  # k=1 is c/n
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(6, 4, 3) == 1.0  # n - c < k: every draw holds a correct sample
+
+
+def test_pass_at_k_equals_binomial_formula_on_random_inputs():
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 60)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-12, abs=1e-12), (n, c, k)
+
+
+@pytest.mark.parametrize("n, c, k, match", [(4, 5, 1, "c:"), (4, 1, 5, "k:"), (4, 1, 0, "k:"), (4.0, 1, 1, "n:")])
+def test_pass_at_k_bad_input(n, c, k, match):
+    with pytest.raises(ValueError, match=match):
+        pass_at_k(n, c, k)
+
+
+def test_majority_vote_winner_ties_and_missing_answers():
+    # clear winner "7" (3 votes) even though it appears after "5"
+    assert majority_vote(["5", "7", "7", None, "7"], [False, True, True, False, True]) == ("7", True)
+    # tie 2-2: the tied answer seen first wins ("5" at index 0), whatever the order of the rest
+    assert majority_vote(["5", "7", "7", "5"], [False, True, True, False]) == ("5", False)
+    assert majority_vote(["7", "5", "5", "7"], [True, False, False, True]) == ("7", True)
+    # missing answers do not vote, even when they are the most common outcome
+    assert majority_vote([None, None, None, "3"], [False, False, False, True]) == ("3", True)
+    assert majority_vote([None, ""], [False, False]) == (None, False)
+    # whitespace and case do not split votes
+    assert normalize_answer(" 1 2 3 ") == "123" and normalize_answer("X") == "x"
+    assert majority_vote(["1 2", "3", "12"], [True, False, True]) == ("12", True)
+    with pytest.raises(ValueError, match="differ in length"):
+        majority_vote(["1"], [True, False])
+
+
+def test_reflection_stats_whole_words_case_insensitive():
+    texts = ["Wait, wait. Let me verify.", "awaits checking", "no reflection"]
+    stats = reflection_stats(texts, ("wait", "verify", "check"))
+    assert stats["reflect_wait_per_response"] == pytest.approx(2 / 3)
+    assert stats["reflect_verify_per_response"] == pytest.approx(1 / 3)
+    assert stats["reflect_check_per_response"] == 0.0  # "checking" is another word
+    assert stats["reflection_rate"] == pytest.approx(1 / 3)
+
+
+def test_bootstrap_std_matches_standard_error():
+    assert bootstrap_std([0.5] * 20) == 0.0
+    assert bootstrap_std([1.0]) == 0.0
+    values = [float(i % 2) for i in range(100)]  # population std 0.5: standard error 0.05
+    assert bootstrap_std(values, num_resamples=4000, seed=1) == pytest.approx(0.05, rel=0.08)
+    assert bootstrap_std(values, seed=3) == bootstrap_std(values, seed=3)
+
+
+def _record(correct, answers, formatted, lengths, greedy=None, texts=None):
+    rec = {"correct": correct, "answers": answers, "formatted": formatted, "lengths": lengths,
+           "texts": texts or [""] * len(correct)}
+    if greedy is not None:
+        rec.update(greedy_correct=greedy, greedy_formatted=greedy, greedy_length=5)
+    return rec
+
+
+def test_summarize_hand_computed():
+    records = [
+        _record([True, False, False, True], ["4", "5", "5", "4"], [True, True, False, True], [10, 20, 30, 40], True,
+                ["wait", "", "", ""]),
+        _record([False, False, False, False], ["1", None, "2", "2"], [False] * 4, [4, 4, 4, 4], False),
+        _record([True, True, True, False], ["9", "9", "9", "8"], [True] * 4, [1, 2, 3, 4], True),
+    ]
+    out = summarize(records, ks=(1, 2, 4, 8), num_resamples=50)
+    assert out["num_prompts"] == 3 and out["samples_per_prompt"] == 4
+    assert out["pass@1"] == pytest.approx((0.5 + 0.0 + 0.75) / 3)
+    # pass@2: 1 - C(2,2)/C(4,2) = 5/6; 0; 1 - C(1,2)/C(4,2) = 1
+    assert out["pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert out["pass@4"] == pytest.approx(2 / 3)
+    assert "pass@8" not in out  # k above the number of samples is not reported
+    # cons@4: prompt 1 ties 4 vs 5 -> "4" (seen first) is correct; prompt 2 -> "2" wrong; prompt 3 -> "9" right
+    assert out["cons@4"] == pytest.approx(2 / 3)
+    assert out["format_rate"] == pytest.approx((0.75 + 0 + 1) / 3)
+    assert out["response_length_mean"] == pytest.approx((100 + 16 + 10) / 12)
+    assert out["greedy_accuracy"] == pytest.approx(2 / 3) and out["greedy_length_mean"] == 5
+    assert out["reflect_wait_per_response"] == pytest.approx(1 / 12)
+    assert out["pass@1_std"] > 0
+    table = markdown_table(out, title="t")
+    assert "| pass@1 | 0.4167 ± " in table and "| num_prompts | 3 |" in table
+    with pytest.raises(ValueError, match="same, positive number"):
+        summarize([records[0], _record([True], ["1"], [True], [1])])
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    tok = CharTokenizer()
+    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=16, qkv_bias=True, max_position_embeddings=128,
+                     eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    path = tmp_path / "ckpt"
+    Transformer.from_config(args, seed=0).save_pretrained(path)
+    tok.save(path)
+    return str(path)
+
+
+def _heldout(path, n=3):
+    with open(path, "w") as f:
+        for s in generate_tasks("addition", n, seed=0, split="heldout", max_digits=1):
+            f.write(json.dumps(s) + "\n")
+    return str(path)
+
+
+def test_run_eval_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    data = _heldout(tmp_path / "heldout.jsonl")
+    overrides = ["--model", tiny_checkpoint, "--data", data, "--template", "compact", "--k", "3",
+                 "--max_new_tokens", "6", "--bootstrap_resamples", "20", "--out", str(tmp_path / "ev")]
+    cfg = load_config(None, overrides, schema=EvalConfig)
+    assert (cfg.temperature, cfg.top_p) == (0.6, 0.95)  # R1's evaluation settings by default
+    metrics = run_eval(cfg)
+    assert metrics["num_prompts"] == 3 and metrics["samples_per_prompt"] == 3 and metrics["skipped_prompts"] == 0
+    for key in ("pass@1", "pass@2", "cons@3", "greedy_accuracy", "format_rate", "response_length_mean",
+                "reflection_rate", "pass@1_std"):
+        assert key in metrics, key
+    assert 0 < metrics["response_length_mean"] <= 6
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["metrics"] == metrics and saved["settings"]["k"] == 3
+    assert "| pass@1 |" in (tmp_path / "ev" / "eval.md").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all(len(r["texts"]) == 3 for r in rows)
+    assert run_eval(load_config(None, overrides, schema=EvalConfig)) == metrics  # seeded: same samples
+
+
+def test_missing_checkpoint_fails_before_work(tmp_path, monkeypatch):
+    data = _heldout(tmp_path / "heldout.jsonl", n=1)
+    import r1fast.eval as ev
+
+    monkeypatch.setattr(ev, "load_jsonl", lambda *a, **k: pytest.fail("data was read before the checkpoint check"))
+    with pytest.raises(FileNotFoundError, match="model: checkpoint directory"):
+        run_eval(load_config(None, ["--model", str(tmp_path / "nope"), "--data", data], schema=EvalConfig))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["--model", str(tmp_path / "empty"), "--data", data])
+    with pytest.raises(ConfigError, match="model: a checkpoint directory is required"):
+        load_config(None, ["--data", data], schema=EvalConfig)
+    with pytest.raises(ConfigError, match="k: 0 is out of range"):
+        load_config(None, ["--model", "m", "--data", data, "--k", "0"], schema=EvalConfig)
+
+
+def test_missing_data_file_fails_before_model_load(tmp_path, tiny_checkpoint, monkeypatch):
+    import r1fast.eval as ev
+
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    with pytest.raises(FileNotFoundError, match="data: file"):
+        run_eval(load_config(None, ["--model", tiny_checkpoint, "--data", str(tmp_path / "x.jsonl")],
+                             schema=EvalConfig))

@@ -1,0 +1,218 @@
+"""r1fast.sft: data reading, prompt rendering, the completion-only loss, determinism, FSDP2 ranks, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1fast.config_io import ConfigError, load_config
+from r1fast.data import apply_template, generate_tasks, worked_solution
+from r1fast.model import Transformer
+from r1fast.policy import PolicyHead, pack
+from r1fast.sft import (
+    SFTConfig,
+    batch_indices,
+    build_model,
+    encode_sft_examples,
+    read_sft_records,
+    render_prompt,
+    run_sft,
+)
+from r1fast.tokenizer import CharTokenizer
+from r1fast.tokenizer import load as load_tokenizer
+
+TINY = ["--model.num_layers", "1", "--model.hidden_size", "32", "--model.intermediate_size", "64",
+        "--model.num_heads", "2", "--model.num_kv_heads", "1", "--model.max_seq_len", "64"]
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _task_data(path, n=12, seed=0):
+    rows = [{"prompt": s["prompt"], "completion": worked_solution(s)}
+            for s in generate_tasks("addition", n, seed=seed, min_digits=1, max_digits=2)]
+    return _write_jsonl(path, rows)
+
+
+def _cfg(tmp_path, data, *extra):
+    return load_config(None, ["--data", data, "--out_dir", str(tmp_path / "runs"), "--template", "compact", *TINY,
+                              *extra], schema=SFTConfig)
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """Stage tests run the kernels' PyTorch references (the kernels have their own tests); one test below
+    runs the interpreted Triton path on purpose."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
+
+
+def test_read_records_prompt_completion_and_messages(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "1+1", "completion": "<answer>2</answer>"},
+        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "<answer>4</answer>"}]},
+    ])
+    recs = read_sft_records(path)
+    assert recs == [({"prompt": "1+1"}, "<answer>2</answer>"),
+                    ({"messages": [{"role": "user", "content": "2+2"}]}, "<answer>4</answer>")]
+    assert len(read_sft_records(path, limit=1)) == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ('{"prompt": "x"', "malformed JSON"),
+    ('{"prompt": "x"}', "'prompt' and 'completion'"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}', "assistant"),
+    ('[1, 2]', "JSON object"),
+])
+def test_malformed_line_names_line_number(tmp_path, bad, match):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n' + bad + "\n")
+    with pytest.raises(ValueError, match=rf"d.jsonl:3: .*{match}"):
+        read_sft_records(str(path))
+
+
+def test_render_prompt_chat_template_and_named_templates():
+    plain = CharTokenizer()
+    assert render_prompt(plain, "auto", prompt="1+2") == apply_template("1+2", "r1_zero")
+    assert render_prompt(plain, "compact", prompt="1+2") == "User: 1+2. Assistant:"
+    chat = CharTokenizer(chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2"}]
+    assert render_prompt(chat, "auto", messages=msgs) == "<system>be brief<user>1+2<assistant>"
+    assert render_prompt(chat, "compact", prompt="1+2") == "User: 1+2. Assistant:"  # a named template wins
+    with pytest.raises(ValueError, match="single user message"):
+        render_prompt(plain, "compact", messages=msgs)
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt(plain, "chat", prompt="1+2")
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_seeded():
+    n, b = 10, 4
+    stream = [i for step in range(5) for i in batch_indices(step, b, n, seed=3)]  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(n)) and sorted(stream[10:]) == list(range(n))
+    assert stream[:10] != stream[10:]  # a fresh permutation per epoch
+    assert batch_indices(2, b, n, seed=3) == batch_indices(2, b, n, seed=3)
+    assert batch_indices(0, b, n, seed=3) != batch_indices(0, b, n, seed=4)
+
+
+def test_loss_counts_completion_tokens_only_and_matches_fp64_reference(tmp_path, monkeypatch):
+    """The SFT loss (fused kernel through the Triton interpreter) equals an fp64 cross-entropy over the
+    completion tokens alone, value and gradient; prompt tokens carry no loss."""
+    monkeypatch.delenv("R1FAST_KERNELS")
+    cfg = _cfg(tmp_path, _task_data(tmp_path / "d.jsonl", n=3))
+    tok, model = build_model(cfg.model, torch.device("cpu"), seed=1)
+    examples, dropped = encode_sft_examples(read_sft_records(cfg.data), tok, "compact", 64)
+    assert dropped == 0 and all(c[-1] == tok.eos_id for _, c in examples)
+    batch = pack([p for p, _ in examples], [c for _, c in examples])
+    loss = PolicyHead(model)(batch, mode="nll")
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_model = Transformer.from_config(model.args, seed=1).double()
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    total, count = 0.0, 0
+    for p, c in examples:
+        ids = torch.tensor(p + c)
+        logits = ref_model.logits(ref_model(ids))
+        # position t predicts token t + 1; only the completion's tokens are targets
+        logp = torch.log_softmax(logits[len(p) - 1:-1], -1)
+        total = total - logp.gather(1, torch.tensor(c)[:, None]).sum()
+        count += len(c)
+    ref = total / count
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for name, p in ref_model.named_parameters():
+        err = (got[name].double() - p.grad).abs().max().item()
+        assert err <= 1e-5 * p.grad.abs().max().item() + 1e-9, name
+
+
+def test_run_sft_learns_saves_and_is_deterministic(tmp_path):
+    data = _task_data(tmp_path / "d.jsonl", n=8)
+    common = ("--steps", "6", "--batch_size", "4", "--lr", "3e-3", "--warmup_steps", "2")
+    a = run_sft(_cfg(tmp_path, data, "--name", "a", "--micro_batch_size", "4", *common))
+    b = run_sft(_cfg(tmp_path, data, "--name", "b", "--micro_batch_size", "4", *common))
+    c = run_sft(_cfg(tmp_path, data, "--name", "c", "--micro_batch_size", "1", *common))
+    d = run_sft(_cfg(tmp_path, data, "--name", "d", "--micro_batch_size", "4", "--seed", "1", *common))
+    assert a["final_nll"] < a["first_nll"] and a["steps"] == 6 and a["examples"] == 8
+    wa, wb, wc, wd = (load_file(os.path.join(s["model_dir"], "model.safetensors")) for s in (a, b, c, d))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed: bit for bit
+    # gradient accumulation over micro-batches gives the same update (global token normalization)
+    assert all(torch.allclose(wa[k], wc[k], rtol=1e-4, atol=1e-6) for k in wa)
+    assert any(not torch.equal(wa[k], wd[k]) for k in wa)
+    run_dir = tmp_path / "runs" / "a"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model/config.json", "model/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7)) and all(r["phase"] == "sft" for r in lines)
+    assert lines[0]["lr"] < lines[1]["lr"]  # warmup
+    reloaded = Transformer.from_pretrained(a["model_dir"])
+    assert isinstance(load_tokenizer(a["model_dir"]), CharTokenizer) and reloaded.args.num_layers == 1
+    # continuing from a saved checkpoint (the path every later stage takes)
+    e = run_sft(_cfg(tmp_path, data, "--name", "e", "--steps", "1", "--model.name_or_path", a["model_dir"]))
+    assert e["first_nll"] < a["first_nll"]
+
+
+def test_chat_records_and_too_long_examples(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "<answer>3</answer>"}]},
+            {"prompt": "9" * 80, "completion": "x"}]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    s = run_sft(_cfg(tmp_path, data, "--steps", "1", "--batch_size", "1"))
+    assert s["examples"] == 1 and s["dropped_too_long"] == 1
+    only_long = _write_jsonl(tmp_path / "long.jsonl", rows[1:])
+    with pytest.raises(ValueError, match="longer than max_seq_len"):
+        run_sft(_cfg(tmp_path, only_long, "--steps", "1"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the skipped steps
+def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
+    data = _task_data(tmp_path / "d.jsonl", n=4)
+    original = PolicyHead.forward
+    monkeypatch.setattr(PolicyHead, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 2"):
+        run_sft(_cfg(tmp_path, data, "--steps", "5", "--batch_size", "2"))
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in rows] == [True, True] and rows[0]["nll"] is None
+
+
+def test_bad_input_fails_before_work(tmp_path):
+    data = _task_data(tmp_path / "d.jsonl", n=2)
+    with pytest.raises(FileNotFoundError, match="data: file"):
+        run_sft(_cfg(tmp_path, str(tmp_path / "missing.jsonl")))
+    with pytest.raises(FileNotFoundError, match="model.name_or_path: checkpoint directory"):
+        run_sft(_cfg(tmp_path, data, "--model.name_or_path", str(tmp_path / "no_such_ckpt")))
+    assert not (tmp_path / "runs").exists()  # nothing was started
+    with pytest.raises(ConfigError, match="data: a JSONL file"):
+        load_config(None, [], schema=SFTConfig)
+    with pytest.raises(ConfigError, match="template"):
+        _cfg(tmp_path, data, "--template", "fancy")
+
+
+@pytest.mark.dist
+def test_two_rank_fsdp_equals_one_rank(tmp_path):
+    """torchrun with 2 gloo ranks and FSDP2 trains to the same weights as one process (fp32, CPU)."""
+    data = _task_data(tmp_path / "d.jsonl", n=8)
+    args = ["--data", data, "--template", "compact", "--steps", "3", "--batch_size", "4", "--micro_batch_size", "1",
+            "--lr", "3e-3", *TINY, "--out_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "R1FAST_KERNELS": "torch", "R1FAST_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "r1fast.sft", *args, "--name", "two", "--parallel.fsdp", "true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_sft(load_config(None, [*args, "--name", "one"], schema=SFTConfig))
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), k
+    # Adam hides a constant gradient scale in the weights; the logged loss and gradient norm do not
+    logs = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    for a, b in zip(*logs, strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
