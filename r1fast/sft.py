@@ -38,6 +38,7 @@ from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
 from r1fast.data import TEMPLATES, apply_template
+from r1fast.data.jsonl import iter_json_objects
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import apply_fsdp, build_mesh
 from r1fast.policy import PolicyHead, pack
@@ -201,29 +202,20 @@ def read_sft_records(path: str, *, limit: int | None = None) -> list[tuple[dict,
     """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}. Errors name path:line."""
     check_file(path, "data")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-            if "messages" in rec:
-                msgs = rec["messages"]
-                if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
-                        or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
-                    raise ValueError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
-                                     "an assistant message with string content")
-                out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
-            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                out.append(({"prompt": rec["prompt"]}, rec["completion"]))
-            else:
-                raise ValueError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages'")
+    for line_no, rec in iter_json_objects(path):
+        if limit is not None and len(out) >= limit:
+            break
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
+                    or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
+                raise ValueError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
+                                 "an assistant message with string content")
+            out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+            out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+        else:
+            raise ValueError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages'")
     if not out:
         raise ValueError(f"data: {path!r} holds no records")
     return out

@@ -175,8 +175,9 @@ class Trainer:
         resume_from = self._resume_path()
         summary: dict = {}
         if resume_from is None:
-            summary["eval_initial"] = self.evaluate("initial")
-            self.cold_start_sft()
+            if t.sft_steps:
+                summary["eval_initial"] = self.evaluate("initial")
+                self.cold_start_sft()
             summary["eval_before_rl"] = self.evaluate("before_rl")
         else:
             self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler)

@@ -11,7 +11,23 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["load_jsonl"]
+__all__ = ["iter_json_objects", "load_jsonl"]
+
+
+def iter_json_objects(path: str | os.PathLike):
+    """(1-based line number, object) for each non-blank line; ValueError naming ``path:line`` otherwise."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
 
 
 def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_task: str = "math") -> list[dict]:
@@ -27,27 +43,18 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
         raise FileNotFoundError(f"dataset file not found: {path!r}")
     name = os.path.basename(path)
     samples: list[dict] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if limit is not None and len(samples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "answer"):
-                value = record.get(key)
-                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                    raise ValueError(f"{path}:{line_number}: field {key!r} missing or not a string/number "
-                                     f"(got {type(value).__name__})")
-                record[key] = str(value)
-            if not record["prompt"].strip():
-                raise ValueError(f"{path}:{line_number}: field 'prompt' is empty")
-            record.setdefault("task", default_task)
-            record.setdefault("id", f"{name}:{line_number}")
-            samples.append(record)
+    for line_number, record in iter_json_objects(path):
+        if limit is not None and len(samples) >= limit:
+            break
+        for key in ("prompt", "answer"):
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError(f"{path}:{line_number}: field {key!r} missing or not a string/number "
+                                 f"(got {type(value).__name__})")
+            record[key] = str(value)
+        if not record["prompt"].strip():
+            raise ValueError(f"{path}:{line_number}: field 'prompt' is empty")
+        record.setdefault("task", default_task)
+        record.setdefault("id", f"{name}:{line_number}")
+        samples.append(record)
     return samples
