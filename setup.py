@@ -72,6 +72,7 @@ ext_modules, cmdclass = _ext_modules()
 
 packages = find_packages(include=["r1fast", "r1fast.*"])
 packages += ["r1fast.kernels"] + ["r1fast.kernels." + p for p in find_packages(where="kernels")]
+packages += ["r1fast.recipes"]  # recipes/*.toml ship with the package: the tiny recipe is the default run
 
 setup(
     name="r1fast",
@@ -81,7 +82,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"r1fast.kernels": "kernels"},
+    package_dir={"r1fast.kernels": "kernels", "r1fast.recipes": "recipes"},
+    package_data={"r1fast.recipes": ["*.toml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

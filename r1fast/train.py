@@ -4,8 +4,8 @@ One step: each rank takes its shard of P prompts, samples G completions per prom
 engine on the live (unsharded) weights, scores them with the rule-based rewards, computes group
 advantages over the global batch, and runs ``updates_per_rollout`` optimizer updates on the fused GRPO
 loss (FSDP2 over all ranks). Without ``--config`` the built-in tiny recipe runs
-(``recipes/tiny_r1_zero.toml``, equal to the config defaults): a tiny model built in code with the
-character tokenizer, a short cold-start SFT on worked solutions, then GRPO on harder instances.
+(``recipes/tiny_r1_zero.toml``): a tiny model built in code with the character tokenizer, a short
+cold-start SFT on worked solutions, then GRPO on harder instances.
 
 Outputs under ``<train.out_dir>/<train.name>/``: config.toml, metrics.jsonl, summary.json,
 training_curves.png, checkpoints/step_<N>/ (HF model + resume state), final/ (HF model + tokenizer).
@@ -39,10 +39,11 @@ MAX_NONFINITE_IN_A_ROW = 3
 """Consecutive non-finite losses after which the run checkpoints and aborts (one is skipped and logged)."""
 
 
-def default_recipe() -> str | None:
-    """recipes/tiny_r1_zero.toml beside the package (source checkouts); None = the config defaults."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny_r1_zero.toml")
-    return path if os.path.isfile(path) else None
+def default_recipe() -> str:
+    """The built-in tiny recipe, ``recipes/tiny_r1_zero.toml`` (installed as package data of r1fast.recipes)."""
+    from importlib.resources import files
+
+    return str(files("r1fast.recipes") / "tiny_r1_zero.toml")
 
 
 class _StopFlag:

@@ -150,3 +150,11 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "grpo.no_such_key" in res.stderr
     res = _run_cli(tmp_path, "bad", 1, "--data.task", str(tmp_path / "missing.jsonl"))
     assert res.returncode != 0 and "missing.jsonl" in res.stderr
+
+
+def test_default_recipe_is_the_installed_tiny_recipe():
+    from r1fast.train import default_recipe
+
+    cfg = load_config(default_recipe(), [])
+    assert cfg.model.name_or_path == "tiny" and cfg.train.name == "tiny_r1_zero"
+    assert cfg.train.sft_steps > 0 and cfg.grpo.beta == 0.0
