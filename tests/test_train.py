@@ -158,3 +158,26 @@ def test_default_recipe_is_the_installed_tiny_recipe():
     cfg = load_config(default_recipe(), [])
     assert cfg.model.name_or_path == "tiny" and cfg.train.name == "tiny_r1_zero"
     assert cfg.train.sft_steps > 0 and cfg.grpo.beta == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_readme_main_job_learns_on_two_cpu_ranks(tmp_path):
+    """The README's main job as written (2 ranks, the tiny recipe): <= 10 minutes, >= 15 points from RL."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "R1FAST_KERNELS")}
+    env["R1FAST_PROGRESS"] = "0"
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "r1fast.train"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=900)
+    elapsed = time.time() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny_r1_zero"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before, after = summary["eval_before_rl"]["greedy_accuracy"], summary["eval_after_rl"]["greedy_accuracy"]
+    print(f"main job: {elapsed:.0f} s, held-out greedy accuracy {before:.3f} -> {after:.3f}")
+    assert elapsed <= 600
+    assert after - before >= 0.15, summary
+    assert (run_dir / "training_curves.png").stat().st_size > 10_000
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / summary["final_checkpoint"]))
