@@ -181,3 +181,37 @@ def test_readme_main_job_learns_on_two_cpu_ranks(tmp_path):
     assert (run_dir / "training_curves.png").stat().st_size > 10_000
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / summary["final_checkpoint"]))
+
+
+def test_non_finite_losses_skip_then_abort_with_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    import r1fast.kernels as K
+    from r1fast import train
+
+    real = K.fused_linear_grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    cfg = _cfg(tmp_path, "--train.steps", "10", "--train.name", "nan")
+    trainer_cls = train.Trainer
+    weights_before = {}
+
+    def grab(self, step):  # the first RL step's weights: skipped updates must leave them untouched
+        if not weights_before:
+            weights_before.update({k: v.clone() for k, v in self.model.state_dict().items()})
+            monkeypatch.setattr(K, "fused_linear_grpo_loss", nan_loss)
+        return original(self, step)
+
+    original = trainer_cls.grpo_step
+    monkeypatch.setattr(trainer_cls, "grpo_step", grab)
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        train.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r.get("phase") == "rl"]
+    assert [r["skipped_nonfinite"] for r in rl] == [1, 1, 1]
+    saved = _final_weights(tmp_path / "nan")
+    assert len(saved) == len(weights_before)
+    for k, v in weights_before.items():
+        assert torch.equal(saved["model." + k], v), k
