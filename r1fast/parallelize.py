@@ -76,3 +76,20 @@ def unsharded_for_rollout(root: nn.Module):
             # FSDP2 keeps the root's parameters gathered between forward and backward (they are
             # needed again at once); every other module reshards after forward.
             m.set_reshard_after_forward(m is not root, recurse=False)
+
+
+def enable_fp8_experts(model: nn.Module):
+    """Route MoE experts of ``args.fp8`` models through the FP8 kernels (DeepSeek-V3 recipe).
+
+    One weight cache per model: expert weights are quantized once per optimizer step (the cache
+    keys on each parameter's version counter) and reused by every forward until the next step.
+    Returns the cache.
+    """
+    import functools
+
+    from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
+    from r1fast.moe import set_fp8_experts_fn
+
+    cache = Fp8WeightCache()
+    set_fp8_experts_fn(functools.partial(moe_ffn_fp8, cache=cache))
+    return cache

@@ -1,0 +1,50 @@
+"""Parallelism and kernel choices applied from outside the model."""
+
+import torch
+
+from r1fast.model import Transformer
+from r1fast.model_config import ModelArgs
+from r1fast.moe import set_fp8_experts_fn
+from r1fast.parallelize import apply_fsdp, enable_fp8_experts, unsharded_for_rollout
+
+
+def _moe_args(fp8: bool) -> ModelArgs:
+    return ModelArgs(model_type="deepseek_v3", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
+                     num_heads=2, num_kv_heads=2, head_dim=48, q_lora_rank=None, kv_lora_rank=32,
+                     qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4,
+                     n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, fp8=fp8)
+
+
+def test_fp8_experts_hook_runs_the_fp8_layer_close_to_bf16_reference():
+    ids = torch.randint(0, 64, (2, 7))
+    ref = Transformer.from_config(_moe_args(fp8=False), seed=3)
+    fp8 = Transformer.from_config(_moe_args(fp8=True), seed=3)
+    try:
+        cache = enable_fp8_experts(fp8)
+        out = fp8(ids)
+        out.square().mean().backward()
+        fp8(ids)  # a second forward before any optimizer step reuses the quantized weights
+        # one MoE layer: w_gate_up and w_down quantized once; the second forward reuses both
+        assert cache.quantizations == 2
+        w = next(p for n, p in fp8.named_parameters() if n.endswith("w_gate_up"))
+        with torch.no_grad():
+            w.mul_(1.0)  # an in-place optimizer-style update bumps the version: re-quantize that weight only
+        fp8(ids)
+        assert cache.quantizations == 3
+    finally:
+        set_fp8_experts_fn(None)
+    with torch.no_grad():
+        expected = ref(ids)
+    # FP8 (E4M3, 1x128 / 128x128 scales) on both GEMMs of each expert: ~2-3 significant digits
+    err = (out.detach() - expected).norm() / expected.norm()
+    assert err < 0.05, float(err)
+    assert all(p.grad is not None for n, p in fp8.named_parameters() if "w_gate_up" in n or "w_down" in n)
+
+
+def test_without_process_group_fsdp_and_rollout_mode_are_no_ops():
+    model = Transformer.from_config(ModelArgs(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2,
+                                              num_kv_heads=1, head_dim=16, intermediate_size=64))
+    assert apply_fsdp(model, None) is model
+    with unsharded_for_rollout(model):
+        model(torch.randint(0, 32, (1, 5)))
