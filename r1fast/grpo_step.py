@@ -79,8 +79,9 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if g.overlong_filter:
         keep = [k and c.finish_reason != "length" for k, (_, _, c) in zip(keep, flat, strict=True)]
     per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
+    per_reward_sq = {f"{key}_sq": [v * v for v in values] for key, values in per_reward.items()}
     means = _global_means({"reward_mean": [float(x) for x in rewards], "reward_sq": [float(x) ** 2 for x in rewards],
-                           **per_reward,
+                           **per_reward, **per_reward_sq,
                            "response_length_mean": lengths.tolist(),
                            "kept_fraction": [float(k) for k in keep],
                            "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]})
@@ -88,6 +89,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if D.world_size() > 1:
         torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
     reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))
+    for key in per_reward:  # population std over the global batch, per reward function
+        means[f"{key}_std"] = math.sqrt(max(means.pop(f"{key}_sq") - means[key] ** 2, 0.0))
     metrics = {**means, "reward_std": reward_std,
                "response_length_max": longest.item(), "reward_skipped": sum(graded.skipped),
                "reward_errors": sum(graded.errors.values())}

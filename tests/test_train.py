@@ -49,7 +49,7 @@ def test_tiny_run_writes_every_output_and_transformers_loads_it(tmp_path, monkey
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r.get("phase") == "rl"]
     assert [r["step"] for r in rl] == [1, 2, 3]
-    for key in ("reward_mean", "reward_std", "accuracy", "response_length_mean", "kl", "clip_frac", "entropy",
+    for key in ("reward_mean", "reward_std", "reward_accuracy", "reward_accuracy_std", "reward_format_std", "accuracy", "response_length_mean", "kl", "clip_frac", "entropy",
                 "grad_norm", "lr", "time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per_s"):
         assert key in rl[-1], key
     assert load_config(str(run_dir / "config.toml"), []) == cfg  # the resolved config round-trips

@@ -1,0 +1,117 @@
+"""The pipeline's report: held-out accuracy after every stage, and distillation vs RL alone for the student.
+
+Reads the stages' DONE records (``r1fast.pipeline``) and writes ``report.json`` and ``report.md`` into
+the run directory. Every model-producing stage was evaluated on the same held-out prompts with the same
+seeds and settings, so the rows compare directly. The comparison takes the last stage of each arm;
+"beat" means a higher pass@1 (R1's headline metric, averaged over k samples), and the report says
+whether the gap exceeds twice the bootstrap standard deviation of the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+__all__ = ["build_report", "write_report"]
+
+
+def _row(record: dict) -> dict:
+    m = record.get("eval") or {}
+    k = m.get("samples_per_prompt")
+    return {"stage": record["stage"], "kind": record["kind"], "family": record.get("family"),
+            "optimizer_steps": record.get("optimizer_steps"), "train_s": record.get("train_s"),
+            "wall_s": record.get("wall_s"), "greedy_accuracy": m.get("greedy_accuracy"),
+            "greedy_accuracy_std": m.get("greedy_accuracy_std"), "pass@1": m.get("pass@1"),
+            "pass@1_std": m.get("pass@1_std"), f"pass@{k}": m.get(f"pass@{k}") if k else None, "k": k,
+            "format_rate": m.get("format_rate"), "response_length_mean": m.get("response_length_mean"),
+            "num_prompts": m.get("num_prompts"), "summary": _stage_summary(record)}
+
+
+def _stage_summary(record: dict) -> str:
+    s = record.get("summary") or {}
+    if record["kind"] == "rejection":
+        return f"kept {s.get('kept')} of {s.get('samples')} samples ({s.get('prompts_with_kept')} prompts)"
+    if record["kind"] == "data":
+        return ", ".join(f"{k} {v}" for k, v in s.items())
+    if record["kind"] == "sft":
+        return f"{s.get('examples')} examples, nll {s.get('first_nll', math.nan):.3f} -> {s.get('final_nll', math.nan):.3f}"
+    return f"{s.get('steps')} GRPO steps"
+
+
+def _compare(rows: dict[str, dict], comparison: dict) -> dict | None:
+    if not comparison.get("distilled") or not comparison.get("rl_only"):
+        return None
+    arms = {}
+    for arm in ("distilled", "rl_only"):
+        names = comparison[arm]
+        last = rows[names[-1]]
+        arms[arm] = {"stages": names, "final_stage": names[-1], "pass@1": last["pass@1"], "pass@1_std": last["pass@1_std"],
+                     "greedy_accuracy": last["greedy_accuracy"], "greedy_accuracy_std": last["greedy_accuracy_std"],
+                     "optimizer_steps": sum(rows[n]["optimizer_steps"] for n in names),
+                     "train_s": sum(rows[n]["train_s"] for n in names)}
+    d, r = arms["distilled"], arms["rl_only"]
+    gap = d["pass@1"] - r["pass@1"]
+    std = math.hypot(d["pass@1_std"], r["pass@1_std"])
+    verdict = "beat" if gap > 0 else "did not beat"
+    return {**arms, "budget": "same total optimizer steps", "pass@1_gap": gap, "pass@1_gap_std": std,
+            "greedy_gap": d["greedy_accuracy"] - r["greedy_accuracy"], "distillation_beat_rl": gap > 0,
+            "significant_2sigma": abs(gap) > 2 * std,
+            "sentence": (f"Distillation {verdict} RL alone for the student: pass@1 {100 * d['pass@1']:.1f}% vs "
+                         f"{100 * r['pass@1']:.1f}% ({100 * gap:+.1f} points, bootstrap std of the gap "
+                         f"{100 * std:.1f}; {'beyond' if abs(gap) > 2 * std else 'within'} 2 sigma), greedy "
+                         f"{100 * d['greedy_accuracy']:.1f}% vs {100 * r['greedy_accuracy']:.1f}%, at "
+                         f"{d['optimizer_steps']} optimizer steps each ({d['train_s']:.0f} s vs {r['train_s']:.0f} s "
+                         "of training on this machine).")}
+
+
+def _pct(value, std=None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def build_report(records: list[dict], *, comparison: dict, heldout: dict, eval_settings: dict, ran: list[str]) -> dict:
+    """The report as a dict (``markdown`` holds the rendered text)."""
+    rows = {r["stage"]: _row(r) for r in records}
+    compare = _compare(rows, comparison)
+    k = eval_settings.get("k")
+    lines = ["# R1 pipeline report", "",
+             f"Held-out set: {heldout['num_prompts']} prompts (`{heldout['path']}`, sha256 {heldout['sha256'][:12]}); "
+             f"greedy accuracy and pass@1 over k={k} samples at temperature {eval_settings.get('temperature')}, "
+             f"top-p {eval_settings.get('top_p')} (percent ± bootstrap std).", "",
+             f"| stage | kind | model | opt. steps | greedy acc. | pass@1 (k={k}) | pass@{k} | format | "
+             "train s | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        lines.append(f"| {r['stage']} | {r['kind']} | {r['family'] or '-'} | {r['optimizer_steps'] or '-'} | "
+                     f"{_pct(r['greedy_accuracy'], r['greedy_accuracy_std'])} | {_pct(r['pass@1'], r['pass@1_std'])} | "
+                     f"{_pct(r.get(f'pass@{k}'))} | {_pct(r['format_rate'])} | {r['train_s']:.0f} | {r['summary']} |")
+    total = sum(r["wall_s"] for r in rows.values())
+    lines += ["", f"Stages run in this invocation: {', '.join(ran) if ran else 'none (all done)'}. "
+              f"Sum of stage wall times (training + evaluation): {total:.0f} s.", ""]
+    if compare is not None:
+        lines += ["## Distillation vs RL alone (student)", "", compare["sentence"], "",
+                  f"- distilled: {' -> '.join(compare['distilled']['stages'])}",
+                  f"- RL alone: {' -> '.join(compare['rl_only']['stages'])}", ""]
+    return {"stages": list(rows.values()), "comparison": compare, "heldout": heldout, "eval_settings": eval_settings,
+            "stage_wall_s_total": total, "ran": ran, "markdown": "\n".join(lines)}
+
+
+def write_report(recipe, records: list[dict], *, ran: list[str]) -> dict:
+    """Build the report for ``recipe`` (r1fast.pipeline.Recipe) and write report.json and report.md."""
+    from r1fast.pipeline import sha256_file
+
+    source, _, what = recipe.eval.data.partition(":")
+    heldout_path = next(r for r in records if r["stage"] == source)["outputs"][what]["path"] if source != "file" else what
+    full = heldout_path if os.path.isabs(heldout_path) else os.path.join(recipe.run_dir, heldout_path)
+    with open(full, encoding="utf-8") as f:
+        n = sum(1 for line in f if line.strip())
+    heldout = {"path": heldout_path, "sha256": sha256_file(full), "num_prompts": n}
+    settings = {k: getattr(recipe.eval, k) for k in ("k", "temperature", "top_p", "max_new_tokens")}
+    comparison = {"distilled": recipe.comparison.distilled, "rl_only": recipe.comparison.rl_only}
+    report = build_report(records, comparison=comparison, heldout=heldout, eval_settings=settings, ran=ran)
+    with open(os.path.join(recipe.run_dir, "report.json"), "w") as f:
+        json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=2)
+    with open(os.path.join(recipe.run_dir, "report.md"), "w") as f:
+        f.write(report["markdown"] + "\n")
+    return report
