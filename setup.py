@@ -96,7 +96,8 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.46"],
+        # liger-kernel: the drop-in equality test runs against it (its torch path works on CPU)
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "liger-kernel>=0.8"],
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
     },
