@@ -7,7 +7,7 @@ Layout of ``<run>/checkpoints/step_<N>/``:
 
 Everything is written into ``step_<N>.tmp`` and renamed into place once complete, so a crash or a
 SIGTERM mid-save never leaves a checkpoint that looks finished. The full state dict is gathered on
-rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and broadcast back on resume;
+rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and read by every rank on resume;
 fp32 tensors round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
 """
 
@@ -95,16 +95,13 @@ def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler) -> t
     state_file = os.path.join(path, "train_state.pt")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{state_file}: not a finished r1fast checkpoint (train_state.pt missing)")
-    state = torch.load(state_file, map_location="cpu", weights_only=False) if D.rank() == 0 else None
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    if D.world_size() > 1:
-        set_state_dict(root, optimizer, model_state_dict=state["model"] if state else {},
-                       optim_state_dict=state["optimizer"] if state else {}, options=opts)
-        meta = D.broadcast_object({k: state[k] for k in ("scheduler", "step", "loop")} if state else None)
-    else:
-        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        meta = state
+    # Every rank reads the full state (checkpoints live on a filesystem all ranks see, as the per-rank
+    # RNG files already require) and keeps its own shard: no broadcast whose collective order could
+    # differ between the rank that holds the data and the ranks that do not.
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    meta = state
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{D.rank()}.pt")
     if not os.path.isfile(rng_file):

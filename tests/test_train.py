@@ -229,3 +229,16 @@ def test_tiny_run_on_cuda(tmp_path, dtype):
     rl = [r for r in records if r.get("phase") == "rl"]
     assert len(rl) == 3 and all(r["grad_norm"] == r["grad_norm"] for r in rl)  # finite (NaN != NaN)
     assert summary["eval_after_rl"]["num_prompts"] == 4
+
+
+@pytest.mark.dist
+def test_two_rank_resume_from_a_mid_run_checkpoint_is_exact(tmp_path):
+    base = ["--train.steps", "4", "--grpo.beta", "0.04", "--train.schedule", "cosine"]
+    a = _run_cli(tmp_path, "a", 2, *base, "--train.checkpoint_every", "2")
+    assert a.returncode == 0, a.stderr[-3000:]
+    mid = tmp_path / "a" / "checkpoints" / "step_2"
+    b = _run_cli(tmp_path, "b", 2, *base, "--train.resume", str(mid))
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa, wb = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
