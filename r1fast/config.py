@@ -146,7 +146,7 @@ class GRPOConfig:
     importance_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO) or per sequence, length-normalized (GSPO)."""
     dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
+    """Drop groups whose rewards are all equal from the loss (DAPO's filter; the batch is not refilled)."""
     overlong_filter: bool = False
     """Mask out completions truncated at max_new_tokens from the loss."""
     soft_overlong_penalty: bool = False
