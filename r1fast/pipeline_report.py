@@ -53,7 +53,7 @@ def _compare(rows: dict[str, dict], comparison: dict) -> dict | None:
     d, r = arms["distilled"], arms["rl_only"]
     gap = d["pass@1"] - r["pass@1"]
     std = math.hypot(d["pass@1_std"], r["pass@1_std"])
-    verdict = "beat" if gap > 0 else "did not beat"
+    verdict = "beat" if gap > 0 else "tied with" if gap == 0 else "did not beat"
     return {**arms, "budget": "same total optimizer steps", "pass@1_gap": gap, "pass@1_gap_std": std,
             "greedy_gap": d["greedy_accuracy"] - r["greedy_accuracy"], "distillation_beat_rl": gap > 0,
             "significant_2sigma": abs(gap) > 2 * std,

@@ -1,0 +1,291 @@
+"""Recipes of the multi-stage pipeline: the TOML schema, loading, and checks done before any work.
+
+See ``r1fast.pipeline`` for what a recipe declares; this module turns the file into a validated
+``Recipe`` (stage kinds and input roles, references, forced keys, the distillation-vs-RL budget rule).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass, field
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
+
+from r1fast.config import Config, ModelConfig
+from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded
+from r1fast.rejection import RejectionConfig
+from r1fast.sft import SFTConfig
+
+KINDS = {  # kind -> (input roles: True = a list of refs, outputs)
+    "data": ({}, ("cold_start", "prompts", "heldout", "non_reasoning")),
+    "sft": ({"model": False, "data": True}, ("model",)),
+    "rl": ({"model": False, "prompts": False}, ("model",)),
+    "rejection": ({"model": False, "prompts": False, "decontaminate": True}, ("kept",)),
+}
+OPTIONAL_ROLES = {"decontaminate"}
+FORCED_KEYS = {  # set from inputs and [pipeline]; a stage's config may not set them
+    "sft": ("data", "name", "out_dir", "template", "model"),
+    "rl": ("model", "data.task", "data.template", "data.eval_size", "train.out_dir", "train.name", "train.resume"),
+    "rejection": ("checkpoint", "data", "out", "template", "decontaminate"),
+    "data": (),
+}
+
+
+class PipelineError(RuntimeError):
+    """A stage failed for a reason the recipe's author must fix; the message names the stage."""
+
+
+@dataclass
+class PipelineSection:
+    """Where the run goes and what every stage shares."""
+
+    name: str = "tiny_r1"
+    """Run name; outputs go to out_dir/name."""
+    out_dir: str = "runs"
+    """Directory holding one subdirectory per pipeline run."""
+    template: str = "compact"
+    """Prompt template of every stage (training, sampling and evaluation must agree)."""
+
+
+@dataclass
+class DataGenConfig:
+    """The data stage: generated task files (R1's cold-start, RL prompts, held-out, non-reasoning data)."""
+
+    task: str = "addition"
+    """Built-in generated task (r1fast.data.TASKS) of the cold-start, prompt and held-out files."""
+    params: dict[str, int] = field(default_factory=dict)
+    """Difficulty knobs of the RL / rejection prompts and of the held-out set."""
+    prompts_size: int = bounded(2000, ge=1)
+    """RL and rejection-sampling prompts (train split)."""
+    heldout_size: int = bounded(200, ge=1)
+    """Held-out prompts every stage is evaluated on (heldout split: disjoint from all training data)."""
+    cold_start_params: dict[str, int] = field(default_factory=dict)
+    """Difficulty knobs of the cold-start worked solutions."""
+    cold_start_size: int = bounded(2000, ge=1)
+    """Cold-start worked solutions ({"prompt", "completion"} with <think> steps)."""
+    non_reasoning_size: int = bounded(500, ge=0)
+    """Non-reasoning examples: 'repeat <digits>' answered directly, without <think> (R1 mixes such data in)."""
+    non_reasoning_digits: tuple[int, int] = bounded((2, 6), ge=1)
+    """Shortest and longest digit string of the non-reasoning examples."""
+    seed: int = 0
+    """Seed of every generated file."""
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation after every model-producing stage: the same prompts, seeds and settings each time."""
+
+    data: str = "data:heldout"
+    """Reference to the held-out JSONL."""
+    k: int = bounded(4, ge=1)
+    """Samples per prompt for pass@1 (averaged over k) and pass@k."""
+    temperature: float = bounded(0.6, gt=0)
+    """Sampling temperature (R1 evaluated at 0.6)."""
+    top_p: float = bounded(0.95, gt=0, le=1)
+    """Nucleus mass (R1: 0.95)."""
+    max_new_tokens: int = bounded(64, ge=1)
+    """Longest completion."""
+    bootstrap_resamples: int = bounded(200, ge=2)
+    """Bootstrap resamples for the standard deviations."""
+
+
+@dataclass
+class ComparisonSection:
+    """Distillation vs RL alone for the student, at the same total optimizer steps."""
+
+    distilled: list[str] = field(default_factory=list)
+    """Stages of the distilled student, in order (the last one's evaluation is compared)."""
+    rl_only: list[str] = field(default_factory=list)
+    """Stages of the RL-alone student (cold-start SFT + GRPO), in order."""
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    inputs: dict[str, list[str]]
+    table: dict
+    config: object = None
+    resolved_inputs: dict[str, list[str]] = field(default_factory=dict)
+    """role -> paths, set right before the stage runs."""
+
+
+@dataclass
+class Recipe:
+    path: str
+    pipeline: PipelineSection
+    models: dict[str, ModelConfig]
+    eval: EvalSection
+    comparison: ComparisonSection
+    stages: list[Stage]
+    raw: dict
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.abspath(os.path.join(self.pipeline.out_dir, self.pipeline.name))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipe: parse and check everything before any work.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _section(schema: type, table: dict, key: str, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key} must be a table{where}")
+    obj = schema()
+    _apply_table(obj, table, f"{key}.", where)
+    _check_tree(obj, "")
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
+    """Parse and validate ``path``: sections, stage kinds, references, configs, the comparison's budget."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path!r}: {err.strerror or err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    where = f" (in {path})"
+    unknown = set(raw) - {"pipeline", "models", "eval", "comparison", "stages"}
+    if unknown:
+        raise ConfigError(f"unknown recipe section {sorted(unknown)[0]!r}{where}; allowed: pipeline, models, eval, "
+                          "comparison, stages")
+    pipe = _section(PipelineSection, raw.get("pipeline", {}), "pipeline", where)
+    if out_dir is not None:
+        pipe.out_dir = out_dir
+    models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}
+    recipe = Recipe(path, pipe, models, _section(EvalSection, raw.get("eval", {}), "eval", where),
+                    _section(ComparisonSection, raw.get("comparison", {}), "comparison", where), [], raw)
+    outputs: dict[str, tuple[str, ...]] = {}
+    for i, t in enumerate(raw.get("stages", [])):
+        key = f"stages[{i}]"
+        if (set(t) - {"name", "kind", "inputs", "config"} or not isinstance(t.get("name"), str)
+                or not all(isinstance(t.get(k, {}), dict) for k in ("inputs", "config"))):
+            raise ConfigError(f"{key}: a stage has a string name, a kind, an inputs table and a config table{where}")
+        name, kind = t["name"], t.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"stages.{name}.kind: {kind!r} is not one of {', '.join(KINDS)}{where}")
+        if name in outputs or ":" in name or name in ("base", "file"):
+            raise ConfigError(f"stages.{name}: stage names must be unique and not contain ':'{where}")
+        roles, _ = KINDS[kind]
+        inputs = {}
+        for role, ref in t.get("inputs", {}).items():
+            if role not in roles:
+                raise ConfigError(f"stages.{name}.inputs.{role}: unknown input; {kind} takes {', '.join(roles)}")
+            refs = ref if roles[role] else [ref]
+            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+                raise ConfigError(f"stages.{name}.inputs.{role}: expected {'a list of refs' if roles[role] else 'a ref'}")
+            for r in refs:
+                _check_ref(r, f"stages.{name}.inputs.{role}", outputs, models)
+            inputs[role] = refs
+        missing = [r for r in roles if r not in inputs and r not in OPTIONAL_ROLES]
+        if missing:
+            raise ConfigError(f"stages.{name}.inputs.{missing[0]}: required by kind {kind}{where}")
+        table = t.get("config", {})
+        for forced in FORCED_KEYS[kind]:
+            head, _, leaf = forced.partition(".")
+            if head in table and (not leaf or leaf in table[head]):
+                raise ConfigError(f"stages.{name}.config.{forced}: set by the pipeline from inputs/[pipeline]{where}")
+        stage = Stage(name, kind, inputs, table)
+        stage.config = _stage_config(recipe, stage, {r: r for refs in inputs.values() for r in refs}, where)
+        recipe.stages.append(stage)
+        outputs[name] = KINDS[kind][1]
+    if not recipe.stages:
+        raise ConfigError(f"stages: the recipe declares no stage{where}")
+    _check_ref(recipe.eval.data, "eval.data", outputs, models)
+    _check_comparison(recipe)
+    return recipe
+
+
+def _check_ref(ref: str, key: str, outputs: dict, models: dict) -> None:
+    source, sep, what = ref.partition(":")
+    if not sep or not what:
+        raise ConfigError(f"{key}: {ref!r} is not a reference (base:<family>, <stage>:<output>, file:<path>)")
+    if source == "base" and what not in models:
+        raise ConfigError(f"{key}: {ref!r} names no [models.{what}] section")
+    if source not in ("base", "file"):
+        if source not in outputs:
+            raise ConfigError(f"{key}: {ref!r} names no earlier stage {source!r}")
+        if what not in outputs[source]:
+            raise ConfigError(f"{key}: stage {source!r} has no output {what!r} (it has {', '.join(outputs[source])})")
+
+
+def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: str = ""):
+    """The stage's resolved config: its table plus the values the pipeline sets (``paths``: ref -> path)."""
+    run_dir, p, key = recipe.run_dir, recipe.pipeline, f"stages.{stage.name}.config"
+    ins = {role: [paths[r] for r in refs] for role, refs in stage.inputs.items()}
+    model = _model_section(recipe, stage.inputs["model"][0], ins["model"][0]) if "model" in ins else None
+    if stage.kind == "data":
+        return _section(DataGenConfig, stage.table, key, where)
+    if stage.kind == "sft":
+        cfg = SFTConfig(data=ins["data"][0] if len(ins["data"]) == 1 else os.path.join(run_dir, stage.name, "train.jsonl"),
+                        name=stage.name, out_dir=run_dir, template=p.template, model=model)
+        _apply_table(cfg, stage.table, key + ".", where)
+        return cfg.validate()
+    if stage.kind == "rl":
+        cfg = Config(model=model)
+        _apply_table(cfg, stage.table, key + ".", where)
+        d, t = cfg.data, cfg.train
+        d.task, d.template, d.eval_size, t.out_dir, t.name = ins["prompts"][0], p.template, 0, run_dir, stage.name
+        if t.sft_steps:
+            raise ConfigError(f"{key}.train.sft_steps={t.sft_steps}: cold-start SFT is its own sft stage here")
+        return cfg.validate()
+    cfg = RejectionConfig(checkpoint=ins["model"][0], data=ins["prompts"][0], template=p.template,
+                          out=os.path.join(run_dir, stage.name, "kept.jsonl"), decontaminate=tuple(ins.get("decontaminate", ())))
+    _apply_table(cfg, stage.table, key + ".", where)
+    return cfg.validate()
+
+
+def _model_section(recipe: Recipe, ref: str, path: str) -> ModelConfig:
+    """The family's model section for ``base:`` (or a stage's checkpoint of that family), else a bare checkpoint."""
+    family = _family(recipe, ref)
+    model = copy.deepcopy(recipe.models[family]) if family else ModelConfig()
+    if not ref.startswith("base:"):
+        model.name_or_path = path
+    return model
+
+
+def _family(recipe: Recipe, ref: str) -> str | None:
+    source, _, what = ref.partition(":")
+    if source == "base":
+        return what
+    stage = next((s for s in recipe.stages if s.name == source), None)
+    return _family(recipe, stage.inputs["model"][0]) if stage is not None and "model" in stage.inputs else None
+
+
+def optimizer_steps(stage: Stage) -> int | None:
+    """Optimizer steps a training stage takes (None: sft with steps = 0 depends on the data size)."""
+    cfg = stage.config
+    if stage.kind == "rl":
+        return cfg.train.steps * cfg.grpo.updates_per_rollout
+    if stage.kind == "sft":
+        return cfg.steps or None
+    return 0
+
+
+def _check_comparison(recipe: Recipe) -> None:
+    c, by_name = recipe.comparison, {s.name: s for s in recipe.stages}
+    if not (c.distilled or c.rl_only):
+        return
+    totals = {}
+    for arm in ("distilled", "rl_only"):
+        names = getattr(c, arm)
+        if not names or any(n not in by_name for n in names):
+            raise ConfigError(f"comparison.{arm}: expected a list of declared stages, got {names}")
+        steps = [optimizer_steps(by_name[n]) for n in names]
+        if None in steps:
+            raise ConfigError(f"comparison.{arm}: sft stages compared need explicit steps (the budget is optimizer steps)")
+        totals[arm] = sum(steps)
+    if totals["distilled"] != totals["rl_only"]:
+        raise ConfigError(f"comparison: the arms must take the same total optimizer steps; distilled takes "
+                          f"{totals['distilled']}, rl_only {totals['rl_only']}")

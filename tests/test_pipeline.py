@@ -1,0 +1,259 @@
+"""r1fast.pipeline end to end on a micro recipe: every stage runs, resume skips finished stages, lineage is
+complete, a missing checkpoint fails before any work, an empty kept set names the stage and the counts."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from r1fast import pipeline as P
+from r1fast.config_io import ConfigError
+
+# Teacher memorizes the 3 cold-start worked solutions (60 steps at lr 1e-2), so rejection sampling on
+# those prompts keeps correct traces; everything else takes 1-3 steps.
+MICRO = """
+[pipeline]
+name = "micro"
+out_dir = "{out}"
+template = "compact"
+
+[models.teacher]
+hidden_size = 32
+num_layers = 1
+num_heads = 2
+num_kv_heads = 1
+intermediate_size = 64
+max_seq_len = 64
+tie_word_embeddings = true
+
+[models.student]
+hidden_size = 16
+num_layers = 1
+num_heads = 2
+num_kv_heads = 1
+intermediate_size = 32
+max_seq_len = 64
+
+[eval]
+k = 2
+max_new_tokens = 24
+bootstrap_resamples = 10
+
+[comparison]
+distilled = ["student_distill"]
+rl_only = ["student_cold_start", "student_rl"]
+
+[[stages]]
+name = "data"
+kind = "data"
+config = {{ params = {{ min_digits = 1, max_digits = 1 }}, prompts_size = 6, heldout_size = 3, cold_start_size = 3, cold_start_params = {{ min_digits = 1, max_digits = 1 }}, non_reasoning_size = 4, non_reasoning_digits = [1, 2] }}
+
+[[stages]]
+name = "teacher_cold_start"
+kind = "sft"
+inputs = {{ model = "{teacher_base}", data = ["data:cold_start"] }}
+config = {{ steps = {cold_steps}, batch_size = 4, lr = {cold_lr} }}
+
+[[stages]]
+name = "teacher_rl"
+kind = "rl"
+inputs = {{ model = "teacher_cold_start:model", prompts = "data:prompts" }}
+config = {{ rollout = {{ max_new_tokens = 24 }}, grpo = {{ prompts_per_step = 2, samples_per_prompt = 2, beta = 0.0 }}, rewards = {{ weights = {{ accuracy = 1.0, format = 0.2, language = 0.1 }} }}, data = {{ train_size = 6 }}, train = {{ steps = 1, lr = 1e-7 }} }}
+
+[[stages]]
+name = "teacher_rejection"
+kind = "rejection"
+inputs = {{ model = "teacher_rl:model", prompts = "data:cold_start", decontaminate = ["data:heldout"] }}
+config = {{ k = 4, max_new_tokens = 24 }}
+
+[[stages]]
+name = "teacher_sft_base"
+kind = "sft"
+inputs = {{ model = "base:teacher", data = ["teacher_rejection:kept", "data:non_reasoning"] }}
+config = {{ steps = 2, batch_size = 2 }}
+
+[[stages]]
+name = "teacher_final_rl"
+kind = "rl"
+inputs = {{ model = "teacher_sft_base:model", prompts = "data:prompts" }}
+config = {{ rollout = {{ max_new_tokens = 16 }}, grpo = {{ prompts_per_step = 2, samples_per_prompt = 2, beta = 0.0 }}, data = {{ train_size = 6 }}, train = {{ steps = 1 }} }}
+
+[[stages]]
+name = "student_distill"
+kind = "sft"
+inputs = {{ model = "base:student", data = ["teacher_rejection:kept", "data:non_reasoning"] }}
+config = {{ steps = 3, batch_size = 2 }}
+
+[[stages]]
+name = "student_cold_start"
+kind = "sft"
+inputs = {{ model = "base:student", data = ["data:cold_start"] }}
+config = {{ steps = 2, batch_size = 2 }}
+
+[[stages]]
+name = "student_rl"
+kind = "rl"
+inputs = {{ model = "student_cold_start:model", prompts = "data:prompts" }}
+config = {{ rollout = {{ max_new_tokens = 16 }}, grpo = {{ prompts_per_step = 2, samples_per_prompt = 2, beta = 0.0 }}, data = {{ train_size = 6 }}, train = {{ steps = {student_rl_steps}, lr = {student_rl_lr} }} }}
+"""
+DEFAULTS = {"teacher_base": "base:teacher", "cold_steps": 60, "cold_lr": 1e-2, "student_rl_steps": 1,
+            "student_rl_lr": 3e-4}
+STAGES = ["data", "teacher_cold_start", "teacher_rl", "teacher_rejection", "teacher_sft_base", "teacher_final_rl",
+          "student_distill", "student_cold_start", "student_rl"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")  # kernels have their own tests; this tests the stages
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
+
+
+def _recipe(tmp_path, text: str | None = None, **changes) -> str:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text if text is not None else MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, **changes}))
+    return str(path)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_every_stage_runs_resume_skips_and_lineage_is_complete(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path)
+    report = P.run_pipeline(recipe)
+    run = tmp_path / "runs" / "micro"
+    done = {s: json.loads((run / s / "DONE.json").read_text()) for s in STAGES}
+    assert report["ran"] == STAGES
+    # every stage made its outputs; every model stage was evaluated on the same held-out set
+    for name, rec in done.items():
+        for out in rec["outputs"].values():
+            assert (run / out["path"]).exists(), (name, out)
+        if rec["kind"] in ("sft", "rl"):
+            assert rec["eval"]["num_prompts"] == 3 and (run / name / "eval" / "eval.json").is_file()
+            assert (run / rec["outputs"]["model"]["path"] / "config.json").is_file()
+    kept = [json.loads(x) for x in (run / "teacher_rejection" / "kept.jsonl").read_text().splitlines()]
+    assert kept and done["teacher_rejection"]["summary"]["kept"] == len(kept)
+    assert all(k["provenance"]["checkpoint"] == str(run / done["teacher_rl"]["outputs"]["model"]["path"]) for k in kept)
+    non_reasoning = (run / "data" / "non_reasoning.jsonl").read_text().splitlines()
+    mixed = (run / "teacher_sft_base" / "train.jsonl").read_text().splitlines()
+    assert len(mixed) == len(kept) + len(non_reasoning) == done["teacher_sft_base"]["summary"]["examples"]
+    assert all("<think>" not in json.loads(x)["completion"] for x in non_reasoning)
+    # the base model really is the base: teacher_sft_base starts from the same init as the cold start
+    assert done["teacher_sft_base"]["config"]["model"] == done["teacher_cold_start"]["config"]["model"]
+    assert done["teacher_rl"]["config"]["train"]["sft_steps"] == 0
+    assert done["student_distill"]["optimizer_steps"] == 3 == sum(done[s]["optimizer_steps"]
+                                                                  for s in ("student_cold_start", "student_rl"))
+
+    # lineage: every output of every stage, with the stage, checkpoints, data (sha256) and resolved config
+    lineage = json.loads((run / "lineage.json").read_text())
+    assert lineage["stages"] == STAGES
+    expected = {out["path"]: (name, out) for name, rec in done.items() for out in rec["outputs"].values()}
+    assert set(lineage["artifacts"]) == set(expected)
+    for path, art in lineage["artifacts"].items():
+        name, out = expected[path]
+        assert art["stage"] == name and art["config"] == done[name]["config"]
+        if art["kind"] == "data":
+            assert art["sha256"] == _sha(run / path)
+        for d in art["made_from"]["data"]:
+            assert d["sha256"] == _sha(run / d["path"])
+    rl = lineage["artifacts"][done["teacher_rl"]["outputs"]["model"]["path"]]
+    assert [c["ref"] for c in rl["made_from"]["checkpoints"]] == ["teacher_cold_start:model"]
+    assert rl["made_from"]["checkpoints"][0]["path"] == "teacher_cold_start/model"
+    assert [d["ref"] for d in rl["made_from"]["data"]] == ["data:prompts"]
+    assert rl["config"]["data"]["task"] == str(run / "data" / "prompts.jsonl")
+    distill = lineage["artifacts"]["student_distill/model"]["made_from"]
+    assert [c["ref"] for c in distill["checkpoints"]] == ["base:student"]
+    assert [d["ref"] for d in distill["data"]] == ["teacher_rejection:kept", "data:non_reasoning"]
+
+    # the report: a row per stage, the comparison, both files
+    saved = json.loads((run / "report.json").read_text())
+    assert [r["stage"] for r in saved["stages"]] == STAGES and saved["comparison"]["budget"] == "same total optimizer steps"
+    assert saved["comparison"]["distillation_beat_rl"] == (saved["comparison"]["pass@1_gap"] > 0)
+    md = (run / "report.md").read_text()
+    assert "| teacher_final_rl | rl | teacher |" in md and "RL alone for the student" in md
+
+    # second invocation: no stage does any work, markers untouched
+    mtimes = {s: os.stat(run / s / "DONE.json").st_mtime_ns for s in STAGES}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(P, "RUNNERS", dict.fromkeys(P.RUNNERS, no_work))
+    monkeypatch.setattr(P, "_evaluate", no_work)
+    again = P.run_pipeline(recipe)
+    assert again["ran"] == [] and {s: os.stat(run / s / "DONE.json").st_mtime_ns for s in STAGES} == mtimes
+    assert [r["pass@1"] for r in again["stages"]] == [r["pass@1"] for r in saved["stages"]]
+
+    # a changed stage reruns with everything downstream of it, and nothing else
+    assert P.plan(P.load_recipe(_recipe(tmp_path, student_rl_lr=1e-4))) == ["student_rl"]
+    text = MICRO.format(out=tmp_path / "runs", **DEFAULTS).replace("config = { steps = 2, batch_size = 2 }\n\n[[stages]]\n"
+                                                          'name = "teacher_final_rl"',
+                                                          "config = { steps = 2, batch_size = 4 }\n\n[[stages]]\n"
+                                                          'name = "teacher_final_rl"')
+    assert P.plan(P.load_recipe(_recipe(tmp_path, text))) == ["teacher_sft_base", "teacher_final_rl"]
+    _recipe(tmp_path)
+    os.rename(run / "student_cold_start" / "model", run / "student_cold_start" / "moved")  # an output went missing
+    assert P.plan(P.load_recipe(recipe)) == ["student_cold_start", "student_rl"]
+
+
+def test_missing_checkpoint_fails_before_any_work(tmp_path):
+    missing = tmp_path / "no_such_checkpoint"
+    recipe = _recipe(tmp_path, teacher_base=f"file:{missing}")
+    with pytest.raises(FileNotFoundError, match=r"stages\.teacher_cold_start\.inputs\.model: checkpoint directory"):
+        P.run_pipeline(recipe)
+    assert not (tmp_path / "runs" / "micro" / "data").exists()  # the data stage before it never started
+    # the command line: one line naming the stage, exit code 1
+    env = {**os.environ, "R1FAST_KERNELS": "torch", "R1FAST_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "r1fast.pipeline", "--recipe", recipe], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "teacher_cold_start" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_recipe_errors_are_caught_on_load(tmp_path):
+    text = MICRO.format(out=tmp_path / "runs", **DEFAULTS)
+    cases = [
+        (text.replace('"teacher_rl:model", prompts = "data:cold_start"', '"teacher_rl:modle", prompts = "data:cold_start"'),
+         r"stage 'teacher_rl' has no output 'modle'"),
+        (text.replace("teacher_cold_start:model", "student_rl:model"), r"names no earlier stage 'student_rl'"),
+        (text.replace("base:student", "base:pupil", 1), r"names no \[models.pupil\] section"),
+        (text.replace("config = { k = 4,", "config = { out = 'x.jsonl', k = 4,"), r"config.out: set by the pipeline"),
+        (text.replace("train = { steps = 1, lr = 1e-7 }", "train = { steps = 1, sft_steps = 5 }"), "its own sft stage"),
+        (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
+        (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
+        (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            P.load_recipe(_recipe(tmp_path, bad))
+
+
+def test_empty_kept_set_stops_the_pipeline_naming_stage_and_counts(tmp_path):
+    recipe = _recipe(tmp_path, cold_steps=1, cold_lr=1e-6)  # an untrained teacher answers nothing correctly
+    with pytest.raises(P.PipelineError, match=r"stage 'teacher_rejection' \(rejection\) kept no trace.*"
+                                              r"\"samples\": 12.*\"kept\": 0"):
+        P.run_pipeline(recipe)
+    run = tmp_path / "runs" / "micro"
+    assert all((run / s / "DONE.json").is_file() for s in ("data", "teacher_cold_start", "teacher_rl"))
+    assert not (run / "teacher_rejection" / "DONE.json").exists() and not (run / "teacher_sft_base").exists()
+
+
+@pytest.mark.dist
+def test_under_torchrun_two_ranks(tmp_path):
+    """The same recipe under torchrun (2 gloo ranks): every stage runs once, rank 0 writes markers and report."""
+    recipe = _recipe(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "R1FAST_KERNELS": "torch", "R1FAST_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "r1fast.pipeline", "--recipe", recipe]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "micro"
+    report = json.loads((run / "report.json").read_text())
+    assert report["ran"] == STAGES and [r["stage"] for r in report["stages"]] == STAGES
+    assert proc.stderr.count("teacher_rl: running") == 1  # progress lines come from rank 0 only
+    done = json.loads((run / "teacher_rejection" / "DONE.json").read_text())
+    assert done["summary"]["kept"] == len((run / "teacher_rejection" / "kept.jsonl").read_text().splitlines()) > 0
+    assert json.loads((run / "teacher_rl" / "DONE.json").read_text())["summary"]["world_size"] == 2
