@@ -217,3 +217,14 @@ def test_moe_ffn_fp8_gpu():
     assert _sqnr_db(out, ref) >= 21.0
     for g, r in zip(grads, ref_grads, strict=True):
         assert _sqnr_db(g, r) >= 21.0
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7 asks >= 25 dB vs the bf16 layer; measured 22.7-23.9 dB on Gaussian "
+                   "data (five E4M3 roundings around SwiGLU). Strict: this fails loudly once the target is met.")
+def test_moe_ffn_fp8_reaches_the_issue_25db_target_vs_bf16_layer():
+    x, tw, ti, wgu, wd = _layer_inputs(T=48, H=256, inter=128, E=3, k=2)
+    dout = torch.randn(48, 256)
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=Fp8WeightCache()))
+    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.bfloat16)
+    worst = min([_sqnr_db(out, ref)] + [_sqnr_db(g, r) for g, r in zip(grads, ref_grads, strict=True)])
+    assert worst >= 25.0, f"worst SQNR {worst:.1f} dB"
