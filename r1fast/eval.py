@@ -27,7 +27,7 @@ from r1fast import distributed as D
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
-from r1fast.sft import (
+from r1fast.stage_io import (
     check_checkpoint,
     check_file,
     check_template,

@@ -68,7 +68,8 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
     optimizer_steps,
 )
 from r1fast.rejection import EmptyKeptSetError
-from r1fast.sft import SFTConfig, check_checkpoint, check_file
+from r1fast.sft import SFTConfig
+from r1fast.stage_io import check_checkpoint, check_file
 
 # ---------------------------------------------------------------------------------------------------
 # Stage runners. Each returns (outputs: name -> path, summary dict); rank 0 writes the pipeline's files.

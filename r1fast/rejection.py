@@ -35,7 +35,7 @@ from r1fast import distributed as D
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
 from r1fast.data import load_jsonl
-from r1fast.sft import (
+from r1fast.stage_io import (
     check_checkpoint,
     check_file,
     check_template,

@@ -17,8 +17,7 @@ update does not depend on the number of ranks or micro-batches.
 
 Outputs under ``<out_dir>/<name>/``: config.toml, metrics.jsonl, summary.json, model/ (HF safetensors +
 tokenizer; written to model.tmp and renamed, so an existing model/ is always complete).
-Also home to the helpers the other stages share: ``check_checkpoint``, ``load_policy``,
-``render_prompt``, ``encode_prompt``, ``pick_device_dtype``.
+The helpers every stage shares (checkpoint checks, prompt rendering) live in ``r1fast.stage_io``.
 """
 
 from __future__ import annotations
@@ -37,18 +36,26 @@ import torch
 from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
-from r1fast.data import TEMPLATES, apply_template
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import apply_fsdp, build_mesh
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.schedule import build_scheduler
+from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
+    build_model,
+    check_checkpoint,
+    check_file,
+    check_template,
+    encode_prompt,
+    load_policy,
+    pick_device_dtype,
+    render_prompt,
+)
 
 MAX_NONFINITE_IN_A_ROW = 3
 """Consecutive non-finite losses after which SFT aborts (a single one is skipped and logged)."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -105,92 +112,6 @@ class SFTConfig:
             raise ConfigError("data: a JSONL file of training records is required (--data FILE)")
         check_template(self.template, "template")
         return self
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shared by sft, eval and rejection: checkpoints, devices, prompt rendering.
-# ---------------------------------------------------------------------------------------------------
-
-
-def check_template(template: str, key: str) -> None:
-    if template not in ("auto", "chat") and template not in TEMPLATES:
-        raise ConfigError(f"{key}: unknown template {template!r}; allowed: auto, chat, {', '.join(TEMPLATES)}")
-
-
-def check_checkpoint(path: str, key: str) -> None:
-    """FileNotFoundError naming ``key`` unless ``path`` is an HF model directory (has config.json)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{key}: checkpoint directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{key}: {path!r} is not a model checkpoint (no config.json in it)")
-
-
-def check_file(path: str, key: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: file {path!r} does not exist")
-
-
-def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
-    """This rank's device, and ``dtype`` ('auto' = bfloat16 on CUDA, float32 on CPU)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return device, _DTYPES[dtype]
-
-
-def load_policy(path: str, *, device, dtype, key: str = "model"):
-    """(tokenizer, Transformer) of the HF checkpoint directory ``path``; checked before anything loads."""
-    from r1fast.model import Transformer
-    from r1fast.tokenizer import load as load_tokenizer
-
-    check_checkpoint(path, key)
-    tokenizer = load_tokenizer(path)
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    return tokenizer, model
-
-
-def build_model(m: ModelConfig, device, *, seed: int):
-    """(tokenizer, Transformer) of a model section: 'tiny' built in code (seeded) or a local HF directory.
-    The same builder as the GRPO trainer's, so every stage's checkpoints share one architecture."""
-    from r1fast.config import Config, TrainConfig
-    from r1fast.data_setup import build_tokenizer_and_model
-
-    if m.name_or_path != "tiny":
-        check_checkpoint(m.name_or_path, "model.name_or_path")
-    return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device)
-
-
-def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messages: list[dict] | None = None) -> str:
-    """The text the model is conditioned on: a chat template (``chat``/``auto`` with one) or a named template.
-
-    Give either a bare ``prompt`` or chat ``messages`` (ending before the assistant's turn). A named
-    template wraps a single user message, so multi-turn or system messages need a chat template.
-    """
-    if (prompt is None) == (messages is None):
-        raise ValueError("render_prompt: give exactly one of prompt or messages")
-    if messages is None:
-        messages = [{"role": "user", "content": prompt}]
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
-    if template == "chat" or (template == "auto" and has_chat):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    name = "r1_zero" if template == "auto" else template
-    if len(messages) != 1 or messages[0].get("role") != "user":
-        raise ValueError(f"template {name!r} renders a single user message; got roles "
-                         f"{[m.get('role') for m in messages]} (use a tokenizer with a chat template)")
-    return apply_template(messages[0]["content"], name)
-
-
-def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
-    """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``),
-    chat templates write their own."""
-    chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
-    bos = getattr(tokenizer, "bos_id", None)
-    return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
 
 
 # ---------------------------------------------------------------------------------------------------
