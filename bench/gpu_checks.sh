@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks a session with a lent H100/H200 owes, in as few device calls as possible.
+# Each part fits one 10-minute device call; logs and results go under $OUT (default bench/results/gpu_logs).
+#
+#   bash bench/gpu_checks.sh tests     # editable install, then `pytest -m gpu`
+#   bash bench/gpu_checks.sh bench     # ceilings, then every quick case, results (json + md) into $OUT
+#   bash bench/gpu_checks.sh train     # the main job on CUDA (1 GPU): step-time split and tokens/s
+#
+# Copy what comes back under bench/results/ and commit it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+
+case "${1:-}" in
+    tests)
+        python -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    bench)
+        python bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"
+        python bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" ;;
+    train)
+        python -m torch.distributed.run --standalone --nproc_per_node 1 -m r1fast.train \
+            --train.out_dir "$OUT/runs" 2>&1 | tail -60 | tee "$OUT/main_job.log"
+        python - "$OUT/runs/tiny_r1_zero/metrics.jsonl" <<'PY' | tee -a "$OUT/main_job.log"
+import json, sys
+rl = [r for r in map(json.loads, open(sys.argv[1])) if r.get("phase") == "rl"]
+keys = ("time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per_s")
+print("mean over", len(rl), "GRPO steps:", {k: round(sum(r[k] for r in rl) / len(rl), 4) for k in keys})
+PY
+        ;;
+    *)
+        echo "usage: bash bench/gpu_checks.sh tests|bench|train" >&2; exit 2 ;;
+esac
