@@ -9,6 +9,7 @@
 # Copy what comes back under bench/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in tests|bench|train) ;; *) echo "usage: bash bench/gpu_checks.sh tests|bench|train" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/gpu_logs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,6 +32,4 @@ keys = ("time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per
 print("mean over", len(rl), "GRPO steps:", {k: round(sum(r[k] for r in rl) / len(rl), 4) for k in keys})
 PY
         ;;
-    *)
-        echo "usage: bash bench/gpu_checks.sh tests|bench|train" >&2; exit 2 ;;
 esac
