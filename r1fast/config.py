@@ -49,7 +49,7 @@ class ModelConfig:
     """'tiny' builds the small in-code transformer from the shape fields below; otherwise a local HF
     model directory (config.json + safetensors), whose own config overrides the shape fields."""
     tokenizer: str | None = None
-    """Tokenizer directory; none = the model directory ('tiny' uses the built-in byte-level tokenizer)."""
+    """Tokenizer directory; none = the model directory ('tiny' uses the built-in character tokenizer)."""
     vocab_size: int | None = bounded(None, ge=1)
     """Vocabulary of the tiny model; none = exactly the tokenizer's (larger would let it sample
     ids the tokenizer cannot decode)."""
