@@ -202,7 +202,7 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over devices and compiled."""
+    """How the model is spread over devices and what it recomputes."""
 
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2."""
@@ -210,8 +210,6 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
-    compile: bool = False
-    """torch.compile each transformer block."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_
 from r1fast.evaluation import evaluate
 from r1fast.grpo_step import RolloutBatch, build_rollout_batch, global_token_count, train_on_batch
 from r1fast.metrics import MetricsLogger, read_metrics
-from r1fast.parallelize import apply_fsdp, build_mesh, unsharded_for_rollout
+from r1fast.parallelize import apply_activation_checkpointing, apply_fsdp, build_mesh, unsharded_for_rollout
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards_setup import build_scorer
@@ -81,6 +81,8 @@ class Trainer:
             ref.load_state_dict(model.state_dict())
             ref.requires_grad_(False)
             self.ref_root = apply_fsdp(PolicyHead(ref), self.mesh)
+        if cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
         self.root = apply_fsdp(PolicyHead(model), self.mesh)
         self.optimizer = torch.optim.AdamW(self.root.parameters(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay)

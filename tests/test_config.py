@@ -70,7 +70,7 @@ weights = {accuracy = 2, "odd key" = 0.25}
     "tokens, getter, expected",
     [
         (["--parallel.fsdp", "true"], lambda c: c.parallel.fsdp, True),
-        (["--parallel.compile=1"], lambda c: c.parallel.compile, True),
+        (["--parallel.fsdp=0"], lambda c: c.parallel.fsdp, False),
         (["--model.tie_word_embeddings", "FALSE"], lambda c: c.model.tie_word_embeddings, False),
         (["--model.tie_word_embeddings", "True"], lambda c: c.model.tie_word_embeddings, True),
         (["--parallel.activation_checkpointing"], lambda c: c.parallel.activation_checkpointing, True),

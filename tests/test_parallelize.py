@@ -48,3 +48,21 @@ def test_without_process_group_fsdp_and_rollout_mode_are_no_ops():
     assert apply_fsdp(model, None) is model
     with unsharded_for_rollout(model):
         model(torch.randint(0, 32, (1, 5)))
+
+
+def test_activation_checkpointing_keeps_outputs_gradients_and_checkpoint_names():
+    from r1fast.parallelize import apply_activation_checkpointing
+
+    args = ModelArgs(vocab_size=32, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                     intermediate_size=64)
+    plain, wrapped = Transformer.from_config(args, seed=1), Transformer.from_config(args, seed=1)
+    apply_activation_checkpointing(wrapped)
+    ids = torch.randint(0, 32, (2, 6))
+    for m in (plain, wrapped):
+        m(ids).square().mean().backward()
+    assert plain.state_dict().keys() == wrapped.state_dict().keys()  # HF save names unchanged
+    grads = dict(wrapped.named_parameters())
+    for name, p in plain.named_parameters():
+        wrapped_name = name if name in grads else ".".join(
+            [*name.split(".")[:2], "_checkpoint_wrapped_module", *name.split(".")[2:]])
+        torch.testing.assert_close(grads[wrapped_name].grad, p.grad, rtol=0, atol=0)
