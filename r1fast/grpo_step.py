@@ -20,7 +20,13 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.config import Config
-from r1fast.grpo import dynamic_sampling_mask, group_advantages, soft_overlong_penalty
+from r1fast.grpo import (
+    dynamic_sampling_mask,
+    global_active_tokens,
+    group_advantages,
+    overlong_filter_mask,
+    soft_overlong_penalty,
+)
 from r1fast.policy import PackedBatch, pack, pad_rows
 
 
@@ -38,11 +44,6 @@ class RolloutBatch:
     metrics: dict = field(default_factory=dict)
     reward_seconds: float = 0.0
     generated_tokens: int = 0
-
-
-def global_token_count(mask: torch.Tensor) -> float:
-    """Active tokens summed over ranks (the dapo normalizer and the SFT normalizer)."""
-    return D.all_reduce_sum(mask.sum().detach().double().reshape(1)).item()
 
 
 def _global_means(named: dict[str, list[float]]) -> dict[str, float]:
@@ -77,7 +78,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if g.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
         keep = [k and bool(m) for k, m in zip(keep, dynamic_sampling_mask(rewards, group).tolist(), strict=True)]
     if g.overlong_filter:
-        keep = [k and c.finish_reason != "length" for k, (_, _, c) in zip(keep, flat, strict=True)]
+        truncated = torch.tensor([c.finish_reason == "length" for _, _, c in flat], dtype=torch.bool)
+        keep = [k and bool(m) for k, m in zip(keep, overlong_filter_mask(truncated).tolist(), strict=True)]
     per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
     per_reward_sq = {f"{key}_sq": [v * v for v in values] for key, values in per_reward.items()}
     means = _global_means({"reward_mean": [float(x) for x in rewards], "reward_sq": [float(x) ** 2 for x in rewards],
@@ -122,7 +124,7 @@ def train_on_batch(cfg: Config, root, ref_root, batch: RolloutBatch, clip_and_st
     micro = _micro_batches(cfg, batch, device)
     b_rank = len(batch.completions)
     local_tokens = sum(float(p.mask.sum()) for _, p in micro)
-    global_tokens = D.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item()
+    global_tokens = float(global_active_tokens([p.mask for _, p in micro]))
     temperature = cfg.rollout.temperature
     old, ref = [], []
     with torch.no_grad():

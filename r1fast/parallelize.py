@@ -68,6 +68,22 @@ def apply_activation_checkpointing(root: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(block)
 
 
+def clip_and_step(root: nn.Module, optimizer, grad_clip: float, manual_allreduce: bool) -> float:
+    """Average gradients over ranks when no FSDP does it (``manual_allreduce``), clip the global norm
+    (0 = no clipping; DTensor norms are gathered), and step unless the norm is non-finite. Returns the norm."""
+    params = [p for p in root.parameters() if p.grad is not None]
+    if manual_allreduce:
+        for p in params:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(dist.get_world_size())
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if torch.isfinite(norm):
+        optimizer.step()
+    return float(norm)
+
+
 def _fsdp_modules(root: nn.Module):
     from torch.distributed.fsdp import FSDPModule
 

@@ -38,7 +38,7 @@ from r1fast.config import ModelConfig, ParallelConfig
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.metrics import MetricsLogger
-from r1fast.parallelize import apply_fsdp, build_mesh
+from r1fast.parallelize import apply_fsdp, build_mesh, clip_and_step
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.schedule import build_scheduler
@@ -182,19 +182,6 @@ def _epoch_perm(seed: int, epoch: int, n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _clip_and_step(root, optimizer, grad_clip: float, manual_allreduce: bool) -> float:
-    params = [p for p in root.parameters() if p.grad is not None]
-    if manual_allreduce:  # several ranks without FSDP: average gradients by hand
-        for p in params:
-            D.all_reduce_sum(p.grad).div_(D.world_size())
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    if torch.isfinite(norm):
-        optimizer.step()
-    return float(norm)
-
-
 def _save_model(root, model, tokenizer, final: str) -> None:
     """HF checkpoint of the (possibly sharded) model into ``final``, atomically; every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -262,7 +249,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                 nll += loss.detach()
             nll = D.all_reduce_sum(nll).item() / world
             if math.isfinite(nll):
-                grad_norm = _clip_and_step(root, optimizer, cfg.grad_clip, mesh is None and world > 1)
+                grad_norm = clip_and_step(root, optimizer, cfg.grad_clip, mesh is None and world > 1)
                 nonfinite = 0
             else:
                 grad_norm, nonfinite = float("nan"), nonfinite + 1

@@ -25,9 +25,16 @@ from r1fast import distributed as D
 from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
 from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
 from r1fast.evaluation import evaluate
-from r1fast.grpo_step import RolloutBatch, build_rollout_batch, global_token_count, train_on_batch
+from r1fast.grpo import global_active_tokens
+from r1fast.grpo_step import RolloutBatch, build_rollout_batch, train_on_batch
 from r1fast.metrics import MetricsLogger, read_metrics
-from r1fast.parallelize import apply_activation_checkpointing, apply_fsdp, build_mesh, unsharded_for_rollout
+from r1fast.parallelize import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    build_mesh,
+    clip_and_step,
+    unsharded_for_rollout,
+)
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards_setup import build_scorer
@@ -125,7 +132,7 @@ class Trainer:
                 prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
                 targets = [self.tokenizer.encode(s["solution"]) + eos for s in samples]
                 packed = pack(prompts, targets, device=self.dist.device)
-                tokens = global_token_count(packed.mask)
+                tokens = float(global_active_tokens(packed.mask))
                 loss = self.root(packed, mode="nll", normalizer=tokens / world)
                 loss.backward()
                 grad_norm = self._clip_and_step()
@@ -138,16 +145,8 @@ class Trainer:
             group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](0)
 
     def _clip_and_step(self) -> float:
-        clip = self.cfg.train.grad_clip
-        params = [p for p in self.root.parameters() if p.grad is not None]
-        if self.mesh is None and self.dist.world_size > 1:  # no FSDP: average gradients by hand
-            for p in params:
-                D.all_reduce_sum(p.grad).div_(self.dist.world_size)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        return float(norm)
+        return clip_and_step(self.root, self.optimizer, self.cfg.train.grad_clip,
+                             self.mesh is None and self.dist.world_size > 1)
 
     def rollout(self, step: int) -> RolloutBatch:
         """This rank's prompts of ``step`` and their G completions, scored; advantages over the global batch."""
