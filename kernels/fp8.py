@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .registration import register_op
 from .triton_utils import INTERPRET
 
 FP8_MAX = 448.0
@@ -153,18 +154,32 @@ def _check_float(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _launch_rows_cols(x, emit_rows: bool, emit_cols: bool, power_of_two: bool):
+def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool):
+    M, K = x.shape
+    nk, nm = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
+    fp8 = dict(dtype=torch.float8_e4m3fn, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (torch.empty((M, K) if emit_rows else (0, 0), **fp8), torch.empty((M, nk) if emit_rows else (0, 0), **f32),
+            torch.empty((K, M) if emit_cols else (0, 0), **fp8), torch.empty((K, nm) if emit_cols else (0, 0), **f32))
+
+
+def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool,
+                    power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1x128 tiles of x (if emit_rows) and 128x1 tiles stored transposed (if emit_cols); empty when not asked."""
+    q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols)
+    if not use_triton(x.device):
+        from .ref_fp8 import quantize_fp8_1x128 as ref
+
+        if emit_rows:
+            q, s = ref(x, power_of_two=power_of_two)
+        if emit_cols:
+            qt, st = ref(x.t(), power_of_two=power_of_two)
+        return q, s, qt, st
     x = x.contiguous()
     M, K = x.shape
-    dev = x.device
-    nk, nm = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
-    q = torch.empty((M, K) if emit_rows else (0, 0), dtype=torch.float8_e4m3fn, device=dev)
-    s = torch.empty((M, nk) if emit_rows else (0, 0), dtype=torch.float32, device=dev)
-    qt = torch.empty((K, M) if emit_cols else (0, 0), dtype=torch.float8_e4m3fn, device=dev)
-    st = torch.empty((K, nm) if emit_cols else (0, 0), dtype=torch.float32, device=dev)
     if M and K:
         block_m = TILE if emit_cols else 32
-        grid = (triton.cdiv(M, block_m), nk)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(K, TILE))
         _quantize_rows_cols_kernel[grid](
             x, q, s, qt, st, M, K,
             x.stride(0), max(q.stride(0), 1), max(s.stride(0), 1), max(qt.stride(0), 1), max(st.stride(0), 1),
@@ -174,17 +189,45 @@ def _launch_rows_cols(x, emit_rows: bool, emit_cols: bool, power_of_two: bool):
     return q, s, qt, st
 
 
+def _blocks_impl(w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked w [B, N, K] -> (e4m3 [B, N, K], scale [B, ceil(N/128), ceil(K/128)]), one scale per 128x128 block."""
+    if not use_triton(w.device):
+        from .ref_fp8 import quantize_fp8_128x128 as ref
+
+        return ref(w, power_of_two=power_of_two)
+    w = w.contiguous()
+    B, N, K = w.shape
+    nn, nk = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    q = torch.empty((B, N, K), dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((B, nn, nk), dtype=torch.float32, device=w.device)
+    if B and N and K:
+        _quantize_blocks_kernel[(B, nn, nk)](
+            w, q, s, N, K,
+            w.stride(0), w.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+            POWER_OF_TWO=power_of_two, BLOCK=TILE, num_warps=8,
+        )
+    return q, s
+
+
+# -------------------------------------------------------------------------------------------- registration
+
+_rows_cols_op = register_op(
+    "fp8_quantize_rows_cols", _rows_cols_impl,
+    fake=lambda x, emit_rows, emit_cols, power_of_two: _empty_outputs(x, emit_rows, emit_cols))
+_blocks_op = register_op(
+    "fp8_quantize_blocks", _blocks_impl,
+    fake=lambda w, power_of_two: (torch.empty_like(w, dtype=torch.float8_e4m3fn),
+                                  w.new_empty(w.shape[0], triton.cdiv(w.shape[1], TILE), triton.cdiv(w.shape[2], TILE),
+                                              dtype=torch.float32)))
+
+
 # -------------------------------------------------------------------------------------- public functions
 
 
 def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False):
     """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile."""
     _check_float("x", x, (2,))
-    if not use_triton(x.device):
-        from .ref_fp8 import quantize_fp8_1x128 as ref
-
-        return ref(x, power_of_two=power_of_two)
-    q, s, _, _ = _launch_rows_cols(x, True, False, power_of_two)
+    q, s, _, _ = _rows_cols_op(x, True, False, power_of_two)
     return q, s
 
 
@@ -194,44 +237,23 @@ def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False):
     Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
     """
     _check_float("x", x, (2,))
-    if not use_triton(x.device):
-        from .ref_fp8 import quantize_fp8_1x128 as ref
-
-        return ref(x.t(), power_of_two=power_of_two)
-    _, _, qt, st = _launch_rows_cols(x, False, True, power_of_two)
+    _, _, qt, st = _rows_cols_op(x, False, True, power_of_two)
     return qt, st
 
 
 def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False):
     """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x))``."""
     _check_float("x", x, (2,))
-    if not use_triton(x.device):
-        from .ref_fp8 import quantize_fp8_1x128 as ref
-
-        return (*ref(x, power_of_two=power_of_two), *ref(x.t(), power_of_two=power_of_two))
-    return _launch_rows_cols(x, True, True, power_of_two)
+    return _rows_cols_op(x, True, True, power_of_two)
 
 
 def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):
     """w [N, K] or stacked [E, N, K] -> (w_fp8 same shape, scale [(E,) ceil(N/128), ceil(K/128)])."""
     _check_float("w", w, (2, 3))
-    if not use_triton(w.device):
-        from .ref_fp8 import quantize_fp8_128x128 as ref
-
-        return ref(w, power_of_two=power_of_two)
-    squeeze = w.dim() == 2
-    w3 = (w.unsqueeze(0) if squeeze else w).contiguous()
-    B, N, K = w3.shape
-    nn, nk = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
-    q = torch.empty((B, N, K), dtype=torch.float8_e4m3fn, device=w.device)
-    s = torch.empty((B, nn, nk), dtype=torch.float32, device=w.device)
-    if B and N and K:
-        _quantize_blocks_kernel[(B, nn, nk)](
-            w3, q, s, N, K,
-            w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-            POWER_OF_TWO=power_of_two, BLOCK=TILE, num_warps=8,
-        )
-    return (q[0], s[0]) if squeeze else (q, s)
+    if w.dim() == 2:
+        q, s = _blocks_op(w.unsqueeze(0), power_of_two)
+        return q[0], s[0]
+    return _blocks_op(w, power_of_two)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

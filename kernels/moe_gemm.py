@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .dispatch import use_triton
 from .fp8 import cast_rne
+from .registration import host_checks_enabled, register_op
 from .triton_utils import dot
 
 TILE = 128
@@ -70,11 +71,10 @@ def _grouped_gemm_kernel(
     b_scale_row = b_scale_ptr + e64 * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):  # K % 128 == 0 (checked by the launcher): no K mask
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_base + cols[None, :] * stride_bn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_base + cols[None, :] * stride_bn + ks[:, None], mask=col_ok[None, :], other=0.0)
         chunk = dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32))  # fresh fp32 accumulator per 128 of K
         a_scale = tl.load(a_scale_ptr + rows * stride_asm + k0 // BLOCK_K, mask=row_ok, other=0.0)
         b_scale = tl.load(b_scale_row + k0 // BLOCK_K)
@@ -142,41 +142,24 @@ def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool
     if tuple(group_sizes.shape) != (num_experts,):
         raise ValueError(f"group_sizes must have shape ({num_experts},) (one per expert), got {tuple(group_sizes.shape)}")
     if validate is None:  # default: check whenever it costs no graph break (reads the sizes on the host)
-        validate = not (group_sizes.is_cuda and torch.cuda.is_current_stream_capturing())
+        validate = host_checks_enabled(group_sizes)
     if validate:
         if bool((group_sizes < 0).any()) or int(group_sizes.sum()) != total:
             raise ValueError(f"group_sizes must be non-negative and sum to {total} (rows of the token operand), "
                              f"got {group_sizes.tolist()}")
 
 
-def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate: bool | None = None):
-    """Grouped block-scaled FP8 GEMM: bf16 [M, N], out[rows of e] = dequant(a_e) @ dequant(b[e]).T.
-
-    a [M, K] e4m3 + a_scale fp32 [M, ceil(K/128)] (1x128 tiles); b [E, N, K] e4m3 + b_scale fp32
-    [E, ceil(N/128), ceil(K/128)] (128x128 blocks); group_sizes int32 [E] on a's device. K need not be
-    a multiple of 128 (the last chunk is masked with zeros). ``validate``: check that group_sizes sums
-    to M (reads it on the host). None = check unless a CUDA graph is being captured; internal callers
-    whose sizes come from ``route_tokens`` pass False so the training step never syncs.
-    """
-    _check_fp8("a", a, 2)
-    _check_fp8("b", b, 3)
-    M, K = a.shape
-    E, N, Kb = b.shape
-    if Kb != K:
-        raise ValueError(f"b must have K = {K} (a's last dim) as its last dim, got {Kb}")
-    _check_scale("a_scale", a_scale, (M, triton.cdiv(K, TILE)))
-    _check_scale("b_scale", b_scale, (E, triton.cdiv(N, TILE), triton.cdiv(K, TILE)))
-    _check_group_sizes(group_sizes, E, M, validate)
-    if out is None:
-        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
-    elif out.shape != (M, N) or out.dtype != torch.bfloat16 or out.stride(1) != 1:
-        raise ValueError(f"out must be a bf16 [{M}, {N}] tensor with contiguous rows")
+def _grouped_gemm_impl(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       group_sizes: torch.Tensor, out: torch.Tensor) -> None:
     if not use_triton(a.device):
         from .ref_fp8 import fp8_grouped_gemm as ref
 
-        return ref(a, a_scale, b, b_scale, group_sizes, out=out)
+        ref(a, a_scale, b, b_scale, group_sizes, out=out)
+        return
+    M, K = a.shape
+    E, N, _ = b.shape
     if M == 0 or N == 0 or E == 0:
-        return out
+        return
     a, b, a_scale, b_scale = a.contiguous(), b.contiguous(), a_scale.contiguous(), b_scale.contiguous()
     block_m, block_n = 128, 128
     grid = (triton.cdiv(M, block_m) + E, triton.cdiv(N, block_n))
@@ -186,6 +169,71 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate:
         E_PAD=triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE,
         num_warps=8, num_stages=4,
     )
+
+
+def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tensor, bt_scale: torch.Tensor,
+                        group_sizes: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    if not use_triton(at.device):
+        from .ref_fp8 import fp8_grouped_gemm_wgrad as ref
+
+        ref(at, at_scale, bt, bt_scale, group_sizes, out=out, accumulate=accumulate)
+        return
+    if out.numel() == 0:
+        return
+    N, M = at.shape
+    K = bt.shape[0]
+    E = group_sizes.shape[0]
+    at, bt, at_scale, bt_scale = at.contiguous(), bt.contiguous(), at_scale.contiguous(), bt_scale.contiguous()
+    block_n, block_k = 128, 128
+    grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _grouped_wgrad_kernel[grid](
+        at, at_scale, bt, bt_scale, group_sizes, out, M, N, K, E,
+        at.stride(0), at_scale.stride(0), bt.stride(0), bt_scale.stride(0), out.stride(0), out.stride(1),
+        ACCUMULATE=accumulate, E_PAD=triton.next_power_of_2(E),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=TILE, num_warps=8, num_stages=4,
+    )
+
+
+# -------------------------------------------------------------------------------------------- registration
+
+# Both ops fill a caller-provided ``out`` (mutated, nothing returned): the public functions take ``out=``.
+_grouped_gemm_op = register_op("fp8_grouped_gemm", _grouped_gemm_impl, fake=lambda *args: None,
+                               mutates_args=("out",))
+_grouped_wgrad_op = register_op("fp8_grouped_gemm_wgrad", _grouped_wgrad_impl, fake=lambda *args: None,
+                                mutates_args=("out",))
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate: bool | None = None):
+    """Grouped block-scaled FP8 GEMM: bf16 [M, N], out[rows of e] = dequant(a_e) @ dequant(b[e]).T.
+
+    a [M, K] e4m3 + a_scale fp32 [M, K/128] (1x128 tiles); b [E, N, K] e4m3 + b_scale fp32
+    [E, ceil(N/128), K/128] (128x128 blocks); group_sizes int32 [E] on a's device. K must be a multiple
+    of 128: the recipe promotes every 128 of K, one scale pair per chunk, and whole chunks keep the
+    inner loop free of masks (pad the reduction dim with zeros if a model's is not). ``validate``:
+    check that group_sizes sums to M (reads it on the host). None = check unless a CUDA graph is being
+    captured or torch.compile traces; internal callers whose sizes come from ``route_tokens`` pass
+    False so the training step never syncs.
+    """
+    _check_fp8("a", a, 2)
+    _check_fp8("b", b, 3)
+    M, K = a.shape
+    E, N, Kb = b.shape
+    if Kb != K:
+        raise ValueError(f"b must have K = {K} (a's last dim) as its last dim, got {Kb}")
+    if K % TILE:
+        raise ValueError(f"a: K = {K} is not a multiple of {TILE}; the 1x128 / 128x128 recipe reduces whole "
+                         f"{TILE}-wide K chunks (pad K with zeros to {triton.cdiv(K, TILE) * TILE})")
+    _check_scale("a_scale", a_scale, (M, K // TILE))
+    _check_scale("b_scale", b_scale, (E, triton.cdiv(N, TILE), K // TILE))
+    _check_group_sizes(group_sizes, E, M, validate)
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    elif out.shape != (M, N) or out.dtype != torch.bfloat16 or out.stride(1) != 1:
+        raise ValueError(f"out must be a bf16 [{M}, {N}] tensor with contiguous rows")
+    _grouped_gemm_op(a, a_scale, b, b_scale, group_sizes, out)
     return out
 
 
@@ -195,8 +243,9 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
 
     at [N, M] and bt [K, M] are e4m3 in the 128x1 token-axis tiling stored transposed (scales
     [N, ceil(M/128)] and [K, ceil(M/128)], from ``quantize_fp8_128x1``); group_sizes int32 [E] splits
-    the M tokens. Returns out fp32 [E, N, K]; ``accumulate=True`` adds into ``out`` (a gradient
-    buffer) instead of overwriting it. Experts with no tokens get zeros (or keep ``out``).
+    the M tokens (any sizes: the reduction runs over each expert's own rows). Returns out fp32
+    [E, N, K]; ``accumulate=True`` adds into ``out`` (a gradient buffer) instead of overwriting it.
+    Experts with no tokens get zeros (or keep ``out``).
     """
     _check_fp8("at", at, 2)
     _check_fp8("bt", bt, 2)
@@ -214,21 +263,7 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
         out = torch.empty(E, N, K, dtype=torch.float32, device=at.device)
     elif out.shape != (E, N, K) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{E}, {N}, {K}] tensor")
-    if not use_triton(at.device):
-        from .ref_fp8 import fp8_grouped_gemm_wgrad as ref
-
-        return ref(at, at_scale, bt, bt_scale, group_sizes, out=out, accumulate=accumulate)
-    if out.numel() == 0:
-        return out
-    at, bt, at_scale, bt_scale = at.contiguous(), bt.contiguous(), at_scale.contiguous(), bt_scale.contiguous()
-    block_n, block_k = 128, 128
-    grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _grouped_wgrad_kernel[grid](
-        at, at_scale, bt, bt_scale, group_sizes, out, M, N, K, E,
-        at.stride(0), at_scale.stride(0), bt.stride(0), bt_scale.stride(0), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, E_PAD=triton.next_power_of_2(E),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=TILE, num_warps=8, num_stages=4,
-    )
+    _grouped_wgrad_op(at, at_scale, bt, bt_scale, group_sizes, out, accumulate)
     return out
 
 

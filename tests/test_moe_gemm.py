@@ -1,13 +1,10 @@
-"""Grouped FP8 GEMMs, routing kernels and the FP8 MoE layer vs fp64 references.
+"""Grouped FP8 GEMMs and the routing kernels vs fp64 references (the layer: test_moe_layer.py).
 
 Bounds. Grouped GEMMs are checked against the fp64 product of the *dequantized* operands (what the
 kernel computes up to fp32 accumulation and the bf16 output rounding): calc_diff < 1e-5 and
 elementwise within 3x the bf16 rounding of the reference (``assert_close_to_ref``); and against the
 unquantized product: calc_diff < 2e-3 (E4M3's 3-bit mantissa on both operands gives ~7e-4 on
-Gaussian data). The layer is compared with the unquantized fp64 MoE by SQNR: one E4M3 rounding of
-Gaussian data is ~31.7 dB, a GEMM with both operands quantized ~28.7 dB, and the layer chains five
-roundings with a SwiGLU product in between (measured 23.8 dB on the output, 22.4-22.9 dB on the
-gradients), so the bound is 21 dB: an indexing or scale bug lands far below (< 10 dB).
+Gaussian data).
 """
 
 import pytest
@@ -15,18 +12,13 @@ import torch
 from conftest import assert_close_to_ref, calc_diff
 
 from r1fast.kernels import fp8, moe_gemm, moe_permute, ref_fp8
-from r1fast.kernels.moe_layer import Fp8Weight, Fp8WeightCache, moe_ffn_fp8
+from r1fast.kernels.moe_layer import Fp8Weight, moe_ffn_fp8
 
 GROUPS = {1: [300], 3: [0, 1, 299], 8: [37, 0, 1, 128, 129, 5, 0, 60]}
 
 
 def _offsets(sizes):
     return [0, *torch.tensor(sizes).cumsum(0).tolist()]
-
-
-def _sqnr_db(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    return float(10 * torch.log10((ref * ref).sum() / ((out - ref) ** 2).sum()))
 
 
 @pytest.mark.parametrize("num_experts", [1, 3, 8])
@@ -109,9 +101,38 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         call(xq, xs, wq, ws, gs.float())
     with pytest.raises(ValueError, match="^out must"):
         call(xq, xs, wq, ws, gs, out=torch.empty(8, 64))
+    x200q, x200s = fp8.quantize_fp8_1x128(torch.randn(8, 200))
+    w200q, w200s = fp8.quantize_fp8_128x128(torch.randn(2, 64, 200))
+    with pytest.raises(ValueError, match="^a: K = 200 is not a multiple of 128"):
+        call(x200q, x200s, w200q, w200s, gs)
+    with pytest.raises(ValueError, match="^w_gate_up: the FP8 recipe needs H and I to be multiples of 128"):
+        moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long),
+                    torch.randn(2, 192, 128), torch.randn(2, 128, 96))
     with pytest.raises(ValueError, match="^w_down must"):
         moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long),
                     torch.randn(2, 64, 128), torch.randn(3, 128, 32))
+
+
+def test_routing_references_match_the_kernels():
+    from r1fast.kernels import ref_moe_permute
+
+    T, k, E, H = 19, 2, 6, 130
+    topk_ids = torch.randint(0, E, (T, k))
+    counts = moe_permute.expert_histogram(topk_ids, E)
+    assert counts.dtype == torch.int32 and torch.equal(counts, ref_moe_permute.expert_histogram(topk_ids, E))
+    _, token_of_row, row_of_slot = moe_permute.route_tokens(topk_ids, E)
+    xq = fp8.quantize_fp8_1x128(torch.randn(T, H))[0]
+    assert torch.equal(moe_permute.gather_rows(xq, token_of_row).view(torch.uint8),
+                       ref_moe_permute.gather_rows(xq, token_of_row).view(torch.uint8))
+    y, weights = torch.randn(T * k, H, dtype=torch.bfloat16), torch.rand(T, k)
+    for w in (weights, None):
+        assert torch.equal(moe_permute.combine(y, row_of_slot, w, k, torch.bfloat16),
+                           ref_moe_permute.combine(y, row_of_slot, w, k, torch.bfloat16))
+    dout = torch.randn(T, H, dtype=torch.bfloat16)
+    dy, dw = moe_permute.combine_backward(dout, y, row_of_slot, weights)
+    dy_ref, dw_ref = ref_moe_permute.combine_backward(dout, y, row_of_slot, weights)
+    assert torch.equal(dy, dy_ref)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-6, atol=1e-6)  # fp32 sums of 130 products, other order
 
 
 def test_routing_and_combine_match_torch():
@@ -141,52 +162,6 @@ def test_routing_and_combine_match_torch():
     assert_close_to_ref(dw, dw_ref, dw_ref.float(), mult=4.0, name="combine dweights")
 
 
-def _layer_inputs(T, H, inter, E, k, dtype=torch.bfloat16, device="cpu"):
-    x = torch.randn(T, H, device=device).to(dtype)
-    topk_weights, topk_ids = torch.randn(T, E, device=device).softmax(-1).topk(k, dim=-1)
-    w_gate_up = torch.randn(E, 2 * inter, H, device=device) / H**0.5
-    w_down = torch.randn(E, H, inter, device=device) / inter**0.5
-    return x, topk_weights, topk_ids, w_gate_up, w_down
-
-
-def _layer_grads(x, topk_weights, topk_ids, w_gate_up, w_down, dout, fn, cast=None):
-    leaves = [t.detach().clone().to(cast or t.dtype).requires_grad_(True) for t in (x, topk_weights, w_gate_up, w_down)]
-    out = fn(leaves[0], leaves[1], topk_ids, leaves[2], leaves[3])
-    out.backward(dout.to(out.dtype))
-    return out, [t.grad for t in leaves]
-
-
-def test_moe_ffn_fp8_forward_backward_vs_unquantized_reference():
-    x, tw, ti, wgu, wd = _layer_inputs(T=48, H=256, inter=128, E=3, k=2)
-    dout = torch.randn(48, 256)
-    cache = Fp8WeightCache()
-    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=cache))
-    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.float64)
-    assert out.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
-    assert _sqnr_db(out, ref) >= 21.0
-    for name, g, r in zip(("x", "topk_weights", "w_gate_up", "w_down"), grads, ref_grads, strict=True):
-        assert torch.isfinite(g).all(), name
-        assert _sqnr_db(g, r) >= 21.0, f"grad of {name}: {_sqnr_db(g, r):.1f} dB"
-    out2, grads2 = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=cache))
-    assert torch.equal(out2, out) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))  # bitwise repeatable
-
-
-def test_weight_cache_reuses_until_in_place_update():
-    w = torch.randn(2, 128, 256, requires_grad=True)
-    cache = Fp8WeightCache()
-    first = cache.get(w)
-    assert cache.get(w) is first and cache.quantizations == 1
-    with torch.no_grad():
-        w.add_(1.0)  # what an optimizer step does
-    second = cache.get(w)
-    assert second is not first and cache.quantizations == 2
-    assert torch.equal(second.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
-    assert torch.equal(second.q_t.view(torch.uint8), second.q.transpose(1, 2).view(torch.uint8))
-
-
-# ---------------------------------------------------------------------------------------------- GPU (H100)
-
-
 @pytest.mark.gpu
 def test_grouped_gemm_v3_fc1_shape_gpu():
     E, N, K = 8, 4096, 7168
@@ -206,25 +181,3 @@ def test_grouped_gemm_v3_fc1_shape_gpu():
     assert_close_to_ref(out, ref, ref.to(torch.bfloat16), name="grouped gemm (H100)")
     rq, rs = ref_fp8.quantize_fp8_1x128(x)
     assert torch.equal(rq.view(torch.uint8), xq.view(torch.uint8)) and torch.equal(rs, xs)
-
-
-@pytest.mark.gpu
-def test_moe_ffn_fp8_gpu():
-    x, tw, ti, wgu, wd = _layer_inputs(T=2048, H=1024, inter=512, E=8, k=4, device="cuda")
-    dout = torch.randn(2048, 1024, device="cuda")
-    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=Fp8WeightCache()))
-    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.float64)
-    assert _sqnr_db(out, ref) >= 21.0
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert _sqnr_db(g, r) >= 21.0
-
-
-@pytest.mark.xfail(strict=True, reason="issue 7 asks >= 25 dB vs the bf16 layer; measured 22.7-23.9 dB on Gaussian "
-                   "data (five E4M3 roundings around SwiGLU). Strict: this fails loudly once the target is met.")
-def test_moe_ffn_fp8_reaches_the_issue_25db_target_vs_bf16_layer():
-    x, tw, ti, wgu, wd = _layer_inputs(T=48, H=256, inter=128, E=3, k=2)
-    dout = torch.randn(48, 256)
-    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=Fp8WeightCache()))
-    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.bfloat16)
-    worst = min([_sqnr_db(out, ref)] + [_sqnr_db(g, r) for g, r in zip(grads, ref_grads, strict=True)])
-    assert worst >= 25.0, f"worst SQNR {worst:.1f} dB"

@@ -1,0 +1,175 @@
+"""The FP8 MoE FFN layer (``moe_ffn_fp8``): vs the recipe in exact arithmetic, vs the unquantized
+layer, gradient accumulation into ``.grad``, the weight cache, torch.compile.
+
+Bounds. One E4M3 rounding of Gaussian data is ~31.7 dB SQNR, a GEMM with both operands quantized
+~28.7 dB, and the layer chains five roundings with a SwiGLU product in between. The recipe itself,
+run in exact arithmetic (every op's PyTorch reference: same quantizers bit for bit, fp64 GEMMs),
+lands at 22.2-25.0 dB from the unquantized layer on these inputs (measured on the CI machine), and
+the Triton layer equals that emulation to >= 80 dB (mostly bit for bit: the two differ only in fp32
+vs fp64 accumulation, which rarely moves a bf16 rounding). So: kernel vs emulation >= 60 dB (an
+indexing or scale bug lands below 20 dB), kernel vs unquantized >= 21 dB.
+"""
+
+import pytest
+import torch
+
+from r1fast.kernels import ref_fp8
+from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
+
+
+def _sqnr_db(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    err = ((out - ref) ** 2).sum()
+    return float("inf") if err == 0 else float(10 * torch.log10((ref * ref).sum() / err))
+
+
+def _layer_inputs(T, H, inter, E, k, dtype=torch.bfloat16, device="cpu"):
+    x = torch.randn(T, H, device=device).to(dtype)
+    topk_weights, topk_ids = torch.randn(T, E, device=device).softmax(-1).topk(k, dim=-1)
+    w_gate_up = torch.randn(E, 2 * inter, H, device=device) / H**0.5
+    w_down = torch.randn(E, H, inter, device=device) / inter**0.5
+    return x, topk_weights, topk_ids, w_gate_up, w_down
+
+
+def _layer_grads(x, topk_weights, topk_ids, w_gate_up, w_down, dout, fn, cast=None):
+    leaves = [t.detach().clone().to(cast or t.dtype).requires_grad_(True) for t in (x, topk_weights, w_gate_up, w_down)]
+    out = fn(leaves[0], leaves[1], topk_ids, leaves[2], leaves[3])
+    out.backward(dout.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+NAMES = ("x", "topk_weights", "w_gate_up", "w_down")
+
+
+def test_moe_ffn_fp8_forward_backward_vs_unquantized_reference():
+    x, tw, ti, wgu, wd = _layer_inputs(T=48, H=256, inter=128, E=3, k=2)
+    dout = torch.randn(48, 256)
+    cache = Fp8WeightCache()
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=cache))
+    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.float64)
+    assert out.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
+    assert _sqnr_db(out, ref) >= 21.0
+    for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert _sqnr_db(g, r) >= 21.0, f"grad of {name}: {_sqnr_db(g, r):.1f} dB"
+    out2, grads2 = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=cache))
+    assert torch.equal(out2, out) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))  # bitwise repeatable
+
+
+def test_kernels_equal_the_recipe_in_exact_arithmetic(monkeypatch):
+    """The Triton layer adds nothing to the recipe's own error: same quantization points, fp32 vs fp64 sums."""
+    x, tw, ti, wgu, wd = _layer_inputs(T=150, H=256, inter=128, E=4, k=2)  # 300 rows: tiles straddle experts
+    dout = torch.randn(150, 256)
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, moe_ffn_fp8)
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")  # every op's PyTorch reference, forward and backward
+    emu, emu_grads = _layer_grads(x, tw, ti, wgu, wd, dout, moe_ffn_fp8)
+    monkeypatch.delenv("R1FAST_KERNELS")
+    exact, exact_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.float64)
+    assert _sqnr_db(out, emu) >= 60.0
+    for name, g, e in zip(NAMES, grads, emu_grads, strict=True):
+        assert _sqnr_db(g, e) >= 60.0, f"grad of {name}: {_sqnr_db(g, e):.1f} dB from the emulated recipe"
+    # the emulation is genuinely quantized: FP8 error, not the unquantized layer
+    assert 20.0 <= _sqnr_db(emu, exact) <= 27.0
+    assert all(20.0 <= _sqnr_db(e, r) <= 27.0 for e, r in zip(emu_grads, exact_grads, strict=True))
+
+
+def _spy_wgrad_accumulate(monkeypatch):
+    """Record the ``accumulate`` flag of every wgrad call the layer makes."""
+    from r1fast.kernels import moe_layer
+
+    flags, wgrad = [], moe_layer.fp8_grouped_gemm_wgrad
+
+    def spy(*args, accumulate=False, **kwargs):
+        flags.append(accumulate)
+        return wgrad(*args, accumulate=accumulate, **kwargs)
+
+    monkeypatch.setattr(moe_layer, "fp8_grouped_gemm_wgrad", spy)
+    return flags
+
+
+def test_weight_gradients_accumulate_in_place_into_fp32_grad(monkeypatch):
+    x, tw, ti, wgu, wd = _layer_inputs(T=40, H=128, inter=128, E=3, k=2)
+    douts = torch.randn(2, 40, 128, dtype=torch.bfloat16)
+    separate = [_layer_grads(x, tw, ti, wgu, wd, d, moe_ffn_fp8)[1] for d in douts]
+    w_gate_up, w_down = wgu.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+    cache = Fp8WeightCache()
+    flags = _spy_wgrad_accumulate(monkeypatch)
+    moe_ffn_fp8(x, tw, ti, w_gate_up, w_down, cache=cache).backward(douts[0])
+    assert flags == [False, False]
+    buffers = (w_gate_up.grad, w_down.grad)
+    assert torch.equal(buffers[0], separate[0][2])  # first micro-batch: autograd adopted the fp32 result
+    moe_ffn_fp8(x, tw, ti, w_gate_up, w_down, cache=cache).backward(douts[1])
+    assert flags == [False, False, True, True]  # second: the kernel added into the same buffers
+    assert w_gate_up.grad is buffers[0] and w_down.grad is buffers[1]
+    assert torch.equal(w_gate_up.grad, separate[0][2] + separate[1][2])  # fp32 a + b, bit for bit
+    assert torch.equal(w_down.grad, separate[0][3] + separate[1][3])
+
+
+def test_hooked_or_low_precision_weights_get_their_gradient_through_autograd(monkeypatch):
+    x, tw, ti, wgu, wd = _layer_inputs(T=24, H=128, inter=128, E=2, k=1)
+    dout = torch.randn(24, 128, dtype=torch.bfloat16)
+    expected = _layer_grads(x, tw, ti, wgu, wd, dout, moe_ffn_fp8)[1]
+    flags = _spy_wgrad_accumulate(monkeypatch)
+    w_gate_up, w_down = wgu.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+    calls = []
+    w_gate_up.register_post_accumulate_grad_hook(lambda p: calls.append(p.grad.clone()))
+    for _ in range(2):
+        moe_ffn_fp8(x, tw, ti, w_gate_up, w_down).backward(dout)
+    assert len(calls) == 2  # the hook saw both micro-batches: no in-place shortcut around autograd
+    assert flags == [False, False, True, False]  # (w_down, then w_gate_up): w_down, unhooked, goes in place
+    assert torch.equal(calls[1], expected[2] + expected[2]) and torch.equal(w_down.grad, expected[3] * 2)
+
+    bf16_up, bf16_down = wgu.bfloat16().requires_grad_(True), wd.bfloat16().requires_grad_(True)
+    for _ in range(2):
+        moe_ffn_fp8(x, tw, ti, bf16_up, bf16_down).backward(dout)
+    assert bf16_up.grad.dtype == torch.bfloat16 and flags[4:] == [False] * 4
+    assert _sqnr_db(bf16_up.grad, expected[2] * 2) >= 20.0  # bf16 master weights quantize to other FP8 values
+
+
+def test_weight_cache_reuses_until_in_place_update():
+    w = torch.randn(2, 128, 256, requires_grad=True)
+    cache = Fp8WeightCache()
+    first = cache.get(w)
+    assert cache.get(w) is first and cache.quantizations == 1
+    with torch.no_grad():
+        w.add_(1.0)  # what an optimizer step does
+    second = cache.get(w)
+    assert second is not first and cache.quantizations == 2
+    assert torch.equal(second.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
+    assert torch.equal(second.q_t.view(torch.uint8), second.q.transpose(1, 2).view(torch.uint8))
+
+
+def test_compiled_layer_equals_eager():
+    x, tw, ti, wgu, wd = _layer_inputs(T=16, H=128, inter=128, E=3, k=2)
+    dout = torch.randn(16, 128, dtype=torch.bfloat16)
+    compiled = torch.compile(moe_ffn_fp8, backend="aot_eager", fullgraph=True)
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, compiled)
+    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, moe_ffn_fp8)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- GPU (H100)
+
+
+@pytest.mark.gpu
+def test_moe_ffn_fp8_gpu():
+    x, tw, ti, wgu, wd = _layer_inputs(T=2048, H=1024, inter=512, E=8, k=4, device="cuda")
+    dout = torch.randn(2048, 1024, device="cuda")
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=Fp8WeightCache()))
+    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.float64)
+    assert _sqnr_db(out, ref) >= 21.0
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert _sqnr_db(g, r) >= 21.0
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7 asks >= 25 dB vs the bf16 layer; the recipe itself reaches 22.2-25.0 "
+                   "dB on Gaussian data (five E4M3 roundings around SwiGLU; the kernels equal its exact-arithmetic "
+                   "emulation, see test_kernels_equal_the_recipe_in_exact_arithmetic). Strict: fails loudly if met.")
+def test_moe_ffn_fp8_reaches_the_issue_25db_target_vs_bf16_layer():
+    x, tw, ti, wgu, wd = _layer_inputs(T=48, H=256, inter=128, E=3, k=2)
+    dout = torch.randn(48, 256)
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, dout, lambda *a: moe_ffn_fp8(*a, cache=Fp8WeightCache()))
+    ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.bfloat16)
+    worst = min([_sqnr_db(out, ref)] + [_sqnr_db(g, r) for g, r in zip(grads, ref_grads, strict=True)])
+    assert worst >= 25.0, f"worst SQNR {worst:.1f} dB"
