@@ -260,4 +260,4 @@ class Transformer(nn.Module):
         batch = Batch(cos, sin, positions, cu_seqlens, int(max_seqlen), attn or self._attention_for(x))
         for layer in self.layers:
             x = layer(x, batch)
-        return self.norm(x).view(*shape, -1)
+        return self.norm(x.view(*shape, -1))  # norm of the reshaped input: the output is not a view (FSDP2 warns)
