@@ -36,9 +36,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() in ("1", "true", "True")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # a plain constant: dynamo traces it freely
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 @functools.lru_cache(maxsize=1)

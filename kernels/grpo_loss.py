@@ -3,7 +3,8 @@
 Public ops: ``fused_linear_logprobs`` (no autograd: old-policy, reference and rollout log-probs) and
 ``fused_linear_grpo_loss`` (loss + metrics, gradients to hidden, weight and bias). The PyTorch
 reference with the same signatures is ``ref_grpo_loss.py``; it also holds the shared validation and
-the GRPO objective on per-token log-probs.
+the GRPO objective on per-token log-probs. The per-chunk steps (row kernels, dloss/dlogp, gradient
+GEMMs) live in ``grpo_loss_kernels.py``; this file holds the sweep, the ops and the public functions.
 
 Design (why not one giant Triton kernel). Per token chunk of C rows (C·V·2 bytes near 512 MiB for
 the loss, 256 MiB for log-probs only):
@@ -36,139 +37,45 @@ grad_W is accumulated across chunks in the weight's dtype (one rounding per chun
 
 Only active tokens (mask != 0) are computed: they are gathered first, so padding costs nothing and
 a fully masked batch returns loss 0 and zero gradients without launching a kernel.
+
+torch.compile. Each public function calls ONE registered op for its whole chunked sweep:
+``torch.ops.r1fast.grpo_linear_logprobs`` -> (logp, entropy) and ``grpo_linear_loss_and_grads`` ->
+(loss, kl, clip_frac, entropy, grad_hidden, grad_weight, grad_bias; unwanted grads are empty), and
+``_FusedLinearGRPOLossFunction`` saves the grads and scales them by grad_output in backward. Why one
+op and not ops for the two row launchers with the Python chunk loop traced: the sweep gathers the
+active tokens with ``nonzero`` (a data-dependent size dynamo cannot trace without graph breaks), runs
+autograd on O(C) scalars inside the loop, and its chunk count depends on the shapes, so a traced loop
+would unroll into one graph node per chunk and re-trace per shape; opaque, the op has static output
+shapes (a 10-line fake), eager pays one dispatch (~1 us) per call instead of one per chunk kernel,
+and compiled and eager run the same kernels in the same order (bitwise-equal results). The autograd
+inside the loss op is re-enabled by ``objective_coefficient`` when a dispatch mode calls the op below
+autograd (aot_autograd's compiled runtime does). Shape, dtype and option checks always run; the
+three that read device values (non-finite hidden, token range, a tensor normalizer) run only while
+``host_checks_enabled()``: torch.compile and CUDA-graph capture cannot run them.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .dispatch import use_triton
+from .grpo_loss_kernels import GradAccumulator, dlogits_inplace, objective_coefficient, row_stats
 from .ref_grpo_loss import (
     _check_token_range,
     compute_dtype,
     default_chunk_tokens,
     finish_metrics,
-    grpo_objective,
     token_weights,
     validate_linear,
     validate_loss,
 )
 from .ref_grpo_loss import fused_linear_grpo_loss as _reference_loss
 from .ref_grpo_loss import fused_linear_logprobs as _reference_logprobs
+from .registration import host_checks_enabled, register_op
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels
+# the chunked sweep (runs inside the registered ops)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS: tl.constexpr):
-    """(logits + bias) / T for one vocab tile in fp32; -inf past V."""
-    z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    z = z * inv_temperature
-    return tl.where(valid, z, float("-inf"))
-
-
-@triton.jit
-def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, logp_ptr, entropy_ptr, V,
-                            inv_temperature, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                            BLOCK_V: tl.constexpr):
-    """One program per token row: logsumexp, log p(target) and entropy of softmax(z), online over V.
-
-    Running scalars (max m, sum s of exp(z - m), sum t of exp(z - m)·z) are rescaled when m grows;
-    entropy = lse − t / s. Masked lanes are excluded with ``where`` (exp(-inf)·(-inf) would be NaN).
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)
-    m = -float("inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs0
-        valid = offs < V
-        z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        rescale = tl.exp(m - m_new)
-        e = tl.where(valid, tl.exp(z - m_new), 0.0)
-        s = s * rescale + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            # z is -inf on masked lanes; multiply by a zeroed copy so no 0·inf NaN is ever formed
-            t = t * rescale + tl.sum(e * tl.where(valid, z, 0.0), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-    target = tl.load(ids_ptr + row).to(tl.int64)
-    z_target = tl.load(row_ptr + target).to(tl.float32)
-    if HAS_BIAS:
-        z_target += tl.load(bias_ptr + target).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, z_target * inv_temperature - lse)
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, lse - t / s)
-
-
-@triton.jit
-def _dlogits_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr, V, inv_temperature,
-                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Overwrite one row of logits with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T.
-
-    In place: the [C, V] logits buffer becomes the dlogits buffer the grad GEMMs read, so the
-    backward needs no second [C, V] allocation.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(coef_ptr + row) * inv_temperature
-    target = tl.load(ids_ptr + row).to(tl.int64)
-    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs0
-        valid = offs < V
-        z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
-        p = tl.exp(z - lse)
-        d = (tl.where(offs == target, 1.0, 0.0) - p) * scale
-        tl.store(row_ptr + offs, d.to(logits_ptr.dtype.element_ty), mask=valid)
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers
-# ----------------------------------------------------------------------------------------------
-
-
-def _block_v(vocab: int) -> int:
-    # 4096 lanes keep a row's loop at ~37 iterations at V = 152k; small vocabularies use one tile
-    # (the interpreter then runs one iteration per row).
-    return min(4096, triton.next_power_of_2(vocab))
-
-
-def _num_warps(block_v: int) -> int:
-    # memory-bound row sweeps: more warps in flight hide HBM latency (16 elements per thread)
-    return max(1, min(8, block_v // 512))
-
-
-def _row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
-    rows, vocab = logits.shape
-    if rows == 0:
-        return
-    with_entropy = entropy is not None
-    _logit_row_stats_kernel[(rows,)](
-        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, logp,
-        entropy if with_entropy else lse, vocab, inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(vocab),
-        num_warps=_num_warps(_block_v(vocab)))
-
-
-def _dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature):
-    rows, vocab = logits.shape
-    if rows == 0:
-        return
-    _dlogits_kernel[(rows,)](
-        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, coef, vocab, inv_temperature,
-        HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab), num_warps=_num_warps(_block_v(vocab)))
 
 
 def _chunk_bounds(n: int, chunk: int):
@@ -199,42 +106,9 @@ def _logprobs_sweep(h2d, weight, bias, ids, inv_temperature, with_entropy, chunk
     for s, e in _chunk_bounds(n, chunk):
         logits = buf[: e - s]
         torch.mm(h2d[s:e], weight.t(), out=logits)
-        _row_stats(logits, bias, ids[s:e], inv_temperature, lse[s:e], logp[s:e],
+        row_stats(logits, bias, ids[s:e], inv_temperature, lse[s:e], logp[s:e],
                    entropy[s:e] if with_entropy else None)
     return lse, logp, entropy
-
-
-class _GradAccumulator:
-    """grad_h rows, grad_W and grad_b for the active tokens, from dlogits chunks."""
-
-    def __init__(self, h_active, weight, bias, want_h, want_w, want_b):
-        self.h = h_active
-        self.weight = weight
-        self.grad_h = torch.empty_like(h_active) if want_h else None
-        self.grad_w = torch.zeros_like(weight) if want_w else None
-        self.grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
-        self.first = True
-
-    def add(self, s, e, dlogits):
-        if self.grad_h is not None:
-            torch.mm(dlogits, self.weight, out=self.grad_h[s:e])
-        if self.grad_w is not None:
-            if self.first:  # a plain GEMM: no read of the zeroed buffer
-                torch.mm(dlogits.t(), self.h[s:e], out=self.grad_w)
-            else:
-                self.grad_w.addmm_(dlogits.t(), self.h[s:e])
-        if self.grad_b is not None:
-            self.grad_b += dlogits.sum(0, dtype=torch.float32)
-        self.first = False
-
-
-def _coefficient(logp, objective_args, want_grad):
-    """(loss, kl_sum, clipped, dloss/dlogp or None) of the objective at ``logp`` (O(tokens) work)."""
-    with torch.enable_grad():
-        lp = logp.detach().requires_grad_(want_grad)
-        loss, kl_sum, clipped = grpo_objective(lp, **objective_args)
-        coef = torch.autograd.grad(loss, lp)[0] if want_grad else None
-    return loss.detach(), kl_sum, clipped, coef
 
 
 def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts, want_h, want_w, want_b):
@@ -257,7 +131,7 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
 
     common = dict(beta=opts["beta"], eps_low=opts["eps_low"], eps_high=opts["eps_high"], delta=opts["delta"],
                   importance_level=opts["importance_level"])
-    grads = _GradAccumulator(h_act, weight, bias, want_h, want_w, want_b)
+    grads = GradAccumulator(h_act, weight, bias, want_h, want_w, want_b)
     want_grad = want_h or want_w or want_b
     zero = torch.zeros((), dtype=cd, device=hidden.device)
     loss, kl_sum, clipped, entropy_sum = zero, zero, zero, zero
@@ -273,13 +147,13 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
         for s, e in _chunk_bounds(n, chunk):
             logits, c = buf[: e - s], e - s
             torch.mm(h_act[s:e], weight.t(), out=logits)
-            _row_stats(logits, bias, ids_act[s:e], inv_t, lse[:c], logp[:c], entropy[:c])
+            row_stats(logits, bias, ids_act[s:e], inv_t, lse[:c], logp[:c], entropy[:c])
             args = {k: (None if v is None else v[s:e]) for k, v in tok.items()}
-            l_c, kl_c, clip_c, coef = _coefficient(logp[:c], {**args, **common}, want_grad)
+            l_c, kl_c, clip_c, coef = objective_coefficient(logp[:c], {**args, **common}, want_grad)
             loss, kl_sum, clipped = loss + l_c, kl_sum + kl_c, clipped + clip_c
             entropy_sum = entropy_sum + entropy[:c].sum()
             if want_grad:
-                _dlogits_inplace(logits, bias, ids_act[s:e], lse[:c], coef.to(cd).contiguous(), inv_t)
+                dlogits_inplace(logits, bias, ids_act[s:e], lse[:c], coef.to(cd).contiguous(), inv_t)
                 grads.add(s, e, logits)
     elif n > 0:
         # GSPO: sequence ratios need every token first -> stats sweep, coefficients, grad sweep.
@@ -287,7 +161,7 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
         logp_full = torch.zeros(B * T, dtype=cd, device=hidden.device).index_copy(0, idx, logp_act).view(B, T)
         seq_args = dict(mask=active, adv=adv, weight=weights, old_logps=opts["old_logps"],
                         ref_logps=opts["ref_logps"], rollout_is_ratio=opts["rollout_is_ratio"])
-        loss, kl_sum, clipped, coef_full = _coefficient(logp_full, {**seq_args, **common}, want_grad)
+        loss, kl_sum, clipped, coef_full = objective_coefficient(logp_full, {**seq_args, **common}, want_grad)
         entropy_sum = entropy.sum()
         if want_grad:
             coef = coef_full.reshape(-1).index_select(0, idx).to(cd)
@@ -295,7 +169,7 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
             for s, e in _chunk_bounds(n, chunk):
                 logits = buf[: e - s]
                 torch.mm(h_act[s:e], weight.t(), out=logits)
-                _dlogits_inplace(logits, bias, ids_act[s:e], lse[s:e], coef[s:e], inv_t)
+                dlogits_inplace(logits, bias, ids_act[s:e], lse[s:e], coef[s:e], inv_t)
                 grads.add(s, e, logits)
     grad_h = None
     if want_h and everyone:
@@ -310,36 +184,98 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.library registration (see the module docstring, "torch.compile")
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     token_ids: torch.Tensor, temperature: float, with_entropy: bool,
+                     chunk_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, H], token_ids [N] -> (logp [N], entropy [N], or [0] when not ``with_entropy``)."""
+    _, logp, entropy = _logprobs_sweep(hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                       token_ids.contiguous(), 1.0 / temperature, with_entropy, chunk_tokens)
+    return logp, entropy if with_entropy else logp.new_empty(0)
+
+
+def _linear_logprobs_fake(hidden, weight, bias, token_ids, temperature, with_entropy, chunk_tokens):
+    n, cd = hidden.shape[0], compute_dtype(hidden.dtype)
+    return hidden.new_empty(n, dtype=cd), hidden.new_empty(n if with_entropy else 0, dtype=cd)
+
+
+def _linear_grpo_loss_and_grads(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor,
+        mask: torch.Tensor, advantages: torch.Tensor, old_logps: torch.Tensor | None,
+        ref_logps: torch.Tensor | None, rollout_is_ratio: torch.Tensor | None, normalizer: torch.Tensor | None,
+        beta: float, eps_low: float, eps_high: float, delta: float | None, temperature: float, loss_type: str,
+        importance_level: str, max_completion_length: float | None, chunk_tokens: int | None, want_hidden_grad: bool,
+        want_weight_grad: bool, want_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, clip_frac, entropy, grad_hidden, grad_weight, grad_bias) of the fused GRPO loss.
+
+    The three gradients are those of the loss itself (a backward with grad_output 1); an unwanted
+    one (or grad_bias without a bias) is an empty tensor. kl is 0 when beta == 0.
+    """
+    opts = dict(old_logps=old_logps, ref_logps=ref_logps, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
+                temperature=temperature, loss_type=loss_type, importance_level=importance_level,
+                max_completion_length=max_completion_length, normalizer=normalizer,
+                rollout_is_ratio=rollout_is_ratio, chunk_tokens=chunk_tokens)
+    want_b = want_bias_grad and bias is not None
+    loss, metrics, grads = _grpo_loss_and_grads(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), token_ids, mask,
+        advantages, opts, want_hidden_grad, want_weight_grad, want_b)
+    kl = metrics.get("kl", torch.zeros((), dtype=loss.dtype, device=loss.device))
+    grads = [g if g is not None else like.new_empty(0) for g, like in zip(grads, (hidden, weight, weight))]
+    return (loss, kl, metrics["clip_frac"], metrics["entropy"], *grads)
+
+
+def _linear_grpo_loss_and_grads_fake(hidden, weight, bias, token_ids, mask, advantages, old_logps, ref_logps,
+                                     rollout_is_ratio, normalizer, beta, eps_low, eps_high, delta, temperature,
+                                     loss_type, importance_level, max_completion_length, chunk_tokens,
+                                     want_hidden_grad, want_weight_grad, want_bias_grad):
+    cd = compute_dtype(hidden.dtype)
+    scalars = [hidden.new_empty((), dtype=cd) for _ in range(4)]
+    grad_h = hidden.new_empty(hidden.shape) if want_hidden_grad else hidden.new_empty(0)
+    grad_w = weight.new_empty(weight.shape) if want_weight_grad else weight.new_empty(0)
+    grad_b = bias.new_empty(bias.shape) if want_bias_grad and bias is not None else weight.new_empty(0)
+    return (*scalars, grad_h, grad_w, grad_b)
+
+
+linear_logprobs_op = register_op("grpo_linear_logprobs", _linear_logprobs, fake=_linear_logprobs_fake)
+linear_grpo_loss_op = register_op("grpo_linear_loss_and_grads", _linear_grpo_loss_and_grads,
+                                  fake=_linear_grpo_loss_and_grads_fake)
+
+
+# ----------------------------------------------------------------------------------------------
 # autograd Function
 # ----------------------------------------------------------------------------------------------
 
 
 class _FusedLinearGRPOLossFunction(torch.autograd.Function):
-    """Loss forward that computes the gradients eagerly (they need the same logit tiles).
+    """The loss op's forward already produced the gradients (they need the same logit tiles).
 
-    The backward only scales the stored gradients by the incoming scalar grad of the loss.
+    The backward only scales the saved gradients by the incoming scalar grad of the loss.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, mask, advantages, opts, want):
-        loss, metrics, grads = _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts, *want)
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
-        ctx.present = tuple(g is not None for g in grads)
-        kl = metrics.get("kl", torch.zeros((), dtype=loss.dtype, device=loss.device))
-        ctx.mark_non_differentiable(kl, metrics["clip_frac"], metrics["entropy"])
-        return loss, kl, metrics["clip_frac"], metrics["entropy"]
+    def forward(ctx, hidden, weight, bias, token_ids, mask, advantages, old_logps, ref_logps, rollout_is_ratio,
+                normalizer, scalars, want):
+        loss, kl, clip_frac, entropy, *grads = linear_grpo_loss_op(
+            hidden, weight, bias, token_ids, mask, advantages, old_logps, ref_logps, rollout_is_ratio, normalizer,
+            *scalars, *want)
+        ctx.save_for_backward(*grads)
+        ctx.want = want
+        ctx.mark_non_differentiable(kl, clip_frac, entropy)
+        return loss, kl, clip_frac, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_metric_grads):
-        out = []
-        for g, present in zip(ctx.saved_tensors, ctx.present, strict=False):
-            if not present:
-                out.append(None)
-            elif grad_loss.item() == 1.0:  # the common case: no extra pass over grad_W
-                out.append(g)
-            else:
-                out.append(g * grad_loss.to(g.dtype))
-        return (*out, None, None, None, None, None)
+        # grad_loss is almost always exactly 1: returning the saved grads as they are skips a pass
+        # over grad_W (1.1 GB at V = 152k). Reading it is a host sync, so traced graphs (and CUDA
+        # graph captures) always multiply instead: g * 1 is bitwise g, so the results agree.
+        unit = host_checks_enabled(grad_loss) and grad_loss.item() == 1.0
+        out = [None if not wanted else g if unit else g * grad_loss.to(g.dtype)
+               for g, wanted in zip(ctx.saved_tensors, ctx.want, strict=True)]
+        return (*out, *([None] * 9))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,12 +302,13 @@ def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     if not _kernel_applies(hidden):
         return _reference_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy, chunk_tokens=chunk_tokens)
-    validate_linear(hidden, weight, token_ids, bias, temperature)
-    _check_token_range(token_ids, weight.shape[0])
-    with torch.no_grad():
-        h2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-        _, logp, entropy = _logprobs_sweep(h2d, weight.contiguous(), bias, token_ids.reshape(-1).contiguous(),
-                                           1.0 / temperature, return_entropy, chunk_tokens)
+    host_checks = host_checks_enabled(hidden)  # see the module docstring: some checks read device values
+    validate_linear(hidden, weight, token_ids, bias, temperature, host_checks=host_checks)
+    if host_checks:
+        _check_token_range(token_ids, weight.shape[0])
+    with torch.no_grad():  # the op has no autograd formula: its outputs must not look differentiable
+        logp, entropy = linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                           token_ids.reshape(-1), float(temperature), return_entropy, chunk_tokens)
     logp = logp.view(token_ids.shape)
     return (logp, entropy.view(token_ids.shape)) if return_entropy else logp
 
@@ -405,9 +342,10 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
         pass that quotient if your gradients are averaged across ranks).
       * CISPO/SAPO/VESPO/LUSPO loss types and the bias-corrected KL are not implemented.
     """
-    validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low, eps_high,
-                  delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
-                  rollout_is_ratio)
+    # see the module docstring: the checks that read device values are skipped under compile / capture
+    validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low,
+                  eps_high, delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
+                  rollout_is_ratio, host_checks=host_checks_enabled(hidden))
     if not _kernel_applies(hidden):
         return _reference_loss(hidden, weight, token_ids, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
                                bias=bias, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
@@ -417,13 +355,14 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    opts = dict(old_logps=old_logps, ref_logps=ref_logps, beta=float(beta), eps_low=float(eps_low),
-                eps_high=float(eps_high), delta=delta, temperature=float(temperature), loss_type=loss_type,
-                importance_level=importance_level, max_completion_length=max_completion_length,
-                normalizer=normalizer, rollout_is_ratio=rollout_is_ratio, chunk_tokens=chunk_tokens)
+    if normalizer is not None and not isinstance(normalizer, torch.Tensor):  # the op's schema takes a tensor
+        normalizer = torch.as_tensor(normalizer, dtype=compute_dtype(hidden.dtype), device=hidden.device)
+    scalars = (float(beta), float(eps_low), float(eps_high), None if delta is None else float(delta), float(temperature),
+               loss_type, importance_level, None if max_completion_length is None else float(max_completion_length),
+               chunk_tokens)
     loss, kl, clip_frac, entropy = _FusedLinearGRPOLossFunction.apply(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), token_ids, mask,
-        advantages, opts, want)
+        hidden, weight, bias, token_ids, mask, advantages, old_logps, ref_logps, rollout_is_ratio, normalizer,
+        scalars, want)
     metrics = {"clip_frac": clip_frac, "entropy": entropy}
     if beta > 0:
         metrics["kl"] = kl

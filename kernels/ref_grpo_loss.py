@@ -45,8 +45,13 @@ def _check_float(name, t):
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims=(2, 3)):
-    """Checks shared by both ops. Returns (tokens, H, V)."""
+def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims=(2, 3), host_checks=True):
+    """Checks shared by both ops. Returns (tokens, H, V).
+
+    ``host_checks=False`` skips the checks that read device values (non-finite hidden, token range,
+    a tensor normalizer): torch.compile and CUDA-graph capture cannot run them. Shapes and dtypes are
+    always checked.
+    """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if hidden.dim() not in hidden_dims:
@@ -73,7 +78,7 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
             raise ValueError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if hidden.numel() and not bool(torch.isfinite(hidden).all()):
+    if host_checks and hidden.numel() and not bool(torch.isfinite(hidden).all()):
         raise ValueError("hidden contains NaN or Inf")
     return token_ids.numel(), hidden.shape[-1], vocab
 
@@ -86,9 +91,9 @@ def _check_token_range(token_ids, vocab, active=None):
 
 def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low,
                   eps_high, delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
-                  rollout_is_ratio):
-    """All argument checks of ``fused_linear_grpo_loss`` (issue item 5)."""
-    validate_linear(hidden, weight, token_ids, bias, temperature, hidden_dims=(3,))
+                  rollout_is_ratio, *, host_checks=True):
+    """All argument checks of ``fused_linear_grpo_loss`` (issue item 5); ``host_checks`` as in validate_linear."""
+    validate_linear(hidden, weight, token_ids, bias, temperature, hidden_dims=(3,), host_checks=host_checks)
     B, T = hidden.shape[:2]
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -114,9 +119,10 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
         raise ValueError(f"delta must be > 0 or None, got {delta}")
     if loss_type == "dr_grpo" and not (max_completion_length and max_completion_length > 0):
         raise ValueError("max_completion_length (> 0) is required for loss_type='dr_grpo'")
-    if normalizer is not None and float(normalizer) <= 0:
+    if normalizer is not None and (host_checks or not isinstance(normalizer, torch.Tensor)) and float(normalizer) <= 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    _check_token_range(token_ids, weight.shape[0], active=mask.bool())
+    if host_checks:
+        _check_token_range(token_ids, weight.shape[0], active=mask.bool())
 
 
 # ----------------------------------------------------------------------------------------------

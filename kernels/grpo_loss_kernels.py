@@ -1,0 +1,226 @@
+"""Per-chunk steps of the fused GRPO loss: the two row kernels, dloss/dlogp, the gradient GEMMs.
+
+The chunked sweep in ``grpo_loss.py`` fills a [C, V] buffer with ``h_c @ W^T`` (cuBLAS) and calls the
+two row launchers below on it:
+  ``row_stats``        per row, online over V: logsumexp, log p(target) and entropy of softmax(z)
+  ``dlogits_inplace``  overwrites each row with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T
+where z = (logits + bias) / T. Both follow the dispatch rule (``dispatch.use_triton``): the Triton
+kernel (compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), else a PyTorch version
+of the same arithmetic, so the registered ops built on them run on every device.
+Statistics are fp32 (fp64 only on the PyTorch path, for fp64 inputs): the outputs' dtype decides.
+Between the two, ``objective_coefficient`` gets dloss/dlogp by autograd through ``grpo_objective`` on
+the chunk's O(C) scalars; after them ``GradAccumulator`` runs the gradient GEMMs on the dlogits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .ref_grpo_loss import grpo_objective
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS: tl.constexpr):
+    """(logits + bias) / T for one vocab tile in fp32; -inf past V."""
+    z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    z = z * inv_temperature
+    return tl.where(valid, z, float("-inf"))
+
+
+@triton.jit
+def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, logp_ptr, entropy_ptr, V,
+                            inv_temperature, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                            BLOCK_V: tl.constexpr):
+    """One program per token row: logsumexp, log p(target) and entropy of softmax(z), online over V.
+
+    Running scalars (max m, sum s of exp(z - m), sum t of exp(z - m)·z) are rescaled when m grows;
+    entropy = lse − t / s. Masked lanes are excluded with ``where`` (exp(-inf)·(-inf) would be NaN).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)
+    m = -float("inf")
+    s = 0.0
+    t = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + offs0
+        valid = offs < V
+        z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        rescale = tl.exp(m - m_new)
+        e = tl.where(valid, tl.exp(z - m_new), 0.0)
+        s = s * rescale + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            # z is -inf on masked lanes; multiply by a zeroed copy so no 0·inf NaN is ever formed
+            t = t * rescale + tl.sum(e * tl.where(valid, z, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(ids_ptr + row).to(tl.int64)
+    z_target = tl.load(row_ptr + target).to(tl.float32)
+    if HAS_BIAS:
+        z_target += tl.load(bias_ptr + target).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, z_target * inv_temperature - lse)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, lse - t / s)
+
+
+@triton.jit
+def _dlogits_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr, V, inv_temperature,
+                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Overwrite one row of logits with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T.
+
+    In place: the [C, V] logits buffer becomes the dlogits buffer the grad GEMMs read, so the
+    backward needs no second [C, V] allocation.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(coef_ptr + row) * inv_temperature
+    target = tl.load(ids_ptr + row).to(tl.int64)
+    offs0 = tl.arange(0, BLOCK_V).to(tl.int64)
+    for start in range(0, V, BLOCK_V):
+        offs = start + offs0
+        valid = offs < V
+        z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
+        p = tl.exp(z - lse)
+        d = (tl.where(offs == target, 1.0, 0.0) - p) * scale
+        tl.store(row_ptr + offs, d.to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_v(vocab: int) -> int:
+    # 4096 lanes keep a row's loop at ~37 iterations at V = 152k; small vocabularies use one tile
+    # (the interpreter then runs one iteration per row).
+    return min(4096, triton.next_power_of_2(vocab))
+
+
+def _num_warps(block_v: int) -> int:
+    # memory-bound row sweeps: more warps in flight hide HBM latency (16 elements per thread)
+    return max(1, min(8, block_v // 512))
+
+
+def _scaled_logits_torch(logits, bias, inv_temperature, dtype):
+    z = logits.to(dtype)
+    if bias is not None:
+        z = z + bias.to(dtype)
+    return z * inv_temperature
+
+
+def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
+    """Fill lse, logp (and entropy unless None), each [C], from the [C, V] ``logits`` rows."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    if not use_triton(logits.device):
+        z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
+        lse.copy_(torch.logsumexp(z, dim=-1))
+        logp.copy_(z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse)
+        if entropy is not None:
+            entropy.copy_(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+        return
+    with_entropy = entropy is not None
+    _logit_row_stats_kernel[(rows,)](
+        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, logp,
+        entropy if with_entropy else lse, vocab, inv_temperature,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(vocab),
+        num_warps=_num_warps(_block_v(vocab)))
+
+
+def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature):
+    """Overwrite the [C, V] ``logits`` with coef · (onehot(ids) − softmax(z)) / T, row by row."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    if not use_triton(logits.device):
+        z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
+        d = -torch.exp(z - lse.unsqueeze(-1))
+        d.scatter_add_(-1, ids.long().unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))
+        logits.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
+        return
+    _dlogits_kernel[(rows,)](
+        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, coef, vocab, inv_temperature,
+        HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab), num_warps=_num_warps(_block_v(vocab)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the other per-chunk steps: dloss/dlogp on O(C) scalars, gradient GEMMs
+# ----------------------------------------------------------------------------------------------
+
+def _autograd_keys():
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        keys = keys | torch._C.DispatchKeySet(key)
+    return keys
+
+
+_AUTOGRAD_KEYS = _autograd_keys()
+
+
+def _autograd_on():
+    """Grad mode on, with autograd's dispatch keys back when the op runs below autograd.
+
+    A TorchDispatchMode calls the op with the autograd keys excluded (aot_autograd's compiled
+    runtime installs one); there ``enable_grad`` alone would record nothing for the objective.
+    ``torch.func.grad`` would be the public way, but it fails under a Python dispatch mode
+    (opcheck's SchemaCheckMode: "Cannot access data pointer of Tensor that doesn't have storage"),
+    so this uses torch's private dispatch-key guard; the compile and opcheck tests catch a torch
+    release that changes it.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    if not exclude.has(torch._C.DispatchKey.AutogradFunctionality):
+        return torch.enable_grad()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                                        exclude - _AUTOGRAD_KEYS))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def objective_coefficient(logp, objective_args, want_grad):
+    """(loss, kl_sum, clipped, dloss/dlogp or None) of ``grpo_objective`` at ``logp`` (O(tokens) work)."""
+    with _autograd_on():
+        lp = logp.detach().requires_grad_(want_grad)
+        loss, kl_sum, clipped = grpo_objective(lp, **objective_args)
+        coef = torch.autograd.grad(loss, lp)[0] if want_grad else None
+    return loss.detach(), kl_sum, clipped, coef
+
+
+class GradAccumulator:
+    """grad_h rows, grad_W and grad_b for the active tokens, from dlogits chunks (cuBLAS GEMMs)."""
+
+    def __init__(self, h_active, weight, bias, want_h, want_w, want_b):
+        self.h = h_active
+        self.weight = weight
+        self.grad_h = torch.empty_like(h_active) if want_h else None
+        self.grad_w = torch.zeros_like(weight) if want_w else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        self.first = True
+
+    def add(self, s, e, dlogits):
+        if self.grad_h is not None:
+            torch.mm(dlogits, self.weight, out=self.grad_h[s:e])
+        if self.grad_w is not None:
+            if self.first:  # a plain GEMM: no read of the zeroed buffer
+                torch.mm(dlogits.t(), self.h[s:e], out=self.grad_w)
+            else:
+                self.grad_w.addmm_(dlogits.t(), self.h[s:e])
+        if self.grad_b is not None:
+            self.grad_b += dlogits.sum(0, dtype=torch.float32)
+        self.first = False
