@@ -5,9 +5,11 @@ Public ops (each module holds kernels -> launcher -> autograd registration -> pu
     grpo_loss        fused_linear_logprobs, fused_linear_grpo_loss
     paged_attention  paged_attention, append_kv
     fp8              quantize_fp8_1x128, quantize_fp8_128x128
-    moe_gemm         fp8_grouped_gemm, moe_ffn_fp8
+    moe_gemm         fp8_grouped_gemm, moe_ffn_fp8 (the layer lives in moe_layer, routing in moe_permute)
 
 Which implementation runs is decided by one rule in ``dispatch.py``; ``backend(device)`` tells it.
+Every launcher is registered as a ``torch.ops.r1fast.*`` operator with a fake (``registration.py``),
+so torch.compile traces the public functions without graph breaks.
 Ops are imported lazily so that ``import r1fast.kernels`` stays cheap and does not import Triton.
 """
 

@@ -107,3 +107,20 @@ def test_op_named_like_its_module_stays_the_function():
     module = importlib.import_module("r1fast.kernels.paged_attention")
     assert callable(K.paged_attention) and K.paged_attention is module.paged_attention
     assert K.paged_attention_cascade is module.paged_attention_cascade
+
+
+def test_every_kernel_launch_is_a_registered_torch_op():
+    """Importing the public ops registers their torch.ops.r1fast operators (ARCHITECTURE: kernels -> launcher ->
+    torch.library registration -> public function)."""
+    import torch
+
+    from r1fast.kernels.registration import registered_ops
+
+    for name in K.__all__:
+        getattr(K, name)
+    expected = {"grpo_linear_logprobs", "grpo_linear_loss_and_grads", "paged_attention", "paged_attention_cascade",
+                "append_kv", "fp8_quantize_rows_cols", "fp8_quantize_blocks", "fp8_grouped_gemm",
+                "fp8_grouped_gemm_wgrad", "moe_expert_histogram", "moe_gather_rows", "moe_combine",
+                "moe_combine_backward"}
+    assert set(registered_ops()) == expected  # fakes: opcheck in test_{fp8,grpo_loss,paged_attention}_ops.py
+    assert all(registered_ops()[name] is getattr(torch.ops.r1fast, name) for name in expected)
