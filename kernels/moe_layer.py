@@ -64,14 +64,24 @@ class Fp8Weight:
 
 
 class Fp8WeightCache:
-    """Quantized copies of master weights, reused until the weight is modified in place.
+    """Quantized copies of master weights, reused until the weights change.
 
     ``get(weight)`` returns an ``Fp8Weight``; it re-quantizes when ``weight`` was never seen, was
-    garbage collected, or its ``_version`` or ``data_ptr()`` changed since the cached copy was made.
+    garbage collected, its ``_version`` or ``data_ptr()`` changed since the cached copy was made, or
+    ``invalidate()`` ran since (``attach(optimizer)`` runs it after every ``optimizer.step()``).
+
+    Why the optimizer hook and not only the version counter: FSDP2 all-gathers new values into the
+    unsharded parameter without bumping its ``_version`` (measured: 0 after every gather), and the
+    caching allocator may hand the gather the same address again, so after a step neither key would
+    change and the cache would serve the previous step's weights. Training with FSDP must attach the
+    optimizer (``r1fast.parallelize.enable_fp8_experts(model, optimizer)`` does). Under FSDP2 the
+    address also changes between forwards of one step, which re-quantizes more often than once per
+    step: correct, only slower.
     """
 
     def __init__(self):
-        self._entries: dict[int, tuple[weakref.ref, int, int, Fp8Weight]] = {}
+        self._entries: dict[int, tuple[weakref.ref, int, int, int, Fp8Weight]] = {}
+        self._generation = 0
         self.quantizations = 0
         """How many times a weight was (re)quantized: a cheap check that reuse works."""
 
@@ -79,17 +89,27 @@ class Fp8WeightCache:
         key = id(weight)
         entry = self._entries.get(key)
         if entry is not None:
-            ref, version, ptr, value = entry
-            if ref() is weight and version == weight._version and ptr == weight.data_ptr():
+            ref, generation, version, ptr, value = entry
+            if (ref() is weight and generation == self._generation and version == weight._version
+                    and ptr == weight.data_ptr()):
                 return value
         value = Fp8Weight.quantize(weight)
         self.quantizations += 1
         self._entries[key] = (weakref.ref(weight, lambda _, k=key: self._entries.pop(k, None)),
-                              weight._version, weight.data_ptr(), value)
+                              self._generation, weight._version, weight.data_ptr(), value)
         return value
 
-    def clear(self) -> None:
+    def invalidate(self) -> None:
+        """Every cached copy is stale from now on (the weights changed in a way the keys cannot see)."""
+        self._generation += 1
         self._entries.clear()
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Invalidate after every ``optimizer.step()``; returns the hook handle (``.remove()`` detaches)."""
+        return optimizer.register_step_post_hook(lambda *_: self.invalidate())
+
+    def clear(self) -> None:
+        self.invalidate()
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -210,6 +210,10 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
+    fp8_experts: bool = False
+    """Run the routed experts of an MoE model in FP8 (DeepSeek-V3 recipe: 1x128 activation tiles,
+    128x128 weight blocks, master weights quantized once per optimizer step); hidden and expert
+    intermediate sizes must be multiples of 128. Dense models reject it."""
 
 
 @dataclass

@@ -38,7 +38,13 @@ from r1fast.config import ModelConfig, ParallelConfig
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.metrics import MetricsLogger
-from r1fast.parallelize import apply_fsdp, build_mesh, clip_and_step
+from r1fast.parallelize import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    build_mesh,
+    clip_and_step,
+    enable_fp8_experts,
+)
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.schedule import build_scheduler
@@ -224,8 +230,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         raise ValueError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     mesh = build_mesh(dist.device.type, world, dist.local_world_size) if cfg.parallel.fsdp else None
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
     root = apply_fsdp(PolicyHead(model), mesh)
     optimizer = torch.optim.AdamW(root.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.parallel.fp8_experts:
+        enable_fp8_experts(model, optimizer)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=steps, schedule=cfg.schedule,
                                 min_lr_ratio=cfg.min_lr_ratio)
     run_dir = os.path.join(cfg.out_dir, cfg.name)

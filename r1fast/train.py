@@ -33,6 +33,7 @@ from r1fast.parallelize import (
     apply_fsdp,
     build_mesh,
     clip_and_step,
+    enable_fp8_experts,
     unsharded_for_rollout,
 )
 from r1fast.policy import PolicyHead, pack
@@ -95,6 +96,8 @@ class Trainer:
                                            weight_decay=t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
                                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+        # FP8 experts for training and rollout alike; the cache re-quantizes after every optimizer step
+        self.fp8_cache = enable_fp8_experts(model, self.optimizer) if cfg.parallel.fp8_experts else None
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
@@ -183,6 +186,8 @@ class Trainer:
             summary["eval_before_rl"] = self.evaluate("before_rl")
         else:
             self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler)
+            if self.fp8_cache is not None:
+                self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
         nonfinite = 0
         with progress(t.steps, "GRPO", enabled=self.dist.is_main) as bar:

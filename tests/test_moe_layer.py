@@ -173,3 +173,25 @@ def test_moe_ffn_fp8_reaches_the_issue_25db_target_vs_bf16_layer():
     ref, ref_grads = _layer_grads(x, tw, ti, wgu, wd, dout, ref_fp8.moe_ffn_fp8, cast=torch.bfloat16)
     worst = min([_sqnr_db(out, ref)] + [_sqnr_db(g, r) for g, r in zip(grads, ref_grads, strict=True)])
     assert worst >= 25.0, f"worst SQNR {worst:.1f} dB"
+
+
+def test_cache_is_invalidated_by_the_attached_optimizer_step():
+    """FSDP2 writes gathered weights without bumping ``_version`` (and may reuse the address); writing
+    through ``.data`` reproduces that: the keys cannot see it, the optimizer hook can."""
+    w = torch.nn.Parameter(torch.randn(2, 128, 128))
+    cache = Fp8WeightCache()
+    optimizer = torch.optim.SGD([w], lr=0.5)
+    handle = cache.attach(optimizer)
+    first = cache.get(w)
+    with torch.no_grad():
+        w.data.copy_(torch.randn(2, 128, 128))  # same storage, same version counter
+    assert cache.get(w) is first  # invisible to the keys: why training must attach the optimizer
+    w.grad = torch.randn_like(w)
+    optimizer.step()
+    fresh = cache.get(w)
+    assert fresh is not first and cache.quantizations == 2
+    assert torch.equal(fresh.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
+    handle.remove()
+    w.grad = torch.randn_like(w)
+    optimizer.step()  # detached: no invalidation, but the step's in-place update bumps the version
+    assert cache.get(w) is not fresh and cache.quantizations == 3

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from r1fast.model import Transformer
@@ -121,3 +122,22 @@ def test_hsdp_mesh_and_sharding_at_512_ranks_on_a_fake_process_group():
             rows = max(0, min(chunk, full[0] - shard * chunk))
             assert r["local"][name] == [rows, *full[1:]], (rank, name)
     assert "returned a view tensor" not in proc.stderr  # the model's output is not a view (FSDP2's hook stays)
+
+
+def test_enable_fp8_experts_switches_moe_layers_and_rejects_dense_models():
+    dense = Transformer.from_config(ModelArgs(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2,
+                                              num_kv_heads=1, head_dim=16, intermediate_size=64))
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        enable_fp8_experts(dense)
+    model = Transformer.from_config(_moe_args(fp8=False), seed=3)  # args say bf16; the switch comes from outside
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        cache = enable_fp8_experts(model, optimizer)
+        ids = torch.randint(0, 64, (2, 7))
+        model(ids).square().mean().backward()
+        assert cache.quantizations == 2
+        optimizer.step()
+        model(ids)
+        assert cache.quantizations == 4  # re-quantized after the step
+    finally:
+        set_fp8_experts_fn(None)

@@ -216,3 +216,44 @@ def test_two_rank_fsdp_equals_one_rank(tmp_path):
     logs = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
     for a, b in zip(*logs, strict=True):
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def _tiny_moe_dir(path):
+    """A 2-layer DeepSeek-V3-style MoE (dims multiples of 128, as the FP8 recipe needs) with the character tokenizer."""
+    from r1fast.model_config import ModelArgs
+
+    tok = CharTokenizer()
+    args = ModelArgs(model_type="deepseek_v3", vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=128,
+                     num_layers=2, num_heads=2, num_kv_heads=2, head_dim=48, q_lora_rank=None, kv_lora_rank=32,
+                     qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, n_shared_experts=1,
+                     num_experts_per_tok=2, moe_intermediate_size=128, first_k_dense_replace=1, n_group=2,
+                     topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=64, bos_token_id=tok.bos_id,
+                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    Transformer.from_config(args, seed=0).save_pretrained(path)
+    tok.save(path)
+    return str(path)
+
+
+def test_fp8_experts_train_an_moe_model_and_requantize_every_step(tmp_path, monkeypatch):
+    from r1fast.kernels.moe_layer import Fp8WeightCache
+    from r1fast.moe import set_fp8_experts_fn
+
+    data, model_dir = _task_data(tmp_path / "d.jsonl", n=8), _tiny_moe_dir(tmp_path / "moe")
+    invalidations = []
+    real = Fp8WeightCache.invalidate
+    monkeypatch.setattr(Fp8WeightCache, "invalidate", lambda self: (invalidations.append(1), real(self))[1])
+    common = ("--model.name_or_path", model_dir, "--steps", "4", "--batch_size", "4", "--lr", "3e-3")
+    try:
+        fp8 = load_config(None, ["--data", data, "--out_dir", str(tmp_path / "runs"), "--template", "compact",
+                                 "--name", "fp8", "--parallel.fp8_experts", "true", *common], schema=SFTConfig)
+        result = run_sft(fp8)  # the recipe in exact arithmetic here (R1FAST_KERNELS=torch): FP8 numerics
+    finally:
+        set_fp8_experts_fn(None)
+    bf16 = run_sft(load_config(None, ["--data", data, "--out_dir", str(tmp_path / "runs"), "--template", "compact",
+                                      "--name", "bf16", *common], schema=SFTConfig))
+    assert result["final_nll"] < result["first_nll"]
+    assert len(invalidations) == 4  # one per optimizer step
+    assert result["first_nll"] == pytest.approx(bf16["first_nll"], rel=0.02)  # FP8 experts, same model
+    assert result["first_nll"] != bf16["first_nll"]
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        run_sft(_cfg(tmp_path, data, "--name", "dense", "--parallel.fp8_experts", "true"))

@@ -67,6 +67,33 @@ def test_tiny_run_writes_every_output_and_transformers_loads_it(tmp_path, monkey
     assert tok.convert_tokens_to_ids("<answer>") is not None
 
 
+def test_fp8_experts_on_an_moe_policy_for_rollout_and_training(tmp_path, monkeypatch):
+    """parallel.fp8_experts: the MoE policy generates and trains through the FP8 layer (here the recipe's
+    PyTorch reference), and the weight cache is invalidated by every optimizer step (SFT and GRPO)."""
+    from test_sft import _tiny_moe_dir
+
+    from r1fast.kernels import moe_layer
+    from r1fast.moe import set_fp8_experts_fn
+    from r1fast.train import run
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    calls, invalidations = [], []
+    real_layer, real_invalidate = moe_layer.moe_ffn_fp8, moe_layer.Fp8WeightCache.invalidate
+    monkeypatch.setattr(moe_layer, "moe_ffn_fp8", lambda *a, **k: (calls.append(torch.is_grad_enabled()),
+                                                                     real_layer(*a, **k))[1])
+    monkeypatch.setattr(moe_layer.Fp8WeightCache, "invalidate", lambda self: (invalidations.append(1),
+                                                                               real_invalidate(self))[1])
+    model_dir = _tiny_moe_dir(tmp_path / "moe")
+    try:
+        summary = run(_cfg(tmp_path, "--model.name_or_path", model_dir, "--parallel.fp8_experts", "true",
+                           "--train.steps", "2", "--train.name", "fp8", "--data.eval_size", "2"))
+    finally:
+        set_fp8_experts_fn(None)
+    assert summary["steps"] == 2
+    assert True in calls and False in calls  # training forwards and no-grad rollout / log-prob forwards
+    assert len(invalidations) == 2 + 2  # 2 cold-start SFT steps + 2 GRPO steps
+
+
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast import train

@@ -7,9 +7,10 @@ fc2 N = 7,168, K = 2,048; the ``.ragged`` variants draw each expert's token coun
 Peers (same run, same shapes):
 * ``torch._grouped_mm`` bf16 (offsets = cumulative group sizes),
 * ``torch._scaled_grouped_mm`` with per-row (token) and per-column (weight row) fp32 scales,
-* a loop of ``torch._scaled_mm`` per expert with per-tensor scales (cuBLAS; ANCHORS: 1,212 at fc1).
-The block-scaled cuBLAS path (``torch._scaled_mm`` with 1x128 / 128x128 scales) needs a torch
-build with blockwise scaling recipes; it is not timed here.
+* a loop of ``torch._scaled_mm`` per expert with per-tensor scales (cuBLAS; ANCHORS: 1,212 at fc1),
+* a loop of ``torch._scaled_mm`` per expert with the recipe's own 1x128 / 128x128 scales (cuBLAS
+  block scaling, CUDA >= 12.9; ANCHORS: 1,000-1,220 dense). A probe call decides availability and the
+  row says why when this torch cannot.
 dgrad and wgrad are timed against bf16 ``torch._grouped_mm`` on the same products. The layer case
 times ``moe_ffn_fp8`` forward + backward against the model's bf16 path (``r1fast.moe.grouped_experts``:
 two ``torch._grouped_mm`` on bf16 weights; issue 7's target is >= 1.5x it) and the per-expert-matmul
@@ -73,7 +74,11 @@ def _fwd_inputs(sizes, N, K):
     w_col = (w.float() / w_col_scale[:, :, None]).to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    return xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_row_scale, w_col, w_col_scale, one, sizes
+    # the cuBLAS block-scaled peer wants each expert's 1x128 scales outer-dim-major (M contiguous), made
+    # here so the layout change is not timed; the 128x128 weight scales go in as [K/128, N/128] views
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    xs_cm = [xs[bounds[e]:bounds[e + 1]].t().contiguous().t() for e in range(E)]
+    return xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_row_scale, w_col, w_col_scale, one, sizes, xs_cm
 
 
 def _ours_fwd(xq, xs, wq, ws, group_sizes, out, *rest):
@@ -96,7 +101,7 @@ def _fp8_rowwise_grouped(xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_
 
 
 def _fp8_per_tensor_loop(xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_row_scale, w_col, w_col_scale,
-                         one, sizes):
+                         one, sizes, *rest):
     import torch
 
     start = 0
@@ -105,6 +110,38 @@ def _fp8_per_tensor_loop(xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_
                          out=out[start:start + size])
         start += size
     return out
+
+
+def _blockwise_scaled_mm_loop(xq, xs, wq, ws, group_sizes, out, x, w, offs, x_row, x_row_scale, w_col, w_col_scale,
+                              one, sizes, xs_cm):
+    import torch
+
+    start = 0
+    for e, size in enumerate(sizes):
+        torch._scaled_mm(xq[start:start + size], wq[e].t(), xs_cm[e], ws[e].t(), out_dtype=torch.bfloat16,
+                         out=out[start:start + size])
+        start += size
+    return out
+
+
+def _blockwise_scaled_mm_available():
+    """None when this torch/cuBLAS runs ``torch._scaled_mm`` with 1x128 x 128x128 scales, else why not."""
+    reason = _peer_available("_scaled_mm")()
+    if reason:
+        return reason
+    import torch
+
+    a = torch.ones(128, 256, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.ones(128, 256, device="cuda").to(torch.float8_e4m3fn)
+    a_scale = torch.ones(2, 128, device="cuda").t()  # [M, K/128], M contiguous
+    b_scale = torch.ones(1, 2, device="cuda").t()  # [K/128, N/128]
+    try:
+        out = torch._scaled_mm(a, b.t(), a_scale, b_scale, out_dtype=torch.bfloat16)
+    except (RuntimeError, ValueError) as err:  # e.g. built against CUDA < 12.9
+        return f"torch._scaled_mm has no 1x128/128x128 block scaling here: {str(err).splitlines()[0][:120]}"
+    if not bool((out == 256).all()):
+        return "torch._scaled_mm block-scaled probe gave a wrong product"
+    return None
 
 
 def _wgrad_inputs(sizes, N, K):
@@ -191,6 +228,8 @@ def cases(quick):
                          available=_peer_available("_scaled_grouped_mm")),
                     Impl("torch._scaled_mm-per-tensor-loop", _fp8_per_tensor_loop,
                          available=_peer_available("_scaled_mm")),
+                    Impl("torch._scaled_mm-blockwise-loop", _blockwise_scaled_mm_loop,
+                         available=_blockwise_scaled_mm_available),
                 ],
                 flops=2.0 * M * N * K,
                 ceiling="fp8_matmul",
