@@ -46,29 +46,44 @@ class Piece:
     shape: tuple
 
 
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+"""Module-name segments that wrappers applied from outside insert (activation checkpointing, torch.compile)."""
+
+
+def _canonical(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def _pieces(model, fused_expert_layers=frozenset()) -> list[Piece]:
-    """HF tensors of ``model`` in a stable order (HF names; experts split per expert unless fused)."""
+    """HF tensors of ``model`` in a stable order (HF names; experts split per expert unless fused).
+
+    HF names ignore wrapper segments (``_checkpoint_wrapped_module.``), so a model saved with activation
+    checkpointing on loads anywhere; ``Piece.ours`` keeps the real attribute path.
+    """
     out = []
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
-    for name, t in state.items():
+    for ours, t in state.items():
+        name = _canonical(ours)
         if name.endswith("experts.w_gate_up") or name.endswith("experts.w_down"):
             prefix = "model." + name[: -len("w_gate_up" if name.endswith("w_gate_up") else "w_down")]
             if prefix in fused_expert_layers:
                 hf = prefix + ("gate_up_proj" if name.endswith("w_gate_up") else "down_proj")
-                out.append(Piece(hf, name, (), tuple(t.shape)))
+                out.append(Piece(hf, ours, (), tuple(t.shape)))
                 continue
             num_experts, rows = t.shape[0], t.shape[1]
             for e in range(num_experts):
                 if name.endswith("w_down"):
-                    out.append(Piece(f"{prefix}{e}.down_proj.weight", name, (e,), tuple(t.shape[1:])))
+                    out.append(Piece(f"{prefix}{e}.down_proj.weight", ours, (e,), tuple(t.shape[1:])))
                 else:
                     half = rows // 2
-                    out.append(Piece(f"{prefix}{e}.gate_proj.weight", name, (e, slice(0, half)), (half, t.shape[2])))
-                    out.append(Piece(f"{prefix}{e}.up_proj.weight", name, (e, slice(half, rows)), (half, t.shape[2])))
+                    out.append(Piece(f"{prefix}{e}.gate_proj.weight", ours, (e, slice(0, half)), (half, t.shape[2])))
+                    out.append(Piece(f"{prefix}{e}.up_proj.weight", ours, (e, slice(half, rows)), (half, t.shape[2])))
         else:
             hf = name if name.startswith("lm_head.") else "model." + name
-            out.append(Piece(hf, name, (), tuple(t.shape)))
+            out.append(Piece(hf, ours, (), tuple(t.shape)))
     return out
 
 

@@ -257,3 +257,12 @@ def test_fp8_experts_train_an_moe_model_and_requantize_every_step(tmp_path, monk
     assert result["first_nll"] != bf16["first_nll"]
     with pytest.raises(ValueError, match="has no MoE layers"):
         run_sft(_cfg(tmp_path, data, "--name", "dense", "--parallel.fp8_experts", "true"))
+
+
+def test_activation_checkpointing_gives_the_same_weights(tmp_path):
+    data = _task_data(tmp_path / "d.jsonl", n=4)
+    common = ("--steps", "2", "--batch_size", "4", "--lr", "3e-3")
+    plain = run_sft(_cfg(tmp_path, data, "--name", "plain", *common))
+    ckpt = run_sft(_cfg(tmp_path, data, "--name", "ckpt", "--parallel.activation_checkpointing", "true", *common))
+    wa, wb = (load_file(os.path.join(s["model_dir"], "model.safetensors")) for s in (plain, ckpt))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
