@@ -97,6 +97,12 @@ def unsharded_for_rollout(root: nn.Module):
     if not mods:
         yield
         return
+    # The engine calls the inner model, not ``root``. Before root's first forward FSDP2 has not yet
+    # decided which module is the root, and a block's forward would make that block a root of its own
+    # ("FSDP state has already been lazily initialized" at the next root forward). FSDP2 has no public
+    # call for this decision, so make it here the way root's first forward would.
+    if mods[0] is root:
+        root._get_fsdp_state()._lazy_init()
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()

@@ -138,8 +138,9 @@ def _run_cli(tmp_path, name, nproc, *extra, timeout=300):
 def test_two_ranks_equal_one_rank(tmp_path):
     one = _run_cli(tmp_path, "one", 1, "--train.steps", "2")
     assert one.returncode == 0, one.stderr[-3000:]
-    # activation checkpointing on the 2-rank side: recomputation must not change the step either
-    two = _run_cli(tmp_path, "two", 2, "--train.steps", "2", "--parallel.activation_checkpointing", "true")
+    # FSDP2 and activation checkpointing on the 2-rank side: sharding and recomputation must not change the step
+    two = _run_cli(tmp_path, "two", 2, "--train.steps", "2", "--parallel.activation_checkpointing", "true",
+                   "--parallel.fsdp", "true")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     for k in a:  # same global batch, same seeds; only summation order differs (fp32)
