@@ -11,21 +11,27 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in tests|bench|train) ;; *) echo "usage: bash bench/gpu_checks.sh tests|bench|train" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/gpu_logs}
+PY=${PYTHON:-python3}  # the GPU image's python3 is the one that holds torch
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+$PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 
 case "${1:-}" in
     tests)
-        python -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        $PY -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
     bench)
-        python bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"
-        python bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" ;;
+        $PY bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"
+        $PY bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" ;;
     train)
-        python -m torch.distributed.run --standalone --nproc_per_node 1 -m r1fast.train \
-            --train.out_dir "$OUT/runs" 2>&1 | tail -60 | tee "$OUT/main_job.log"
-        python - "$OUT/runs/tiny_r1_zero/metrics.jsonl" <<'PY' | tee -a "$OUT/main_job.log"
+        # the whole log goes under $OUT as it is written (a run killed at the time limit keeps it); the run
+        # directory stays in /tmp (its checkpoints are too deep and too many to come back) and only the
+        # metrics and the summary are copied out
+        runs=/tmp/r1fast_gpu_runs
+        $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m r1fast.train \
+            --train.out_dir "$runs" 2>&1 | tee "$OUT/main_job.log" | tail -40
+        cp "$runs/tiny_r1_zero/metrics.jsonl" "$runs/tiny_r1_zero/summary.json" "$OUT/" 2>/dev/null
+        $PY - "$runs/tiny_r1_zero/metrics.jsonl" <<'PY' | tee -a "$OUT/main_job.log"
 import json, sys
 rl = [r for r in map(json.loads, open(sys.argv[1])) if r.get("phase") == "rl"]
 keys = ("time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per_s")

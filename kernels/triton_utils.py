@@ -19,10 +19,17 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("1", "true"
 
 @triton.jit
 def dot(a, b, acc):
-    """``acc + a @ b`` with fp32 accumulation, correct under the interpreter for bf16 operands."""
+    """``acc + a @ b`` with fp32 accumulation, correct under the interpreter for bf16 operands.
+
+    fp32 operands multiply in IEEE fp32, not ``tl.dot``'s default TF32 (10-bit mantissa): an fp32 model's
+    rollout log-probs must equal the trainer's fp32 recomputation, or on-policy importance ratios drift
+    from 1 and inflate clip_frac.
+    """
     if INTERPRET:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
+    if a.dtype == tl.float32 and b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)

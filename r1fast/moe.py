@@ -49,7 +49,9 @@ def grouped_experts(x, topk_weights, topk_ids, w_gate_up, w_down):
     flat_ids = topk_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     token_of = order // k
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # scatter_add, not bincount: CUDA's bincount reads max() back to the host, which breaks decode graph capture
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids))
     xs = x[token_of]
     if _grouped_mm_usable(x):
         offs = counts.cumsum(0).to(torch.int32)

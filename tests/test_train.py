@@ -186,7 +186,7 @@ def test_default_recipe_is_the_installed_tiny_recipe():
 
     cfg = load_config(default_recipe(), [])
     assert cfg.model.name_or_path == "tiny" and cfg.train.name == "tiny_r1_zero"
-    assert cfg.train.sft_steps > 0 and cfg.grpo.beta == 0.0
+    assert cfg.train.sft_steps > 0 and cfg.grpo.beta == 0.0 and cfg.parallel.fsdp  # the demo shards like a cluster
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ Peers (same run, same shapes):
 * a loop of ``torch._scaled_mm`` per expert with the recipe's own 1x128 / 128x128 scales (cuBLAS
   block scaling, CUDA >= 12.9; ANCHORS: 1,000-1,220 dense). A probe call decides availability and the
   row says why when this torch cannot.
-dgrad and wgrad are timed against bf16 ``torch._grouped_mm`` on the same products. The layer case
+dgrad and wgrad are timed against bf16 ``torch._grouped_mm`` on the same products (the wgrad peer writes bf16,
+ours fp32: torch's fast grouped kernel only has a bf16 output). The layer case
 times ``moe_ffn_fp8`` forward + backward against the model's bf16 path (``r1fast.moe.grouped_experts``:
 two ``torch._grouped_mm`` on bf16 weights; issue 7's target is >= 1.5x it) and the per-expert-matmul
 bf16 layer (``ref_fp8.moe_ffn_fp8`` with ``compute_dtype=bf16``).
@@ -169,8 +170,9 @@ def _ours_wgrad(dyt, dyts, xt, xts, group_sizes, grad, *rest):
 def _bf16_wgrad(dyt, dyts, xt, xts, group_sizes, grad, dy, x, offs):
     import torch
 
-    # torch._grouped_mm with 2-D x 2-D operands groups along K (the token axis): out [E, N, K]
-    return torch._grouped_mm(dy.t(), x, offs=offs, out_dtype=torch.float32)
+    # torch._grouped_mm with 2-D x 2-D operands groups along K (the token axis): out [E, N, K]. bf16 out:
+    # an fp32 out_dtype leaves CUDA's grouped kernel for a per-group loop with a host sync (a weaker peer)
+    return torch._grouped_mm(dy.t(), x, offs=offs)
 
 
 def _layer_inputs(T=8192, H=7168, inter=2048, E=8, k=8):
@@ -192,7 +194,8 @@ def _layer_inputs(T=8192, H=7168, inter=2048, E=8, k=8):
 def _ours_layer(x, tw, ti, wgu, wd, dout, cache, *bf16_weights):
     from r1fast.kernels.moe_layer import moe_ffn_fp8
 
-    # fp32 .grad exists after the first call: the wgrad kernel adds into it, as under gradient accumulation
+    # the harness sets .grad to None between calls: this times the first-micro-batch path (fresh fp32 gradients
+    # handed to autograd); with an existing fp32 .grad the wgrad kernel adds into it and saves that pass
     moe_ffn_fp8(x, tw, ti, wgu, wd, cache=cache).backward(dout)
 
 

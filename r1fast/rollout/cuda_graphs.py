@@ -153,11 +153,14 @@ class DecodeGraphs:
         key = (bucket, width, cascade, max_group)
         graph = self.graphs.get(key)
         if graph is None:
+            stream = torch.cuda.current_stream()
             try:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
                 graph = _Graph(self.engine, bucket, width, cascade, max_group, self.pool)
             except Exception as exc:  # noqa: BLE001  (any capture failure means: run eagerly)
+                # a capture that fails inside capture_end() leaves torch.cuda.graph's side stream current
+                torch.cuda.set_stream(stream)
                 torch.cuda.synchronize()
                 if cascade:
                     warnings.warn(f"cascade decode graph capture failed ({exc!r}); using plain decode graphs",
