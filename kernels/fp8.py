@@ -117,7 +117,8 @@ def _quantize_rows_cols_kernel(
         # BLOCK_M == 128 here: one scale per column over this 128-row tile
         col_scale = _scale_from_amax(tl.max(tl.abs(x), axis=0), POWER_OF_TWO)
         q = _quantize_tile(x, col_scale[None, :])
-        tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=mask)
+        # rows past M (zeros) fill the padding of qt's storage: one whole 128-token tile per program
+        tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=col_ok[None, :])
         tl.store(st_ptr + cols * stride_stk + pid_m, col_scale, mask=col_ok)
 
 
@@ -154,27 +155,34 @@ def _check_float(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool):
+def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, zero_padding: bool = False):
+    """Outputs of ``_rows_cols_impl``. The 128x1 tiling ``qt`` [K, M] lives in storage padded to whole
+    128-token tiles (row stride ceil(M/128)*128, padding zero), so the weight-gradient GEMM reads whole
+    tiles without a mask along tokens (see ``moe_gemm._grouped_wgrad_kernel``)."""
     M, K = x.shape
     nk, nm = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
     fp8 = dict(dtype=torch.float8_e4m3fn, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
+    alloc = torch.zeros if zero_padding else torch.empty  # the kernel writes the padding itself
+    qt = alloc((K, nm * TILE), **fp8)[:, :M] if emit_cols else torch.empty((0, 0), **fp8)
     return (torch.empty((M, K) if emit_rows else (0, 0), **fp8), torch.empty((M, nk) if emit_rows else (0, 0), **f32),
-            torch.empty((K, M) if emit_cols else (0, 0), **fp8), torch.empty((K, nm) if emit_cols else (0, 0), **f32))
+            qt, torch.empty((K, nm) if emit_cols else (0, 0), **f32))
 
 
 def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool,
                     power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """1x128 tiles of x (if emit_rows) and 128x1 tiles stored transposed (if emit_cols); empty when not asked."""
-    q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols)
     if not use_triton(x.device):
         from .ref_fp8 import quantize_fp8_1x128 as ref
 
+        q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, zero_padding=True)
         if emit_rows:
             q, s = ref(x, power_of_two=power_of_two)
         if emit_cols:
-            qt, st = ref(x.t(), power_of_two=power_of_two)
+            ref_qt, st = ref(x.t(), power_of_two=power_of_two)
+            qt.copy_(ref_qt)  # into the padded layout the op promises
         return q, s, qt, st
+    q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols)
     x = x.contiguous()
     M, K = x.shape
     if M and K:

@@ -107,8 +107,13 @@ def _grouped_wgrad_kernel(
     for tile in range(row_start // BLOCK_T, (row_end + BLOCK_T - 1) // BLOCK_T):  # global 128-token tiles
         toks = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = (toks >= row_start) & (toks < row_end)
-        a = tl.load(at_ptr + ns[:, None] * stride_atn + toks[None, :], mask=n_ok[:, None] & t_ok[None, :], other=0.0)
-        b = tl.load(bt_ptr + ks[None, :] * stride_btk + toks[:, None], mask=k_ok[None, :] & t_ok[:, None], other=0.0)
+        # Whole-tile loads along tokens (the launcher guarantees storage padded to 128 tokens): a mask along
+        # the contiguous token axis keeps Triton from pipelining the loads (compiled for sm_90a: no async
+        # copies and 64 KB of shared memory, against 4 stages and 128 KB without it). Tokens of the
+        # neighbouring expert and the padding are zeroed in registers instead (A may feed wgmma from there).
+        a = tl.load(at_ptr + ns[:, None] * stride_atn + toks[None, :], mask=n_ok[:, None], other=0.0)
+        a = tl.where(t_ok[None, :], a, tl.zeros_like(a))
+        b = tl.load(bt_ptr + ks[None, :] * stride_btk + toks[:, None], mask=k_ok[None, :], other=0.0)
         chunk = dot(a, b, tl.zeros((BLOCK_N, BLOCK_K), tl.float32))  # fresh fp32 accumulator per 128 tokens
         a_scale = tl.load(at_scale_ptr + ns * stride_asn + tile, mask=n_ok, other=0.0)
         b_scale = tl.load(bt_scale_ptr + ks * stride_bsk + tile, mask=k_ok, other=0.0)
@@ -171,6 +176,20 @@ def _grouped_gemm_impl(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     )
 
 
+def _token_padded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [R, M] (128x1 tiling, tokens contiguous) readable in whole 128-token tiles: as is when its storage
+    already holds the padding (``quantize_fp8_128x1`` allocates it, zero-filled), else a zero-padded copy."""
+    rows, m = t.shape
+    m_pad = triton.cdiv(m, TILE) * TILE
+    if t.stride(1) == 1 and rows and (m == m_pad or t.stride(0) >= m_pad):
+        needed = (t.storage_offset() + (rows - 1) * t.stride(0) + m_pad) * t.element_size()
+        if t.untyped_storage().nbytes() >= needed:
+            return t
+    padded = torch.zeros(max(rows, 1), m_pad, dtype=t.dtype, device=t.device)[:rows]
+    padded[:, :m].copy_(t)
+    return padded
+
+
 def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tensor, bt_scale: torch.Tensor,
                         group_sizes: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     if not use_triton(at.device):
@@ -183,7 +202,7 @@ def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tens
     N, M = at.shape
     K = bt.shape[0]
     E = group_sizes.shape[0]
-    at, bt, at_scale, bt_scale = at.contiguous(), bt.contiguous(), at_scale.contiguous(), bt_scale.contiguous()
+    at, bt, at_scale, bt_scale = _token_padded(at), _token_padded(bt), at_scale.contiguous(), bt_scale.contiguous()
     block_n, block_k = 128, 128
     grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     _grouped_wgrad_kernel[grid](

@@ -76,6 +76,13 @@ def test_wgrad_matches_reference_and_accumulates():
     before = grad.clone()
     moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, out=grad, accumulate=True)
     assert_close_to_ref(grad, before.double() + ref, (before + ref.float()), name="accumulated wgrad")
+    # the 128x1 tiling sits in storage padded to whole 128-token tiles with zeros (what lets the kernel read
+    # unmasked tiles); a caller's unpadded copy is padded by the launcher and gives the same bits
+    assert dyt.stride() == (256, 1) and xt.stride() == (256, 1)  # M = 221 tokens -> 2 tiles
+    padding = dyt.as_strided((N, 256), (256, 1))[:, M:]
+    assert torch.equal(padding.view(torch.uint8), torch.zeros_like(padding.view(torch.uint8)))
+    unpadded = moe_gemm.fp8_grouped_gemm_wgrad(dyt.contiguous(), dyts, xt.contiguous(), xts, group_sizes)
+    assert torch.equal(unpadded, out)
 
 
 def test_bad_inputs_raise_value_error_naming_the_argument():
