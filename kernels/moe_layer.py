@@ -74,14 +74,18 @@ class Fp8WeightCache:
     unsharded parameter without bumping its ``_version`` (measured: 0 after every gather), and the
     caching allocator may hand the gather the same address again, so after a step neither key would
     change and the cache would serve the previous step's weights. Training with FSDP must attach the
-    optimizer (``r1fast.parallelize.enable_fp8_experts(model, optimizer)`` does). Under FSDP2 the
-    address also changes between forwards of one step, which re-quantizes more often than once per
-    step: correct, only slower.
+    optimizer (``r1fast.parallelize.enable_fp8_experts(model, optimizer)`` does).
+
+    An attached cache also stops keying on the address: FSDP2 gathers into fresh storage for nearly
+    every forward, so an address key would re-quantize on every micro-batch instead of once per step.
+    It then trusts the step hook and the version counter: weights changed any other way without a
+    version bump (``.data`` writes, ``load_state_dict`` into a sharded model) need ``invalidate()``.
     """
 
     def __init__(self):
         self._entries: dict[int, tuple[weakref.ref, int, int, int, Fp8Weight]] = {}
         self._generation = 0
+        self._attached = 0  # optimizers whose steps invalidate: then the address is not part of the key
         self.quantizations = 0
         """How many times a weight was (re)quantized: a cheap check that reuse works."""
 
@@ -91,7 +95,7 @@ class Fp8WeightCache:
         if entry is not None:
             ref, generation, version, ptr, value = entry
             if (ref() is weight and generation == self._generation and version == weight._version
-                    and ptr == weight.data_ptr()):
+                    and (self._attached or ptr == weight.data_ptr())):
                 return value
         value = Fp8Weight.quantize(weight)
         self.quantizations += 1
@@ -106,10 +110,24 @@ class Fp8WeightCache:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Invalidate after every ``optimizer.step()``; returns the hook handle (``.remove()`` detaches)."""
-        return optimizer.register_step_post_hook(lambda *_: self.invalidate())
+        self._attached += 1
+        return _Attachment(self, optimizer.register_step_post_hook(lambda *_: self.invalidate()))
 
     def clear(self) -> None:
         self.invalidate()
+
+
+class _Attachment:
+    """``Fp8WeightCache.attach``'s handle: ``remove()`` unhooks the optimizer (once)."""
+
+    def __init__(self, cache: Fp8WeightCache, hook):
+        self._cache, self._hook = cache, hook
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            self._cache._attached -= 1
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:

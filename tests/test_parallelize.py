@@ -141,3 +141,49 @@ def test_enable_fp8_experts_switches_moe_layers_and_rejects_dense_models():
         assert cache.quantizations == 4  # re-quantized after the step
     finally:
         set_fp8_experts_fn(None)
+
+
+_FSDP_FP8_SCRIPT = r"""
+import json, torch, torch.distributed as dist
+from r1fast.model import Transformer
+from r1fast.model_config import ModelArgs
+from r1fast.parallelize import apply_fsdp, build_mesh, enable_fp8_experts
+dist.init_process_group("gloo")
+args = ModelArgs(**json.loads(ARGS))
+model = Transformer.from_config(args, seed=3)
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+cache = enable_fp8_experts(model, optimizer)
+apply_fsdp(model, build_mesh("cpu", 2, 2))
+ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(dist.get_rank()))
+counts = []
+for step in range(2):
+    for micro in range(2):  # gradient accumulation: FSDP2 gathers the experts again for every micro-batch
+        model(ids).square().mean().backward()
+        counts.append(cache.quantizations)
+    optimizer.step()
+    optimizer.zero_grad()
+with torch.no_grad():
+    stepped = model(ids)
+cache.invalidate()
+with torch.no_grad():
+    fresh = model(ids)
+print(json.dumps({"counts": counts, "same_as_fresh": bool(torch.equal(stepped, fresh))}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.dist
+def test_fsdp2_fp8_experts_quantize_once_per_step_and_never_serve_stale_weights(tmp_path):
+    from dataclasses import asdict
+
+    script = tmp_path / "fsdp_fp8.py"
+    script.write_text(f"ARGS = {json.dumps(json.dumps(asdict(_moe_args(fp8=False))))}\n" + _FSDP_FP8_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    for report in reports:  # 2 expert weights: quantized at the first forward of each step only
+        assert report["counts"] == [2, 2, 4, 4], report
+        assert report["same_as_fresh"]  # after a step the cache holds the new weights
