@@ -104,8 +104,8 @@ class RolloutConfig:
     """Nucleus sampling mass (1 = off)."""
     top_k: int = bounded(0, ge=0)
     """Keep only the k most likely tokens (0 = off)."""
-    block_size: int = bounded(16, ge=1)
-    """Tokens per KV-cache block; a power of two (the attention kernel's tile)."""
+    block_size: int = bounded(16, ge=8, le=128)
+    """Tokens per KV-cache block; a power of two from 8 to 128 (the paged-attention kernel's page)."""
     num_blocks: int | None = bounded(None, ge=1)
     """KV-cache blocks to allocate; none = as many as memory_fraction of free memory allows."""
     max_batch_tokens: int = bounded(4096, ge=1)
@@ -124,8 +124,8 @@ class GRPOConfig:
 
     prompts_per_step: int = bounded(4, ge=1)
     """P: prompts drawn per optimizer step."""
-    samples_per_prompt: int = bounded(4, ge=1)
-    """G: completions sampled per prompt (the group)."""
+    samples_per_prompt: int = bounded(4, ge=2)
+    """G: completions sampled per prompt (the group; GRPO's advantage needs at least 2)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the reward std of the group, of the whole batch, or not at all (Dr. GRPO)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
@@ -165,8 +165,8 @@ class RewardsConfig:
     """Weight per reward name; the total reward is the weighted sum. CLI: --rewards.weights.format 0.2."""
     format_partial_credit: bool = False
     """Give partial format reward per well-formed tag instead of all-or-nothing."""
-    language: str = "en"
-    """Target language (ISO 639-1) of the language-consistency reward."""
+    language: Literal["en", "zh"] = "en"
+    """Target language of the language-consistency reward (the scripts it can count: en, zh)."""
     sandbox_timeout_s: float = bounded(5.0, gt=0)
     """Wall-clock limit for running one generated program."""
     sandbox_memory_mb: int = bounded(512, ge=16)
@@ -283,9 +283,6 @@ class Config:
         """Check every field's type and range, each section's own rules, then cross-section rules."""
         _check_tree(self, "")
         g, r = self.grpo, self.rollout
-        if g.dynamic_sampling and g.samples_per_prompt < 2:
-            raise ConfigError("grpo.dynamic_sampling needs grpo.samples_per_prompt >= 2 "
-                              f"(got {g.samples_per_prompt}): a group of one always has equal rewards")
         if g.soft_overlong_penalty and g.overlong_cache_len >= r.max_new_tokens:
             raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
                               f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")
@@ -306,6 +303,7 @@ def describe(cfg_cls: type | None = None, prefix: str = "") -> str:
     return config_io.describe(cfg_cls or Config, prefix)
 
 
-def parse_cli(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    """Split argv into (config path or None, override tokens); ``--help`` prints every option and exits."""
-    return config_io.parse_cli(argv, schema=Config)
+def parse_cli(argv: list[str] | None = None, *, default_config: str | None = None) -> tuple[str | None, list[str]]:
+    """Split argv into (config path or None, override tokens); ``--help`` prints every option (with the
+    values of ``--config`` or ``default_config``) and exits."""
+    return config_io.parse_cli(argv, schema=Config, default_config=default_config)

@@ -416,14 +416,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cfg_cls: type, prefix: str = "") -> str:
-    """Every option of ``cfg_cls`` as ``--key TYPE = default`` followed by its docstring (for --help)."""
-    out, defaults = [], cfg_cls()
+def describe(cfg_cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every option of ``cfg_cls`` as ``--key TYPE = default`` followed by its docstring (for --help).
+
+    ``defaults``: an instance whose values are shown (e.g. the recipe a command runs when given no
+    --config); None shows the dataclass defaults.
+    """
+    out = []
+    defaults = cfg_cls() if defaults is None else defaults
     docs = field_docs(cfg_cls)
     for name, (f, tp) in _fields(cfg_cls).items():
         key = f"{prefix}{name}"
         if _is_section(tp):
-            out += ["", f"[{key}]  {inspect.cleandoc(tp.__doc__ or '')}".rstrip(), describe(tp, key + ".")]
+            out += ["", f"[{key}]  {inspect.cleandoc(tp.__doc__ or '')}".rstrip(),
+                    describe(tp, key + ".", getattr(defaults, name))]
             continue
         bounds = f.metadata.get("bounds", {})
         rng = ", ".join(f"{'>=' if k == 'ge' else '>' if k == 'gt' else '<=' if k == 'le' else '<'} {v:g}"
@@ -442,11 +448,16 @@ lists as a,b,c or [a, b], tables as {name = 1.0}; one table entry as --section.t
 A value that itself starts with -- must be written --section.field=VALUE."""
 
 
-def parse_cli(argv: list[str] | None, *, schema: type) -> tuple[str | None, list[str]]:
-    """Split argv into (config path or None, override tokens). ``--help``/``-h`` prints every option and exits."""
+def parse_cli(argv: list[str] | None, *, schema: type, default_config: str | None = None) -> tuple[str | None, list[str]]:
+    """Split argv into (config path or None, override tokens). ``--help``/``-h`` prints every option and exits,
+    showing the values of ``--config`` when given, else of ``default_config`` (the file the command runs
+    without one), else the dataclass defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(_USAGE + "\n\n" + describe(schema))
+        shown = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == "--config"), None)
+        shown = shown or next((t.split("=", 1)[1] for t in argv if t.startswith("--config=")), None) or default_config
+        header = _USAGE + (f"\nValues shown are those of {shown}." if shown else "")
+        print(header + "\n\n" + describe(schema, defaults=load_config(shown, [], schema=schema) if shown else None))
         raise SystemExit(0)
     path, rest, i = None, [], 0
     while i < len(argv):
@@ -467,3 +478,19 @@ def parse_cli(argv: list[str] | None, *, schema: type) -> tuple[str | None, list
     _split_overrides(rest)  # report malformed tokens now, before any work starts
     return path, rest
 
+
+
+def run_cli(prog: str, body, *, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a stage's ``body() -> int``; a ``ConfigError`` (or one of ``user_errors``: a missing file, an
+    empty result) prints one line ``<prog>: error: ...`` and returns 2 (1 for user_errors), no traceback.
+    Other exceptions propagate: they are bugs and their traceback is wanted."""
+    import sys
+
+    try:
+        return body()
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except user_errors as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1

@@ -48,11 +48,17 @@ def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """
     d, t = cfg.data, cfg.train
     if d.task in TASKS or d.task in MIXTURES:
-        train = generate_tasks(d.task, d.train_size, seed=d.seed, split="train", **d.params)
-        heldout = generate_tasks(d.task, d.eval_size, seed=d.seed, split="heldout", **d.params) if d.eval_size else []
+        def generate(key: str, params: dict, n: int, **kw) -> list[dict]:
+            try:
+                return generate_tasks(d.task, n, **kw, **params)
+            except ValueError as err:  # a difficulty knob the task does not take, or too few distinct samples
+                raise ConfigError(f"{key}={params} does not fit data.task={d.task!r}: {err}") from None
+
+        train = generate("data.params", d.params, d.train_size, seed=d.seed, split="train")
+        heldout = generate("data.params", d.params, d.eval_size, seed=d.seed, split="heldout") if d.eval_size else []
         sft = []
         if t.sft_steps:
-            sft = generate_tasks(d.task, d.sft_size, seed=d.seed + 1, split="train", **d.sft_params)
+            sft = generate("data.sft_params", d.sft_params, d.sft_size, seed=d.seed + 1, split="train")
             sft = [{**s, "solution": worked_solution(s)} for s in sft]
         return sft, train, heldout
     if not d.task.endswith(".jsonl"):

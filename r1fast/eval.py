@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from r1fast import distributed as D
-from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
 from r1fast.stage_io import (
@@ -76,7 +76,7 @@ class EvalConfig:
     """Directory for eval.json, eval.md and samples.jsonl; none = print only."""
     dtype: str = "auto"
     """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
-    block_size: int = bounded(16, ge=8)
+    block_size: int = bounded(16, ge=8, le=128)
     """KV-cache block size of the rollout engine."""
     max_batch_tokens: int = bounded(4096, ge=1)
     """Token budget of one engine step."""
@@ -87,6 +87,8 @@ class EvalConfig:
             raise ConfigError("model: a checkpoint directory is required (--model DIR)")
         if not self.data:
             raise ConfigError("data: a JSONL file of prompts and answers is required (--data FILE)")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two (the paged-attention page)")
         check_template(self.template, "template")
         return self
 
@@ -182,14 +184,17 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, schema=EvalConfig)
-    cfg = load_config(path, overrides, schema=EvalConfig)
-    D.init_distributed()
-    metrics = run_eval(cfg)
-    if D.rank() == 0:
-        print(markdown_table(metrics, title=f"{cfg.model} on {cfg.data}"))
-    D.shutdown()
-    return 0
+    def body() -> int:
+        path, overrides = parse_cli(argv, schema=EvalConfig)
+        cfg = load_config(path, overrides, schema=EvalConfig)
+        D.init_distributed()
+        metrics = run_eval(cfg)
+        if D.rank() == 0:
+            print(markdown_table(metrics, title=f"{cfg.model} on {cfg.data}"))
+        D.shutdown()
+        return 0
+
+    return run_cli("r1fast.eval", body, user_errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def apply_fsdp(root: nn.Module, mesh, *, param_dtype: torch.dtype | None = None, reduce_dtype=torch.float32) -> nn.Module:
-    """Shard each transformer block, then ``root`` (which owns embeddings, final norm and head)."""
+def apply_fsdp(root: nn.Module, mesh, *, param_dtype: torch.dtype | None = None, reduce_dtype=torch.float32,
+               reshard_root_after_forward: bool = False) -> nn.Module:
+    """Shard each transformer block, then ``root`` (which owns embeddings, final norm and head).
+
+    FSDP2 keeps the root's parameters gathered from forward to backward; a model that only runs
+    forwards (a frozen reference) passes ``reshard_root_after_forward=True`` so they are freed.
+    """
     if mesh is None:
         return root
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -48,7 +53,10 @@ def apply_fsdp(root: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in transformer_blocks(root):
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+    if reshard_root_after_forward:
+        fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    else:
+        fully_shard(root, mesh=mesh, mp_policy=mp)
     return root
 
 

@@ -33,7 +33,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast import rejection_filters as F
-from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.stage_io import (
     check_checkpoint,
@@ -106,7 +106,7 @@ class RejectionConfig:
     """Most kept traces per prompt (0 = no cap)."""
     dtype: str = "auto"
     """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
-    block_size: int = bounded(16, ge=8)
+    block_size: int = bounded(16, ge=8, le=128)
     """KV-cache block size of the rollout engine."""
     max_batch_tokens: int = bounded(4096, ge=1)
     """Token budget of one engine step."""
@@ -116,6 +116,8 @@ class RejectionConfig:
         for key in ("checkpoint", "data", "out"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: required (--{key} PATH)")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two (the paged-attention page)")
         check_template(self.template, "template")
         if self.language not in ("en", "zh"):
             raise ConfigError(f"language: expected en or zh, got {self.language!r}")
@@ -261,14 +263,17 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, schema=RejectionConfig)
-    cfg = load_config(path, overrides, schema=RejectionConfig)
-    D.init_distributed()
-    result = run_rejection(cfg)
-    if D.rank() == 0:
-        print(json.dumps(result["counts"], indent=1))
-    D.shutdown()
-    return 0
+    def body() -> int:
+        path, overrides = parse_cli(argv, schema=RejectionConfig)
+        cfg = load_config(path, overrides, schema=RejectionConfig)
+        D.init_distributed()
+        result = run_rejection(cfg)
+        if D.rank() == 0:
+            print(json.dumps(result["counts"], indent=1))
+        D.shutdown()
+        return 0
+
+    return run_cli("r1fast.rejection", body, user_errors=(FileNotFoundError, EmptyKeptSetError))
 
 
 if __name__ == "__main__":

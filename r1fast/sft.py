@@ -35,7 +35,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
-from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, save_config
+from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli, save_config
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import (
@@ -288,12 +288,15 @@ def run_sft(cfg: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, schema=SFTConfig)
-    summary = run_sft(load_config(path, overrides, schema=SFTConfig))
-    if D.rank() == 0:
-        print(json.dumps(summary, indent=1))
-    D.shutdown()
-    return 0
+    def body() -> int:
+        path, overrides = parse_cli(argv, schema=SFTConfig)
+        summary = run_sft(load_config(path, overrides, schema=SFTConfig))
+        if D.rank() == 0:
+            print(json.dumps(summary, indent=1))
+        D.shutdown()
+        return 0
+
+    return run_cli("r1fast.sft", body, user_errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
+from r1fast.config_io import run_cli
 from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
 from r1fast.evaluation import evaluate
 from r1fast.grpo import global_active_tokens
@@ -68,6 +69,37 @@ class _StopFlag:
         return bool(D.all_reduce_sum(flag).item() > 0)
 
 
+def _check_batch_split(cfg: Config, world: int) -> None:
+    """Every rank must hold the same share of each batch: ranks run the same collectives per micro-batch."""
+    for key, value in (("grpo.prompts_per_step", cfg.grpo.prompts_per_step),
+                       ("train.sft_batch_size", cfg.train.sft_batch_size if cfg.train.sft_steps else 0)):
+        if value % world:
+            raise ConfigError(f"{key}={value} must be divisible by the {world} ranks")
+
+
+def _fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict]) -> list[dict]:
+    """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not);
+    return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
+    ``r1fast.sft`` drops them; ConfigError when none is left)."""
+    limit = model.args.max_position_embeddings
+    where = f"the model holds {limit} positions (model.max_seq_len for the tiny model)"
+    longest = max((len(p) for p in prompt_ids), default=0)
+    if longest + cfg.rollout.max_new_tokens > limit:
+        raise ConfigError(f"{where}, fewer than the longest prompt ({longest} tokens) plus "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+    if not (cfg.train.sft_steps and sft_samples):
+        return sft_samples
+    prompts = encode_prompts(tokenizer, sft_samples, cfg.data.template)
+    lengths = [len(p) + len(tokenizer.encode(s["solution"])) + 1 for p, s in zip(prompts, sft_samples, strict=True)]
+    kept = [s for s, n in zip(sft_samples, lengths, strict=True) if n <= limit]
+    if not kept:
+        raise ConfigError(f"{where}, fewer than every cold-start example (shortest: {min(lengths)} tokens)")
+    if len(kept) < len(sft_samples) and D.rank() == 0:
+        print(f"r1fast.train: {len(sft_samples) - len(kept)} of {len(sft_samples)} cold-start examples are longer "
+              f"than {limit} tokens and are left out", file=sys.stderr)
+    return kept
+
+
 class Trainer:
     """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
 
@@ -82,13 +114,17 @@ class Trainer:
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg)
+        _check_batch_split(cfg, dist.world_size)
+        self.sft_samples = _fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
+                                        self.sft_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size) if cfg.parallel.fsdp else None
         self.ref_root = None
         if cfg.grpo.beta > 0:  # frozen copy, refreshed every ref_update_steps; not allocated when beta = 0
             ref = type(model).from_config(model.args, device=dist.device, dtype=next(model.parameters()).dtype)
             ref.load_state_dict(model.state_dict())
             ref.requires_grad_(False)
-            self.ref_root = apply_fsdp(PolicyHead(ref), self.mesh)
+            # no backward follows the reference's forward: reshard its root too, or its parameters stay gathered
+            self.ref_root = apply_fsdp(PolicyHead(ref), self.mesh, reshard_root_after_forward=True)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.root = apply_fsdp(PolicyHead(model), self.mesh)
@@ -124,11 +160,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = t.sft_lr
         batch = t.sft_batch_size
-        if batch % world:
-            raise ValueError(f"train.sft_batch_size={batch} must be divisible by the {world} ranks")
         order = torch.randperm(len(self.sft_samples), generator=torch.Generator().manual_seed(t.seed))
         eos = [self.tokenizer.eos_id]
-        with progress(t.sft_steps, "cold-start SFT", enabled=self.dist.is_main) as bar:
+        with progress(t.sft_steps, "cold-start SFT", enabled=None if self.dist.is_main else False) as bar:
             for step in range(t.sft_steps):
                 idx = [order[(step * batch + i) % len(order)].item() for i in range(rank, batch, world)]
                 samples = [self.sft_samples[i] for i in idx]
@@ -190,7 +224,7 @@ class Trainer:
                 self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
         nonfinite = 0
-        with progress(t.steps, "GRPO", enabled=self.dist.is_main) as bar:
+        with progress(t.steps, "GRPO", enabled=None if self.dist.is_main else False) as bar:
             bar.advance(self.step)
             while self.step < t.steps:
                 metrics = self.grpo_step(self.step)
@@ -228,7 +262,7 @@ class Trainer:
         t1 = time.perf_counter()
         if self.ref_root is not None and self.cfg.grpo.ref_update_steps and step % self.cfg.grpo.ref_update_steps == 0 \
                 and step > 0:
-            with torch.no_grad():
+            with torch.no_grad():  # both sharded alike under FSDP2 (the reference reshards after forward)
                 for p_ref, p in zip(self.ref_root.parameters(), self.root.parameters(), strict=True):
                     p_ref.copy_(p)
         metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
@@ -290,16 +324,16 @@ def _main_thread() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        path, overrides = parse_cli(argv)
-        cfg = load_config(path if path is not None else default_recipe(), overrides)
-        if cfg.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: GRPO samples and divides logits "
-                              "by it, so it must be > 0")
-    except ConfigError as err:  # one line naming the key, no traceback
-        print(f"r1fast.train: error: {err}", file=sys.stderr)
-        return 2
-    summary = run(cfg)
+    return run_cli("r1fast.train", lambda: _main(argv), user_errors=(FileNotFoundError,))
+
+
+def _main(argv: list[str] | None) -> int:
+    path, overrides = parse_cli(argv, default_config=default_recipe())
+    cfg = load_config(path if path is not None else default_recipe(), overrides)
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: GRPO samples and divides logits "
+                          "by it, so it must be > 0")
+    summary = run(cfg)  # errors found once the data, model or ranks are known are ConfigErrors too
     if D.rank() == 0 and "eval_after_rl" in summary:
         print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))
     D.shutdown()

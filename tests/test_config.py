@@ -156,7 +156,7 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, toml, overrides,
         (["--grpo.eps_low=-0.1"], ["grpo.eps_low", "0 <= value < 1"]),
         (["--train.lr", "0"], ["train.lr", "0 < value"]),
         (["--train.lr", "nan"], ["train.lr", "0 < value"]),
-        (["--grpo.samples_per_prompt", "0"], ["grpo.samples_per_prompt", "1 <= value"]),
+        (["--grpo.samples_per_prompt", "1"], ["grpo.samples_per_prompt", "2 <= value"]),
         (["--rollout.top_p", "1.5"], ["rollout.top_p", "0 < value <= 1"]),
         (["--train.betas", "0.9,1.0"], ["train.betas[1]", "0 <= value < 1"]),
         (["--grpo.delta", "0.5"], ["grpo.delta", "1 < value"]),
@@ -176,8 +176,6 @@ def test_out_of_range_names_key_and_allowed_values(overrides, must_contain):
         (["--model.num_heads", "64"], ["model head dim 1 must be even"]),
         (["--model.head_dim", "9", "--model.num_heads", "6"], ["model head dim 9 must be even"]),
         (["--rollout.block_size", "12"], ["rollout.block_size=12", "power of two"]),
-        (["--grpo.dynamic_sampling", "--grpo.samples_per_prompt", "1"],
-         ["grpo.dynamic_sampling", "samples_per_prompt"]),
         (["--grpo.soft_overlong_penalty", "--grpo.overlong_cache_len", "64"], ["grpo.overlong_cache_len=64",
                                                                                "rollout.max_new_tokens=64"]),
         (["--rollout.max_new_tokens", "256"], ["rollout.max_new_tokens=256", "model.max_seq_len=256"]),
@@ -316,6 +314,20 @@ def test_parse_cli_help_prints_options_and_exits(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--config PATH" in out and "--train.lr float = 0.0003  (> 0)" in out
+
+
+def test_train_help_shows_the_values_the_command_would_run(capsys, tmp_path):
+    """``r1fast.train`` without --config runs the tiny recipe, so --help shows its values, not the dataclass's."""
+    from r1fast.train import default_recipe, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert f"Values shown are those of {default_recipe()}" in out
+    assert "--model.hidden_size int = 128" in out and "--parallel.fsdp bool = true" in out
+    with pytest.raises(SystemExit):
+        main(["--help", "--config", _write(tmp_path, "[model]\nhidden_size = 96\n")])
+    assert "--model.hidden_size int = 96" in capsys.readouterr().out
 
 
 def test_unreadable_and_invalid_files_are_config_errors(tmp_path):

@@ -157,7 +157,7 @@ def test_run_eval_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     assert run_eval(load_config(None, overrides, schema=EvalConfig)) == metrics  # seeded: same samples
 
 
-def test_missing_checkpoint_fails_before_work(tmp_path, monkeypatch):
+def test_missing_checkpoint_fails_before_work(tmp_path, monkeypatch, capsys):
     data = _heldout(tmp_path / "heldout.jsonl", n=1)
     import r1fast.eval as ev
 
@@ -165,8 +165,11 @@ def test_missing_checkpoint_fails_before_work(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="model: checkpoint directory"):
         run_eval(load_config(None, ["--model", str(tmp_path / "nope"), "--data", data], schema=EvalConfig))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        main(["--model", str(tmp_path / "empty"), "--data", data])
+    assert main(["--model", str(tmp_path / "empty"), "--data", data]) == 1  # the CLI: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast.eval: error: ") and "no config.json" in err and err.strip().count("\n") == 0
+    assert main(["--model", str(tmp_path / "empty"), "--data", data, "--block_size", "24"]) == 2
+    assert "block_size=24 must be a power of two" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="model: a checkpoint directory is required"):
         load_config(None, ["--data", data], schema=EvalConfig)
     with pytest.raises(ConfigError, match="k: 0 is out of range"):

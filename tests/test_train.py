@@ -136,10 +136,13 @@ def _run_cli(tmp_path, name, nproc, *extra, timeout=300):
 
 @pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path):
-    one = _run_cli(tmp_path, "one", 1, "--train.steps", "2")
+    # a KL reference refreshed every step (under FSDP2 its copy is shard to shard)
+    common = ("--train.steps", "2", "--grpo.beta", "0.04", "--grpo.ref_update_steps", "1")
+    one = _run_cli(tmp_path, "one", 1, *common)
     assert one.returncode == 0, one.stderr[-3000:]
+    assert "cold-start SFT" not in one.stdout + one.stderr  # R1FAST_PROGRESS=0 silences the bars
     # FSDP2 and activation checkpointing on the 2-rank side: sharding and recomputation must not change the step
-    two = _run_cli(tmp_path, "two", 2, "--train.steps", "2", "--parallel.activation_checkpointing", "true",
+    two = _run_cli(tmp_path, "two", 2, *common, "--parallel.activation_checkpointing", "true",
                    "--parallel.fsdp", "true")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
@@ -179,6 +182,32 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "grpo.no_such_key" in res.stderr
     res = _run_cli(tmp_path, "bad", 1, "--data.task", str(tmp_path / "missing.jsonl"))
     assert res.returncode != 0 and "missing.jsonl" in res.stderr
+    # errors that need the data or the model: still one line naming the key, before any training
+    res = _run_cli(tmp_path, "bad", 1, "--data.task", "countdown")  # TINY's addition params do not fit
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "data.params=" in res.stderr
+    res = _run_cli(tmp_path, "bad", 1, "--model.max_seq_len", "20")
+    assert res.returncode == 2 and "positions" in res.stderr and "rollout.max_new_tokens=12" in res.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--rollout.block_size", "4", "rollout.block_size"),  # the paged-attention kernel's pages: 8..128
+    ("--grpo.samples_per_prompt", "1", "grpo.samples_per_prompt"),
+    ("--rewards.language", "xx", "rewards.language"),
+])
+def test_values_the_config_accepted_but_the_run_could_not_are_rejected(option, value, match, capsys):
+    from r1fast.train import main
+
+    assert main([*TINY, option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast.train: error: ") and match in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.dist
+def test_a_batch_that_does_not_split_evenly_over_ranks_is_refused(tmp_path):
+    """Ranks with different shares would run different numbers of collectives: it hung before the first step."""
+    res = _run_cli(tmp_path, "uneven", 2, "--grpo.prompts_per_step", "3", timeout=120)
+    assert res.returncode != 0 and "grpo.prompts_per_step=3 must be divisible by the 2 ranks" in res.stderr
 
 
 def test_default_recipe_is_the_installed_tiny_recipe():
