@@ -233,3 +233,20 @@ def test_bad_input_is_rejected_before_any_work(torch_kernels):
         Engine(model, block_size=12)
     default = Engine(model)  # CPU: 65,536 tokens (this model's cache is far below the 1 GiB cap)
     assert default.stats()["num_blocks"] * default.stats()["block_size"] == 65536
+
+
+def test_gpu_kv_budget_counts_memory_the_caching_allocator_holds_free(monkeypatch):
+    """The driver reports memory PyTorch's allocator caches as taken; the cache budget counts it as free."""
+    from types import SimpleNamespace
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    args = SimpleNamespace(hidden_size=64, intermediate_size=128, vocab_size=100)
+    fake = SimpleNamespace(device=torch.device("cuda"), args=args, weight_itemsize=2)
+    per_block = 1 << 20
+    blocks = Engine._default_num_blocks(fake, per_block, 16, 0.5, 4096, 64)
+    activations = 4096 * (8 * 64 + 3 * 128) * 2
+    sampling = 64 * 100 * 4 * 6
+    assert blocks == int(((2 + 20) * gib * 0.5 - activations - sampling) // per_block)  # 2 GiB free + 20 cached

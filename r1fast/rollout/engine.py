@@ -88,6 +88,9 @@ class Engine:
     def _default_num_blocks(self, per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            # memory PyTorch's caching allocator holds but does not use is free for the cache too; the
+            # driver counts it as taken (after a training step that can be most of the GPU)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             a = self.args
             item = self.weight_itemsize
             # activations of the largest step (a few [T, H] and [T, I] buffers) and the logits/sampling
