@@ -75,8 +75,17 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along ``axis``, NaN when the tile holds a NaN (as PyTorch's amax): tl.max would skip it, and a
+    NaN input would then quantize to finite values instead of poisoning the result."""
+    amax = tl.max(tl.abs(x), axis=axis)
+    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), amax)
+
+
+@triton.jit
 def _scale_from_amax(amax, POWER_OF_TWO: tl.constexpr):
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, 1e-4)), 448.0)  # keep a NaN amax
     if POWER_OF_TWO:
         bits = scale.to(tl.int32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
@@ -88,8 +97,11 @@ def _scale_from_amax(amax, POWER_OF_TWO: tl.constexpr):
 def _quantize_tile(x, scale):
     """fp32 tile and a broadcastable scale -> e4m3 tile."""
     y = tl.math.div_rn(x, scale)
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    return _round_to_e4m3_grid(y).to(tl.float8e4nv)
+    q = _round_to_e4m3_grid(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv).to(tl.int8, bitcast=True)
+    # NaN (a NaN input, or inf / inf) becomes E4M3's NaN (0x7F), as PyTorch's cast gives: min/max would turn it
+    # into +-448, and the interpreter's fp8 cast does not keep NaN either
+    q = tl.where(y != y, 0x7F, q).to(tl.int8)
+    return q.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -110,12 +122,12 @@ def _quantize_rows_cols_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if EMIT_ROWS:
-        row_scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), POWER_OF_TWO)
+        row_scale = _scale_from_amax(_amax(x, 1), POWER_OF_TWO)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _quantize_tile(x, row_scale[:, None]), mask=mask)
         tl.store(s_ptr + rows * stride_sm + pid_k, row_scale, mask=row_ok)
     if EMIT_COLS:
         # BLOCK_M == 128 here: one scale per column over this 128-row tile
-        col_scale = _scale_from_amax(tl.max(tl.abs(x), axis=0), POWER_OF_TWO)
+        col_scale = _scale_from_amax(_amax(x, 0), POWER_OF_TWO)
         q = _quantize_tile(x, col_scale[None, :])
         # rows past M (zeros) fill the padding of qt's storage: one whole 128-token tile per program
         tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=col_ok[None, :])
@@ -138,7 +150,9 @@ def _quantize_blocks_kernel(
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + pid_b * stride_wb + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
-    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POWER_OF_TWO)
+    has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0
+    amax = tl.where(has_nan, float("nan"), tl.max(tl.max(tl.abs(w), axis=1), axis=0))  # see _amax
+    scale = _scale_from_amax(amax, POWER_OF_TWO)
     tl.store(q_ptr + pid_b * stride_qb + rows[:, None] * stride_qn + cols[None, :], _quantize_tile(w, scale), mask=mask)
     tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, scale)
 

@@ -39,6 +39,7 @@ from .fp8 import quantize_fp8_1x128, quantize_fp8_1x128_dual, quantize_fp8_128x1
 from .moe_gemm import fp8_grouped_gemm, fp8_grouped_gemm_wgrad
 from .moe_permute import combine, combine_backward, gather_rows, route_tokens
 from .ref_fp8 import dequantize_fp8
+from .registration import host_checks_enabled
 
 TILE = 128
 
@@ -246,7 +247,8 @@ def _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down):
         raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
 
 
-def moe_ffn_fp8(x, topk_weights, topk_ids, w_gate_up, w_down, *, cache: Fp8WeightCache | None = None):
+def moe_ffn_fp8(x, topk_weights, topk_ids, w_gate_up, w_down, *, cache: Fp8WeightCache | None = None,
+                validate: bool | None = None):
     """FP8 MoE expert FFN: out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)).
 
     x [T, H] (bf16 or fp32), topk_weights [T, k] (fp32), topk_ids [T, k] int (ids in [0, E)),
@@ -256,8 +258,16 @@ def moe_ffn_fp8(x, topk_weights, topk_ids, w_gate_up, w_down, *, cache: Fp8Weigh
     ``Fp8WeightCache`` so the weights are quantized once per optimizer step (None: quantize on every
     call). Off the Triton backends every step runs its PyTorch reference (same quantization points,
     fp64 GEMMs): the recipe in exact arithmetic, so CPU runs see FP8 numerics too.
+    ``validate``: check that every id lies in [0, E) (reads them on the host; an id outside would make the
+    kernels read past the weights). None = check unless torch.compile traces or a CUDA graph is being
+    captured; the model's hook passes False (its router's ids are in range by construction).
     """
     _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down)
+    if validate is None:
+        validate = host_checks_enabled(topk_ids)
+    if validate and topk_ids.numel() and bool(((topk_ids < 0) | (topk_ids >= w_gate_up.shape[0])).any()):
+        raise ValueError(f"topk_ids must lie in [0, {w_gate_up.shape[0]}) (the experts of w_gate_up), got values "
+                         f"from {int(topk_ids.min())} to {int(topk_ids.max())}")
     fc1 = cache.get(w_gate_up) if cache is not None else Fp8Weight.quantize(w_gate_up)
     fc2 = cache.get(w_down) if cache is not None else Fp8Weight.quantize(w_down)
     return _MoeFfnFp8.apply(x, topk_weights, w_gate_up, w_down, topk_ids.contiguous(),

@@ -42,6 +42,9 @@ def _cast(y: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False):
     """x [M, K] -> (fp8 [M, K], scale fp32 [M, ceil(K/128)]); ragged last tile allowed."""
     M, K = x.shape
+    if M == 0 or K == 0:  # view(M, -1, TILE) cannot infer -1 from zero elements
+        return (torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device),
+                torch.empty(M, -(-K // TILE), dtype=torch.float32, device=x.device))
     xf = _pad_to(x.float(), {1: TILE}).view(M, -1, TILE)
     scale = _scale_from_amax(xf.abs().amax(dim=2), power_of_two)
     q = _cast(xf / scale[:, :, None]).view(M, -1)[:, :K]

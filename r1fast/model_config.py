@@ -28,7 +28,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 class ModelArgs:
     """Shapes and options of one decoder-only transformer (field names follow HF where they exist)."""
 
-    model_type: str = "qwen2"
+    model_type: str = "llama"
     """One of llama, qwen2, qwen3, deepseek_v3, deepseek_v2 (decides the HF architecture written on save)."""
     vocab_size: int = 256
     hidden_size: int = 64

@@ -175,3 +175,14 @@ def test_unsupported_configs_are_refused(tmp_path, tmp_path_factory):
     os.remove(path / "config.json")
     with pytest.raises(ValueError, match="config.json"):
         Transformer.from_pretrained(path)
+
+
+def test_default_model_args_save_and_load(tmp_path):
+    """ModelArgs() (a Llama-style model) round-trips; its old default, a Qwen2 without q/k/v biases, could not be saved."""
+    from r1fast.model import Transformer
+    from r1fast.model_config import ModelArgs
+
+    model = Transformer.from_config(ModelArgs(), seed=0)
+    model.save_pretrained(tmp_path)
+    again = Transformer.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))

@@ -98,3 +98,33 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         fp8.quantize_fp8_1x128(torch.ones(8))
     with pytest.raises(ValueError, match="w must"):
         fp8.quantize_fp8_128x128(torch.ones(2, 2, 2, 2))
+
+
+def test_empty_inputs_quantize_on_every_backend(monkeypatch):
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setenv("R1FAST_KERNELS", "torch")
+        q, s = fp8.quantize_fp8_1x128(torch.zeros(0, 256))
+        assert q.shape == (0, 256) and s.shape == (0, 2)
+        qt, st = fp8.quantize_fp8_128x1(torch.zeros(0, 256))
+        assert qt.shape == (256, 0) and st.shape == (256, 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
+def test_nan_and_inf_poison_their_tile_like_the_reference(monkeypatch):
+    """A NaN must not quantize to finite values (training's non-finite guard would then miss it)."""
+    x = torch.randn(3, 256)
+    x[0, 5], x[2, 200] = float("nan"), float("inf")
+    w = torch.randn(130, 256)
+    w[1, 3] = float("nan")
+    got = [*fp8.quantize_fp8_1x128(x), *fp8.quantize_fp8_128x1(x), *fp8.quantize_fp8_128x128(w)]
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    want = [*fp8.quantize_fp8_1x128(x), *fp8.quantize_fp8_128x1(x), *fp8.quantize_fp8_128x128(w)]
+    for g, r in zip(got, want, strict=True):
+        g, r = g.float(), r.float()
+        assert torch.equal(g.isnan(), r.isnan()) and torch.equal(g.isinf(), r.isinf())
+        finite = g.isfinite()
+        assert torch.equal(g[finite], r[finite])
+    assert got[0][0, :128].float().isnan().all() and got[1][0, 0].isnan()  # the NaN's 1x128 tile, and its scale
+    assert got[0][0, 128:].float().isfinite().all()  # the next tile of the row is untouched
+    assert got[4][:128, :128].float().isnan().all() and got[4][:128, 128:].float().isfinite().all()  # w[1, 3]'s block

@@ -115,6 +115,9 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="^w_gate_up: the FP8 recipe needs H and I to be multiples of 128"):
         moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long),
                     torch.randn(2, 192, 128), torch.randn(2, 128, 96))
+    with pytest.raises(ValueError, match=r"^topk_ids must lie in \[0, 2\).*from -1 to 2"):
+        moe_ffn_fp8(torch.randn(3, 128), torch.rand(3, 2), torch.tensor([[0, 2], [1, 0], [-1, 1]]),
+                    torch.randn(2, 256, 128), torch.randn(2, 128, 128))
     with pytest.raises(ValueError, match="^w_down must"):
         moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long),
                     torch.randn(2, 64, 128), torch.randn(3, 128, 32))

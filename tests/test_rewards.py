@@ -79,6 +79,11 @@ def test_math_accuracy_and_unparsable_gold():
     assert batch.total == [1.0, 0.0, 1.0, 0.0, 0.0] and batch.num_skipped == 1
     assert STATS["gold_unparsable"] == before + 1
     assert batch.errors == {"accuracy": 0}
+    # gold that math_verify keeps only as its source text ("???", "x+") is unparsable too: skipped, not a
+    # string comparison
+    broken = reward.score([""] * 2, ["<answer>???</answer>", "<answer>1</answer>"],
+                          [{"answer": "???", "task": "math"}, {"answer": "x+", "task": "math"}])
+    assert broken.skipped == [True, True]
 
 
 def test_math_verifier_timeout_kills_and_recovers():
@@ -98,6 +103,8 @@ def test_math_verifier_timeout_kills_and_recovers():
 def test_language_consistency():
     lang = get_reward("language")
     assert count_words_by_language("I think 所以 x=3, да") == {"en": 3, "zh": 2, "other": 1}
+    # a word with an accented Latin letter is one word of another language, not an English word plus a letter
+    assert count_words_by_language("café Straße naïve hi") == {"en": 1, "zh": 0, "other": 3}
     assert lang("", "<think>add the ones then the tens</think><answer>5</answer>", {}) == 1.0
     assert lang("", "<think>add 然后 carry</think><answer>5</answer>", {}) == pytest.approx(2 / 4)
     assert lang("", "<think>先加个位</think><answer>5</answer>", {"language": "zh"}) == 1.0

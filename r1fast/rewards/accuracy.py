@@ -57,6 +57,10 @@ def _parse(text: str) -> list:
     # way, or "not a number" would parse as the product n*o*t*...
     if not parsed and text.strip() and not _PROSE_RE.search(text):
         parsed = parse(f"${text}$")
+    # math_verify returns [expression, source string]; when nothing parsed into an expression (e.g. "???",
+    # "x+") it returns only the string, which verify would then compare as text: that is no parse
+    if parsed and all(isinstance(p, str) for p in parsed):
+        return []
     return parsed
 
 

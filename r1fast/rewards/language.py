@@ -19,7 +19,9 @@ from .format import extract_think
 __all__ = ["SUPPORTED_LANGUAGES", "count_words_by_language", "language_consistency_reward"]
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
-_WORD_RE = re.compile(rf"(?P<en>[A-Za-z]+)|(?P<zh>[{_CJK}])|(?P<other>[^\W\d_A-Za-z{_CJK}]+)")
+# a CJK character is a word of its own; any other run of letters is one word, English only when all of its
+# letters are ASCII ("café", "Straße" are one word of another language, not an English word plus a stray letter)
+_WORD_RE = re.compile(rf"(?P<zh>[{_CJK}])|(?P<word>[^\W\d_{_CJK}]+)")
 
 SUPPORTED_LANGUAGES = ("en", "zh")
 
@@ -28,7 +30,10 @@ def count_words_by_language(text: str) -> dict[str, int]:
     """``{"en": n, "zh": n, "other": n}`` word counts of ``text`` by script."""
     counts = {"en": 0, "zh": 0, "other": 0}
     for match in _WORD_RE.finditer(text):
-        counts[match.lastgroup] += 1
+        if match.lastgroup == "zh":
+            counts["zh"] += 1
+        else:
+            counts["en" if match.group().isascii() else "other"] += 1
     return counts
 
 
