@@ -28,8 +28,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 class ModelArgs:
     """Shapes and options of one decoder-only transformer (field names follow HF where they exist)."""
 
-    model_type: str = "llama"
-    """One of llama, qwen2, qwen3, deepseek_v3, deepseek_v2 (decides the HF architecture written on save)."""
+    model_type: str | None = None
+    """One of llama, qwen2, qwen3, deepseek_v3, deepseek_v2 (decides the HF architecture written on save);
+    None = qwen2 with q/k/v biases, else llama (the two dense layouts that HF checkpoints can express)."""
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -86,6 +87,8 @@ class ModelArgs:
     """The config.json this came from, kept so save_pretrained writes back every field it does not own."""
 
     def __post_init__(self):
+        if self.model_type is None:
+            self.model_type = "qwen2" if self.qkv_bias else "llama"
         if self.v_head_dim is None:
             self.v_head_dim = self.head_dim
         if self.model_type not in MODEL_TYPE_TO_ARCH:

@@ -178,11 +178,16 @@ def test_unsupported_configs_are_refused(tmp_path, tmp_path_factory):
 
 
 def test_default_model_args_save_and_load(tmp_path):
-    """ModelArgs() (a Llama-style model) round-trips; its old default, a Qwen2 without q/k/v biases, could not be saved."""
+    """ModelArgs() round-trips (no q/k/v biases: a Llama; with them a Qwen2); its old default, a Qwen2 without
+    biases, could not be saved."""
     from r1fast.model import Transformer
     from r1fast.model_config import ModelArgs
 
-    model = Transformer.from_config(ModelArgs(), seed=0)
-    model.save_pretrained(tmp_path)
-    again = Transformer.from_pretrained(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    for args, model_type in ((ModelArgs(), "llama"), (ModelArgs(qkv_bias=True), "qwen2")):
+        assert args.model_type == model_type
+        model = Transformer.from_config(args, seed=0)
+        model.save_pretrained(tmp_path / model_type)
+        again = Transformer.from_pretrained(tmp_path / model_type)
+        assert again.args.model_type == model_type
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                     strict=True))
