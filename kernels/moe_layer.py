@@ -114,9 +114,6 @@ class Fp8WeightCache:
         self._attached += 1
         return _Attachment(self, optimizer.register_step_post_hook(lambda *_: self.invalidate()))
 
-    def clear(self) -> None:
-        self.invalidate()
-
 
 class _Attachment:
     """``Fp8WeightCache.attach``'s handle: ``remove()`` unhooks the optimizer (once)."""

@@ -53,10 +53,8 @@ def apply_fsdp(root: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in transformer_blocks(root):
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    if reshard_root_after_forward:
-        fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    else:
-        fully_shard(root, mesh=mesh, mp_policy=mp)
+    # None: FSDP2's default, which keeps the root gathered until backward
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True if reshard_root_after_forward else None)
     return root
 
 

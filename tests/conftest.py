@@ -110,6 +110,41 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def save_char_checkpoint(path, **model_args) -> str:
+    """A randomly initialised model with the character tokenizer, saved as an HF directory at ``path``.
+
+    ``model_args`` override a 1-layer Qwen2-style model (32 wide); the ids of the tokenizer are filled in.
+    """
+    from r1fast.model import Transformer
+    from r1fast.model_config import ModelArgs
+    from r1fast.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    shape = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                 qkv_bias=True, max_position_embeddings=128)
+    args = ModelArgs(**{**shape, **model_args}, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                     bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+    Transformer.from_config(args, seed=0).save_pretrained(path)
+    tok.save(path)
+    return str(path)
+
+
+def save_tiny_moe_checkpoint(path) -> str:
+    """A 2-layer DeepSeek-V3-style MoE (dims multiples of 128, as the FP8 recipe needs) with the character tokenizer."""
+    return save_char_checkpoint(
+        path, model_type="deepseek_v3", hidden_size=128, intermediate_size=128, num_layers=2, num_heads=2,
+        num_kv_heads=2, head_dim=48, qkv_bias=False, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+        max_position_embeddings=64)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """``save_char_checkpoint`` under tmp_path/ckpt."""
+    return save_char_checkpoint(tmp_path / "ckpt")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

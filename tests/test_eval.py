@@ -18,9 +18,6 @@ from r1fast.eval_metrics import (
     reflection_stats,
     summarize,
 )
-from r1fast.model import Transformer
-from r1fast.model_config import ModelArgs
-from r1fast.tokenizer import CharTokenizer
 
 
 def test_pass_at_k_hand_computed():
@@ -115,18 +112,6 @@ def test_summarize_hand_computed():
     assert "| pass@1 | 0.4167 ± " in table and "| num_prompts | 3 |" in table
     with pytest.raises(ValueError, match="same, positive number"):
         summarize([records[0], _record([True], ["1"], [True], [1])])
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    tok = CharTokenizer()
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                     num_kv_heads=1, head_dim=16, qkv_bias=True, max_position_embeddings=128,
-                     eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    path = tmp_path / "ckpt"
-    Transformer.from_config(args, seed=0).save_pretrained(path)
-    tok.save(path)
-    return str(path)
 
 
 def _heldout(path, n=3):

@@ -7,11 +7,8 @@ import pytest
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, load_config
 from r1fast.data import generate_tasks, worked_solution
-from r1fast.model import Transformer
-from r1fast.model_config import ModelArgs
 from r1fast.rejection import FILTER_STAGES, EmptyKeptSetError, RejectionConfig, filter_traces, run_rejection
 from r1fast.sft import SFTConfig, run_sft
-from r1fast.tokenizer import CharTokenizer
 
 GOOD = "<think>3+4=7, 7+5=12</think><answer>12</answer>"
 
@@ -126,18 +123,6 @@ def test_filter_traces_counts_each_stage():
 # ---- end to end ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def random_checkpoint(tmp_path):
-    tok = CharTokenizer()
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                     num_kv_heads=1, head_dim=16, qkv_bias=True, max_position_embeddings=128,
-                     eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    path = tmp_path / "ckpt"
-    Transformer.from_config(args, seed=0).save_pretrained(path)
-    tok.save(path)
-    return str(path)
-
-
 def _prompts(path, n, seed=3):
     samples = generate_tasks("addition", n, seed=seed, min_digits=1, max_digits=1)
     with open(path, "w") as f:
@@ -197,16 +182,16 @@ def test_memorized_teacher_to_rejection_to_student_and_eval(tmp_path):
     assert metrics["greedy_accuracy"] >= 2 / 3 and metrics["format_rate"] >= 2 / 3
 
 
-def test_empty_kept_set_names_stage_and_counts(tmp_path, random_checkpoint):
+def test_empty_kept_set_names_stage_and_counts(tmp_path, tiny_checkpoint):
     data, _ = _prompts(tmp_path / "p.jsonl", 2)
     out = tmp_path / "kept.jsonl"
-    cfg = _cfg("--checkpoint", random_checkpoint, "--data", data, "--out", str(out), "--k", "2")
+    cfg = _cfg("--checkpoint", tiny_checkpoint, "--data", data, "--out", str(out), "--k", "2")
     with pytest.raises(EmptyKeptSetError, match=r"rejection sampling from .*no trace survived.*\"incorrect\": 4"):
         run_rejection(cfg)  # a random model answers nothing correctly
     assert not out.exists()
 
 
-def test_missing_inputs_fail_before_work(tmp_path, random_checkpoint, monkeypatch):
+def test_missing_inputs_fail_before_work(tmp_path, tiny_checkpoint, monkeypatch):
     import r1fast.rejection as rej
 
     data, _ = _prompts(tmp_path / "p.jsonl", 1)
@@ -214,7 +199,7 @@ def test_missing_inputs_fail_before_work(tmp_path, random_checkpoint, monkeypatc
     with pytest.raises(FileNotFoundError, match="checkpoint: checkpoint directory"):
         run_rejection(_cfg("--checkpoint", str(tmp_path / "gone"), "--data", data, "--out", str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError, match="decontaminate: file"):
-        run_rejection(_cfg("--checkpoint", random_checkpoint, "--data", data, "--out", str(tmp_path / "o"),
+        run_rejection(_cfg("--checkpoint", tiny_checkpoint, "--data", data, "--out", str(tmp_path / "o"),
                            "--decontaminate", str(tmp_path / "eval_missing.jsonl")))
     with pytest.raises(ConfigError, match="out: required"):
-        _cfg("--checkpoint", random_checkpoint, "--data", data)
+        _cfg("--checkpoint", tiny_checkpoint, "--data", data)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny_moe_checkpoint
 from safetensors.torch import load_file
 
 from r1fast.config_io import ConfigError, load_config
@@ -218,27 +219,11 @@ def test_two_rank_fsdp_equals_one_rank(tmp_path):
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def _tiny_moe_dir(path):
-    """A 2-layer DeepSeek-V3-style MoE (dims multiples of 128, as the FP8 recipe needs) with the character tokenizer."""
-    from r1fast.model_config import ModelArgs
-
-    tok = CharTokenizer()
-    args = ModelArgs(model_type="deepseek_v3", vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=128,
-                     num_layers=2, num_heads=2, num_kv_heads=2, head_dim=48, q_lora_rank=None, kv_lora_rank=32,
-                     qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, n_shared_experts=1,
-                     num_experts_per_tok=2, moe_intermediate_size=128, first_k_dense_replace=1, n_group=2,
-                     topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=64, bos_token_id=tok.bos_id,
-                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    Transformer.from_config(args, seed=0).save_pretrained(path)
-    tok.save(path)
-    return str(path)
-
-
 def test_fp8_experts_train_an_moe_model_and_requantize_every_step(tmp_path, monkeypatch):
     from r1fast.kernels.moe_layer import Fp8WeightCache
     from r1fast.moe import set_fp8_experts_fn
 
-    data, model_dir = _task_data(tmp_path / "d.jsonl", n=8), _tiny_moe_dir(tmp_path / "moe")
+    data, model_dir = _task_data(tmp_path / "d.jsonl", n=8), save_tiny_moe_checkpoint(tmp_path / "moe")
     invalidations = []
     real = Fp8WeightCache.invalidate
     monkeypatch.setattr(Fp8WeightCache, "invalidate", lambda self: (invalidations.append(1), real(self))[1])

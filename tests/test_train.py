@@ -70,7 +70,7 @@ def test_tiny_run_writes_every_output_and_transformers_loads_it(tmp_path, monkey
 def test_fp8_experts_on_an_moe_policy_for_rollout_and_training(tmp_path, monkeypatch):
     """parallel.fp8_experts: the MoE policy generates and trains through the FP8 layer (here the recipe's
     PyTorch reference), and the weight cache is invalidated by every optimizer step (SFT and GRPO)."""
-    from test_sft import _tiny_moe_dir
+    from conftest import save_tiny_moe_checkpoint
 
     from r1fast.kernels import moe_layer
     from r1fast.moe import set_fp8_experts_fn
@@ -83,7 +83,7 @@ def test_fp8_experts_on_an_moe_policy_for_rollout_and_training(tmp_path, monkeyp
                                                                      real_layer(*a, **k))[1])
     monkeypatch.setattr(moe_layer.Fp8WeightCache, "invalidate", lambda self: (invalidations.append(1),
                                                                                real_invalidate(self))[1])
-    model_dir = _tiny_moe_dir(tmp_path / "moe")
+    model_dir = save_tiny_moe_checkpoint(tmp_path / "moe")
     try:
         summary = run(_cfg(tmp_path, "--model.name_or_path", model_dir, "--parallel.fp8_experts", "true",
                            "--train.steps", "2", "--train.name", "fp8", "--data.eval_size", "2"))
