@@ -122,25 +122,30 @@ def unsharded_for_rollout(root: nn.Module):
             m.set_reshard_after_forward(m is not root, recurse=False)
 
 
-def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                       frozen: tuple[nn.Module, ...] = ()):
     """Route MoE experts through the FP8 kernels (DeepSeek-V3 recipe); returns the weight cache.
 
     Every MoE module of ``model`` switches to the FP8 path. One weight cache per model: expert
     weights are quantized once and reused by every forward until they change. Pass the
     ``optimizer`` whenever the model trains: the cache is then invalidated after each step, which
     FSDP2 needs (its gathers change the weights without bumping their version counters; see
-    ``Fp8WeightCache``). Raises ValueError for a model without MoE layers.
+    ``Fp8WeightCache``). ``frozen`` models (the KL reference) switch too and share the cache: the
+    reference must see the quantization the policy sees, or k3 measures FP8 rounding as policy
+    drift (nonzero KL at step 0). Raises ValueError for a model without MoE layers.
     """
     import functools
 
     from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
     from r1fast.moe import MoE, set_fp8_experts_fn
 
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    if not moes:
-        raise ValueError(f"enable_fp8_experts: {type(model).__name__} has no MoE layers (FP8 applies to routed experts)")
-    for moe in moes:
-        moe.fp8 = True
+    for m in (model, *frozen):
+        moes = [mod for mod in m.modules() if isinstance(mod, MoE)]
+        if not moes:
+            raise ValueError(f"enable_fp8_experts: {type(m).__name__} has no MoE layers (FP8 applies to routed "
+                             "experts)")
+        for moe in moes:
+            moe.fp8 = True
     cache = Fp8WeightCache()
     if optimizer is not None:
         cache.attach(optimizer)

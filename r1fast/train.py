@@ -118,7 +118,7 @@ class Trainer:
         self.sft_samples = _fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
                                         self.sft_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size) if cfg.parallel.fsdp else None
-        self.ref_root = None
+        self.ref_root, ref = None, None
         if cfg.grpo.beta > 0:  # frozen copy, refreshed every ref_update_steps; not allocated when beta = 0
             ref = type(model).from_config(model.args, device=dist.device, dtype=next(model.parameters()).dtype)
             ref.load_state_dict(model.state_dict())
@@ -133,7 +133,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
                                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
         # FP8 experts for training and rollout alike; the cache re-quantizes after every optimizer step
-        self.fp8_cache = enable_fp8_experts(model, self.optimizer) if cfg.parallel.fp8_experts else None
+        self.fp8_cache = (enable_fp8_experts(model, self.optimizer, frozen=(ref,) if ref is not None else ())
+                          if cfg.parallel.fp8_experts else None)
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
@@ -217,9 +218,11 @@ class Trainer:
             if t.sft_steps:
                 summary["eval_initial"] = self.evaluate("initial")
                 self.cold_start_sft()
+                self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
             summary["eval_before_rl"] = self.evaluate("before_rl")
         else:
-            self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler)
+            self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler,
+                                                         reference=self.ref_root)
             if self.fp8_cache is not None:
                 self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
@@ -237,18 +240,15 @@ class Trainer:
                     self.evaluate(f"step_{self.step}")
                 self.loop_state["summary"] = summary
                 if nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                    save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
-                                    self.loop_state, self.tokenizer)
+                    self._save_checkpoint()
                     raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {self.step}; checkpoint "
                                        f"written under {self.run_dir}/checkpoints")
                 if self.stop.agreed(self.dist.device):
-                    path = save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer,
-                                           self.scheduler, self.loop_state, self.tokenizer)
+                    path = self._save_checkpoint()
                     print(f"r1fast.train: SIGTERM: checkpoint written to {path}; exiting", file=sys.stderr)
                     return summary
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
-                                    self.loop_state, self.tokenizer)
+                    self._save_checkpoint()
         summary["eval_after_rl"] = self.evaluate("after_rl")
         self._finish(summary)
         return summary
@@ -260,11 +260,8 @@ class Trainer:
         times["time_rollout_s"] = time.perf_counter() - t0 - batch.reward_seconds
         times["time_reward_s"] = batch.reward_seconds
         t1 = time.perf_counter()
-        if self.ref_root is not None and self.cfg.grpo.ref_update_steps and step % self.cfg.grpo.ref_update_steps == 0 \
-                and step > 0:
-            with torch.no_grad():  # both sharded alike under FSDP2 (the reference reshards after forward)
-                for p_ref, p in zip(self.ref_root.parameters(), self.root.parameters(), strict=True):
-                    p_ref.copy_(p)
+        if self.cfg.grpo.ref_update_steps and step % self.cfg.grpo.ref_update_steps == 0 and step > 0:
+            self._refresh_reference()
         metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
                                  self.dist.world_size)
         self.scheduler.step()
@@ -274,6 +271,18 @@ class Trainer:
         return {**batch.metrics, **metrics, **times, "lr": self.optimizer.param_groups[0]["lr"]}
 
     # -- bookkeeping --------------------------------------------------------------------------------
+    def _refresh_reference(self) -> None:
+        """Copy the policy into the frozen KL reference (no-op without one)."""
+        if self.ref_root is None:
+            return
+        with torch.no_grad():  # both sharded alike under FSDP2 (the reference reshards after forward)
+            for p_ref, p in zip(self.ref_root.parameters(), self.root.parameters(), strict=True):
+                p_ref.copy_(p)
+
+    def _save_checkpoint(self) -> str:
+        return save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
+                               self.loop_state, self.tokenizer, reference=self.ref_root)
+
     def _resume_path(self) -> str | None:
         r = self.cfg.train.resume
         if r is None:
@@ -286,8 +295,7 @@ class Trainer:
         return path
 
     def _finish(self, summary: dict) -> None:
-        final = save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
-                                self.loop_state, self.tokenizer)
+        final = self._save_checkpoint()
         if not self.dist.is_main:
             return
         before, after = summary.get("eval_before_rl"), summary.get("eval_after_rl")

@@ -2,7 +2,9 @@
 
 Layout of ``<run>/checkpoints/step_<N>/``:
     model/              HF format (config.json + safetensors + tokenizer): loads in transformers
-    train_state.pt      full (unsharded) model and optimizer state, scheduler, step, loop state
+    train_state.pt      full (unsharded) model and optimizer state, scheduler, step, loop state, and the
+                        KL reference's weights when the run has one (it is refreshed from the policy only
+                        every ``ref_update_steps``, so it is state of its own)
     rng_rank<R>.pt      each rank's torch / python / numpy RNG state
 
 Everything is written into ``step_<N>.tmp`` and renamed into place once complete, so a crash or a
@@ -17,10 +19,17 @@ import os
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from r1fast import distributed as D
 
@@ -50,8 +59,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optimizer, scheduler, loop_state: dict,
-                    tokenizer=None) -> str:
-    """Write the checkpoint of ``step``; every rank must call it. Returns the final directory."""
+                    tokenizer=None, reference: torch.nn.Module | None = None) -> str:
+    """Write the checkpoint of ``step`` (with the frozen KL ``reference``, when given); every rank must
+    call it. Returns the final directory."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if D.rank() == 0:
@@ -60,10 +70,11 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     D.barrier()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(root, optimizer, options=opts)
+    ref_sd = get_model_state_dict(reference, options=opts) if reference is not None else None
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{D.rank()}.pt"))
     if D.rank() == 0:
         torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
-                    "loop": loop_state}, os.path.join(tmp, "train_state.pt"))
+                    "loop": loop_state, "reference": ref_sd}, os.path.join(tmp, "train_state.pt"))
         hf_dir = os.path.join(tmp, "model")
         prefix = "model."
         weights = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
@@ -90,8 +101,11 @@ def _save_hf(model, weights: dict, path: str) -> None:
     save_pretrained(shell, path)
 
 
-def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns (step, loop_state)."""
+def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler,
+                    reference: torch.nn.Module | None = None) -> tuple[int, dict]:
+    """Restore model, optimizer, scheduler, the KL ``reference`` (when given) and this rank's RNG from
+    ``path``; returns (step, loop_state). A checkpoint written without a reference (a run with beta = 0)
+    gives the reference the restored policy's weights."""
     state_file = os.path.join(path, "train_state.pt")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{state_file}: not a finished r1fast checkpoint (train_state.pt missing)")
@@ -101,6 +115,14 @@ def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler) -> t
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
+    if reference is not None:
+        ref_sd = state.get("reference")
+        if ref_sd is None:
+            ref_sd = state["model"]  # policy and reference share one module layout
+            if D.rank() == 0:
+                print(f"r1fast: {path} holds no KL reference (written with grpo.beta=0); the reference starts "
+                      "from the restored policy", file=sys.stderr)
+        set_model_state_dict(reference, ref_sd, options=StateDictOptions(full_state_dict=True))
     meta = state
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{D.rank()}.pt")

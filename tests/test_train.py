@@ -86,19 +86,43 @@ def test_fp8_experts_on_an_moe_policy_for_rollout_and_training(tmp_path, monkeyp
     model_dir = save_tiny_moe_checkpoint(tmp_path / "moe")
     try:
         summary = run(_cfg(tmp_path, "--model.name_or_path", model_dir, "--parallel.fp8_experts", "true",
-                           "--train.steps", "2", "--train.name", "fp8", "--data.eval_size", "2"))
+                           "--train.steps", "2", "--train.name", "fp8", "--data.eval_size", "2",
+                           "--grpo.beta", "0.04", "--train.log_every", "1"))
     finally:
         set_fp8_experts_fn(None)
     assert summary["steps"] == 2
     assert True in calls and False in calls  # training forwards and no-grad rollout / log-prob forwards
     assert len(invalidations) == 2 + 2  # 2 cold-start SFT steps + 2 GRPO steps
+    # the KL reference runs its experts in FP8 too: at the first update it is the policy, so k3 is 0
+    # (with unquantized reference experts it measured FP8 rounding instead)
+    assert _rl_metrics(tmp_path / "fp8")[0]["kl"] < 1e-7
+
+
+def _rl_metrics(run_dir):
+    from r1fast.metrics import read_metrics
+
+    return [m for m in read_metrics(str(run_dir)) if m.get("phase") == "rl"]
+
+
+def test_kl_reference_is_the_policy_rl_starts_from(tmp_path, monkeypatch):
+    """After the cold-start SFT the reference is the SFT policy (R1's RL starts from it), not the
+    untrained model: the first update's KL is 0, and it grows once the policy moves."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast.train import run
+
+    run(_cfg(tmp_path, "--train.steps", "3", "--train.name", "kl", "--grpo.beta", "0.04", "--train.log_every", "1",
+             "--train.lr", "1e-2"))
+    kl = [m["kl"] for m in _rl_metrics(tmp_path / "kl")]
+    assert len(kl) == 3 and kl[0] < 1e-7 and kl[2] > 1e-5, kl
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast import train
 
-    base = ["--train.steps", "4", "--train.schedule", "cosine", "--train.warmup_steps", "1"]
+    # a KL reference refreshed after the resume point: its weights are state of their own
+    base = ["--train.steps", "4", "--train.schedule", "cosine", "--train.warmup_steps", "1",
+            "--grpo.beta", "0.04", "--grpo.ref_update_steps", "3"]
     train.run(_cfg(tmp_path, *base, "--train.name", "straight"))
 
     # interrupt the second run after its 2nd step as SIGTERM would, then resume it
