@@ -147,8 +147,8 @@ def _fused_grad_buffer(weight: torch.Tensor) -> torch.Tensor | None:
 
     That saves the separate read-add-write of an fp32 [E, N, K] gradient per micro-batch under
     gradient accumulation. Only for a plain fp32 ``.grad`` of a leaf that nothing observes: a hook on
-    the weight, a tensor subclass (FSDP2's DTensor), ``create_graph`` or torch.compile all need autograd
-    to see the gradient, so they take the returned-gradient path (the first micro-batch does too,
+    the weight, a tensor subclass (FSDP2's DTensor), ``create_graph``, torch.compile, ``autograd.grad``
+    and ``backward(inputs=...)`` all need autograd to see the gradient, so they take the returned-gradient path (the first micro-batch does too,
     ``.grad`` being None; autograd then adopts the fp32 buffer without a copy).
     """
     grad = weight.grad
@@ -156,6 +156,14 @@ def _fused_grad_buffer(weight: torch.Tensor) -> torch.Tensor | None:
             or not weight.is_leaf or grad.dtype != torch.float32 or grad.shape != weight.shape
             or not grad.is_contiguous() or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None)):
+        return None
+    # Only when this backward accumulates into ``.grad``: ``torch.autograd.grad`` captures the gradient
+    # instead (the engine refuses the question then) and ``backward(inputs=...)`` without the weight
+    # leaves ``.grad`` alone; an in-place add would corrupt ``.grad`` and hand autograd nothing.
+    try:
+        if not torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node):
+            return None
+    except RuntimeError:
         return None
     return grad
 
@@ -238,8 +246,8 @@ def _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down):
         # fc1 and fc2's dgrad reduce over H, fc2 over I, fc1's dgrad over 2I: whole 128-wide K chunks
         raise ValueError(f"w_gate_up: the FP8 recipe needs H and I to be multiples of {TILE} (the GEMMs reduce "
                          f"over them in 128-wide chunks), got H={H}, I={two_i // 2}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.dtype.is_floating_point:
-        raise ValueError(f"topk_ids must be an integer [T={T}, k] tensor, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] < 1 or topk_ids.dtype.is_floating_point:
+        raise ValueError(f"topk_ids must be an integer [T={T}, k >= 1] tensor, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
 

@@ -38,6 +38,7 @@ def combine_backward(dout: torch.Tensor, y: torch.Tensor, row_of_slot: torch.Ten
     T, topk = weights.shape
     d = dout.float()
     dy = torch.empty_like(y)
-    dy[row_of_slot] = (d[:, None, :] * weights.float()[:, :, None]).reshape(T * topk, -1).to(y.dtype)
-    dweights = (d[:, None, :] * y[row_of_slot].float().view(T, topk, -1)).sum(-1)
+    H = y.shape[1]  # not -1: zero tokens (an empty micro-batch) leave nothing to infer it from
+    dy[row_of_slot] = (d[:, None, :] * weights.float()[:, :, None]).reshape(T * topk, H).to(y.dtype)
+    dweights = (d[:, None, :] * y[row_of_slot].float().view(T, topk, H)).sum(-1)
     return dy, dweights

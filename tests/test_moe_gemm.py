@@ -121,6 +121,9 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="^w_down must"):
         moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long),
                     torch.randn(2, 64, 128), torch.randn(3, 128, 32))
+    with pytest.raises(ValueError, match=r"^topk_ids must be an integer \[T=4, k >= 1\]"):
+        moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 0), torch.zeros(4, 0, dtype=torch.long),
+                    torch.randn(2, 256, 128), torch.randn(2, 128, 128))
 
 
 def test_routing_references_match_the_kernels():

@@ -87,6 +87,17 @@ def _spy_wgrad_accumulate(monkeypatch):
     return flags
 
 
+@pytest.mark.parametrize("backend", ["triton-interpret", "torch"])
+def test_zero_tokens_give_empty_output_and_zero_weight_gradients(monkeypatch, backend):
+    """A micro-batch (or an expert-parallel rank) that received no tokens, on the kernels and the reference."""
+    if backend == "torch":
+        monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    x, tw, ti, wgu, wd = _layer_inputs(T=0, H=128, inter=128, E=2, k=2)
+    out, grads = _layer_grads(x, tw, ti, wgu, wd, torch.randn(0, 128), moe_ffn_fp8)
+    assert out.shape == (0, 128) and grads[0].shape == (0, 128) and grads[1].shape == (0, 2)
+    assert grads[2].shape == wgu.shape and not grads[2].any() and not grads[3].any()
+
+
 def test_weight_gradients_accumulate_in_place_into_fp32_grad(monkeypatch):
     x, tw, ti, wgu, wd = _layer_inputs(T=40, H=128, inter=128, E=3, k=2)
     douts = torch.randn(2, 40, 128, dtype=torch.bfloat16)
@@ -103,6 +114,25 @@ def test_weight_gradients_accumulate_in_place_into_fp32_grad(monkeypatch):
     assert w_gate_up.grad is buffers[0] and w_down.grad is buffers[1]
     assert torch.equal(w_gate_up.grad, separate[0][2] + separate[1][2])  # fp32 a + b, bit for bit
     assert torch.equal(w_down.grad, separate[0][3] + separate[1][3])
+
+
+def test_autograd_grad_and_backward_inputs_never_touch_an_existing_grad(monkeypatch):
+    """The in-place shortcut is for ``backward()`` only: ``autograd.grad`` must return the weight's
+    gradient and ``backward(inputs=[x])`` must not add into the weights' ``.grad``."""
+    x, tw, ti, wgu, wd = _layer_inputs(T=24, H=128, inter=128, E=2, k=2)
+    dout = torch.randn(24, 128, dtype=torch.bfloat16)
+    expected = _layer_grads(x, tw, ti, wgu, wd, dout, moe_ffn_fp8)[1]
+    w_gate_up, w_down = wgu.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+    w_gate_up.grad, w_down.grad = torch.zeros_like(wgu), torch.zeros_like(wd)  # an earlier micro-batch's
+    grads = torch.autograd.grad(moe_ffn_fp8(x, tw, ti, w_gate_up, w_down), (w_gate_up, w_down), dout)
+    assert torch.equal(grads[0], expected[2]) and torch.equal(grads[1], expected[3])
+    assert not w_gate_up.grad.any() and not w_down.grad.any()
+    xl = x.clone().requires_grad_(True)
+    moe_ffn_fp8(xl, tw, ti, w_gate_up, w_down).backward(dout, inputs=[xl])
+    assert torch.equal(xl.grad, expected[0])
+    assert not w_gate_up.grad.any() and not w_down.grad.any()
+    moe_ffn_fp8(x, tw, ti, w_gate_up, w_down).backward(dout, inputs=[w_down])  # the in-place path again
+    assert torch.equal(w_down.grad, expected[3]) and not w_gate_up.grad.any()
 
 
 def test_hooked_or_low_precision_weights_get_their_gradient_through_autograd(monkeypatch):
