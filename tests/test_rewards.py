@@ -86,6 +86,19 @@ def test_math_accuracy_and_unparsable_gold():
     assert broken.skipped == [True, True]
 
 
+def test_math_accuracy_reads_bare_latex_whole():
+    """MATH-style gold answers are bare LaTeX: "2\\pi" must not grade as its leading number 2, and
+    E-notation is a number, not arithmetic with Euler's e."""
+    cases = [("2\\pi", "2", 0.0), ("3\\sqrt{2}", "3", 0.0), ("-2x+1", "1", 0.0), ("2\\pi", "2\\pi", 1.0),
+             ("\\sqrt{2}", "2^{1/2}", 1.0), ("x^2+1", "1+x^2", 1.0), ("(1,2)", "(1, 2)", 1.0),
+             ("3\\sqrt{2}", "\\sqrt{18}", 1.0), ("1,000", "1000", 1.0), ("The answer is 5", "5", 1.0),
+             ("\\boxed{7}", "7", 1.0), ("1e-05", "0.00001", 1.0), ("1e-05", "1", 0.0), ("2.5e20", "2.5", 0.0)]
+    reward = combine({"math_accuracy": 1.0})
+    batch = reward.score([""] * len(cases), [f"<think>t</think><answer>{p}</answer>" for _, p, _ in cases],
+                         [{"answer": g} for g, _, _ in cases])
+    assert batch.per_reward["math_accuracy"] == [c[2] for c in cases]
+
+
 def test_math_verifier_timeout_kills_and_recovers():
     verifier = MathVerifier(num_workers=1, timeout_s=0.001)  # too short even to start the worker
     before = STATS["verify_timeout"]
@@ -111,6 +124,7 @@ def test_language_consistency():
     assert lang("", "<think>先加个位</think><answer>5</answer>", {}) == 0.0
     assert lang("", "<think>12+35: 2+5=7</think><answer>47</answer>", {}) == 1.0  # no words at all
     assert lang("", "<answer>47</answer>", {}) == 0.0  # no chain of thought
+    assert lang("", "<think> </think><answer>47</answer>", {}) == 0.0  # an empty one is none either
     assert get_reward("language", language="zh")("", "<think>abc 好</think>", {}) == 0.5
     with pytest.raises(ValueError, match="language"):
         lang("", "<think>a</think>", {"language": "fr"})
@@ -207,6 +221,13 @@ def test_combine_validation_and_errors(caplog):
         combine({"format": 1.0}, params={"format": {"strict": True}})
     with pytest.raises(ValueError, match="params.code"):
         combine({"format": 1.0}, params={"code": {}})
+    # parameter values are checked when the run is configured, not at the first scored sample
+    with pytest.raises(ValueError, match="params.repetition.max_penalty: expected a finite number <= 0"):
+        combine({"repetition": 1.0}, params={"repetition": {"max_penalty": float("nan")}})
+    with pytest.raises(ValueError, match="params.language.language: unsupported target 'fr'"):
+        combine({"language": 1.0}, params={"language": {"language": "fr"}})
+    with pytest.raises(ValueError, match="params.length_cosine.max_value_correct: expected a finite number"):
+        combine({"length_cosine": 1.0}, params={"length_cosine": {"max_value_correct": float("inf")}})
     assert set(REWARDS) >= {"accuracy", "format", "language", "code", "length_cosine", "repetition"}
 
     # A reward that raises (malformed tests) scores 0 and is logged; the others still count.
@@ -221,3 +242,13 @@ def test_combine_validation_and_errors(caplog):
     assert reward("", completions[1], metas[1]) == 1.5
     with pytest.raises(ValueError, match="prompts/metas"):
         reward.score([""], completions, metas)
+
+    # a reward that returns NaN is an error too (scored 0, logged): one NaN would poison its group's advantages
+    REWARDS["nan_for_test"] = lambda prompt, completion, meta: float("nan") if meta.get("bad") else 1.0
+    try:
+        with caplog.at_level(logging.WARNING, logger="r1fast.rewards"):
+            batch = combine({"nan_for_test": 1.0}).score(["", ""], ["a", "b"], [{"bad": True}, {}])
+    finally:
+        del REWARDS["nan_for_test"]
+    assert batch.total == [0.0, 1.0] and batch.errors == {"nan_for_test": 1}
+    assert any("non-finite score nan" in r.getMessage() for r in caplog.records)

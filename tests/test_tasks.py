@@ -3,6 +3,7 @@
 import ast
 import json
 import random
+import re
 import time
 from fractions import Fraction
 
@@ -46,6 +47,20 @@ def test_train_and_heldout_disjoint_by_content(task):
     # Another seed for the held-out set still never hits a training prompt.
     held2 = generate_tasks(task, 40, seed=9, split="heldout")
     assert not {s["prompt"] for s in train if s["task"] == "addition"} & {s["prompt"] for s in held2 if s["task"] == "addition"}
+
+
+@pytest.mark.parametrize("task", ["addition", "countdown", "sorting"])
+def test_reordered_numbers_stay_in_their_split(task):
+    """"4+63" and "63+4" (or a countdown's numbers in another order) are one sample for the split:
+    raw-text hashing put 20 of 200 held-out countdown puzzles in train with their numbers reordered."""
+    def key(s):
+        numbers = sorted(int(n) for n in re.findall(r"\d+", s["prompt"]))
+        return s["prompt"].split()[1] if task == "countdown" else "", tuple(numbers)
+    train = generate_tasks(task, 1000, seed=0, split="train")
+    held = generate_tasks(task, 200, seed=0, split="heldout")
+    assert not {key(s) for s in train} & {key(s) for s in held}
+    assert split_of("addition", "4+63", 0.5) == split_of("addition", "63+4", 0.5)
+    assert split_of("countdown", "make 85 with 10 5 9", 0.5) == split_of("countdown", "make 85 with 9 10 5", 0.5)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -170,9 +185,18 @@ def test_jsonl_loader(tmp_path):
         '{"prompt": "a"}\n': ":1: field 'answer' missing",
         '{"prompt": "", "answer": "1"}\n': ":1: field 'prompt' is empty",
         '{"prompt": "a", "answer": true}\n': ":1: field 'answer'",
+        '{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": 1' + "0" * 5000 + '}\n': ":2: unreadable JSON value",
     }
     for text, message in cases.items():
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_jsonl(bad)
+    bad.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=":2: not UTF-8"):
+        load_jsonl(bad)
+    # numbers keep their text: str(1e-05) would make math-verify read e - 5; a byte-order mark is no error
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "answer": 0.00001, "weight": 0.5}\n{"prompt": "p", "answer": 2.5e20}\n')
+    rows = load_jsonl(numbers)
+    assert [r["answer"] for r in rows] == ["0.00001", "2.5e20"] and rows[0]["weight"] == 0.5

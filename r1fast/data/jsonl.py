@@ -14,17 +14,33 @@ import os
 __all__ = ["iter_json_objects", "load_jsonl"]
 
 
+class _LiteralFloat(float):
+    """A JSON number as written: ``str(float)`` turns 0.00001 into "1e-05" and 1e16 into "1e+16", which
+    math-verify reads as 1 - 5 and 1 + 16; answers keep the file's text. A float for every other use."""
+
+    def __new__(cls, text: str):
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
 def iter_json_objects(path: str | os.PathLike):
     """(1-based line number, object) for each non-blank line; ValueError naming ``path:line`` otherwise."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # decoded per line, so bad UTF-8 is reported with its line number
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 (byte {exc.start + 1}: {exc.reason})") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_float=_LiteralFloat)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            except ValueError as exc:  # e.g. an integer longer than Python's 4,300-digit conversion limit
+                raise ValueError(f"{path}:{line_number}: unreadable JSON value ({exc})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             yield line_number, record
@@ -51,7 +67,7 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError(f"{path}:{line_number}: field {key!r} missing or not a string/number "
                                  f"(got {type(value).__name__})")
-            record[key] = str(value)
+            record[key] = value.text if isinstance(value, _LiteralFloat) else str(value)
         if not record["prompt"].strip():
             raise ValueError(f"{path}:{line_number}: field 'prompt' is empty")
         record.setdefault("task", default_task)

@@ -242,9 +242,25 @@ def content_hash(task: str, prompt: str) -> str:
     return hashlib.sha256(f"{task}\x00{prompt}".encode()).hexdigest()
 
 
+def _canonical(task: str, prompt: str) -> str:
+    """The prompt with its order-free parts sorted: "4+63" is "63+4", "make 85 with 9 10 5" is
+    "make 85 with 10 5 9". Splitting on the raw text put 10% of held-out countdown puzzles (20 of 200)
+    in the held-out set with the same numbers, reordered, in train."""
+    words = prompt.split()
+    if task in ("addition", "chain_sum") and re.fullmatch(r"\d+(\+\d+)*", prompt):
+        return "+".join(sorted(prompt.split("+"), key=int))
+    if task == "countdown" and len(words) > 3 and words[0] == "make" and words[2] == "with":
+        return " ".join(words[:3] + sorted(words[3:], key=int))
+    if task == "sorting" and words[:1] == ["sort"]:
+        return " ".join(["sort", *sorted(words[1:], key=int)])
+    return prompt
+
+
 def split_of(task: str, prompt: str, heldout_fraction: float) -> str:
-    """'heldout' for the hash-chosen ``heldout_fraction`` of all possible samples, else 'train'."""
-    return "heldout" if int(content_hash(task, prompt)[:8], 16) < heldout_fraction * 2**32 else "train"
+    """'heldout' for the hash-chosen ``heldout_fraction`` of all possible samples, else 'train'; a
+    reordering of a sample's numbers that leaves its answer alone lands in the sample's split."""
+    key = content_hash(task, _canonical(task, prompt))
+    return "heldout" if int(key[:8], 16) < heldout_fraction * 2**32 else "train"
 
 
 def generate_tasks(task: str, n: int, *, seed: int = 0, split: str = "train", heldout_fraction: float = 0.2,

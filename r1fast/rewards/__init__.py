@@ -6,9 +6,10 @@ reward are set through ``combine(..., params={name: {...}})``. A reward may also
 ``fn.batch(prompts, completions, metas, **params) -> list[float | None]`` (math-verify's worker pool,
 the sandbox's thread pool); the registry uses it when present.
 
-``combine`` validates names and weights before any training (unknown name -> ValueError listing the
-known ones). When scoring, a reward that raises is logged and scores the sample 0, and the run goes
-on; a reward that raises ``SkipSample`` (unparsable gold answer) marks the sample skipped instead.
+``combine`` validates names, weights and parameter values (a reward's ``fn.check_params(**params)``)
+before any training (unknown name -> ValueError listing the known ones). When scoring, a reward that raises is logged and scores the sample 0, and the run goes
+on (so does one that returns NaN or an infinity); a reward that raises ``SkipSample`` (unparsable gold
+answer) marks the sample skipped instead.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Reward:
         for key in params:
             if key not in accepted:
                 raise ValueError(f"params.{name}.{key}: unknown parameter; accepted: {accepted}")
+        check = getattr(fn, "check_params", None)
+        if check is not None:  # bad values fail before any training, not at the first scored sample
+            try:
+                check(**params)
+            except ValueError as exc:
+                raise ValueError(f"params.{name}.{exc}") from None
         self.name, self.params = name, params
         self.fn = functools.partial(fn, **params)
         batch = getattr(fn, "batch", None)
@@ -71,20 +78,26 @@ class Reward:
 
     def score_batch(self, prompts, completions, metas, on_error: Callable[[int, BaseException], None]) -> list[float | None]:
         """Per sample: a float, or None when skipped. ``on_error(i, exc)`` is told of each failure (score 0)."""
+        scores: list[float | None] | None = None
         if self.batch_fn is not None:
             try:
-                return [None if s is None else float(s) for s in self.batch_fn(prompts, completions, metas)]
+                scores = [None if s is None else float(s) for s in self.batch_fn(prompts, completions, metas)]
             except Exception:  # find the culprit sample by scoring one at a time
                 pass
-        scores: list[float | None] = []
-        for i, (prompt, completion, meta) in enumerate(zip(prompts, completions, metas, strict=True)):
-            try:
-                scores.append(self(prompt, completion, meta))
-            except SkipSample:
-                scores.append(None)
-            except Exception as exc:
-                on_error(i, exc)
-                scores.append(0.0)
+        if scores is None:
+            scores = []
+            for i, (prompt, completion, meta) in enumerate(zip(prompts, completions, metas, strict=True)):
+                try:
+                    scores.append(self(prompt, completion, meta))
+                except SkipSample:
+                    scores.append(None)
+                except Exception as exc:
+                    on_error(i, exc)
+                    scores.append(0.0)
+        for i, s in enumerate(scores):  # one NaN would poison its whole group's advantages
+            if s is not None and not math.isfinite(s):
+                on_error(i, ValueError(f"reward {self.name!r} returned a non-finite score {s}"))
+                scores[i] = 0.0
         return scores
 
 

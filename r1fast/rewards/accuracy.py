@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 
 from ..data.tasks import TASKS, verify_answer
 from .format import extract_answer
@@ -47,21 +48,39 @@ class SkipSample(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 _PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")  # a word of 3+ letters that is no LaTeX command
+_DELIMITED_RE = re.compile(r"\$|\\\(|\\\[|\\boxed")  # text that marks its own math: parsed as it is
+_SCIENTIFIC_RE = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)[eE]([+-]?\d+)\s*")
+
+
+def _expand_scientific(text: str) -> str:
+    """"1e-05" -> "0.00001": math-verify reads E-notation as arithmetic with Euler's e (1e-05 -> e - 5,
+    1e+16 -> 1 + 16). Exponents beyond 100 stay as written rather than become hundred-digit strings."""
+    match = _SCIENTIFIC_RE.fullmatch(text)
+    if match is None or abs(int(match.group(1))) > 100:
+        return text
+    return format(Decimal(text.strip()), "f")
 
 
 def _parse(text: str) -> list:
     from math_verify import parse
 
-    parsed = parse(text)
-    # Bare LaTeX such as "x^2+1" is only found between math delimiters; prose is not retried that
-    # way, or "not a number" would parse as the product n*o*t*...
-    if not parsed and text.strip() and not _PROSE_RE.search(text):
-        parsed = parse(f"${text}$")
+    # Bare LaTeX (how MATH exports store gold answers, how a model writes inside <answer>) is read whole
+    # only between math delimiters: parsed as it stands, "2\pi" gives the number 2 and "3\sqrt{2}" gives
+    # 3, so a wrong "2" would match a gold "2\pi". Such text is parsed as "$text$" first. Prose is not
+    # (its words would parse as products of letters); it and delimited text take math-verify's own search.
+    text = _expand_scientific(text)
+    parsed = []
+    if text.strip() and not _DELIMITED_RE.search(text) and not _PROSE_RE.search(text):
+        parsed = parse(f"${text.strip()}$")
+    if not _is_expression(parsed):
+        parsed = parse(text)
+    return parsed if _is_expression(parsed) else []
+
+
+def _is_expression(parsed: list) -> bool:
     # math_verify returns [expression, source string]; when nothing parsed into an expression (e.g. "???",
     # "x+") it returns only the string, which verify would then compare as text: that is no parse
-    if parsed and all(isinstance(p, str) for p in parsed):
-        return []
-    return parsed
+    return bool(parsed) and not all(isinstance(p, str) for p in parsed)
 
 
 def _grade(gold: str, pred: str) -> dict:

@@ -6,8 +6,9 @@ of other letters (Cyrillic, Greek, kana, Hangul, accented Latin, ...) is one wor
 Digits, symbols and punctuation are not words, so ``12+35=47`` neither helps nor hurts.
 
 Score: target words / all words in the ``<think>`` block. A completion without a well-formed think
-block scores 0 (there is no chain of thought to credit); a think block with no words at all scores 1
-(nothing in it is in the wrong language).
+block, or with an empty one, scores 0 (there is no chain of thought to credit, and crediting an empty
+block would reward skipping the reasoning); a think block with content but no words (only digits and
+symbols) scores 1 (nothing in it is in the wrong language).
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ def count_words_by_language(text: str) -> dict[str, int]:
 def language_consistency_reward(prompt: str, completion: str, meta: dict, *, language: str = "en") -> float:
     """Share of the think block's words in ``meta['language']`` (default ``language``), in [0, 1]."""
     target = meta.get("language", language) if isinstance(meta, dict) else language
-    if target not in SUPPORTED_LANGUAGES:
-        raise ValueError(f"language: unsupported target {target!r}; supported: {list(SUPPORTED_LANGUAGES)}")
+    _check_params(language=target)
     think = extract_think(completion)
     if not think:
         return 0.0
     counts = count_words_by_language(think)
     total = sum(counts.values())
     return 1.0 if total == 0 else counts[target] / total
+
+
+def _check_params(*, language: str = "en") -> None:
+    if language not in SUPPORTED_LANGUAGES:
+        raise ValueError(f"language: unsupported target {language!r}; supported: {list(SUPPORTED_LANGUAGES)}")
+
+
+language_consistency_reward.check_params = _check_params  # checked when a run is configured

@@ -29,8 +29,8 @@ def cosine_length_reward(prompt: str, completion: str, meta: dict, *, max_len: i
                          min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
                          min_value_correct: float = 0.5, max_value_correct: float = 1.0) -> float:
     """Cosine-scaled length reward (see module docstring)."""
-    if not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
+    _check_cosine(max_len=max_len, min_value_wrong=min_value_wrong, max_value_wrong=max_value_wrong,
+                  min_value_correct=min_value_correct, max_value_correct=max_value_correct)
     length = meta.get("completion_tokens", len(completion))
     correct = meta["correct"] if "correct" in meta else accuracy_reward(prompt, completion, meta) >= 1.0
     lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
@@ -41,14 +41,31 @@ def cosine_length_reward(prompt: str, completion: str, meta: dict, *, max_len: i
 def repetition_penalty(prompt: str, completion: str, meta: dict, *, ngram_size: int = 3,
                        max_penalty: float = -1.0, unit: str = "word") -> float:
     """``max_penalty`` times the share of repeated n-grams; 0 when the text is shorter than one n-gram."""
-    if not isinstance(ngram_size, int) or ngram_size < 1:
-        raise ValueError(f"ngram_size: expected an int >= 1, got {ngram_size!r}")
-    if max_penalty > 0:
-        raise ValueError(f"max_penalty: expected <= 0 (it is a penalty), got {max_penalty!r}")
-    if unit not in ("word", "char"):
-        raise ValueError(f"unit: expected 'word' or 'char', got {unit!r}")
+    _check_repetition(ngram_size=ngram_size, max_penalty=max_penalty, unit=unit)
     items = completion.lower().split() if unit == "word" else list(completion)
     if len(items) < ngram_size:
         return 0.0
     ngrams = [tuple(items[i:i + ngram_size]) for i in range(len(items) - ngram_size + 1)]
     return max_penalty * (1.0 - len(set(ngrams)) / len(ngrams))
+
+
+def _check_cosine(*, max_len=1000, **values) -> None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+def _check_repetition(*, ngram_size=3, max_penalty=-1.0, unit="word") -> None:
+    if isinstance(ngram_size, bool) or not isinstance(ngram_size, int) or ngram_size < 1:
+        raise ValueError(f"ngram_size: expected an int >= 1, got {ngram_size!r}")
+    if isinstance(max_penalty, bool) or not isinstance(max_penalty, (int, float)) or not -math.inf < max_penalty <= 0:
+        raise ValueError(f"max_penalty: expected a finite number <= 0 (it is a penalty), got {max_penalty!r}")
+    if unit not in ("word", "char"):
+        raise ValueError(f"unit: expected 'word' or 'char', got {unit!r}")
+
+
+# the registry checks parameters when a run is configured, not at the first scored sample
+cosine_length_reward.check_params = _check_cosine
+repetition_penalty.check_params = _check_repetition
