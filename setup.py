@@ -93,6 +93,7 @@ setup(
         "rich>=13",
         "math-verify>=0.7",
         "matplotlib>=3.7",
+        "jinja2>=3.1.6",  # chat templates render in its sandbox; older releases have sandbox escapes
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={

@@ -8,6 +8,8 @@ letters, punctuation, space, newline) plus single-token specials <pad> <bos> <eo
 <think> </think> <answer> </answer>. ``save(dir)`` writes a real HF ``tokenizer.json`` (built with the
 ``tokenizers`` library: added tokens + per-character WordLevel) and ``tokenizer_config.json``, so a
 checkpoint directory is complete for HF tooling; ``load(dir)`` recognizes it and returns a CharTokenizer.
+
+Chat templates render through ``r1fast.chat_template`` (sandboxed, as transformers renders them).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import json
 import os
 import string
 
+from r1fast.chat_template import named_templates, render, stored_templates
+
 CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>")
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 _MARKER = "r1fast.CharTokenizer"
+
+# The named special tokens transformers exposes to chat templates (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _content(token):
@@ -27,28 +34,17 @@ def _content(token):
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _render(template: str, messages, add_generation_prompt: bool, **extra) -> str:
-    import jinja2  # noqa: PLC0415  (a transformers dependency; only needed for chat templates)
-
-    def raise_exception(msg):
-        raise ValueError(msg)
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
-
-
 class CharTokenizer:
     """Character-level tokenizer with the R1 tags as single tokens (ids: specials first, then ALPHABET)."""
 
-    def __init__(self, alphabet: str = ALPHABET, chat_template: str | None = None):
+    def __init__(self, alphabet: str = ALPHABET, chat_template: str | list | dict | None = None):
         if len(set(alphabet)) != len(alphabet):
             raise ValueError("alphabet has repeated characters")
         self.special_tokens = CONTROL_TOKENS + R1_TAGS
         self.vocab = list(self.special_tokens) + list(alphabet)
         self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
-        self.chat_template = chat_template
+        self.chat_template = named_templates(chat_template)
+        self.special_tokens_map = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
         self.pad_id, self.bos_id, self.eos_id = (self.token_to_id[t] for t in CONTROL_TOKENS)
         # longest specials first so "</think>" is never read as "<" + ...
         self._specials_by_length = sorted(self.special_tokens, key=len, reverse=True)
@@ -88,9 +84,8 @@ class CharTokenizer:
         return "".join(out)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat_template")
-        return _render(self.chat_template, messages, add_generation_prompt, bos_token="<bos>", eos_token="<eos>")
+        """``messages`` through the chat template (its "default" one if named), as transformers renders it."""
+        return render(self.chat_template, messages, add_generation_prompt, self.special_tokens_map)
 
     def to_hf_tokenizer(self):
         """The same tokenization as an HF ``tokenizers.Tokenizer`` (what ``save`` writes as tokenizer.json)."""
@@ -119,7 +114,7 @@ class CharTokenizer:
             "clean_up_tokenization_spaces": False,
         }
         if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+            config["chat_template"] = stored_templates(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 
@@ -130,9 +125,12 @@ class HFTokenizer:
     def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None):
         self.tok = tokenizer
         config = config or {}
-        self.bos_token, self.eos_token = _content(config.get("bos_token")), _content(config.get("eos_token"))
-        self.pad_token = _content(config.get("pad_token"))
-        self.chat_template = chat_template or config.get("chat_template")
+        # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
+        self.special_tokens_map = {name: str(_content(config[name])) for name in SPECIAL_TOKEN_NAMES
+                                   if _content(config.get(name)) is not None}
+        self.bos_token, self.eos_token, self.pad_token = (self.special_tokens_map.get(f"{n}_token")
+                                                          for n in ("bos", "eos", "pad"))
+        self.chat_template = named_templates(chat_template or config.get("chat_template"))
         self.bos_id = self._id(self.bos_token, "bos_token")
         self.eos_id = self._id(self.eos_token, "eos_token")
         pad = self._id(self.pad_token, "pad_token")
@@ -157,18 +155,16 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat_template")
-        return _render(self.chat_template, messages, add_generation_prompt,
-                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        """``messages`` through the chat template (its "default" one if named), as transformers renders it."""
+        return render(self.chat_template, messages, add_generation_prompt, self.special_tokens_map)
 
     def save(self, path) -> None:
         os.makedirs(path, exist_ok=True)
         self.tok.save(os.path.join(path, "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "pad_token": self.pad_token}
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, **self.special_tokens_map}
         if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+            config["chat_template"] = stored_templates(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 

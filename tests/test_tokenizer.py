@@ -91,3 +91,97 @@ def test_hf_tokenizer_errors(tmp_path):
     tok = HFTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
     with pytest.raises(ValueError, match="chat_template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+# --- chat templates: sandboxed, and rendered as transformers renders them --------------------------------------
+
+MESSAGES = [{"role": "system", "content": "Be <brief> & exact."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "tool_calls": None}]
+# Each template exercises one thing transformers' renderer gives templates; all must render identically.
+COMPAT_TEMPLATES = {
+    "special tokens": "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ sep_token }}|"
+                      "{{ cls_token }}|{{ mask_token }}|{% for m in messages %}{{ m.content }}{% endfor %}",
+    "strftime_now": "{{ strftime_now('%Y') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "generation tag": "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{% set x = m.content %}"
+                      "<{{ x }}|{{ loop.index }}>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+                      "{{ x is defined }}",
+    "named templates": [{"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
+                        {"name": "tool_use", "template": "T"}],
+    "tools, documents, None keys": "{{ tools is none }}{{ documents is none }}"
+                                   "{% for m in messages %}{{ m.tool_calls is defined }}{% endfor %}",
+    "tojson, namespace, dict, loop controls": (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'user' %}{% continue %}{% endif %}"
+        "{% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}{{ ns.n }}{{ dict(a=1) | tojson(indent=1) }}"
+        "{{ dict.fromkeys(['k']) | tojson }}"),
+    "trim and lstrip blocks": "{% for m in messages %}\n    {% if m.role == 'user' %}\n{{ m.content }}\n"
+                              "    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\nA:{% endif %}",
+}
+
+
+def _write_hf_dir(path, chat_template):
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", "<sep>", "<cls>", "<mask>"])}
+    Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")).save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": {"__type": "AddedToken", "content": "<unk>"}, "pad_token": "<pad>", "sep_token": "<sep>",
+              "cls_token": "<cls>", "mask_token": "<mask>", "chat_template": chat_template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", list(COMPAT_TEMPLATES))
+def test_chat_template_matches_transformers(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    _write_hf_dir(tmp_path, COMPAT_TEMPLATES[name])
+    ours, auto = load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for gen in (True, False):
+        expected = auto.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
+        assert ours.apply_chat_template(MESSAGES, add_generation_prompt=gen) == expected
+    ours.save(tmp_path / "saved")  # named templates and every special token survive a save
+    again, auto = load(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert again.apply_chat_template(MESSAGES) == ours.apply_chat_template(MESSAGES)
+    assert auto.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == \
+        ours.apply_chat_template(MESSAGES)
+
+
+def test_char_chat_template_special_tokens_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    template = [{"name": "default", "template": COMPAT_TEMPLATES["special tokens"]}, {"name": "other", "template": "o"}]
+    CharTokenizer(chat_template=template).save(tmp_path)
+    ours = load(tmp_path)
+    assert ours.apply_chat_template(MESSAGES) == "<bos>|<eos>||<pad>||||Be <brief> & exact.2+2?4"
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert auto.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == \
+        ours.apply_chat_template(MESSAGES)
+
+
+def test_chat_template_named_template_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"chat_template: named templates \['tool_use'\] have no 'default'"):
+        CharTokenizer(chat_template=[{"name": "tool_use", "template": "T"}]).apply_chat_template(MESSAGES)
+    with pytest.raises(ValueError, match="chat_template: a list must hold"):
+        CharTokenizer(chat_template=[{"name": "default"}])
+    with pytest.raises(ValueError, match="chat_template: expected a string"):
+        CharTokenizer(chat_template=3)
+
+
+def test_chat_template_is_sandboxed(tmp_path):
+    """A downloaded template is untrusted code: it must not reach Python internals or the caller's objects."""
+    import jinja2
+
+    marker = tmp_path / "PWNED"
+    escapes = [
+        "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}",
+        "{{ namespace.__init__.__globals__.os.system('touch " + str(marker) + "') }}",
+        "{% set ns = namespace() %}{% set ns._x = 1 %}",
+        "{{ dict.__call__.__globals__ }}",
+    ]
+    for template in escapes:
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            CharTokenizer(chat_template=template).apply_chat_template(MESSAGES)
+    # rich objects in messages reach the template as inert placeholders, so their methods cannot be called
+    tok = CharTokenizer(chat_template="{{ messages[0].content }}{{ messages[0].content.touch() }}")
+    with pytest.raises(jinja2.exceptions.UndefinedError):
+        tok.apply_chat_template([{"role": "user", "content": marker}])
+    assert not marker.exists()
+    assert CharTokenizer(chat_template="{{ messages[0].content }}").apply_chat_template(
+        [{"role": "user", "content": marker}]) == "<PosixPath>"
+    with pytest.raises(ValueError, match="chat template: roles must alternate"):
+        CharTokenizer(chat_template="{{ raise_exception('roles must alternate') }}").apply_chat_template(MESSAGES)
