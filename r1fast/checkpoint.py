@@ -30,6 +30,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _KEEP_FP32 = ("e_score_correction_bias",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_FLOAT_HEADER_DTYPES = ("F64", "F32", "F16", "BF16")
+"""safetensors header dtypes that copy into a float parameter as the same numbers (FP8 needs its scales;
+quantized configs are refused in ModelArgs)."""
 
 
 class CheckpointError(ValueError):
@@ -94,12 +98,17 @@ def _ignorable(hf_name: str, args: ModelArgs) -> bool:
     if hf_name.endswith("rotary_emb.inv_freq"):
         return True  # derived from the config
     m = re.match(r"model\.layers\.(\d+)\.", hf_name)
-    # DeepSeek-V3's multi-token-prediction layers sit after the last decoder layer; training ignores them
-    return bool(m and int(m.group(1)) >= args.num_layers)
+    if not (m and args.model_type.startswith("deepseek")):
+        return False
+    # DeepSeek-V3's multi-token-prediction layers sit right after the last decoder layer (transformers' default
+    # and the released V3 both have 1); training ignores them. Any other surplus layer means the config and
+    # the weights disagree, which must stay an error.
+    mtp = args.hf_config.get("num_nextn_predict_layers", 1 if args.model_type == "deepseek_v3" else 0) or 0
+    return args.num_layers <= int(m.group(1)) < args.num_layers + int(mtp)
 
 
-def _read_headers(path: str) -> dict[str, tuple[str, list[int]]]:
-    """HF name -> (file, shape) from the safetensors headers (no tensor data read)."""
+def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
+    """HF name -> (file, shape, header dtype such as "BF16") from the safetensors headers (no tensor data read)."""
     index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_file):
         try:
@@ -120,7 +129,8 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int]]]:
         try:
             with safe_open(full, framework="pt") as f:
                 for name in f.keys():
-                    found[name] = (full, list(f.get_slice(name).get_shape()))
+                    piece = f.get_slice(name)
+                    found[name] = (full, list(piece.get_shape()), piece.get_dtype())
         except Exception as e:  # safetensors raises its own error types for bad headers / truncation
             raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from e
     if weight_map is not None:
@@ -130,9 +140,27 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int]]]:
     return found
 
 
+def resolve_dtype(dtype) -> torch.dtype:
+    """A floating torch.dtype from a dtype or its name ("bfloat16", "bf16", "torch.float32", ...)."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} is not a floating dtype")
+        return dtype
+    name = str(dtype).lower().replace("torch.", "")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use a torch dtype or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def load_pretrained(cls, path, *, dtype=None, device=None):
-    """Build ``cls`` from an HF directory; see the module docstring for what is checked and when."""
+    """Build ``cls`` from an HF directory; see the module docstring for what is checked and when.
+
+    dtype: a torch dtype or its name ("bfloat16", "bf16", "float32", ...); None: config.json's dtype.
+    """
     path = os.fspath(path)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)
     args = ModelArgs.from_dir(path)
     if dtype is None:
         dtype = _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.float32)
@@ -150,10 +178,16 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
     extra = sorted(n for n in found if n not in expected and not _ignorable(n, args))
     if extra:
         raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
     for p in pieces:
-        file, shape = found[p.hf_name]
+        file, shape, stored = found[p.hf_name]
         if tuple(shape) != p.shape:
             raise CheckpointError(f"{file}: tensor {p.hf_name} has shape {tuple(shape)}, expected {p.shape}")
+        if state[p.ours].is_floating_point() and stored not in _FLOAT_HEADER_DTYPES:
+            # copy_ would cast integers into the float weights silently
+            raise CheckpointError(f"{file}: tensor {p.hf_name} is stored as {stored}, expected a float dtype "
+                                  f"({', '.join(_FLOAT_HEADER_DTYPES)})")
     model.to_empty(device=device)
     state = dict(model.named_parameters())
     state.update(model.named_buffers())

@@ -133,6 +133,15 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _checked_max_seqlen(cu: list[int], total: int) -> int:
+    """Longest sequence of host-side ``cu_seqlens``; ValueError unless it is 0, non-decreasing, ``total``."""
+    if not cu or cu[0] != 0 or cu[-1] != total or any(a > b for a, b in zip(cu, cu[1:], strict=False)):
+        shown = cu if len(cu) <= 8 else [*cu[:4], "...", *cu[-2:]]
+        raise ValueError(f"cu_seqlens={shown} must start at 0, never decrease and end at the {total} tokens "
+                         "of input_ids")
+    return max((b - a for a, b in zip(cu, cu[1:], strict=False)), default=0)
+
+
 class Transformer(nn.Module):
     """Embedding -> blocks -> final norm; ``forward`` returns final hidden states, ``logits`` applies the head."""
 
@@ -242,8 +251,8 @@ class Transformer(nn.Module):
                 max_seqlen = total
             elif cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
                 raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+            if max_seqlen is None:  # the one host read; a caller passing max_seqlen (the engine) skips it
+                max_seqlen = _checked_max_seqlen(cu_seqlens.tolist(), total)
             if position_ids is None:
                 idx = torch.arange(total, device=dev)
                 seq_of = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
@@ -253,6 +262,8 @@ class Transformer(nn.Module):
         positions = position_ids.reshape(-1)
         if positions.numel() != input_ids.numel():
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids {tuple(shape)}")
+        if input_ids.numel() == 0:  # nothing to attend over: the empty hidden states, still [.., 0, H]
+            return self.norm(self.embed_tokens(input_ids))
         x = self.embed_tokens(input_ids.reshape(-1))
         if dev not in self._inv_freq_by_device:
             self._inv_freq_by_device[dev] = self._inv_freq.to(dev)

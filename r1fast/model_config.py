@@ -51,8 +51,9 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
-    """Qwen3: RMSNorm over head_dim on q and k before RoPE."""
+    qk_norm: bool | None = None
+    """Qwen3: RMSNorm over head_dim on q and k before RoPE (None: on exactly when model_type is qwen3, the
+    only HF architecture here whose checkpoints carry q_norm / k_norm weights)."""
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -93,18 +94,43 @@ class ModelArgs:
             self.v_head_dim = self.head_dim
         if self.model_type not in MODEL_TYPE_TO_ARCH:
             raise ValueError(f"model_type={self.model_type!r} is not supported; supported: {sorted(MODEL_TYPE_TO_ARCH)}")
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.rope_dim % 2:  # RoPE rotates pairs of dims: an odd count fails deep in the forward
+            name = "qk_rope_head_dim" if self.is_mla else "head_dim"
+            raise ValueError(f"{name}={self.rope_dim} must be even (RoPE rotates pairs of dimensions)")
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
         if self.is_moe:
-            if self.scoring_func not in ("sigmoid", "softmax"):
-                raise ValueError(f"scoring_func={self.scoring_func!r} is not supported (sigmoid or softmax)")
-            if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
-                raise ValueError(f"topk_method={self.topk_method!r} is not supported")
-            if self.n_routed_experts % self.n_group:
-                raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        """Router shapes the top-k can honour (most would otherwise fail as 'selected index k out of range'; more
+        experts per token than the chosen groups hold would silently route into unchosen groups)."""
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func={self.scoring_func!r} is not supported (sigmoid or softmax)")
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method={self.topk_method!r} is not supported")
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts="
+                             f"{self.n_routed_experts}")
+        if self.moe_layer_freq < 1:
+            raise ValueError(f"moe_layer_freq={self.moe_layer_freq} must be >= 1")
+        if self.n_group < 1 or self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            # a group's score is the sum of its two best experts
+            raise ValueError(f"n_group={self.n_group} leaves {per_group} expert per group; noaux_tc needs >= 2")
+        grouped = self.topk_method == "noaux_tc" or self.topk_method == "group_limited_greedy"
+        if grouped and self.n_group > 1 and self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {self.topk_group * per_group} "
+                             f"experts in topk_group={self.topk_group} groups of {per_group}")
 
     @property
     def is_mla(self) -> bool:
@@ -212,8 +238,61 @@ class ModelArgs:
             qk_norm=model_type == "qwen3",
         )
 
+    def _check_expressible(self) -> None:
+        """ValueError when the HF architecture of model_type cannot hold these args.
+
+        transformers builds each architecture's modules from its config alone: a weight r1fast has and the
+        architecture lacks would be dropped on load, one it has and r1fast lacks filled randomly, so the
+        saved checkpoint would load (in transformers and here) as a different model.
+        """
+        mt = self.model_type
+
+        def refuse(what: str, why: str):
+            raise ValueError(f"cannot save as model_type={mt!r}: {what}: {why}")
+
+        if mt.startswith("deepseek"):
+            if not self.is_mla:
+                refuse(f"kv_lora_rank={self.kv_lora_rank}", "DeepSeek checkpoints use latent attention (kv_lora_rank > 0)")
+            if self.mlp_bias:
+                refuse("mlp_bias=True", "DeepSeek MLPs have no biases")
+            if self.is_moe and self.moe_layer_freq != 1:
+                refuse(f"moe_layer_freq={self.moe_layer_freq}",
+                       "transformers makes every layer from first_k_dense_replace on an MoE layer")
+            if mt == "deepseek_v3" and self.is_moe and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
+                refuse(f"scoring_func={self.scoring_func!r}, topk_method={self.topk_method!r}",
+                       "transformers' DeepSeek-V3 router is always sigmoid with bias-corrected top-k (noaux_tc)")
+            if mt == "deepseek_v2":
+                if not self.rope_interleave:
+                    refuse("rope_interleave=False", "DeepSeek-V2 always rotates interleaved pairs")
+                if self.is_moe and (self.scoring_func != "softmax" or self.topk_method == "noaux_tc"):
+                    refuse(f"scoring_func={self.scoring_func!r}, topk_method={self.topk_method!r}",
+                           "the DeepSeek-V2 router is softmax with greedy or group_limited_greedy top-k")
+            return
+        if self.is_mla:
+            refuse(f"kv_lora_rank={self.kv_lora_rank}", "latent attention needs model_type deepseek_v3 or deepseek_v2")
+        if self.is_moe:
+            refuse(f"n_routed_experts={self.n_routed_experts}", "a dense architecture has no MoE layers")
+        if self.qk_norm != (mt == "qwen3"):
+            refuse(f"qk_norm={self.qk_norm}", "only (and every) qwen3 checkpoint has q_norm / k_norm weights")
+        if mt == "qwen2":
+            if not self.qkv_bias:
+                # transformers' Qwen2 always builds q/k/v biases: without ours it would fill them randomly
+                refuse("qkv_bias=False", "a qwen2 checkpoint always has q/k/v biases; build the model with "
+                       "qkv_bias=True or model_type='llama'")
+            for name in ("o_bias", "mlp_bias"):
+                if getattr(self, name):
+                    refuse(f"{name}=True", "Qwen2 has biases on q/k/v only")
+            return
+        if self.qkv_bias != self.o_bias:
+            refuse(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}",
+                   "attention_bias puts a bias on all of q/k/v/o or on none")
+        if mt == "qwen3" and self.mlp_bias:
+            refuse("mlp_bias=True", "Qwen3 MLPs have no biases")
+
     def to_hf_config(self, dtype: str | None = None) -> dict:
-        """The config.json dict (fields this class owns overwrite the stored original's)."""
+        """The config.json dict (fields this class owns overwrite the stored original's); ValueError for args
+        that the HF architecture of model_type cannot express (see ``_check_expressible``)."""
+        self._check_expressible()
         rope = {"rope_type": "default"} if not self.rope_scaling else dict(self.rope_scaling)
         rope["rope_theta"] = self.rope_theta
         out = {
@@ -248,7 +327,8 @@ class ModelArgs:
                 n_shared_experts=self.n_shared_experts,
                 num_experts_per_tok=self.num_experts_per_tok,
                 moe_intermediate_size=self.moe_intermediate_size,
-                first_k_dense_replace=self.first_k_dense_replace,
+                # no experts: make every layer dense (transformers would build MoE layers of 0 experts)
+                first_k_dense_replace=self.first_k_dense_replace if self.is_moe else self.num_layers,
                 moe_layer_freq=self.moe_layer_freq,
                 topk_method=self.topk_method,
                 n_group=self.n_group,
@@ -260,10 +340,6 @@ class ModelArgs:
                 out.update(rope_interleave=self.rope_interleave, scoring_func=self.scoring_func)
         else:
             out["head_dim"] = self.head_dim
-            if self.model_type == "qwen2" and not self.qkv_bias:
-                # transformers' Qwen2 always builds q/k/v biases: without ours it would fill them randomly
-                raise ValueError("a qwen2 checkpoint always has q/k/v biases; build the model with qkv_bias=True "
-                                 "or model_type='llama'")
             if self.model_type != "qwen2":
                 out["attention_bias"] = self.qkv_bias
             if self.model_type == "llama":

@@ -191,3 +191,52 @@ def test_default_model_args_save_and_load(tmp_path):
         assert again.args.model_type == model_type
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
                                                      strict=True))
+
+
+def test_surplus_layers_load_only_as_deepseek_v3_mtp_layers(tmp_path, tmp_path_factory):
+    """Layers past num_hidden_layers are skipped only where DeepSeek keeps its num_nextn_predict_layers MTP
+    layers; anywhere else the config and the weights disagree, and a silently truncated model is the worst outcome."""
+    qwen = _copy("qwen2", tmp_path, tmp_path_factory)  # 2 layers
+    cfg = json.load(open(qwen / "config.json"))
+    (qwen / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.1\."):
+        Transformer.from_pretrained(qwen)
+    v3 = _copy("deepseek_v3", tmp_path, tmp_path_factory)  # 3 layers, num_nextn_predict_layers=1
+    assert json.load(open(v3 / "config.json"))["num_nextn_predict_layers"] == 1
+    _rewrite(str(v3 / SINGLE_FILE), lambda t: t.update({"model.layers.3.eh_proj.weight": torch.zeros(2, 2)}))
+    assert len(Transformer.from_pretrained(v3).layers) == 3
+    _rewrite(str(v3 / SINGLE_FILE), lambda t: t.update({"model.layers.4.eh_proj.weight": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.4\.eh_proj"):
+        Transformer.from_pretrained(v3)
+    v2 = _copy("deepseek_v2", tmp_path, tmp_path_factory)  # no MTP layers
+    _rewrite(str(v2 / SINGLE_FILE), lambda t: t.update({"model.layers.3.eh_proj.weight": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.3\.eh_proj"):
+        Transformer.from_pretrained(v2)
+
+
+def test_dtype_names_and_integer_tensors(tmp_path, tmp_path_factory):
+    path = _copy("llama", tmp_path, tmp_path_factory)
+    for name, expected in [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("torch.float16", torch.float16),
+                           ("float32", torch.float32)]:
+        assert Transformer.from_pretrained(path, dtype=name).embed_tokens.weight.dtype == expected
+    for bad in ["int8", "fp9", torch.int32]:
+        with pytest.raises(ValueError, match="dtype="):
+            Transformer.from_pretrained(path, dtype=bad)
+    _rewrite(str(path / SINGLE_FILE), lambda t: t.update({"model.norm.weight": (t["model.norm.weight"] * 4).int()}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight is stored as I32"):
+        Transformer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("kw", [dict(model_type="qwen3"), dict(model_type="deepseek_v3", num_layers=3, head_dim=16,
+                                v_head_dim=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8)])
+def test_args_built_in_code_save_what_transformers_loads(kw, tmp_path):
+    """ModelArgs(model_type='qwen3') once saved without q/k norms; a DeepSeek without experts, MoE layers of 0."""
+    ours = Transformer.from_config(ModelArgs(vocab_size=V, hidden_size=64, intermediate_size=96, num_heads=4,
+                                             **{"num_kv_heads": 4, **kw}), seed=2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.add_(0.3 * torch.randn_like(p)) if name.endswith("norm.weight") else p.mul_(6.0)
+    ours.save_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, 7))
+    torch.testing.assert_close(hf_logits(_load_hf(tmp_path), ids), r1_logits(ours, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(r1_logits(Transformer.from_pretrained(tmp_path), ids), r1_logits(ours, ids), atol=0, rtol=0)

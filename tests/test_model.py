@@ -273,6 +273,25 @@ def test_bad_forward_input():
         ModelArgs.from_hf_config({**hf_config("llama").to_dict(), "architectures": ["MistralForCausalLM"]})
 
 
+@pytest.mark.parametrize("cu", [[2, 5, 10], [0, 3, 12], [0, 3, 7], [0, 6, 4, 10], [], [0]])
+def test_malformed_cu_seqlens_are_refused(cu):
+    """Each once ran on wrong sequence boundaries or failed with "shape '[10, -1]' is invalid"."""
+    model = Transformer.from_config(ModelArgs(vocab_size=V, hidden_size=H, num_layers=1))
+    with pytest.raises(ValueError, match=r"cu_seqlens=.*10 tokens"):
+        model(torch.zeros(10, dtype=torch.long), cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def test_empty_input_gives_empty_hidden_states():
+    model = Transformer.from_config(ModelArgs(vocab_size=V, hidden_size=H, num_layers=1))
+    empty = torch.zeros(0, dtype=torch.long)
+    assert model(empty).shape == (0, H)
+    assert model(empty, cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)).shape == (0, H)
+    assert model(torch.zeros(3, 0, dtype=torch.long)).shape == (3, 0, H)
+    assert model.logits(model(torch.zeros(0, 0, dtype=torch.long))).shape == (0, 0, V)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model(empty, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_experts_and_model_close_to_fp64():
     """On CUDA bf16 (torch._grouped_mm on Hopper; flash-attn when installed): error within 3x PyTorch's own."""

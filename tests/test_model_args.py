@@ -1,0 +1,99 @@
+"""r1fast.model_config.ModelArgs: shapes the model cannot run and configs HF cannot express are refused early.
+
+Pure config checks (no model is built), so the whole file runs in well under a second.
+"""
+
+import pytest
+
+from r1fast.model_config import ModelArgs
+
+MLA = dict(model_type="deepseek_v3", num_kv_heads=4, head_dim=16, v_head_dim=12, kv_lora_rank=16, qk_nope_head_dim=8,
+           qk_rope_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+           first_k_dense_replace=1)
+DENSE_MLA = {k: v for k, v in MLA.items()
+             if k not in ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size")}
+
+
+def test_qk_norm_follows_model_type_unless_given():
+    assert ModelArgs(model_type="qwen3").qk_norm is True
+    assert ModelArgs(model_type="llama").qk_norm is False and ModelArgs().qk_norm is False
+    assert ModelArgs(qkv_bias=True).qk_norm is False  # qwen2
+    assert ModelArgs(model_type="qwen3", qk_norm=False).qk_norm is False
+    assert ModelArgs(model_type="qwen3").replace(vocab_size=512).qk_norm is True
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(head_dim=15), "head_dim=15 must be even"),
+    ({**MLA, "qk_rope_head_dim": 7, "head_dim": 15}, "qk_rope_head_dim=7 must be even"),
+    ({**MLA, "num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+    ({**MLA, "num_experts_per_tok": 0}, "num_experts_per_tok=0"),
+    ({**MLA, "n_group": 2, "topk_group": 3}, "topk_group=3"),
+    ({**MLA, "n_group": 2, "topk_group": 0}, "topk_group=0"),
+    ({**MLA, "n_group": 0}, "n_group=0"),
+    ({**MLA, "n_group": 3}, "n_group=3"),
+    ({**MLA, "n_group": 8}, "n_group=8"),  # one expert per group: the top-2 group score cannot run
+    ({**MLA, "n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "num_experts_per_tok=3 exceeds"),
+    ({**MLA, "moe_layer_freq": 0}, "moe_layer_freq=0"),
+])
+def test_shapes_the_model_cannot_run_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ModelArgs(**kw)
+
+
+def test_valid_router_shapes_pass():
+    ModelArgs(**{**MLA, "n_group": 4, "topk_group": 1})  # 2 experts in the one chosen group, k=2: fine
+    ModelArgs(**{**MLA, "n_group": 8, "topk_group": 2, "topk_method": "group_limited_greedy",
+                 "scoring_func": "softmax", "model_type": "deepseek_v2"})  # max group score: 1 per group is fine
+    ModelArgs(num_experts_per_tok=99, topk_group=5)  # dense (n_routed_experts=0): router fields are unused
+    ModelArgs(**{**MLA, "head_dim": 15, "qk_nope_head_dim": 7})  # MLA rotates only qk_rope_head_dim=8 dims
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(model_type="qwen3", qk_norm=False), "qk_norm=False"),
+    (dict(model_type="llama", qk_norm=True), "qk_norm=True"),
+    (dict(model_type="qwen2", qkv_bias=True, qk_norm=True), "qk_norm=True"),
+    (dict(model_type="llama", o_bias=True), "o_bias=True"),
+    (dict(model_type="qwen3", qkv_bias=True), "qkv_bias=True"),
+    (dict(model_type="qwen2"), "qkv_bias=False"),
+    (dict(model_type="qwen2", qkv_bias=True, o_bias=True), "o_bias=True"),
+    (dict(model_type="qwen2", qkv_bias=True, mlp_bias=True), "mlp_bias=True"),
+    (dict(model_type="qwen3", mlp_bias=True), "mlp_bias=True"),
+    (dict(model_type="llama", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8), "n_routed_experts=4"),
+    ({**MLA, "model_type": "llama", "n_routed_experts": 0}, "kv_lora_rank=16"),
+    (dict(model_type="deepseek_v3"), "kv_lora_rank=0"),
+    ({**MLA, "mlp_bias": True}, "mlp_bias=True"),
+    ({**MLA, "model_type": "deepseek_v2", "rope_interleave": False, "topk_method": "greedy", "scoring_func": "softmax"},
+     "rope_interleave=False"),
+    ({**MLA, "model_type": "deepseek_v2", "topk_method": "greedy"}, "scoring_func='sigmoid'"),
+    ({**MLA, "model_type": "deepseek_v2", "scoring_func": "softmax"}, "topk_method='noaux_tc'"),
+    ({**MLA, "moe_layer_freq": 2, "num_layers": 4}, "moe_layer_freq=2"),
+    ({**MLA, "scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({**MLA, "topk_method": "greedy"}, "topk_method='greedy'"),
+])
+def test_to_hf_config_refuses_what_the_architecture_cannot_hold(kw, match):
+    """transformers builds modules from the config alone: these would load as a different model."""
+    args = ModelArgs(**kw)
+    with pytest.raises(ValueError, match=match) as err:
+        args.to_hf_config()
+    assert f"model_type={args.model_type!r}" in str(err.value)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model_type="qwen3"), dict(model_type="qwen3", qkv_bias=True, o_bias=True),
+    dict(model_type="llama", qkv_bias=True, o_bias=True, mlp_bias=True), dict(qkv_bias=True), MLA,
+    {**MLA, "rope_interleave": False}, {**MLA, "qkv_bias": True},  # MLA has no q/k/v biases to lose
+    {**MLA, "model_type": "deepseek_v2", "topk_method": "group_limited_greedy", "scoring_func": "softmax"},
+])
+def test_expressible_args_round_trip_through_the_hf_config(kw):
+    args = ModelArgs(**kw)
+    back = ModelArgs.from_hf_config(args.to_hf_config())
+    skip = {"hf_config", "qkv_bias", "o_bias"} if args.is_mla else {"hf_config"}
+    assert {k: v for k, v in back.to_dict().items() if k not in skip} == \
+        {k: v for k, v in args.to_dict().items() if k not in skip}
+
+
+def test_dense_deepseek_config_builds_no_moe_layer():
+    """n_routed_experts=0: every layer is dense (transformers would otherwise build MoE layers of 0 experts)."""
+    cfg = ModelArgs(**DENSE_MLA, num_layers=3).to_hf_config()
+    assert cfg["first_k_dense_replace"] == 3
+    assert not ModelArgs.from_hf_config(cfg).is_moe
