@@ -9,7 +9,7 @@ GEMMs) live in ``grpo_loss_kernels.py``; this file holds the sweep, the ops and 
 Design (why not one giant Triton kernel). Per token chunk of C rows (C·V·2 bytes near 512 MiB for
 the loss, 256 MiB for log-probs only):
   1. ``logits = h_c @ W^T`` by cuBLAS into one reused [C, V] buffer (bf16 for bf16 inputs)  2·C·H·V
-  2. ``_logit_row_stats_kernel``: online max / sum-exp / sum p·z per row -> lse, logp, entropy   reads C·V·2 B
+  2. ``_logit_row_stats_kernel``: online max / sum-exp / sum p·(z − max) per row -> lse, logp, entropy   reads C·V·2 B
   3. dloss/dlogp for the chunk's tokens: autograd through ``grpo_objective`` on O(C) scalars
   4. ``_dlogits_kernel`` overwrites the buffer with dlogits = g·(onehot − softmax)/T            C·V·4 B
   5. ``grad_h_c = dlogits @ W`` and ``grad_W += dlogits^T @ h_c`` by cuBLAS                    4·C·H·V
@@ -49,9 +49,10 @@ would unroll into one graph node per chunk and re-trace per shape; opaque, the o
 shapes (a 10-line fake), eager pays one dispatch (~1 us) per call instead of one per chunk kernel,
 and compiled and eager run the same kernels in the same order (bitwise-equal results). The autograd
 inside the loss op is re-enabled by ``objective_coefficient`` when a dispatch mode calls the op below
-autograd (aot_autograd's compiled runtime does). Shape, dtype and option checks always run; the
-three that read device values (non-finite hidden, token range, a tensor normalizer) run only while
-``host_checks_enabled()``: torch.compile and CUDA-graph capture cannot run them.
+autograd (aot_autograd's compiled runtime does). Shape, dtype and option checks always run; those
+that read device values (non-finite hidden, token range, a tensor normalizer's value, a mask that is
+not 0/1) run only while ``host_checks_enabled()``: torch.compile and CUDA-graph capture cannot run
+them. The reference path follows the same rule, so both trace with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .dispatch import use_triton
 from .grpo_loss_kernels import GradAccumulator, dlogits_inplace, objective_coefficient, row_stats
 from .ref_grpo_loss import (
     _check_token_range,
+    check_chunk_tokens,
     compute_dtype,
     default_chunk_tokens,
     finish_metrics,
@@ -269,6 +271,13 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_metric_grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(ctx.want):
+            # create_graph=True: the saved grads are constants to autograd, so a gradient penalty built
+            # from them would silently lose its second-order term (54% off in the probe). A node that
+            # raises when differentiated would not do: this Function keeps no edge to hidden/weight
+            # (saving them would pin hidden until backward), so autograd would never visit it.
+            raise RuntimeError("fused_linear_grpo_loss: the kernel path has no double backward (backward with "
+                               "create_graph=True); use the PyTorch reference (R1FAST_KERNELS=torch) for it")
         # grad_loss is almost always exactly 1: returning the saved grads as they are skips a pass
         # over grad_W (1.1 GB at V = 152k). Reading it is a host sync, so traced graphs (and CUDA
         # graph captures) always multiply instead: g * 1 is bitwise g, so the results agree.
@@ -304,6 +313,7 @@ def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
                                    return_entropy=return_entropy, chunk_tokens=chunk_tokens)
     host_checks = host_checks_enabled(hidden)  # see the module docstring: some checks read device values
     validate_linear(hidden, weight, token_ids, bias, temperature, host_checks=host_checks)
+    check_chunk_tokens(chunk_tokens)
     if host_checks:
         _check_token_range(token_ids, weight.shape[0])
     with torch.no_grad():  # the op has no autograd formula: its outputs must not look differentiable
@@ -319,7 +329,8 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
                            rollout_is_ratio=None, chunk_tokens=None):
     """GRPO loss from hidden states [B, T, H] and the lm_head weight [V, H]; returns (loss, metrics).
 
-    logp = log_softmax(hidden·Wᵀ (+bias) / temperature)[token], m = mask, A = advantages [B].
+    logp = log_softmax(hidden·Wᵀ (+bias) / temperature)[token], m = mask (bool or 0/1: other values
+    are rejected, per-token weights are not supported), A = advantages [B].
     r = exp(logp − old) (old = logp.detach() when ``old_logps`` is None); with
     ``importance_level="sequence"`` (GSPO) every token of sequence i uses
     r_i = exp(Σ_t m·(logp − old) / Σ_t m). Per token
@@ -329,7 +340,10 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
     "dapo" Σmℓ / normalizer (the global active-token count; Σm when None).
     Metrics (detached 0-d tensors): "kl" (masked mean k3, only when beta > 0), "clip_frac" (fraction
     of active tokens with (r < 1 − eps_low and A < 0) or (r > 1 + eps_high and A > 0): the tokens
-    whose clipped branch is taken), "entropy" (masked mean). Gradients reach hidden, weight, bias.
+    whose clipped branch is taken), "entropy" (masked mean). Gradients reach hidden, weight, bias
+    only: any other tensor argument that requires grad is a ValueError (pass it detached), and the
+    kernel path has no double backward (a backward with create_graph=True raises; the reference,
+    ``R1FAST_KERNELS=torch``, supports it). ``normalizer`` must be finite and > 0.
 
     Differences from TRL's GRPOTrainer, and why:
       * masked positions never influence anything: their log-ratio, k3 and rollout_is_ratio are
@@ -342,16 +356,16 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
         pass that quotient if your gradients are averaged across ranks).
       * CISPO/SAPO/VESPO/LUSPO loss types and the bias-corrected KL are not implemented.
     """
-    # see the module docstring: the checks that read device values are skipped under compile / capture
-    validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low,
-                  eps_high, delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
-                  rollout_is_ratio, host_checks=host_checks_enabled(hidden))
-    if not _kernel_applies(hidden):
+    if not _kernel_applies(hidden):  # the reference validates (once) with the same checks
         return _reference_loss(hidden, weight, token_ids, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
                                bias=bias, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
                                temperature=temperature, loss_type=loss_type, importance_level=importance_level,
                                max_completion_length=max_completion_length, normalizer=normalizer,
                                rollout_is_ratio=rollout_is_ratio, chunk_tokens=chunk_tokens)
+    # see the module docstring: the checks that read device values are skipped under compile / capture
+    validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low,
+                  eps_high, delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
+                  rollout_is_ratio, host_checks=host_checks_enabled(hidden), chunk_tokens=chunk_tokens)
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)

@@ -44,8 +44,11 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
                             BLOCK_V: tl.constexpr):
     """One program per token row: logsumexp, log p(target) and entropy of softmax(z), online over V.
 
-    Running scalars (max m, sum s of exp(z - m), sum t of exp(z - m)·z) are rescaled when m grows;
-    entropy = lse − t / s. Masked lanes are excluded with ``where`` (exp(-inf)·(-inf) would be NaN).
+    Running scalars, rescaled when the max m grows: s = Σ exp(z − m), t = Σ exp(z − m)·(z − m).
+    entropy = log s − t / s and logp = (z_target − m) − log s. Both are taken relative to m: the
+    textbook lse − Σ p·z subtracts two numbers of size |z|, so a logit offset of 1e4 (fp32 ulp 1e-3)
+    gave 4x–7x PyTorch's own fp32 entropy error. Masked lanes are excluded with ``where``
+    (exp(-inf)·(-inf) would be NaN).
     """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -59,21 +62,24 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
         z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         rescale = tl.exp(m - m_new)
-        e = tl.where(valid, tl.exp(z - m_new), 0.0)
-        s = s * rescale + tl.sum(e, axis=0)
+        shifted = tl.where(valid, z - m_new, 0.0)  # 0 on masked lanes: no 0·inf NaN is ever formed
+        e = tl.where(valid, tl.exp(shifted), 0.0)
         if WITH_ENTROPY:
-            # z is -inf on masked lanes; multiply by a zeroed copy so no 0·inf NaN is ever formed
-            t = t * rescale + tl.sum(e * tl.where(valid, z, 0.0), axis=0)
+            # old terms move from base m to m_new: Σe·(z − m_new) = r·(t + s·(m − m_new)); before the
+            # first tile s = 0 and m = -inf, where s·(m − m_new) would be 0·inf = NaN
+            step = tl.where(s > 0.0, m - m_new, 0.0)
+            t = rescale * (t + s * step) + tl.sum(e * shifted, axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     target = tl.load(ids_ptr + row).to(tl.int64)
     z_target = tl.load(row_ptr + target).to(tl.float32)
     if HAS_BIAS:
         z_target += tl.load(bias_ptr + target).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, z_target * inv_temperature - lse)
+    tl.store(lse_ptr + row, m + log_s)
+    tl.store(logp_ptr + row, (z_target * inv_temperature - m) - log_s)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, lse - t / s)
+        tl.store(entropy_ptr + row, log_s - t / s)
 
 
 @triton.jit
@@ -129,10 +135,12 @@ def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
         return
     if not use_triton(logits.device):
         z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
+        # log_softmax works relative to the row max: lse − Σ p·z would cancel at large |z| (see the kernel)
+        log_p = torch.log_softmax(z, dim=-1)
         lse.copy_(torch.logsumexp(z, dim=-1))
-        logp.copy_(z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse)
+        logp.copy_(log_p.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1))
         if entropy is not None:
-            entropy.copy_(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+            entropy.copy_(-(log_p.exp() * log_p).sum(-1))
         return
     with_entropy = entropy is not None
     _logit_row_stats_kernel[(rows,)](

@@ -13,8 +13,12 @@ both against an independent dense fp64 transcription of TRL's formulas.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .registration import host_checks_enabled
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -83,6 +87,42 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
     return token_ids.numel(), hidden.shape[-1], vocab
 
 
+def check_chunk_tokens(chunk_tokens):
+    """``chunk_tokens``: None (the default size) or a positive int."""
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens <= 0):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+
+
+def _check_normalizer(normalizer, host_checks):
+    """A finite number > 0, or a one-element tensor holding one (its value is read only with host checks)."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+        if not host_checks:
+            return
+    try:
+        value = float(normalizer)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalizer must be a number or a one-element tensor, got {normalizer!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"normalizer must be finite and > 0, got {value}")
+
+
+def _check_no_grad_inputs(tensors):
+    """Gradients flow only to hidden, weight and bias: the fused op has no formula for the others.
+
+    Both paths raise (rather than silently returning None, or differentiating on the reference path
+    only) so that a caller who forgot a ``.detach()`` learns it on either backend.
+    """
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but only hidden, weight and bias are differentiated: "
+                             f"pass {name}.detach()")
+
+
 def _check_token_range(token_ids, vocab, active=None):
     ids = token_ids if active is None else token_ids[active]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
@@ -91,8 +131,12 @@ def _check_token_range(token_ids, vocab, active=None):
 
 def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low,
                   eps_high, delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
-                  rollout_is_ratio, *, host_checks=True):
-    """All argument checks of ``fused_linear_grpo_loss`` (issue item 5); ``host_checks`` as in validate_linear."""
+                  rollout_is_ratio, *, host_checks=True, chunk_tokens=None):
+    """All argument checks of ``fused_linear_grpo_loss`` (issue item 5); ``host_checks`` as in validate_linear.
+
+    With host checks, a mask holding anything but 0/1 is rejected: the loss counts tokens, it does
+    not weight them (a 0.25 would silently count as 1).
+    """
     validate_linear(hidden, weight, token_ids, bias, temperature, hidden_dims=(3,), host_checks=host_checks)
     B, T = hidden.shape[:2]
     if loss_type not in LOSS_TYPES:
@@ -119,9 +163,15 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
         raise ValueError(f"delta must be > 0 or None, got {delta}")
     if loss_type == "dr_grpo" and not (max_completion_length and max_completion_length > 0):
         raise ValueError("max_completion_length (> 0) is required for loss_type='dr_grpo'")
-    if normalizer is not None and (host_checks or not isinstance(normalizer, torch.Tensor)) and float(normalizer) <= 0:
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    if normalizer is not None:
+        _check_normalizer(normalizer, host_checks)
+    check_chunk_tokens(chunk_tokens)
+    _check_no_grad_inputs((("mask", mask), ("advantages", advantages), ("old_logps", old_logps),
+                           ("ref_logps", ref_logps), ("rollout_is_ratio", rollout_is_ratio),
+                           ("normalizer", normalizer)))
     if host_checks:
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must hold only 0 and 1 (or be bool): per-token weights are not supported")
         _check_token_range(token_ids, weight.shape[0], active=mask.bool())
 
 
@@ -197,15 +247,21 @@ def finish_metrics(mask, beta, kl_sum, clipped_count, entropy_sum):
 
 
 def _chunk_logprobs(hidden, weight, bias, ids, inv_temperature):
-    """fp32/fp64 log-probs and entropy of one token chunk (materializes [chunk, V] only)."""
+    """fp32/fp64 log-probs and entropy of one token chunk (materializes [chunk, V] only).
+
+    Autocast is off inside: under ``torch.autocast(dtype=bfloat16)`` the matmul would otherwise run
+    in bf16 and return bf16 log-probs 3e-2 off (V = 1001), against the fp32 the contract (and the
+    kernel path) promises.
+    """
     cd = compute_dtype(hidden.dtype)
-    logits = hidden.to(cd) @ weight.to(cd).t()
-    if bias is not None:
-        logits = logits + bias.to(cd)
-    logits = logits * inv_temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logprobs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1), entropy.detach()
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(cd) @ weight.to(cd).t()
+        if bias is not None:
+            logits = logits + bias.to(cd)
+        logits = logits * inv_temperature
+        logprobs = torch.log_softmax(logits, dim=-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        return logprobs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1), entropy.detach()
 
 
 def _logprobs_all(hidden2d, weight, bias, ids, temperature, chunk_tokens):
@@ -229,9 +285,16 @@ def _logprobs_all(hidden2d, weight, bias, ids, temperature, chunk_tokens):
 
 def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, return_entropy=False,
                           chunk_tokens=None):
-    """Reference of ``r1fast.kernels.fused_linear_logprobs`` (see grpo_loss.py for the contract)."""
-    validate_linear(hidden, weight, token_ids, bias, temperature)
-    _check_token_range(token_ids, weight.shape[0])
+    """Reference of ``r1fast.kernels.fused_linear_logprobs`` (see grpo_loss.py for the contract).
+
+    The checks that read device values are skipped while ``host_checks_enabled()`` is False, as on
+    the kernel path, so ``torch.compile(fullgraph=True)`` traces this function too.
+    """
+    host_checks = host_checks_enabled(hidden)
+    validate_linear(hidden, weight, token_ids, bias, temperature, host_checks=host_checks)
+    check_chunk_tokens(chunk_tokens)
+    if host_checks:
+        _check_token_range(token_ids, weight.shape[0])
     with torch.no_grad():
         logp, entropy = _logprobs_all(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                       token_ids.reshape(-1), temperature, chunk_tokens)
@@ -243,10 +306,13 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
                            beta=0.0, eps_low=0.2, eps_high=0.2, delta=None, temperature=1.0, loss_type="grpo",
                            importance_level="token", max_completion_length=None, normalizer=None,
                            rollout_is_ratio=None, chunk_tokens=None):
-    """Reference of ``r1fast.kernels.fused_linear_grpo_loss`` (see grpo_loss.py for the contract)."""
+    """Reference of ``r1fast.kernels.fused_linear_grpo_loss`` (see grpo_loss.py for the contract).
+
+    Host checks as in ``fused_linear_logprobs`` above.
+    """
     validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, bias, beta, eps_low, eps_high,
                   delta, temperature, loss_type, importance_level, max_completion_length, normalizer,
-                  rollout_is_ratio)
+                  rollout_is_ratio, host_checks=host_checks_enabled(hidden), chunk_tokens=chunk_tokens)
     B, T, H = hidden.shape
     active = mask.bool()
     safe_ids = torch.where(active, token_ids, torch.zeros_like(token_ids))  # padding may hold -100

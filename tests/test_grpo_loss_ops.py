@@ -3,17 +3,25 @@
 Tiny shapes (the kernels run under Triton's interpreter on CPU). ``torch.compile`` with the
 ``aot_eager`` backend and ``fullgraph=True`` must trace both public functions, forward and backward,
 without a graph break and give bitwise the eager results: the compiled graph calls the same op,
-which runs the same kernels in the same order. Numerics against the fp64 oracle are in
-test_grpo_loss.py.
+which runs the same kernels in the same order. The reference path (``R1FAST_KERNELS=torch``) must
+trace too. Also here: argument validation of both paths, autocast, and double backward. Numerics
+against the fp64 oracle are in test_grpo_loss.py.
 """
+
+import math
 
 import pytest
 import torch
+from conftest import assert_close_to_ref
+from test_grpo_loss import dense_oracle
+from test_grpo_loss import make_inputs as make_loss_inputs
 
 import r1fast.kernels
 from r1fast.kernels import grpo_loss as fused
+from r1fast.kernels import ref_grpo_loss as ref
 
-pytestmark = pytest.mark.skipif(not r1fast.kernels.use_triton("cpu"), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+needs_kernels = pytest.mark.skipif(not r1fast.kernels.use_triton("cpu"),
+                                   reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
 
 B, T, H, V = 2, 5, 8, 33
 TEMPERATURE = 0.7
@@ -42,6 +50,7 @@ def _fresh_dynamo():
 # ----------------------------------------------------------------------------------------------
 
 
+@needs_kernels
 @pytest.mark.parametrize("with_bias,with_entropy", [(True, True), (False, False)])
 def test_opcheck_linear_logprobs(with_bias, with_entropy):
     inp = make_inputs(with_bias)
@@ -57,6 +66,7 @@ def _loss_op_args(inp, *, level="token", old=True, ref=True, normalizer=None, wa
             else "grpo", level, None, 4, *want)
 
 
+@needs_kernels
 @pytest.mark.parametrize("case", ["token-all", "sequence-normalizer", "no-optionals-no-grads"])
 def test_opcheck_linear_grpo_loss_and_grads(case):
     inp = make_inputs(with_bias=case != "no-optionals-no-grads")
@@ -91,6 +101,7 @@ LOSS_CASES = {
 }
 
 
+@needs_kernels
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))
 def test_compiled_loss_equals_eager(case):
     with_bias, with_old, with_ref, extra = LOSS_CASES[case]
@@ -113,6 +124,7 @@ def test_compiled_loss_equals_eager(case):
         assert g_eager is None or torch.equal(g_traced, g_eager), name
 
 
+@needs_kernels
 def test_shape_errors_are_raised_under_compile_too():
     """Only the checks that read device values are skipped while tracing; shapes are still checked."""
     inp = make_inputs(with_bias=False)
@@ -124,6 +136,7 @@ def test_shape_errors_are_raised_under_compile_too():
         torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(inp["hidden"], inp["weight"])
 
 
+@needs_kernels
 def test_compiled_loss_scaled_backward_and_frozen_hidden():
     """grad_output != 1 and a hidden without grad: the compiled backward scales like eager."""
     inp = make_inputs(with_bias=True)
@@ -141,6 +154,7 @@ def test_compiled_loss_scaled_backward_and_frozen_hidden():
     assert torch.equal(eager[2][1], unscaled[2][1] * 2.5)
 
 
+@needs_kernels
 @pytest.mark.parametrize("with_bias,with_entropy", [(True, True), (False, False)])
 def test_compiled_logprobs_equals_eager(with_bias, with_entropy):
     inp = make_inputs(with_bias)
@@ -161,6 +175,7 @@ def test_compiled_logprobs_equals_eager(with_bias, with_entropy):
 # ----------------------------------------------------------------------------------------------
 
 
+@needs_kernels
 def test_ops_on_torch_backend_match_kernels(monkeypatch):
     """Called directly, the ops run everywhere: the row launchers fall back to PyTorch."""
     inp = make_inputs(with_bias=True)
@@ -172,3 +187,211 @@ def test_ops_on_torch_backend_match_kernels(monkeypatch):
                   torch.ops.r1fast.grpo_linear_loss_and_grads(*loss_args))
     for k, t in zip((*kernel[0], *kernel[1]), (*torch_path[0], *torch_path[1]), strict=True):
         torch.testing.assert_close(t, k, rtol=2e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference path: torch.compile and autocast
+# ----------------------------------------------------------------------------------------------
+
+
+def test_compiled_reference_equals_eager(monkeypatch):
+    """README: both public functions trace with fullgraph=True on the reference path too.
+
+    The reference used to re-validate with host checks on (reading hidden and the ids on the
+    host), which failed with a data-dependent guard error.
+    """
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    inp = make_inputs(with_bias=True)
+
+    def loss_fn(hidden, weight, bias):
+        return fused.fused_linear_grpo_loss(hidden, weight, inp["ids"], inp["mask"], inp["adv"], bias=bias,
+                                            old_logps=inp["old"], ref_logps=inp["ref"], beta=0.04, loss_type="dapo",
+                                            normalizer=torch.tensor(7.0), temperature=TEMPERATURE, chunk_tokens=3)
+
+    def logprobs_fn(hidden):
+        return fused.fused_linear_logprobs(hidden, inp["weight"], inp["ids"], bias=inp["bias"],
+                                           temperature=TEMPERATURE, return_entropy=True, chunk_tokens=4)
+
+    eager = _loss_and_grads(loss_fn, inp, {})
+    traced = _loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True), inp, {})
+    assert r1fast.kernels.backend("cpu") == "torch"
+    for t, e in zip((traced[0], *traced[1].values(), *traced[2]), (eager[0], *eager[1].values(), *eager[2]), strict=True):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-7)
+    compiled_lp = torch.compile(logprobs_fn, backend="aot_eager", fullgraph=True)(inp["hidden"])
+    for t, e in zip(compiled_lp, logprobs_fn(inp["hidden"]), strict=True):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-7)
+
+
+def test_public_function_validates_once_on_reference_path(monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    calls = []
+    real = ref.validate_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "validate_loss", counting)
+    monkeypatch.setattr(fused, "validate_loss", counting)
+    inp = make_inputs(with_bias=False)
+    fused.fused_linear_grpo_loss(inp["hidden"], inp["weight"], inp["ids"], inp["mask"], inp["adv"])
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
+def test_autocast_bf16_keeps_fp32(backend, monkeypatch):
+    """Under torch.autocast(bfloat16) both paths compute in fp32 (the reference's matmul was bf16: 3e-2 off)."""
+    if backend == "torch":
+        monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    elif not r1fast.kernels.use_triton("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py)")
+    inp = make_loss_inputs(with_bias=False, t=7, v=1001, h=72)
+    h, w = inp["hidden"].clone().requires_grad_(True), inp["weight"].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = fused.fused_linear_logprobs(inp["hidden"], inp["weight"], inp["ids"])
+        loss, _ = fused.fused_linear_grpo_loss(h, w, inp["ids"], inp["mask"], inp["adv"], old_logps=inp["old"],
+                                               temperature=1.0)
+    loss.backward()
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        h_ref = inp["hidden"].to(dtype).requires_grad_(True)
+        w_ref = inp["weight"].to(dtype).requires_grad_(True)
+        loss_ref, _, lp_ref, _ = dense_oracle(h_ref, w_ref, None, inp["ids"], inp["mask"], inp["adv"].to(dtype),
+                                              old=inp["old"].to(dtype), temperature=1.0)
+        loss_ref.backward()
+        results[dtype] = (lp_ref, loss_ref, h_ref.grad, w_ref.grad)
+    assert lp.dtype == loss.dtype == h.grad.dtype == w.grad.dtype == torch.float32
+    for name, out, r64, r32 in zip(("logprobs", "loss", "hidden.grad", "weight.grad"), (lp, loss, h.grad, w.grad),
+                                   results[torch.float64], results[torch.float32], strict=True):
+        assert_close_to_ref(out, r64, r32, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients: only hidden, weight and bias; no double backward on the kernel path
+# ----------------------------------------------------------------------------------------------
+
+
+def _penalty_grad(inp):
+    """d/dW of |d loss / d hidden|², which needs the loss's second derivatives (create_graph=True)."""
+    h, w = inp["hidden"].clone().requires_grad_(True), inp["weight"].clone().requires_grad_(True)
+    loss, _ = fused.fused_linear_grpo_loss(h, w, inp["ids"], inp["mask"], inp["adv"], old_logps=inp["old"])
+    (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
+    return torch.autograd.grad((grad_h ** 2).sum(), w)[0]
+
+
+@needs_kernels
+def test_kernel_double_backward_raises():
+    """The kernel's saved gradients are constants to autograd: a gradient penalty silently lost its
+    second-order term (54% off in the probe); it must raise instead."""
+    with pytest.raises(RuntimeError, match="double backward"):
+        _penalty_grad(make_inputs(with_bias=False))
+
+
+def test_reference_double_backward_matches_fp64(monkeypatch):
+    """The alternative the kernel path's error names: R1FAST_KERNELS=torch differentiates twice."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    inp = make_inputs(with_bias=False)
+    got = _penalty_grad(inp)
+    as64 = {k: v.double() if v.is_floating_point() else v for k, v in inp.items() if v is not None}
+    assert_close_to_ref(got, _penalty_grad(as64), atol=1e-6, name="penalty grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (issue item 5), both paths
+# ----------------------------------------------------------------------------------------------
+
+LB = 3  # make_loss_inputs' batch
+
+
+def _bad_call(case):
+    inp = make_loss_inputs(with_bias=False, t=5, v=17, h=8)
+    kw = dict(hidden=inp["hidden"], weight=inp["weight"], token_ids=inp["ids"], mask=torch.ones(LB, 5, dtype=bool),
+              advantages=inp["adv"])
+    opts = {}
+    if case == "hidden_shape":
+        kw["hidden"] = inp["hidden"][0]
+    elif case == "weight_shape":
+        kw["weight"] = inp["weight"][:, :4]
+    elif case == "weight_dtype":
+        kw["weight"] = inp["weight"].double()
+    elif case == "token_range":
+        kw["token_ids"] = inp["ids"].masked_fill(torch.eye(LB, 5, dtype=bool), 17)
+    elif case == "token_dtype":
+        kw["token_ids"] = inp["ids"].float()
+    elif case == "mask_shape":
+        kw["mask"] = kw["mask"][:, :4]
+    elif case == "mask_not_binary":  # a 0.25 used to count as 1 (mask.bool())
+        kw["mask"] = torch.ones(LB, 5).index_fill(1, torch.tensor([1]), 0.25)
+    elif case == "advantages_shape":
+        kw["advantages"] = inp["adv"][:2]
+    elif case == "old_logps_shape":
+        opts["old_logps"] = inp["old"][:, :4]
+    elif case == "beta_without_ref":
+        opts["beta"] = 0.04
+    elif case == "loss_type":
+        opts["loss_type"] = "ppo"
+    elif case == "importance_level":
+        opts["importance_level"] = "sentence"
+    elif case == "dr_grpo_without_len":
+        opts["loss_type"] = "dr_grpo"
+    elif case == "nonfinite_hidden":
+        kw["hidden"] = inp["hidden"].clone()
+        kw["hidden"][2, 3, 1] = float("nan")
+    elif case == "bias_shape":
+        opts["bias"] = torch.zeros(16)
+    elif case == "temperature":
+        opts["temperature"] = 0.0
+    elif case.startswith("normalizer_"):
+        value = {"nan": math.nan, "inf": math.inf, "zero": 0.0, "two": torch.tensor([3.0, 4.0])}[case[11:]]
+        opts.update(loss_type="dapo", normalizer=value)
+    elif case.startswith("chunk_tokens_"):
+        opts["chunk_tokens"] = int(case[13:])
+    elif case.endswith("_requires_grad"):  # silently got no gradient on the kernel path
+        name = case[:-len("_requires_grad")]
+        value = {"advantages": inp["adv"], "old_logps": inp["old"], "ref_logps": inp["ref"]}[name].clone()
+        (kw if name == "advantages" else opts)[name] = value.requires_grad_(True)
+        opts["beta"] = 0.04 if name == "ref_logps" else 0.0
+    return kw, opts
+
+
+BAD = {
+    "hidden_shape": "hidden", "weight_shape": "weight", "weight_dtype": "weight", "token_range": "token_ids",
+    "token_dtype": "token_ids", "mask_shape": "mask", "advantages_shape": "advantages",
+    "old_logps_shape": "old_logps", "beta_without_ref": "ref_logps", "loss_type": "loss_type",
+    "importance_level": "importance_level", "dr_grpo_without_len": "max_completion_length",
+    "nonfinite_hidden": "hidden", "bias_shape": "bias", "temperature": "temperature",
+    "mask_not_binary": "mask must hold only 0 and 1", "normalizer_nan": "normalizer must be finite",
+    "normalizer_inf": "normalizer must be finite", "normalizer_zero": "normalizer must be finite and > 0",
+    "normalizer_two": "normalizer must be a number or a one-element tensor", "chunk_tokens_-4": "chunk_tokens",
+    "chunk_tokens_0": "chunk_tokens", "advantages_requires_grad": "advantages requires grad",
+    "old_logps_requires_grad": "old_logps requires grad", "ref_logps_requires_grad": "ref_logps requires grad",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_value_error_naming_argument(case):
+    kw, opts = _bad_call(case)
+    for impl in (fused.fused_linear_grpo_loss, ref.fused_linear_grpo_loss):
+        with pytest.raises(ValueError, match=BAD[case]):
+            impl(kw["hidden"], kw["weight"], kw["token_ids"], kw["mask"], kw["advantages"], **opts)
+
+
+def test_zero_one_float_mask_and_detached_inputs_are_accepted():
+    """The new checks reject only what they name: a 0./1. float mask and no_grad calls pass."""
+    kw, _ = _bad_call("advantages_requires_grad")
+    mask = torch.ones(LB, 5).index_fill(1, torch.tensor([1]), 0.0)
+    with torch.no_grad():
+        loss, _ = fused.fused_linear_grpo_loss(kw["hidden"], kw["weight"], kw["token_ids"], mask, kw["advantages"])
+    expected, _ = ref.fused_linear_grpo_loss(kw["hidden"], kw["weight"], kw["token_ids"], mask.bool(),
+                                             kw["advantages"].detach())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logprobs_rejects_out_of_range_ids_and_bad_chunk_tokens():
+    inp = make_loss_inputs(with_bias=False, t=5, v=17, h=8)
+    ids = inp["ids"].masked_fill(torch.eye(LB, 5, dtype=bool), -1)
+    for impl in (fused.fused_linear_logprobs, ref.fused_linear_logprobs):
+        with pytest.raises(ValueError, match="token_ids"):
+            impl(inp["hidden"], inp["weight"], ids)
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            impl(inp["hidden"], inp["weight"], inp["ids"], chunk_tokens=0)

@@ -99,6 +99,20 @@ def test_metrics_tuple_and_ref_from_input_without_liger():
     assert len(_call(no_kl, inp)[1]) == 1
 
 
+def test_padding_ids_with_ref_from_input():
+    """-100 in masked positions (TRL's padding) with beta > 0 and ref_input/ref_weight: accepted, and
+    the same result as with any valid id there (the ref log-probs used to be range-checked unmasked)."""
+    inp = make_inputs(t=9, v=33, h=8)
+    module = FusedLinearGRPOLoss(beta=0.04, loss_type="bnpo", temperature=TEMPERATURE)
+    kw = dict(old_per_token_logps=inp["old"], ref_input=inp["hidden"] * 0.9, ref_weight=inp["weight"],
+              ref_bias=inp["bias"])
+    clean = _call(module, inp, **kw)
+    padded = _call(module, dict(inp, ids=inp["ids"].masked_fill(~inp["mask"], -100)), **kw)
+    assert torch.equal(padded[0], clean[0]) and torch.equal(padded[1][0], clean[1][0])
+    for g_padded, g_clean in zip(padded[2], clean[2], strict=True):
+        assert torch.equal(g_padded, g_clean)
+
+
 def test_use_ref_model_false_means_zero_kl():
     inp = make_inputs()
     module = FusedLinearGRPOLoss(beta=0.04, use_ref_model=False, loss_type="dapo", temperature=TEMPERATURE)

@@ -93,15 +93,19 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
         self.last_metrics: dict = {}
 
-    def _reference_logps(self, selected_token_ids, ref_per_token_logps, ref_input, ref_weight, ref_bias):
+    def _reference_logps(self, selected_token_ids, attention_mask, ref_per_token_logps, ref_input, ref_weight,
+                         ref_bias):
         if not self.use_ref_model:
             return None  # Liger then uses the policy's own detached log-probs: k3 = 0
         if ref_per_token_logps is not None:
             return ref_per_token_logps.float()
         if ref_input is None or ref_weight is None:
             raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
+        # fused_linear_logprobs range-checks every id, masked or not: padding may hold -100 (any id will
+        # do there, the loss never reads a masked position's reference log-prob)
+        ids = torch.where(attention_mask.bool(), selected_token_ids, torch.zeros_like(selected_token_ids))
         with torch.no_grad():
-            return fused_linear_logprobs(ref_input.detach(), ref_weight.detach(), selected_token_ids,
+            return fused_linear_logprobs(ref_input.detach(), ref_weight.detach(), ids,
                                          bias=None if ref_bias is None else ref_bias.detach(),
                                          temperature=self.temperature)
 
@@ -111,10 +115,14 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         """(loss, metrics): metrics = (kl, clip_ratio) when beta != 0, else (clip_ratio,)."""
         if _input.dim() != 3:
             raise ValueError(f"_input must be [B, T, H], got shape {tuple(_input.shape)}")
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(selected_token_ids.shape):
+            raise ValueError(f"attention_mask must be [B, T] like selected_token_ids {tuple(selected_token_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
         batch, seq = attention_mask.shape
         ref_logps = None
         if self.beta != 0.0:
-            ref_logps = self._reference_logps(selected_token_ids, ref_per_token_logps, ref_input, ref_weight, ref_bias)
+            ref_logps = self._reference_logps(selected_token_ids, attention_mask, ref_per_token_logps, ref_input,
+                                              ref_weight, ref_bias)
         normalizer = _dapo_normalizer(attention_mask, num_items_in_batch) if self.loss_type == "dapo" else None
         loss, metrics = fused_linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages.float(),
