@@ -9,9 +9,10 @@ Public ops
     append_kv(k, v, k_cache, v_cache, slot_mapping)
 
 Layout: caches are [num_blocks, block_size, Hkv, D] with any strides (block_size a power of two,
-8..128); block tables are int32 [rows, max_blocks]; lengths are int32. Semantics (masking, queries
-aligned to the end of their sequence, out = 0 / lse = -inf for a query that sees no key) are those
-of ``ref_paged_attention.py``, which is also the fallback and the test oracle.
+8..128); block tables are int32 [rows, max_blocks]; lengths are int32, slots int64, any strides (the
+launchers make these 1-D vectors contiguous: the kernels index them without a stride). Semantics
+(masking, queries aligned to the end of their sequence, out = 0 / lse = -inf for a query that sees no
+key) are those of ``ref_paged_attention.py``, which is also the fallback and the test oracle.
 
 Files: ``paged_attention_triton.py`` holds the Triton kernels (and their design and Hopper tuning
 notes), ``paged_attention_launch.py`` the launchers, the split-KV heuristic and the op bodies (with
@@ -29,6 +30,8 @@ False) that read is impossible, so ``max_group_size`` is then required (ValueErr
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -71,6 +74,31 @@ append_kv_op = register_op("append_kv", run_append_kv, fake=_fake_mutation_only,
 # ---------------------------------------------------------------------------------------------
 
 
+def _scale(softmax_scale, head_dim: int) -> float:
+    """The softmax scale as a float: 1/sqrt(D) by default, else a positive finite number (ValueError)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    scale = float(softmax_scale)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    return scale
+
+
+def _splits(value, name: str) -> int | None:
+    """A split-count override: None (the heuristic) or an int >= 1 (ValueError otherwise)."""
+    if value is None:
+        return None
+    try:
+        splits = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        splits = None
+    if splits is None or splits < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    return splits
+
+
 def _outputs(q, out, return_lse):
     """``out`` (allocated when the caller passed none) and ``lse`` (fp32; fp64 for fp64 inputs) or None."""
     if out is None:
@@ -105,10 +133,12 @@ def paged_attention(
     ``causal=False`` lets every query see all ``seq_lens[b]`` keys. ``num_splits`` overrides the split-KV
     heuristic (``choose_num_splits``). Values are not checked on the device (no host sync): table entries
     must index existing blocks and seq_lens[b] must fit its table row. Raises ValueError on bad shapes,
-    dtypes, head dims, block sizes or head counts. fp64 inputs take the reference and get an fp64 lse.
+    dtypes, head dims, block sizes, head counts, ``num_splits`` < 1 or a ``softmax_scale`` that is not a
+    positive finite number. fp64 inputs take the reference and get an fp64 lse.
     """
     ref.check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    scale = _scale(softmax_scale, q.shape[2])
+    num_splits = _splits(num_splits, "num_splits")
     out, lse = _outputs(q, out, return_lse)
     paged_attention_op(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, lse, max_seqlen_q, scale, causal, num_splits
@@ -155,8 +185,12 @@ def paged_attention_cascade(
                 "(finding the largest group reads group_of_seq's counts back to the host)"
             )
         max_group_size = int(group_sizes(group_of_seq, prefix_block_table.shape[0]).max()) if q.shape[0] else 1
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    prefix_splits, suffix_splits = num_splits if num_splits is not None else (None, None)
+    scale = _scale(softmax_scale, q.shape[2])
+    if num_splits is None:
+        num_splits = (None, None)
+    elif not isinstance(num_splits, (tuple, list)) or len(num_splits) != 2:
+        raise ValueError(f"num_splits must be None or a pair (prefix splits, suffix splits), got {num_splits!r}")
+    prefix_splits, suffix_splits = (_splits(x, f"num_splits[{i}]") for i, x in enumerate(num_splits))
     out, lse = _outputs(q, out, return_lse)
     paged_attention_cascade_op(
         q,
@@ -181,7 +215,12 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [T, Hkv, D] into the caches at ``slot_mapping`` (int64 [T], block * block_size + offset).
 
     A negative slot skips that token (padding, as in vLLM). Slots beyond the cache are not checked on the
-    device (that would need a host sync); the reference raises ValueError for them. Returns None.
+    device (that would need a host sync); the reference raises ValueError for them. The cache's block_size
+    must be one ``paged_attention`` reads (a power of two, 8..128; ValueError otherwise). Returns None.
     """
     ref.check_append_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    block_size = k_cache.shape[1]
+    if block_size < 8 or block_size > 128 or block_size & (block_size - 1):
+        # the layout paged_attention accepts: a cache it cannot read is a bug at the writer
+        raise ValueError(f"k_cache block_size={block_size} must be a power of two from 8 to 128")
     append_kv_op(k, v, k_cache, v_cache, slot_mapping)

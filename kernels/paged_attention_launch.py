@@ -5,8 +5,9 @@
 (Triton kernel, Triton interpreter, or the PyTorch reference in ``ref_paged_attention.py``), writes
 into caller-allocated tensors and returns None. They never read device values on the host on the
 kernel path, so a CUDA graph can capture them; their allocations (split partials, the cascade's query
-order) come from the caching allocator, i.e. from the graph's pool while capturing. Arguments are
-assumed checked by the public functions.
+order, contiguous copies of strided length / slot vectors, which the kernels read without a stride)
+come from the caching allocator, i.e. from the graph's pool while capturing. Arguments are assumed
+checked by the public functions.
 
 Splits (``choose_num_splits``): a wave model, cost = waves x (tokens per split + a fixed overhead),
 with 3 x 132 = 396 resident slots: B = 64, L = 8192 -> 3 splits (768 programs, 1.94 waves);
@@ -129,6 +130,13 @@ def _launch_attention(
     else:
         lt = lh = ls = 0
     grid = (num_rows * num_kv_heads, triton.cdiv(max_q_per_row * group, block_m), num_splits)
+    # The kernel reads the 1-D int vectors as ptr + row (no stride argument); a strided view such as
+    # meta[:, 0] would silently give wrong lengths. Copying B + 1 ints costs nothing next to the KV reads.
+    seq_lens = seq_lens.contiguous()
+    if cu_seqlens_q is not None:
+        cu_seqlens_q = cu_seqlens_q.contiguous()
+    if q_index is not None:
+        q_index = q_index.contiguous()
     placeholder = seq_lens  # for pointer arguments a constexpr flag disables
     _paged_attention_kernel[grid](
         q,
@@ -358,7 +366,7 @@ def run_append_kv(
         v,
         k_cache,
         v_cache,
-        slot_mapping,
+        slot_mapping.contiguous(),  # read as ptr + token (no stride): a strided view would pick wrong slots
         num_kv_heads,
         *k.stride(),
         *v.stride(),

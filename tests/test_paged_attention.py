@@ -122,6 +122,36 @@ def test_strided_inputs():
     check_against_reference(q, k_cache, v_cache, table, seq_lens, num_splits=2)
 
 
+def _strided(values, dtype=torch.int32):
+    """``values`` as a stride-2 view (every other element of a [n, 2] tensor): kernels index it as ptr + i."""
+    t = torch.tensor(values, dtype=dtype)
+    return torch.stack([t, torch.full_like(t, -7)], dim=1)[:, 0]
+
+
+def test_strided_lengths_and_slots():
+    """Non-contiguous seq_lens / cu_seqlens_q / prefix_lens / suffix_lens / slot_mapping read by stride."""
+    lens = [5, 29, 40]
+    k_cache, v_cache, table, seq_lens = make_paged_kv(lens, 1, 64, 8, torch.float32, "cpu")
+    q = torch.randn(3, 2, 64)
+    assert not _strided(lens).is_contiguous()
+    check_against_reference(q, k_cache, v_cache, table, _strided(lens))
+    q_lens = [3, 1, 4]
+    qv = torch.randn(sum(q_lens), 2, 64)
+    cu = _strided([0, 3, 4, 8])
+    got = paged_attention(qv, k_cache, v_cache, table, seq_lens, cu_seqlens_q=cu, max_seqlen_q=4)
+    want = paged_attention(qv, k_cache, v_cache, table, seq_lens, cu_seqlens_q=cu.contiguous(), max_seqlen_q=4)
+    assert torch.equal(got, want)
+    args = list(_cascade_case([2, 1], [19, 8], [3, 0, 11], 2, 1, 8))
+    same, ref = ref_cascade(*args), ref_cascade(args[0].double(), args[1].double(), args[2].double(), *args[3:])
+    args[4], args[7] = _strided(args[4].tolist()), _strided(args[7].tolist())
+    assert_close_to_ref(paged_attention_cascade(*args, num_splits=(1, 1)), ref, same)
+    k, v = torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    slots = _strided([5, 9, 30], torch.int64)
+    append_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.reshape(-1, 1, 64)[[5, 9, 30]], k)
+    assert torch.equal(v_cache.reshape(-1, 1, 64)[[5, 9, 30]], v)
+
+
 def _cascade_case(group_sizes, prefix_lens, suffix_lens, num_heads, num_kv_heads, block_size):
     """Shared prefix blocks per group + own suffix blocks per sample, all from one NaN-poisoned cache."""
     own = list(prefix_lens) + list(suffix_lens)
@@ -246,6 +276,21 @@ def test_bad_arguments_raise_value_error_naming_them():
         paged_attention_cascade(
             q, k_cache, v_cache, table, seq_lens, torch.zeros(2, dtype=torch.int32), table, seq_lens
         )
+    for splits in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_splits"):
+            call(q, k_cache, v_cache, table, seq_lens, num_splits=splits)
+    group = torch.zeros(1, dtype=torch.int32)
+    for splits in (3, (1, 0), (None, True), (1, 1, 1)):
+        with pytest.raises(ValueError, match="num_splits"):
+            paged_attention_cascade(q, k_cache, v_cache, table, seq_lens, group, table, seq_lens, num_splits=splits)
+    for scale in ("x", 0.0, -0.5, NAN, math.inf, True):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            call(q, k_cache, v_cache, table, seq_lens, softmax_scale=scale)
+        with pytest.raises(ValueError, match="softmax_scale"):
+            paged_attention_cascade(q, k_cache, v_cache, table, seq_lens, group, table, seq_lens, softmax_scale=scale)
+    with pytest.raises(ValueError, match="block_size"):  # append_kv takes only caches paged_attention reads
+        kv, cache = torch.randn(1, 1, 64), torch.zeros(2, 12, 1, 64)
+        append_kv(kv, kv, cache, cache.clone(), torch.tensor([0]))
 
 
 def test_reference_backend_and_fp64_agree_with_kernel(monkeypatch):

@@ -168,6 +168,23 @@ def test_compile_append_kv_then_attend_matches_eager():
     assert torch.equal(k_cache.reshape(-1, 2, 64)[slots], k)  # the append really happened
 
 
+def test_ops_and_compiled_calls_read_strided_lengths_and_slots():
+    """The op bodies (not only the public functions) copy strided int vectors before the kernels read them
+    without a stride; compiled, a view such as meta[:, 0] gives the eager contiguous answer."""
+    q, k_cache, v_cache, table, seq_lens = _decode_case(num_heads=4)
+    meta = torch.stack([seq_lens, torch.full_like(seq_lens, -5)], dim=1)  # [B, 2] per-sequence metadata
+    want, got = torch.empty_like(q), torch.empty_like(q)
+    torch.ops.r1fast.paged_attention(q, k_cache, v_cache, table, seq_lens, None, want, None, 1, 0.125, True, 2)
+    torch.ops.r1fast.paged_attention(q, k_cache, v_cache, table, meta[:, 0], None, got, None, 1, 0.125, True, 2)
+    assert torch.equal(got, want)
+    compiled = _compiled(lambda q, k_cache, v_cache, meta: paged_attention(q, k_cache, v_cache, table, meta[:, 0]))
+    assert torch.equal(compiled(q, k_cache, v_cache, meta), paged_attention(q, k_cache, v_cache, table, seq_lens))
+    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    slots = torch.tensor([[4, -1], [17, -1], [70, -1]])[:, 0]
+    torch.ops.r1fast.append_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.reshape(-1, 2, 64)[[4, 17, 70]], k)
+
+
 def test_cascade_without_max_group_size_refuses_to_sync_when_compiling(monkeypatch):
     k_cache, v_cache = _cache(6, 8, 1, 64)
     table = _table(3, 2, 6)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import arguments
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .paged_backend import PagedAttentionBackend, StepMetadata, cache_head_dim
@@ -128,11 +129,16 @@ class Engine:
         seed: None (drawn from torch's global RNG), an int (completion k = i * n + j of prompt i gets
         seed + k) or a list of ``len(prompts) * n`` ints; each completion's tokens depend only on its own
         seed, so ``generate([p], n=4, seed=s)`` equals ``generate([p] * 4, seed=s)``. temperature 0 =
-        greedy. Raises ValueError before any work for bad arguments.
+        greedy. Integers may be numpy/torch ints (never bools); stop_token_ids may be one id. Raises
+        ValueError before any work for bad arguments (a prompt + max_new_tokens beyond the KV cache or the
+        model's max_position_embeddings included), RuntimeError for non-finite logits; an exception
+        mid-generation releases every KV block this call took.
         """
-        prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
-        params = self._validate(prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids)
-        seeds = self._seeds(seed, len(prompts) * n)
+        prompts = arguments.prompt_lists(prompts)
+        capacity = f"{self.cache.num_blocks} blocks x {self.block_size} = {self.cache.capacity_tokens} tokens"
+        n, params = arguments.validate(self.args, self.cache.capacity_tokens, capacity, prompts, n, max_new_tokens,
+                                       temperature, top_p, top_k, stop_token_ids)
+        seeds = arguments.seeds(seed, len(prompts) * n)
         scheduler = Scheduler(self.cache.allocator, block_size=self.block_size,
                               max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs)
         outputs: list[list[Sequence]] = []
@@ -142,13 +148,14 @@ class Engine:
             prefix_len = self.block_size * ((len(prompt) - 1) // self.block_size) if n > 1 else 0
             job = None
             if prefix_len > 0:
-                job = Sequence(arrival, prompt[:prefix_len], prefix_len, is_prefix_job=True)
+                job = Sequence(arrival, prompt[:prefix_len], prefix_len, is_prefix_job=True,
+                               name=f"prompts[{i}] shared prefix")
                 scheduler.add(job)
                 arrival += 1
             group = []
             for j in range(n):
                 seq = Sequence(arrival, list(prompt), len(prompt), prefix_job=job,
-                               random=SequenceRandom(seeds[i * n + j]))
+                               random=SequenceRandom(seeds[i * n + j]), name=f"prompts[{i}] sample {j}")
                 arrival += 1
                 group.append(seq)
                 scheduler.add(seq)
@@ -159,13 +166,19 @@ class Engine:
             self.graphs.check_weights()
         start = time.perf_counter()
         generated = 0
-        while scheduler.has_work:
-            chunks = scheduler.schedule()
-            generated += self._step(scheduler, chunks, params)
-            alloc = self.cache.allocator
-            self._stats["max_blocks_used"] = max(self._stats["max_blocks_used"], alloc.num_used)
-            self._stats["max_blocks_shared"] = max(self._stats["max_blocks_shared"], alloc.num_shared)
-            self._stats["steps"] += 1
+        try:
+            while scheduler.has_work:
+                chunks = scheduler.schedule()
+                generated += self._step(scheduler, chunks, params)
+                alloc = self.cache.allocator
+                self._stats["max_blocks_used"] = max(self._stats["max_blocks_used"], alloc.num_used)
+                self._stats["max_blocks_shared"] = max(self._stats["max_blocks_shared"], alloc.num_shared)
+                self._stats["steps"] += 1
+        finally:
+            # The allocator outlives this call: an exception mid-step (Ctrl-C, OOM, non-finite logits) must
+            # not leave its sequences' blocks allocated, or every later call finds the cache full.
+            # After a normal return every sequence has already released its blocks (a no-op here).
+            scheduler.abort()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -174,47 +187,6 @@ class Engine:
         self._stats["generate_seconds"] += seconds
         self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
         return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
-
-    # -- validation ---------------------------------------------------------------------------------
-    def _validate(self, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids) -> SamplingParams:
-        vocab = self.args.vocab_size
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < float("inf")):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-        stop = tuple(stop_token_ids)
-        for t in stop:
-            if not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"stop_token_ids holds {t!r}, not a token id in [0, {vocab})")
-        capacity = self.cache.capacity_tokens
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
-            for t in prompt:
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                    raise ValueError(f"prompts[{i}] holds token id {t!r} outside the vocabulary [0, {vocab})")
-            if len(prompt) + max_new_tokens > capacity:
-                raise ValueError(
-                    f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the KV cache "
-                    f"({self.cache.num_blocks} blocks x {self.block_size} = {capacity} tokens); raise num_blocks")
-        return SamplingParams(float(temperature), float(top_p), top_k, max_new_tokens, stop)
-
-    @staticmethod
-    def _seeds(seed, count: int) -> list[int]:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)))
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            return [seed + k for k in range(count)]
-        seeds = list(seed)
-        if len(seeds) != count or not all(isinstance(s, int) for s in seeds):
-            raise ValueError(f"seed must be None, an int or a list of len(prompts) * n = {count} ints")
-        return seeds
 
     # -- one step -----------------------------------------------------------------------------------
     def _step(self, scheduler: Scheduler, chunks: list[Chunk], params: SamplingParams) -> int:
@@ -227,7 +199,8 @@ class Engine:
                 scheduler.finish_prefix(chunk.seq)
         if not due:
             return 0
-        tokens, logprobs = sample(logits[rows] if rows is not None else logits, params, [s.random for s in due])
+        tokens, logprobs = sample(logits[rows] if rows is not None else logits, params, [s.random for s in due],
+                                  [s.name for s in due])
         for seq, token, logprob in zip(due, tokens.tolist(), logprobs.tolist(), strict=False):
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 
 _DRAW_CHUNK = 256
+MIN_TEMPERATURE = 1e-5
+"""Smallest sampling temperature: fp32 logits up to 3.4e38 * 1e-5 = 3.4e33 survive the division, far above
+any real logit, while 1e-45 turns every logit into +-inf (NaN probabilities). Below it, use 0 (greedy):
+mapping it to greedy silently would change what the returned logprobs mean."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class SamplingParams:
     """Sampling settings of one ``generate`` call (shared by all its sequences)."""
 
     temperature: float = 1.0
-    """0 = greedy; > 0 divides the logits."""
+    """0 = greedy; > 0 divides the logits (``Engine.generate`` rejects 0 < temperature < MIN_TEMPERATURE)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off)."""
     top_k: int = 0
@@ -79,16 +83,38 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, randoms: list[SequenceRandom]) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(tokens: torch.Tensor, logits: torch.Tensor, params: SamplingParams, names) -> torch.Tensor:
+    """``tokens`` on the CPU; RuntimeError naming the sequences whose (tempered) ``logits`` are not finite.
+
+    A row is unusable when its largest logit is NaN (NaN anywhere propagates through amax), +inf (softmax
+    gives NaN) or -inf (no token has probability): sampling it would silently return the last vocabulary
+    id with a NaN logprob. Such rows carry token -1 through the device-to-host copy the caller needs
+    anyway, so the check adds no host sync.
+    """
+    bad = ~torch.isfinite(logits.amax(dim=-1))
+    tokens = torch.where(bad, torch.full_like(tokens, -1), tokens).cpu()
+    rows = (tokens < 0).nonzero()[:, 0].tolist()
+    if rows:
+        who = [names[r] if names is not None else f"row {r}" for r in rows]
+        raise RuntimeError(
+            f"logits of sequences {who} are not finite (NaN, +inf, or -inf for every token) at "
+            f"temperature={params.temperature}; the model's weights or activations have diverged"
+        )
+    return tokens
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, randoms: list[SequenceRandom],
+           names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of ``logits`` [B, V]; returns (tokens int64 [B], logprobs fp32 [B]) on CPU.
 
-    ``randoms[i]`` is row i's stream (unused for greedy decoding).
+    ``randoms[i]`` is row i's stream (unused for greedy decoding); ``names[i]`` names row i's sequence in
+    errors. Raises RuntimeError when a row's logits (divided by the temperature) are not finite.
     """
     logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-        return tokens.cpu(), logprobs.cpu()
+        return _checked(tokens, logits, params, names), logprobs.cpu()
     scaled = logits / params.temperature
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     truncated = _truncate(scaled, params.top_k, params.top_p)
@@ -105,4 +131,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, randoms: list[SequenceR
     last_kept = vocab - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
     tokens = torch.minimum(tokens, last_kept)
     logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
-    return tokens.cpu(), logprobs.cpu()
+    return _checked(tokens, scaled, params, names), logprobs.cpu()

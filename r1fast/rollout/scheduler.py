@@ -49,6 +49,8 @@ class Sequence:
     """Leading entries of ``blocks`` that are the group's shared prompt blocks (0: shares nothing)."""
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    name: str = ""
+    """How errors name it (``generate`` sets "prompts[i] sample j")."""
 
     @property
     def num_remaining(self) -> int:
@@ -183,6 +185,19 @@ class Scheduler:
         for seq in admitted:
             self.waiting.remove(seq)
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
+
+    def abort(self) -> None:
+        """Release the blocks of every running and waiting sequence and empty both queues.
+
+        The allocator belongs to the engine and outlives this scheduler: after an exception mid-generation
+        the sequences still holding blocks (running ones, waiting samples holding a share of their group's
+        prompt blocks, preempted ones mid-admission) would otherwise keep them forever.
+        """
+        for seq in self.running + self.waiting:
+            if seq.blocks:
+                self._release(seq)
+        self.running.clear()
+        self.waiting.clear()
 
     # -- after the step --------------------------------------------------------------------------
     def advance(self, chunk: Chunk) -> None:

@@ -1,0 +1,123 @@
+"""Checks and normalization of ``Engine.generate``'s arguments, before any work: ValueError naming the argument.
+
+Integers may be Python, numpy or 0-d torch integers (never bools: ``top_k=True`` is a bug at the caller);
+``stop_token_ids`` may be one id, as HF's ``eos_token_id`` may.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import torch
+
+from .sampler import MIN_TEMPERATURE, SamplingParams
+
+__all__ = ["as_int", "prompt_lists", "seeds", "validate"]
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (int, numpy or 0-d torch integer), else None.
+
+    ``operator.index`` accepts exactly the integer types (not 3.0, not "3"); bools are refused although
+    they are ints, since ``top_k=True`` or a ``True`` token id is a bug at the caller.
+    """
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if getattr(value, "ndim", 0) != 0:  # a one-element tensor or array is a list, not an id
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _is_real(value) -> bool:
+    """A real number (int, float, numpy scalar) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def prompt_lists(prompts) -> list[list]:
+    """Each prompt as a list (tensors and arrays as lists of their elements); ValueError for a flat list."""
+    if isinstance(prompts, (str, bytes)) or as_int(prompts) is not None:
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    lists = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or as_int(p) is not None:
+            raise ValueError(f"prompts[{i}] is {p!r}, not a list of token ids (prompts is a list of prompts)")
+        lists.append(list(p))
+    return lists
+
+def validate(args, capacity_tokens: int, capacity: str, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids):
+    """(n as an int, SamplingParams); replaces each prompt's ids by Python ints. ValueError names the argument.
+
+    ``args``: the model's ModelArgs; ``capacity_tokens``: the KV cache's size, described by ``capacity``."""
+    vocab = args.vocab_size
+    n_int, new_tokens, k = as_int(n), as_int(max_new_tokens), as_int(top_k)
+    if n_int is None or n_int < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if new_tokens is None or new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not (_is_real(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf)):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller "
+                         f"ones overflow logits / temperature), got {temperature!r}")
+    if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if k is None or k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    # a single id is accepted as HF's eos_token_id is (an int or a list of ints)
+    single = as_int(stop_token_ids)
+    try:
+        ids = [single] if single is not None else list(stop_token_ids)
+    except TypeError:
+        raise ValueError(f"stop_token_ids must be a token id or a list of them, got {stop_token_ids!r}") from None
+    stop = []
+    for t in ids:
+        token = as_int(t)
+        if token is None or not 0 <= token < vocab:
+            raise ValueError(f"stop_token_ids holds {t!r}, not a token id in [0, {vocab})")
+        stop.append(token)
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        for j, t in enumerate(prompt):
+            token = as_int(t)
+            if token is None:
+                raise ValueError(f"prompts[{i}] holds {t!r}, not an integer token id")
+            if not 0 <= token < vocab:
+                raise ValueError(f"prompts[{i}] holds token id {token} outside the vocabulary [0, {vocab})")
+            prompt[j] = token
+        if len(prompt) + new_tokens > capacity_tokens:
+            raise ValueError(
+                f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache "
+                f"({capacity} tokens); raise num_blocks")
+    longest = max((len(p) for p in prompts), default=0)
+    limit = args.max_position_embeddings
+    if prompts and longest + new_tokens > limit:
+        # positions past the model's range run silently otherwise (RoPE beyond the trained/scaled range)
+        raise ValueError(f"the model holds {limit} positions (max_position_embeddings), fewer than the longest "
+                         f"prompt ({longest} tokens) plus max_new_tokens={new_tokens}")
+    return n_int, SamplingParams(float(temperature), float(top_p), k, new_tokens, tuple(stop))
+
+def seeds(seed, count: int) -> list[int]:
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    first = as_int(seed)
+    if first is not None:
+        seeds = [first + k for k in range(count)]
+    else:
+        try:
+            seeds = [as_int(s) for s in seed]
+        except TypeError:
+            seeds = None
+        if seeds is None or len(seeds) != count or None in seeds:
+            raise ValueError(f"seed must be None, an int or a list of len(prompts) * n = {count} ints, "
+                             f"got {seed!r}") from None
+    # torch.Generator.manual_seed takes [-2**63, 2**64) and overflows above
+    if seeds and not (-(2**63) <= min(seeds) and max(seeds) < 2**64):
+        raise ValueError(f"seed must give seeds in [-2**63, 2**64) (an int seed s gives s .. s + {count - 1}), "
+                         f"got {seed!r}")
+    return seeds
