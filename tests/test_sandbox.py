@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from r1fast.rewards.sandbox import SandboxLimits, capabilities, run_python
+from r1fast.rewards.sandbox import SandboxLimits, _run_isolated, capabilities, run_python
 
 FAST = SandboxLimits(wall_time_s=1.5, cpu_time_s=1, memory_bytes=256 * 2**20, max_processes=8,
                      max_file_bytes=2**16, max_open_files=16, max_output_bytes=4096)
@@ -124,7 +124,9 @@ def test_private_files_are_unreadable_when_privileges_drop(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cr3t")
     os.chmod(secret, 0o600)
-    result = run_python(f"print(open({str(secret)!r}).read())\n", "", FAST)
+    # The jail would hide the file altogether (tests/test_sandbox_isolation.py): check the uid alone.
+    caps = {**capabilities(), "filesystem": False}
+    result = _run_isolated(f"print(open({str(secret)!r}).read())\n", "", FAST, caps)
     assert not result.ok and "s3cr3t" not in result.stdout and "PermissionError" in result.stderr
 
 

@@ -1,33 +1,43 @@
 """A local sandbox for model-written Python: run one program on one stdin, capture capped output.
 
-What is enforced (Linux):
-- wall clock: the program gets its own session/process group; at the deadline the group, and when
-  privileges are dropped every process of the sandbox's uid (children that called setsid), is SIGKILLed;
-- rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), processes (RLIMIT_NPROC), file size
-  (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core files;
-- a private, empty temporary working directory (also HOME and TMPDIR) that is deleted afterwards;
-- a cleared environment (PATH, HOME, TMPDIR, LANG only) and ``python -I -S`` (no user site, no
-  site-packages, no PYTHON* variables, no script directory on sys.path): the stdlib only;
-- network: a new, empty network namespace (``unshare(CLONE_NEWNET)``; unprivileged callers add
-  CLONE_NEWUSER) when the kernel permits it: no interface but a down loopback, so every connect fails;
-- privileges: when running as root, the program runs as a fresh uid/gid (cycled per run, unique among live runs,
-  never a real account), so RLIMIT_NPROC counts only its own processes (root is exempt from it),
-  it cannot signal or ptrace the trainer, and it cannot read 0600/0700 files such as /root;
-- output: stdout and stderr are each capped at ``max_output_bytes``; past the cap the run is killed;
-- test data: inputs go in through stdin (an unlinked temporary file), expected outputs never leave
-  the parent, so there is no tests file to read.
+Protections (Linux); ``capabilities()`` probes once which the machine grants, logs the missing ones
+once, and every result records what applied:
+- always: a wall clock (the run's process group is SIGKILLed at the deadline), rlimits (CPU seconds,
+  address space per process, processes, file size, open files, no core), a private empty working
+  dir (also HOME and TMPDIR), a cleared environment (PATH, HOME, TMPDIR, LANG), ``python -I -S``
+  (stdlib only; a prelude restores the ``exit``/``quit`` builtins that ``-S`` drops),
+  ``PR_SET_NO_NEW_PRIVS`` (setuid binaries such as su run without privileges), stdin from an
+  unlinked file, expected outputs never leave the parent, output capped at ``max_output_bytes``;
+- as root: a fresh uid/gid per run (unique among live runs), so RLIMIT_NPROC counts only the run,
+  and the program cannot signal the trainer or read 0600/0700 files;
+- namespaces (unprivileged callers add a user namespace): network (no interface but a down
+  loopback), IPC (SysV segments die with the run), PID (the program runs under a tiny init; when the
+  program exits or the deadline passes, the kernel kills every process left in the namespace, setsid
+  or not), and mount: the program runs in a jail built from bind mounts (below);
+- a cgroup per run when one can be made (cgroup v1 memory+pids hierarchies, or a v2 directory
+  with both controllers enabled for children): ``memory_bytes`` then also bounds the run's total
+  memory (tmpfs included) and ``max_processes`` its tasks.
 
-What is *not* enforced: world-readable files stay readable (the program can read the repository);
-without root, RLIMIT_NPROC counts all the user's processes (we set it to the current count plus the
-limit) and a child that calls setsid can outlive the wall-clock kill; without namespaces the network
-stays reachable; no seccomp filter, so any syscall the uid may make is allowed. ``capabilities()``
-reports which of the optional protections this machine grants; the run result records them too.
+The jail's rule: only what the interpreter and system need is visible, read-only: /usr, /bin,
+/sbin, /lib*, /etc and the sandbox python's prefixes (``sys.prefix``/``sys.base_prefix`` when it is
+the trainer's python); a fresh /proc; a /dev with null, zero, full, random, urandom; and size-capped
+tmpfs at /tmp, /var/tmp and /dev/shm (``_SCRATCH_FILES`` x ``max_file_bytes`` each) that vanish
+with the run. Everything else (/work, /home, /root, /mnt, /srv, /opt, /data, the trainer's cwd, /sys)
+is absent, so a program cannot read the dataset's expected outputs.
+
+Not enforced where the OS refuses it: without namespaces world-readable files stay readable, the
+network stays reachable, and an escaped child (setsid) is found only by uid (root) or not at all;
+without root RLIMIT_NPROC counts all the user's processes (set to their count plus the limit);
+without a cgroup ``memory_bytes`` is per process, so a run may hold up to ``max_processes x
+memory_bytes`` (16 x 512 MiB by default). No seccomp filter.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
-import json
+import logging
 import os
 import selectors
 import shutil
@@ -39,10 +49,22 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .sandbox_cgroup import cgroup_create, cgroup_parents
+from .sandbox_cgroup import cgroup_remove as _cgroup_remove
+from .sandbox_launcher import LAUNCHER as _LAUNCHER
+from .sandbox_launcher import PRELUDE as _PRELUDE
+
 __all__ = ["SandboxLimits", "SandboxResult", "SandboxError", "capabilities", "run_python"]
 
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
+logger = logging.getLogger("r1fast.rewards.sandbox")
+
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = (
+    0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_JAIL_PROGRAM, _JAIL_WORK = "/tmp/prog/main.py", "/tmp/work"
+# Each scratch tmpfs holds this many files of the size limit: room for a program's temporaries,
+# and 3 x 4 x 1 MiB = 12 MiB of RAM per run at the defaults (a RAM disk of 24 GiB was reachable before).
+_SCRATCH_FILES = 4
 
 
 class SandboxError(RuntimeError):
@@ -51,7 +73,8 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits for one run."""
+    """Resource limits for one run. ``memory_bytes`` bounds each process's address space and, with a
+    cgroup, the run's total memory; without one a run may hold ``max_processes x memory_bytes``."""
 
     wall_time_s: float = 5.0
     cpu_time_s: int = 5
@@ -80,37 +103,24 @@ class SandboxResult:
     output_truncated: bool
     network_isolated: bool
     privileges_dropped: bool
+    filesystem_isolated: bool = False  # the jail: only system dirs and the python prefix visible
+    processes_contained: bool = False  # PID namespace: nothing outlives the run
+    memory_limit_per_run: bool = False  # a cgroup bounds the run's total memory and tasks
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out and not self.output_truncated
 
 
-# Runs as the caller (a fresh interpreter, so no inherited threads), applies the protections, then
-# execs the program's interpreter. A failure to apply one exits 125 with a message on stderr.
-_LAUNCHER = r"""
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-if cfg["netns"]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(cfg["netns"]) != 0:
-        os.write(2, b"sandbox: unshare failed, errno %d\n" % ctypes.get_errno()); os._exit(125)
-for name, (soft, hard) in cfg["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (soft, hard))
-if cfg["uid"] is not None:
-    os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
-os.umask(0o077)
-os.execve(cfg["python"], [cfg["python"], "-I", "-S"] + cfg["args"], cfg["env"])
-"""
-
 _CAPS: dict | None = None
+_cgroup_parents = cgroup_parents  # a module global, so tests can fake it
 _CAPS_LOCK = threading.Lock()
 _RUN_COUNTER = itertools.count()
 _UIDS_PER_PROCESS = 1000  # uids a trainer process cycles through; more than its concurrent runs
 
 
 def _launch(cfg: dict, **popen_kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)],
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, repr(cfg)],
                             start_new_session=True, close_fds=True, **popen_kwargs)
 
 
@@ -121,35 +131,73 @@ def _next_uid() -> int:
     return 100_000 + os.getpid() * _UIDS_PER_PROCESS + next(_RUN_COUNTER) % _UIDS_PER_PROCESS
 
 
-def capabilities() -> dict:
-    """Probe once which protections work here: network namespace, dropping to a fresh uid, interpreter.
+@functools.lru_cache(maxsize=8)
+def _jail_binds(python: str) -> list[str]:
+    """Directories the jail shows: the system dirs, then the interpreter's prefixes not already under one."""
+    prefixes = {os.path.dirname(os.path.dirname(path)) for path in (python, os.path.realpath(python))}
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    binds = [path for path in _SYSTEM_DIRS if os.path.lexists(path)]
+    for prefix in sorted(prefixes, key=len):
+        if prefix != "/" and not any(prefix == b or prefix.startswith(b + "/") for b in binds):
+            binds.append(prefix)
+    return binds
 
-    Returns ``{"netns": flags or 0, "drop_privileges": bool, "python": path}``.
-    """
+
+def _cgroup_create(parents: list[str], name: str, limits: SandboxLimits) -> list[str]:
+    try:
+        return cgroup_create(parents, name, limits)
+    except OSError as exc:
+        raise SandboxError(f"sandbox: {exc}") from None
+
+
+def capabilities() -> dict:
+    """Probe once which protections work here, each by a real run of a tiny program.
+
+    Returns ``{"netns": flags or 0, "drop_privileges", "ipcns", "pidns", "filesystem": bool,
+    "cgroups": [parent dirs], "python": path, "jail_root": mount point}``; logs once what is missing."""
     global _CAPS
     with _CAPS_LOCK:
-        if _CAPS is not None:
-            return _CAPS
-        root = os.geteuid() == 0
-        netns_flags = _CLONE_NEWNET if root else _CLONE_NEWNET | _CLONE_NEWUSER
-        pythons = [sys.executable] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
-                                      if os.path.exists(p) and os.path.realpath(p) != os.path.realpath(sys.executable)]
-        probe_uid = _next_uid()
-        candidates = [(netns, uid, py) for netns in (netns_flags, 0) for uid in ((probe_uid, None) if root else (None,))
-                      for py in pythons]
-        _CAPS = {"netns": 0, "drop_privileges": False, "python": sys.executable}
-        for netns, uid, python in candidates:
-            cfg = {"netns": netns, "uid": uid, "python": python, "rlimits": {}, "env": {"PATH": "/usr/bin:/bin"},
-                   "args": ["-c", "import collections, json; print('ok')"]}
-            try:
-                proc = _launch(cfg, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/")
-                out, _ = proc.communicate(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if proc.returncode == 0 and out.strip() == b"ok":
-                _CAPS = {"netns": netns, "drop_privileges": uid is not None, "python": python}
-                break
+        if _CAPS is None:
+            _CAPS = _probe()
+            missing = [name for name in ("netns", "drop_privileges", "ipcns", "pidns", "filesystem", "cgroups")
+                       if not _CAPS[name]]
+            if missing:
+                logger.warning("code sandbox: %s unavailable on this machine (see r1fast/rewards/sandbox.py)",
+                               ", ".join(missing))
         return _CAPS
+
+
+def _probe() -> dict:
+    root = os.geteuid() == 0
+    userns = 0 if root else _CLONE_NEWUSER
+    pythons = [sys.executable] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                                  if os.path.exists(p) and os.path.realpath(p) != os.path.realpath(sys.executable)]
+    limits = SandboxLimits(wall_time_s=30, cpu_time_s=30, memory_bytes=256 * 2**20)
+
+    def works(caps: dict) -> bool:
+        try:
+            result = _run_isolated("import collections, json\nprint('ok')\n", "", limits, caps)
+        except (OSError, SandboxError):
+            return False
+        return result.ok and result.stdout == "ok\n"
+
+    jail_root = tempfile.mkdtemp(prefix="r1fast-jail-")  # an empty mount point each run's jail covers privately
+    atexit.register(shutil.rmtree, jail_root, True)
+    caps = {"netns": 0, "drop_privileges": False, "ipcns": False, "pidns": False, "filesystem": False,
+            "cgroups": [], "python": sys.executable, "jail_root": jail_root}
+    for drop, python in itertools.product((True, False) if root else (False,), pythons):
+        if works({**caps, "drop_privileges": drop, "python": python}):
+            caps.update(drop_privileges=drop, python=python)
+            break
+    for name, value in (("netns", _CLONE_NEWNET | userns), ("ipcns", True), ("pidns", True), ("filesystem", True),
+                        ("cgroups", _cgroup_parents())):
+        if value and works({**caps, name: value}):
+            caps[name] = value
+    if root and not caps["drop_privileges"] and caps["filesystem"]:  # the jail shows a python under /root (0700)
+        caps["drop_privileges"] = works({**caps, "drop_privileges": True, "python": sys.executable})
+        caps["python"] = sys.executable if caps["drop_privileges"] else caps["python"]
+    return caps
 
 
 def _count_user_tasks(uid: int) -> int:
@@ -194,33 +242,66 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) 
         raise ValueError(f"stdin: expected a str, got {type(stdin).__name__}")
     limits = limits or SandboxLimits()
     limits.validate()
-    caps = capabilities()
+    return _run_isolated(code, stdin, limits, capabilities())
+
+
+def _run_isolated(code: str, stdin: str, limits: SandboxLimits, caps: dict) -> SandboxResult:
     uid = _next_uid() if caps["drop_privileges"] else None
-    root_dir = tempfile.mkdtemp(prefix="r1fast-sandbox-")
+    # Without the jail the program's file and working dir live on the host's disk (~8 ms to make and
+    # delete on this ext4); the jail gets both on its own tmpfs.
+    host_dir = None if caps["filesystem"] else tempfile.mkdtemp(prefix="r1fast-sandbox-")
+    cgroups: list[str] = []
     try:
-        return _run(code, stdin, limits, caps, uid, root_dir)
+        cgroups = _cgroup_create(caps["cgroups"], f"r1fast-sandbox-{os.getpid()}-{os.urandom(6).hex()}", limits)
+        return _run(code, stdin, limits, caps, uid, host_dir, cgroups)
     finally:
-        if uid is not None:
-            _kill_uid(uid)  # stragglers that left the process group
-        shutil.rmtree(root_dir, ignore_errors=True)
+        if uid is not None and not caps["pidns"]:
+            _kill_uid(uid)  # stragglers that left the process group (a PID namespace leaves none)
+        _cgroup_remove(cgroups)
+        if host_dir is not None:
+            shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | None, root_dir: str) -> SandboxResult:
-    prog_dir, work_dir = os.path.join(root_dir, "prog"), os.path.join(root_dir, "work")
+def _host_files(code: str, uid: int | None, host_dir: str) -> tuple[str, str]:
+    """The program file (read-only to the program) and its private working dir, on the host."""
+    prog_dir, work_dir = os.path.join(host_dir, "prog"), os.path.join(host_dir, "work")
     os.mkdir(prog_dir)
     os.mkdir(work_dir, 0o700)
     program = os.path.join(prog_dir, "main.py")
     with open(program, "w", encoding="utf-8") as handle:
         handle.write(code)
-    os.chmod(root_dir, 0o711)
+    os.chmod(host_dir, 0o711)
     os.chmod(prog_dir, 0o755)
     os.chmod(program, 0o644)
     if uid is not None:
         os.chown(work_dir, uid, uid)
+    return program, work_dir
+
+
+def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | None, host_dir: str | None,
+         cgroups: list[str]) -> SandboxResult:
+    jail = host_dir is None
+    if jail:
+        program, work_dir = _JAIL_PROGRAM, _JAIL_WORK
+        code_fd = os.memfd_create("program")  # the launcher copies it into the jail
+        with open(code_fd, "wb", closefd=False) as handle:
+            handle.write(code.encode("utf-8"))
+        os.lseek(code_fd, 0, os.SEEK_SET)
+    else:
+        (program, work_dir), code_fd = _host_files(code, uid, host_dir), -1
+    flags = caps["netns"] | (_CLONE_NEWIPC if caps["ipcns"] else 0) | (_CLONE_NEWPID if caps["pidns"] else 0)
+    flags |= _CLONE_NEWNS if jail else 0
+    if flags and os.geteuid() != 0:
+        flags |= _CLONE_NEWUSER
     nproc = limits.max_processes if uid is not None else _count_user_tasks(os.getuid()) + limits.max_processes
     cfg = {
-        "netns": caps["netns"], "uid": uid, "python": caps["python"], "args": [program],
+        "unshare": flags, "uid": uid, "python": caps["python"], "prelude": _PRELUDE, "program": program,
+        "parent": os.getpid(), "cgroups": [os.path.join(path, "cgroup.procs") for path in cgroups],
         "env": {"PATH": "/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"},
+        "jail": {"root": caps["jail_root"], "code_fd": code_fd, "program": program, "work": work_dir,
+                 "binds": _jail_binds(caps["python"]),
+                 "scratch_bytes": _SCRATCH_FILES * limits.max_file_bytes + len(code.encode("utf-8")) + 2**16,
+                 } if jail else None,
         "rlimits": {
             "RLIMIT_CPU": (limits.cpu_time_s, limits.cpu_time_s + 1),  # SIGXCPU, then SIGKILL
             "RLIMIT_AS": (limits.memory_bytes,) * 2,
@@ -230,10 +311,15 @@ def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | No
             "RLIMIT_CORE": (0, 0),
         },
     }
-    with tempfile.TemporaryFile() as stdin_file:  # unlinked: the program sees only its own input
-        stdin_file.write(stdin.encode("utf-8"))
-        stdin_file.seek(0)
-        proc = _launch(cfg, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work_dir)
+    try:
+        with tempfile.TemporaryFile() as stdin_file:  # unlinked: the program sees only its own input
+            stdin_file.write(stdin.encode("utf-8"))
+            stdin_file.seek(0)
+            proc = _launch(cfg, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           pass_fds=(code_fd,) if jail else (), cwd="/" if jail else work_dir)
+    finally:
+        if jail:
+            os.close(code_fd)
     out, err, timed_out, truncated = _collect(proc, limits)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -246,6 +332,7 @@ def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | No
         stdout=out.decode("utf-8", errors="replace"), stderr=err.decode("utf-8", errors="replace"),
         returncode=None if timed_out or truncated else returncode, timed_out=timed_out,
         output_truncated=truncated, network_isolated=bool(caps["netns"]), privileges_dropped=uid is not None,
+        filesystem_isolated=jail, processes_contained=caps["pidns"], memory_limit_per_run=bool(cgroups),
     )
 
 
