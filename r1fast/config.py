@@ -98,8 +98,9 @@ class RolloutConfig:
 
     max_new_tokens: int = bounded(64, ge=1)
     """Longest completion; also the fixed normalizer L of the dr_grpo loss."""
-    temperature: float = bounded(1.0, ge=0)
-    """Sampling temperature (0 = greedy)."""
+    temperature: float = bounded(1.0, gt=0)
+    """Sampling temperature of the GRPO rollouts (> 0: the loss divides the logits by it; held-out
+    evaluation adds its own greedy pass)."""
     top_p: float = bounded(1.0, gt=0, le=1)
     """Nucleus sampling mass (1 = off)."""
     top_k: int = bounded(0, ge=0)
@@ -170,7 +171,8 @@ class RewardsConfig:
     sandbox_timeout_s: float = bounded(5.0, gt=0)
     """Wall-clock limit for running one generated program."""
     sandbox_memory_mb: int = bounded(512, ge=16)
-    """Address-space limit for one generated program."""
+    """Memory limit of one program run: the address space of each of its processes and, where the sandbox
+    can make a cgroup (root, or delegated cgroup v2), the memory of all of them together."""
 
     def validate(self) -> None:
         for name, weight in self.weights.items():

@@ -125,6 +125,11 @@ def train_on_batch(cfg: Config, root, ref_root, batch: RolloutBatch, clip_and_st
     b_rank = len(batch.completions)
     local_tokens = sum(float(p.mask.sum()) for _, p in micro)
     global_tokens = float(global_active_tokens([p.mask for _, p in micro]))
+    if global_tokens == 0:
+        # Every group dropped (dynamic sampling) or filtered: nothing to learn from, and an optimizer step on
+        # a zero gradient still moves the weights (AdamW's momentum: 6.8e-4 in the probe). The same on every
+        # rank, so no collective is skipped by some and run by others.
+        return {"active_tokens": 0.0, "skipped_empty": 1}
     temperature = cfg.rollout.temperature
     old, ref = [], []
     with torch.no_grad():

@@ -37,6 +37,7 @@ from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli, save_config
 from r1fast.data.jsonl import iter_json_objects
+from r1fast.data.order import batch_indices
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import (
     apply_activation_checkpointing,
@@ -159,28 +160,6 @@ def encode_sft_examples(records, tokenizer, template: str, max_seq_len: int) -> 
             continue
         examples.append((prompt_ids, target))
     return examples, dropped
-
-
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step``: a stream of seeded epoch permutations, cut in full batches."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(pos, num_examples)
-        perm = _epoch_perm(seed, epoch, num_examples)
-        out.append(perm[offset])
-    return out
-
-
-_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
-
-
-def _epoch_perm(seed: int, epoch: int, n: int) -> list[int]:
-    key = (seed, epoch, n)
-    if key not in _PERM_CACHE:
-        if len(_PERM_CACHE) > 4:
-            _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return _PERM_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
 from r1fast.config_io import run_cli
+from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
 from r1fast.evaluation import evaluate
 from r1fast.grpo import global_active_tokens
@@ -161,11 +162,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = t.sft_lr
         batch = t.sft_batch_size
-        order = torch.randperm(len(self.sft_samples), generator=torch.Generator().manual_seed(t.seed))
         eos = [self.tokenizer.eos_id]
         with progress(t.sft_steps, "cold-start SFT", enabled=None if self.dist.is_main else False) as bar:
             for step in range(t.sft_steps):
-                idx = [order[(step * batch + i) % len(order)].item() for i in range(rank, batch, world)]
+                idx = batch_indices(step, batch, len(self.sft_samples), t.seed)[rank::world]
                 samples = [self.sft_samples[i] for i in idx]
                 prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
                 targets = [self.tokenizer.encode(s["solution"]) + eos for s in samples]
@@ -181,6 +181,9 @@ class Trainer:
                     self.logger.log(step, phase="sft", nll=nll, grad_norm=grad_norm, tokens=tokens)
         for group in self.optimizer.param_groups:  # GRPO starts from its own schedule
             group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](0)
+        # and from fresh AdamW moments, as a separate RL stage would: the SFT's moments moved the weights
+        # 8.8e-5 at lr 1e-4 on a first GRPO step whose gradient was exactly zero
+        self.optimizer.state.clear()
 
     def _clip_and_step(self) -> float:
         return clip_and_step(self.root, self.optimizer, self.cfg.train.grad_clip,
@@ -189,10 +192,9 @@ class Trainer:
     def rollout(self, step: int) -> RolloutBatch:
         """This rank's prompts of ``step`` and their G completions, scored; advantages over the global batch."""
         g, world, rank = self.cfg.grpo, self.dist.world_size, self.dist.rank
-        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(
-            self.cfg.data.seed * 1_000_003 + step // max(1, len(self.train_samples) // g.prompts_per_step)))
-        first = (step * g.prompts_per_step) % len(order)
-        global_idx = [order[(first + i) % len(order)].item() for i in range(g.prompts_per_step)]
+        # a stream of seeded epoch permutations cut in steps: every prompt once per epoch even when the
+        # epoch does not split into whole steps (10 prompts, P = 4 drew some 3 times in 2 epochs, some once)
+        global_idx = batch_indices(step, g.prompts_per_step, len(self.train_samples), self.cfg.data.seed)
         mine = list(range(rank, g.prompts_per_step, world))
         r = self.cfg.rollout
         seeds = [(self.cfg.train.seed * 7_919 + step) * 1_000_003 + i * g.samples_per_prompt + j
@@ -262,13 +264,14 @@ class Trainer:
         t1 = time.perf_counter()
         if self.cfg.grpo.ref_update_steps and step % self.cfg.grpo.ref_update_steps == 0 and step > 0:
             self._refresh_reference()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates use
         metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
                                  self.dist.world_size)
         self.scheduler.step()
         times["time_train_s"] = time.perf_counter() - t1
         gen_tokens = D.all_reduce_sum(torch.tensor([float(batch.generated_tokens)])).item()
         times["generated_tokens_per_s"] = gen_tokens / max(times["time_rollout_s"], 1e-9)
-        return {**batch.metrics, **metrics, **times, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {**batch.metrics, **metrics, **times, "lr": lr}
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _refresh_reference(self) -> None:
@@ -338,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     path, overrides = parse_cli(argv, default_config=default_recipe())
     cfg = load_config(path if path is not None else default_recipe(), overrides)
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: GRPO samples and divides logits "
-                          "by it, so it must be > 0")
     summary = run(cfg)  # errors found once the data, model or ranks are known are ConfigErrors too
     if D.rank() == 0 and "eval_after_rl" in summary:
         print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))

@@ -158,6 +158,7 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, toml, overrides,
         (["--train.lr", "nan"], ["train.lr", "0 < value"]),
         (["--grpo.samples_per_prompt", "1"], ["grpo.samples_per_prompt", "2 <= value"]),
         (["--rollout.top_p", "1.5"], ["rollout.top_p", "0 < value <= 1"]),
+        (["--rollout.temperature", "0"], ["rollout.temperature", "0 < value"]),  # GRPO divides logits by it
         (["--train.betas", "0.9,1.0"], ["train.betas[1]", "0 <= value < 1"]),
         (["--grpo.delta", "0.5"], ["grpo.delta", "1 < value"]),
     ],
@@ -212,7 +213,7 @@ def _unusual_config():
     cfg.grpo.delta = 1.0000000000000002
     cfg.grpo.loss_type = "dapo"
     cfg.rollout.num_blocks = 12345
-    cfg.rollout.temperature = 0.0
+    cfg.rollout.temperature = 1e-300
     cfg.rewards.weights = {"accuracy": -1e300, "with space": 5e-324, "a.b": 0.1, "": 2.0}
     cfg.model.rope_theta = 1e6
     cfg.data.seed = -(2**62)

@@ -116,8 +116,9 @@ def test_math_verifier_timeout_kills_and_recovers():
 def test_language_consistency():
     lang = get_reward("language")
     assert count_words_by_language("I think 所以 x=3, да") == {"en": 3, "zh": 2, "other": 1}
-    # a word with an accented Latin letter is one word of another language, not an English word plus a letter
-    assert count_words_by_language("café Straße naïve hi") == {"en": 1, "zh": 0, "other": 3}
+    # accented Latin words are English words by script (names in a proof: Gödel, Poincaré), one word each
+    assert count_words_by_language("café Straße naïve hi") == {"en": 4, "zh": 0, "other": 0}
+    assert count_words_by_language("by Gödel and Poincaré, да") == {"en": 4, "zh": 0, "other": 1}
     assert lang("", "<think>add the ones then the tens</think><answer>5</answer>", {}) == 1.0
     assert lang("", "<think>add 然后 carry</think><answer>5</answer>", {}) == pytest.approx(2 / 4)
     assert lang("", "<think>先加个位</think><answer>5</answer>", {"language": "zh"}) == 1.0

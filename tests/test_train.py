@@ -324,3 +324,49 @@ def test_two_rank_resume_from_a_mid_run_checkpoint_is_exact(tmp_path):
     wa, wb = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_grpo_bookkeeping_fresh_optimizer_epoch_order_and_logged_lr(tmp_path, monkeypatch):
+    """GRPO starts from fresh AdamW moments (not the cold-start SFT's), draws every prompt once per epoch
+    when the epoch does not split into whole steps (10 prompts, 4 per step), and logs the rate each step used."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train
+    from r1fast.schedule import build_scheduler
+
+    drawn, states = [], []
+    real_build, real_step = train.build_rollout_batch, train.Trainer.grpo_step
+    monkeypatch.setattr(train, "build_rollout_batch", lambda cfg, tok, score, samples, *a, **k: (
+        drawn.extend(s["id"] for s in samples), real_build(cfg, tok, score, samples, *a, **k))[1])
+    monkeypatch.setattr(train.Trainer, "grpo_step", lambda self, step: (
+        states.append(len(self.optimizer.state)), real_step(self, step))[1])
+    train.run(_cfg(tmp_path, "--train.steps", "5", "--train.name", "book", "--data.train_size", "10",
+                   "--train.warmup_steps", "3", "--train.schedule", "cosine", "--train.log_every", "1"))
+    assert states[0] == 0  # the SFT's moments are gone
+    assert sorted(drawn[:10]) == sorted(drawn[10:]) and len(set(drawn[:10])) == 10  # two epochs, each prompt once
+    scheduler = build_scheduler(torch.optim.SGD([torch.zeros(1)], lr=1e-3), warmup_steps=3, total_steps=5,
+                                schedule="cosine", min_lr_ratio=0.1)
+    used = [1e-3 * scheduler.lr_lambdas[0](s) for s in range(5)]
+    logged = [m["lr"] for m in _rl_metrics(tmp_path / "book")]
+    assert logged == pytest.approx(used, rel=1e-12)
+
+
+def test_a_step_whose_groups_are_all_dropped_leaves_the_weights_alone(tmp_path, monkeypatch):
+    """Dynamic sampling with rewards that never differ drops every group: no optimizer step (AdamW's
+    momentum moved the weights on the zero gradient), and the step says so in metrics.jsonl."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train
+
+    snapshots = []
+    real_step = train.Trainer.grpo_step
+
+    def step_and_snapshot(self, step):
+        before = [p.detach().clone() for p in self.model.parameters()]
+        out = real_step(self, step)
+        snapshots.append(all(torch.equal(a, p) for a, p in zip(before, self.model.parameters(), strict=True)))
+        return out
+
+    monkeypatch.setattr(train.Trainer, "grpo_step", step_and_snapshot)
+    train.run(_cfg(tmp_path, "--train.steps", "2", "--train.name", "dropped", "--grpo.dynamic_sampling", "true",
+                   "--rewards.weights", "{format = 0.0}", "--train.log_every", "1"))
+    assert snapshots == [True, True]
+    assert [m.get("skipped_empty") for m in _rl_metrics(tmp_path / "dropped")] == [1, 1]

@@ -1,8 +1,10 @@
 """Language-consistency reward (DeepSeek-R1): the share of chain-of-thought words in the target language.
 
-Words are found by script, with no model or download: a run of ASCII letters is one English word, each
-CJK ideograph is one Chinese word (Chinese has no spaces; R1 counts characters the same way), and a run
-of other letters (Cyrillic, Greek, kana, Hangul, accented Latin, ...) is one word of another language.
+Words are found by script, with no model or download: a run of Latin letters is one English word
+(accented ones included: "Poincaré" and "naïve" in an English proof are English words; telling French
+from English would need a language model, and R1's concern is Chinese/English mixing), each CJK ideograph
+is one Chinese word (Chinese has no spaces; R1 counts characters the same way), and a run of other
+letters (Cyrillic, Greek, kana, Hangul, ...) is one word of another language.
 Digits, symbols and punctuation are not words, so ``12+35=47`` neither helps nor hurts.
 
 Score: target words / all words in the ``<think>`` block. A completion without a well-formed think
@@ -14,17 +16,22 @@ symbols) scores 1 (nothing in it is in the wrong language).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .format import extract_think
 
 __all__ = ["SUPPORTED_LANGUAGES", "count_words_by_language", "language_consistency_reward"]
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
-# a CJK character is a word of its own; any other run of letters is one word, English only when all of its
-# letters are ASCII ("café", "Straße" are one word of another language, not an English word plus a stray letter)
+# a CJK character is a word of its own; any other run of letters is one word, English when all of its letters
+# are Latin ("café" is one English word, not an English word plus a stray letter)
 _WORD_RE = re.compile(rf"(?P<zh>[{_CJK}])|(?P<word>[^\W\d_{_CJK}]+)")
 
 SUPPORTED_LANGUAGES = ("en", "zh")
+
+
+def _is_latin(word: str) -> bool:
+    return word.isascii() or all(c.isascii() or unicodedata.name(c, "").startswith("LATIN") for c in word)
 
 
 def count_words_by_language(text: str) -> dict[str, int]:
@@ -34,7 +41,7 @@ def count_words_by_language(text: str) -> dict[str, int]:
         if match.lastgroup == "zh":
             counts["zh"] += 1
         else:
-            counts["en" if match.group().isascii() else "other"] += 1
+            counts["en" if _is_latin(match.group()) else "other"] += 1
     return counts
 
 
