@@ -110,8 +110,9 @@ def test_kl_reference_is_the_policy_rl_starts_from(tmp_path, monkeypatch):
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast.train import run
 
+    # the length reward differs within groups (the untrained model's completions stop at different lengths)
     run(_cfg(tmp_path, "--train.steps", "3", "--train.name", "kl", "--grpo.beta", "0.04", "--train.log_every", "1",
-             "--train.lr", "1e-2"))
+             "--train.lr", "1e-2", "--rewards.weights", "{length_cosine = 1.0}"))
     kl = [m["kl"] for m in _rl_metrics(tmp_path / "kl")]
     assert len(kl) == 3 and kl[0] < 1e-7 and kl[2] > 1e-5, kl
 
