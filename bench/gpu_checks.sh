@@ -17,21 +17,22 @@ export PYTHONUNBUFFERED=1
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 
+rc=0  # every step's own exit status counts (a pipe into tee would otherwise report tee's)
 case "${1:-}" in
     tests)
-        $PY -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        $PY -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log"; rc=$((rc | PIPESTATUS[0])) ;;
     bench)
-        $PY bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"
-        $PY bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" ;;
+        $PY bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"; rc=$((rc | PIPESTATUS[0]))
+        $PY bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log"; rc=$((rc | PIPESTATUS[0])) ;;
     train)
         # the whole log goes under $OUT as it is written (a run killed at the time limit keeps it); the run
         # directory stays in /tmp (its checkpoints are too deep and too many to come back) and only the
         # metrics and the summary are copied out
         runs=/tmp/r1fast_gpu_runs
         $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m r1fast.train \
-            --train.out_dir "$runs" 2>&1 | tee "$OUT/main_job.log" | tail -40
+            --train.out_dir "$runs" 2>&1 | tee "$OUT/main_job.log" | tail -40; rc=$((rc | PIPESTATUS[0]))
         cp "$runs/tiny_r1_zero/metrics.jsonl" "$runs/tiny_r1_zero/summary.json" "$OUT/" 2>/dev/null
-        $PY - "$runs/tiny_r1_zero/metrics.jsonl" <<'PY' | tee -a "$OUT/main_job.log"
+        $PY - "$runs/tiny_r1_zero/metrics.jsonl" <<'PY' | tee -a "$OUT/main_job.log"; rc=$((rc | PIPESTATUS[0]))
 import json, sys
 rl = [r for r in map(json.loads, open(sys.argv[1])) if r.get("phase") == "rl"]
 keys = ("time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per_s")
@@ -39,3 +40,5 @@ print("mean over", len(rl), "GRPO steps:", {k: round(sum(r[k] for r in rl) / len
 PY
         ;;
 esac
+[ "$rc" -eq 0 ] || echo "gpu_checks.sh $1: a step failed (exit status $rc); see the logs under $OUT" >&2
+exit "$rc"

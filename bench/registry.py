@@ -70,7 +70,10 @@ class Case:
     input_bytes: float | None = None
     """Bytes of one input set, so the harness can rotate enough sets to defeat L2; None = measure."""
     extra: dict = field(default_factory=dict)
-    """Case-specific numbers to report alongside the timing (e.g. effective bandwidth)."""
+    """Case-specific numbers recorded with the results."""
+    rates: dict = field(default_factory=dict)
+    """Amounts one call produces, printed per second beside the timing: ``{"tokens": 131072}`` gives
+    tokens/s, ``{"effective GB": 1.6}`` effective GB/s (what the issues' targets are stated in)."""
 
 
 _REGISTRY: dict[str, Callable[[bool], Iterable[Case]]] = {}

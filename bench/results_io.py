@@ -16,7 +16,16 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
-from bench.rows import DASH, fmt_gib, fmt_ms, fmt_num, fmt_ratio, fmt_shape, fmt_throughput
+from bench.rows import (
+    DASH,
+    fmt_floor_ratio,
+    fmt_gib,
+    fmt_ms,
+    fmt_num,
+    fmt_peer_ratio,
+    fmt_shape,
+    fmt_throughput,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORT_KINDS = ("cases", "quick", "ceilings")
@@ -148,8 +157,8 @@ def case_rows_markdown(cases: list[Mapping]) -> list[str]:
                     f"**{row['impl']}**" if row["ours"] else row["impl"],
                     fmt_ms(row["ms"]) if row["status"] == "ok" else row["status"],
                     fmt_throughput(row),
-                    fmt_ratio(row["x_floor"]),
-                    fmt_ratio(row["x_fastest_peer"]),
+                    fmt_floor_ratio(row["x_floor"]),
+                    fmt_peer_ratio(row["x_fastest_peer"]),
                     fmt_gib(row["extra_gib"]),
                     note,
                 ]

@@ -91,9 +91,11 @@ def floor_ms(
 
 
 def impl_rows(
-    results: list[ImplResult], *, flops: float | None, bytes_: float | None, floor: float | None
+    results: list[ImplResult], *, flops: float | None, bytes_: float | None, floor: float | None,
+    rates: Mapping[str, float] | None = None,
 ) -> list[dict]:
-    """One row per implementation: ms, TFLOP/s, GB/s, x floor, x fastest peer, extra GiB.
+    """One row per implementation: ms, TFLOP/s, GB/s, the case's ``rates`` per second (``"tokens/s"``),
+    x floor, x fastest peer, extra GiB.
 
     ``x_fastest_peer`` is ``ms / ms of the fastest timed peer`` (non-ours implementation); for
     r1fast's row that is the headline "time_ours / time_fastest_peer".
@@ -112,6 +114,8 @@ def impl_rows(
                 "ms": r.ms if timed else None,
                 "tflops": flops / (r.ms * 1e-3) / 1e12 if timed and flops is not None else None,
                 "gbps": bytes_ / (r.ms * 1e-3) / 1e9 if timed and bytes_ is not None else None,
+                "rates": {f"{unit}/s": amount / (r.ms * 1e-3) for unit, amount in (rates or {}).items()}
+                if timed else {},
                 "x_floor": r.ms / floor if timed and floor else None,
                 "x_fastest_peer": r.ms / fastest_peer if timed and fastest_peer else None,
                 "extra_gib": r.extra_bytes / GIB if timed and r.extra_bytes is not None else None,
@@ -160,13 +164,27 @@ def fmt_gib(gib: float | None) -> str:
     return DASH if gib is None else f"{gib:.2f}"
 
 
+def fmt_floor_ratio(ratio: float | None) -> str:
+    """``2.00× (50%)``: time over the floor, and the share of the roofline (MFU for a FLOP floor)."""
+    return DASH if ratio is None else f"{fmt_ratio(ratio)} ({100 / ratio:.0f}%)"
+
+
+def fmt_peer_ratio(ratio: float | None) -> str:
+    """Time over the fastest peer's; below 1 also as a speedup (``0.08× (12.5× faster)``), which is how
+    the issues state their targets."""
+    if ratio is None:
+        return DASH
+    return fmt_ratio(ratio) if ratio >= 1 else f"{fmt_ratio(ratio)} ({1 / ratio:.1f}× faster)"
+
+
 def fmt_throughput(row: Mapping) -> str:
-    """TFLOP/s and/or GB/s of one row, whichever the case states."""
+    """TFLOP/s and/or GB/s of one row, whichever the case states, then its per-second rates."""
     parts = []
     if row.get("tflops") is not None:
         parts.append(f"{fmt_num(row['tflops'])} TFLOP/s")
     if row.get("gbps") is not None:
         parts.append(f"{fmt_num(row['gbps'])} GB/s")
+    parts += [f"{fmt_num(value)} {unit}" for unit, value in (row.get("rates") or {}).items()]
     return ", ".join(parts) if parts else DASH
 
 

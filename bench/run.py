@@ -93,7 +93,7 @@ def case_record(family: str, case, run, ceilings: dict | None) -> dict:
         "notes": case.notes,
         "run_notes": run.notes,
         "extra": dict(case.extra),
-        "rows": impl_rows(run.results, flops=case.flops, bytes_=case.bytes, floor=floor),
+        "rows": impl_rows(run.results, flops=case.flops, bytes_=case.bytes, floor=floor, rates=case.rates),
     }
 
 
@@ -159,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     # Wide when not a terminal, so piped output and logs keep whole case names on one line.
     console = Console(width=None if sys.stdout.isatty() else 200)
 
+    generators, errors = load_families()
+    selected, gen_errors = collect_cases(generators, quick=args.quick, only=args.only)
+    errors += gen_errors
     if args.list:
-        generators, errors = load_families()
-        selected, gen_errors = collect_cases(generators, quick=args.quick, only=args.only)
-        errors += gen_errors
         console.print(list_table(selected))
-        if not selected:
-            console.print("no case matches --only " + " ".join(args.only) if args.only else "no cases are registered")
+    if not selected and not args.ceilings:  # an --only typo is an error with or without a GPU
+        _print_errors(errors, console)
+        if args.only:
+            console.print(f"no case matches --only {' '.join(args.only)} (see --list)")
+            return 2
+        console.print("no benchmark cases are registered (bench/cases/*.py)")
+        return 1
+    if args.list:
         _print_errors(errors, console)
         return 1 if errors else 0
 
@@ -179,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    if not args.no_save:  # an unusable --out fails now, not after minutes of timing
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            console.print(f"bench/run.py: --out {args.out}: cannot create the results folder ({exc.strerror})",
+                          highlight=False)
+            return 2
     from bench.results_io import environment_metadata
 
     meta = environment_metadata()
@@ -186,16 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceilings:
         return run_ceilings_only(args, meta, console)
 
-    generators, errors = load_families()
-    selected, gen_errors = collect_cases(generators, quick=args.quick, only=args.only)
-    errors += gen_errors
-    if not selected:
-        _print_errors(errors, console)
-        if args.only:
-            console.print(f"no case matches --only {' '.join(args.only)} (see --list)")
-            return 2
-        console.print("no benchmark cases are registered (bench/cases/*.py)")
-        return 1 if errors else 0
     return run_cases(selected, errors, args, meta, console)
 
 

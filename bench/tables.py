@@ -7,7 +7,16 @@ from collections.abc import Mapping
 from rich.markup import escape
 from rich.table import Table
 
-from bench.rows import DASH, fmt_gib, fmt_ms, fmt_num, fmt_ratio, fmt_shape, fmt_throughput
+from bench.rows import (
+    DASH,
+    fmt_floor_ratio,
+    fmt_gib,
+    fmt_ms,
+    fmt_num,
+    fmt_peer_ratio,
+    fmt_shape,
+    fmt_throughput,
+)
 
 
 def floor_label(case) -> str:
@@ -70,8 +79,8 @@ def family_table(family: str, cases: list[Mapping]) -> Table:
                 name,
                 fmt_ms(row["ms"]) if timed else f"[yellow]{row['status']}[/]",
                 fmt_throughput(row),
-                fmt_ratio(row["x_floor"]),
-                fmt_ratio(row["x_fastest_peer"]),
+                fmt_floor_ratio(row["x_floor"]),
+                fmt_peer_ratio(row["x_fastest_peer"]),
                 fmt_gib(row["extra_gib"]),
                 "" if timed else escape(row["reason"]),
             )

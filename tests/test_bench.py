@@ -34,7 +34,9 @@ from bench.rows import (  # noqa: E402
     GIB,
     ImplResult,
     floor_ms,
+    fmt_floor_ratio,
     fmt_ms,
+    fmt_peer_ratio,
     fmt_ratio,
     fmt_shape,
     fmt_throughput,
@@ -601,3 +603,75 @@ def test_gpu_fake_quick_case_end_to_end(monkeypatch, tmp_path):
     fb = scale["rows"][0]
     assert fb["status"] == "ok" and fb["gbps"] > 0 and fb["x_floor"] > 0.5
     assert fb["extra_gib"] * GIB >= 4 * (1 << 22)  # the gradient the call creates counts as extra
+
+
+def _registered_cases():
+    from bench import registry
+
+    return {c.name: c for generate in registry.families().values() for c in generate(False)}
+
+
+def test_registered_floors_equal_counts_derived_here():
+    """Every reported ratio divides by these: each case's FLOPs / minimum bytes against a count written
+    independently from the issues' shapes (a floor 2.67x too high went unnoticed before this test)."""
+    cases = _registered_cases()
+
+    def close(name, field, want, rel=1e-9):
+        got = getattr(cases[name], field)
+        assert got == pytest.approx(want, rel=rel), f"{name}.{field}: case says {got:.4g}, count is {want:.4g}"
+
+    for tag, (n, h, v) in {"A": (16384, 3584, 152064), "B": (32768, 1536, 151936)}.items():
+        close(f"grpo_loss.fwd_bwd.{tag}", "flops", 6 * n * h * v)  # logits, dlogits @ W, dlogits^T @ h
+        close(f"grpo_loss.logprobs.{tag}", "flops", 2 * n * h * v)
+    kv_token = 2 * 4 * 128 * 2  # K and V, 4 KV heads, D = 128, bf16
+    for b, seq in ((64, 8192), (256, 4096), (16, 32768)):
+        close(f"paged_attention.decode.B{b}_L{seq}", "bytes", b * seq * kv_token)
+    group = "paged_attention.group_decode.P2048_G16_gen1024"
+    close(group, "bytes", (16 * 2048 + 16 * 16 * 1024) * kv_token)  # each group's prompt read once
+    assert cases[group].rates["effective GB"] == pytest.approx(16 * 16 * (2048 + 1024) * kv_token / 1e9)
+    for kind in ("fwd", "dgrad", "wgrad"):
+        for ragged in ("", ".ragged"):
+            close(f"moe_gemm.{kind}.fc1{ragged}", "flops", 2 * 32768 * 4096 * 7168)
+            close(f"moe_gemm.{kind}.fc2{ragged}", "flops", 2 * 32768 * 7168 * 2048)
+    t, h, inter, k = 8192, 7168, 2048, 8  # fwd + dgrad + wgrad of fc1 [2I, H] and fc2 [H, I]
+    close("moe_gemm.layer.fwd_bwd", "flops", 3 * (2 * t * k * h * 2 * inter + 2 * t * k * inter * h))
+    hid, inter, layers, hq, hkv, d, vocab = 1536, 8960, 28, 12, 2, 128, 151936  # Qwen2.5-1.5B
+    matmul_params = layers * (hid * (hq + 2 * hkv) * d + hq * d * hid + 3 * hid * inter) + vocab * hid
+    for b, seq in ((2, 4096), (4, 4096)):
+        causal_attention = 3 * layers * b * 2 * (2 * seq * seq * hq * d) / 2  # QK^T and PV, half masked, fwd+bwd
+        close(f"model.train_fwd_bwd.qwen2.5-1.5b.{b}x{seq}", "flops", 6 * b * seq * matmul_params + causal_attention)
+        assert cases[f"model.train_fwd_bwd.qwen2.5-1.5b.{b}x{seq}"].rates == {"tokens": b * seq}
+    weight_bytes = 2 * (layers * (hid * (hq + 2 * hkv) * d + (hq + 2 * hkv) * d + hq * d * hid + 3 * hid * inter
+                                  + 2 * hid) + vocab * hid + hid)
+    kv_token = layers * 2 * hkv * d * 2
+    for p, g, new in ((16, 16, 512), (64, 16, 1024), (4, 16, 128)):
+        # the weights once per forward (prefill, which yields the first token, then new - 1 decode steps);
+        # each decode step reads every group's prompt KV once (cascade) and each sample's own tokens so far
+        steps = new - 1
+        reads = new * weight_bytes + steps * p * 256 * kv_token + p * g * kv_token * sum(range(1, new))
+        close(f"rollout.qwen2.5-1.5b.{p}x{g}x{new}", "bytes", reads, rel=5e-3)
+        assert cases[f"rollout.qwen2.5-1.5b.{p}x{g}x{new}"].rates == {"tokens": p * g * new}
+
+
+def test_rates_and_ratios_are_printed_as_the_issues_state_targets():
+    rows = impl_rows([ImplResult("r1fast", True, "ok", ms=4000.0), ImplResult("hf", False, "ok", ms=50000.0)],
+                     flops=None, bytes_=2e12, floor=1000.0, rates={"tokens": 131072})
+    assert rows[0]["rates"] == {"tokens/s": pytest.approx(32768.0)}
+    assert fmt_throughput(rows[0]) == "500 GB/s, 32,768 tokens/s"
+    assert fmt_floor_ratio(rows[0]["x_floor"]) == "4.00× (25%)"  # a quarter of the roofline
+    assert fmt_peer_ratio(rows[0]["x_fastest_peer"]) == "0.08× (12.5× faster)"
+    assert fmt_peer_ratio(1.5) == "1.50×" and fmt_floor_ratio(None) == fmt_peer_ratio(None) == "—"
+
+
+def test_only_that_matches_nothing_exits_2_even_without_a_gpu(capsys):
+    assert main(["--list", "--only", "grpo_los_typo"]) == 2
+    assert main(["--only", "grpo_los_typo"]) == 2  # on this CPU machine: before "needs a CUDA GPU"
+    assert "no case matches --only grpo_los_typo" in capsys.readouterr().out
+
+
+def test_an_unusable_out_fails_before_anything_is_timed(fake_cuda, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["--only", "grpo_loss.logprobs.A", "--out", str(blocker / "results")]) == 2
+    assert "cannot create the results folder" in capsys.readouterr().out
+    assert fake_cuda == []  # do_bench never ran

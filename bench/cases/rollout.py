@@ -122,6 +122,7 @@ def cases(quick):
                   "decode step at the copy ceiling). One call is a whole rollout (seconds), so do_bench "
                   "repeats it only a few times.",
             input_bytes=float(_param_bytes()),
+            rates={"tokens": prompts * samples * new_tokens},
             extra={"generated_tokens": prompts * samples * new_tokens, "param_bytes": _param_bytes(),
                    "kv_bytes_per_token": _kv_bytes_per_token()},
         )
