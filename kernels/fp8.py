@@ -37,7 +37,14 @@ from .triton_utils import INTERPRET
 FP8_MAX = 448.0
 """Largest finite E4M3 value."""
 AMAX_FLOOR = 1e-4
-"""Tiles whose amax is below this get the scale of this amax (keeps all-zero tiles finite)."""
+"""Tiles whose amax is below this get the scale of this amax (keeps all-zero tiles finite). The recipe's
+value, right for activations and weights."""
+GRAD_AMAX_FLOOR = 1e-20
+"""The floor for gradients (the MoE layer's dy and dh). A loss normalized by millions of tokens gives
+gradients far below 1e-4: with that floor a tile of amax 1e-8 was 15% off, 1e-9 75% and 1e-10 flushed
+to zero. 1e-20 keeps every scale, and its product with a weight scale (>= 1e-4 / 448), a normal fp32;
+gradients smaller than that are below anything AdamW's eps lets through."""
+_MIN_AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny  # smaller floors give subnormal scales
 TILE = 128
 """Scale-tile length of the recipe."""
 
@@ -84,8 +91,8 @@ def _amax(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _scale_from_amax(amax, POWER_OF_TWO: tl.constexpr):
-    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, 1e-4)), 448.0)  # keep a NaN amax
+def _scale_from_amax(amax, amax_floor, POWER_OF_TWO: tl.constexpr):
+    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, amax_floor)), 448.0)  # keep a NaN amax
     if POWER_OF_TWO:
         bits = scale.to(tl.int32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
@@ -108,7 +115,7 @@ def _quantize_tile(x, scale):
 def _quantize_rows_cols_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
     M, K,
-    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk, amax_floor,
     EMIT_ROWS: tl.constexpr, EMIT_COLS: tl.constexpr, POWER_OF_TWO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -122,12 +129,12 @@ def _quantize_rows_cols_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if EMIT_ROWS:
-        row_scale = _scale_from_amax(_amax(x, 1), POWER_OF_TWO)
+        row_scale = _scale_from_amax(_amax(x, 1), amax_floor, POWER_OF_TWO)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _quantize_tile(x, row_scale[:, None]), mask=mask)
         tl.store(s_ptr + rows * stride_sm + pid_k, row_scale, mask=row_ok)
     if EMIT_COLS:
         # BLOCK_M == 128 here: one scale per column over this 128-row tile
-        col_scale = _scale_from_amax(_amax(x, 0), POWER_OF_TWO)
+        col_scale = _scale_from_amax(_amax(x, 0), amax_floor, POWER_OF_TWO)
         q = _quantize_tile(x, col_scale[None, :])
         # rows past M (zeros) fill the padding of qt's storage: one whole 128-token tile per program
         tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=col_ok[None, :])
@@ -152,7 +159,7 @@ def _quantize_blocks_kernel(
     w = w.to(tl.float32)
     has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0
     amax = tl.where(has_nan, float("nan"), tl.max(tl.max(tl.abs(w), axis=1), axis=0))  # see _amax
-    scale = _scale_from_amax(amax, POWER_OF_TWO)
+    scale = _scale_from_amax(amax, 1e-4, POWER_OF_TWO)  # AMAX_FLOOR: weights
     tl.store(q_ptr + pid_b * stride_qb + rows[:, None] * stride_qn + cols[None, :], _quantize_tile(w, scale), mask=mask)
     tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, scale)
 
@@ -183,17 +190,17 @@ def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, zero_paddi
             qt, torch.empty((K, nm) if emit_cols else (0, 0), **f32))
 
 
-def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool,
-                    power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_two: bool,
+                    amax_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """1x128 tiles of x (if emit_rows) and 128x1 tiles stored transposed (if emit_cols); empty when not asked."""
     if not use_triton(x.device):
         from .ref_fp8 import quantize_fp8_1x128 as ref
 
         q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, zero_padding=True)
         if emit_rows:
-            q, s = ref(x, power_of_two=power_of_two)
+            q, s = ref(x, power_of_two=power_of_two, amax_floor=amax_floor)
         if emit_cols:
-            ref_qt, st = ref(x.t(), power_of_two=power_of_two)
+            ref_qt, st = ref(x.t(), power_of_two=power_of_two, amax_floor=amax_floor)
             qt.copy_(ref_qt)  # into the padded layout the op promises
         return q, s, qt, st
     q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols)
@@ -205,7 +212,7 @@ def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool,
         _quantize_rows_cols_kernel[grid](
             x, q, s, qt, st, M, K,
             x.stride(0), max(q.stride(0), 1), max(s.stride(0), 1), max(qt.stride(0), 1), max(st.stride(0), 1),
-            EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two,
+            amax_floor, EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two,
             # the 128x128 tile of the column tiling spills at 4 warps (255 registers, 352 B of spill
             # stores compiling for sm_90a); 8 warps: 164 registers, no spills
             BLOCK_M=block_m, BLOCK_K=TILE, num_warps=8 if emit_cols else 4,
@@ -237,7 +244,7 @@ def _blocks_impl(w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, tor
 
 _rows_cols_op = register_op(
     "fp8_quantize_rows_cols", _rows_cols_impl,
-    fake=lambda x, emit_rows, emit_cols, power_of_two: _empty_outputs(x, emit_rows, emit_cols))
+    fake=lambda x, emit_rows, emit_cols, power_of_two, amax_floor: _empty_outputs(x, emit_rows, emit_cols))
 _blocks_op = register_op(
     "fp8_quantize_blocks", _blocks_impl,
     fake=lambda w, power_of_two: (torch.empty_like(w, dtype=torch.float8_e4m3fn),
@@ -248,27 +255,38 @@ _blocks_op = register_op(
 # -------------------------------------------------------------------------------------- public functions
 
 
-def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False):
-    """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile."""
+def _check_amax_floor(amax_floor) -> float:
+    if isinstance(amax_floor, bool) or not isinstance(amax_floor, (int, float)) or \
+            not _MIN_AMAX_FLOOR <= amax_floor < float("inf"):
+        raise ValueError(f"amax_floor must be a finite number >= {_MIN_AMAX_FLOOR:.3g} (smaller ones give subnormal "
+                         f"scales), got {amax_floor!r}")
+    return float(amax_floor)
+
+
+def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
+    """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile.
+
+    scale = max(amax, ``amax_floor``) / 448: the recipe's 1e-4 for activations, ``GRAD_AMAX_FLOOR`` for
+    gradients (which are routinely far below 1e-4)."""
     _check_float("x", x, (2,))
-    q, s, _, _ = _rows_cols_op(x, True, False, power_of_two)
+    q, s, _, _ = _rows_cols_op(x, True, False, power_of_two, _check_amax_floor(amax_floor))
     return q, s
 
 
-def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False):
+def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
     """x [M, K] -> (xt_fp8 [K, M], scale [K, ceil(M/128)]): 128x1 tiles along M, stored transposed.
 
     Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
     """
     _check_float("x", x, (2,))
-    _, _, qt, st = _rows_cols_op(x, False, True, power_of_two)
+    _, _, qt, st = _rows_cols_op(x, False, True, power_of_two, _check_amax_floor(amax_floor))
     return qt, st
 
 
-def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False):
+def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
     """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x))``."""
     _check_float("x", x, (2,))
-    return _rows_cols_op(x, True, True, power_of_two)
+    return _rows_cols_op(x, True, True, power_of_two, _check_amax_floor(amax_floor))
 
 
 def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):

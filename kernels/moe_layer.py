@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fp8 import quantize_fp8_1x128, quantize_fp8_1x128_dual, quantize_fp8_128x1, quantize_fp8_128x128
+from .fp8 import GRAD_AMAX_FLOOR, quantize_fp8_1x128, quantize_fp8_1x128_dual, quantize_fp8_128x1, quantize_fp8_128x128
 from .moe_gemm import fp8_grouped_gemm, fp8_grouped_gemm_wgrad
 from .moe_permute import combine, combine_backward, gather_rows, route_tokens
 from .ref_fp8 import dequantize_fp8
@@ -202,7 +202,7 @@ class _MoeFfnFp8(torch.autograd.Function):
         # combine: dy rows = w * dout[token]; d topk_weights = <dout[token], y[row]>
         dy, dweights = combine_backward(dout.to(torch.bfloat16), y, row_of_slot, weights)
         del y
-        dyq, dys, dytq, dyts = quantize_fp8_1x128_dual(dy)
+        dyq, dys, dytq, dyts = quantize_fp8_1x128_dual(dy, amax_floor=GRAD_AMAX_FLOOR)  # gradients: see fp8.py
         del dy
         # fc2: d act = dy @ w_down (dgrad through the transposed blocks); dW_down = dy^T @ act
         d_act = fp8_grouped_gemm(dyq, dys, q2t, s2t, group_sizes, validate=False)
@@ -213,7 +213,7 @@ class _MoeFfnFp8(torch.autograd.Function):
         dw_down = _wgrad(dytq, dyts, atq, ats, group_sizes, w_down, ctx.needs_input_grad[3])
         dh = _swiglu_backward(h, d_act).to(torch.bfloat16)
         del h, d_act
-        dhq, dhs, dhtq, dhts = quantize_fp8_1x128_dual(dh)
+        dhq, dhs, dhtq, dhts = quantize_fp8_1x128_dual(dh, amax_floor=GRAD_AMAX_FLOOR)
         del dh
         # fc1: dx rows = dh @ w_gate_up; dW_gate_up = dh^T @ x rows
         dx_rows = fp8_grouped_gemm(dhq, dhs, q1t, s1t, group_sizes, validate=False)

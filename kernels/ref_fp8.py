@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
+GRAD_AMAX_FLOOR = 1e-20
 TILE = 128
 
 
-def _scale_from_amax(amax: torch.Tensor, power_of_two: bool) -> torch.Tensor:
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+def _scale_from_amax(amax: torch.Tensor, power_of_two: bool, amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
+    scale = amax.float().clamp(min=amax_floor) / FP8_MAX
     if power_of_two:
         # round up to 2^e by bit manipulation (same integer ops as the kernel, exact)
         bits = scale.view(torch.int32)
@@ -39,14 +40,14 @@ def _cast(y: torch.Tensor) -> torch.Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False):
+def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
     """x [M, K] -> (fp8 [M, K], scale fp32 [M, ceil(K/128)]); ragged last tile allowed."""
     M, K = x.shape
     if M == 0 or K == 0:  # view(M, -1, TILE) cannot infer -1 from zero elements
         return (torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device),
                 torch.empty(M, -(-K // TILE), dtype=torch.float32, device=x.device))
     xf = _pad_to(x.float(), {1: TILE}).view(M, -1, TILE)
-    scale = _scale_from_amax(xf.abs().amax(dim=2), power_of_two)
+    scale = _scale_from_amax(xf.abs().amax(dim=2), power_of_two, amax_floor)
     q = _cast(xf / scale[:, :, None]).view(M, -1)[:, :K]
     return q.contiguous(), scale.contiguous()
 

@@ -98,6 +98,21 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         fp8.quantize_fp8_1x128(torch.ones(8))
     with pytest.raises(ValueError, match="w must"):
         fp8.quantize_fp8_128x128(torch.ones(2, 2, 2, 2))
+    for floor in (0.0, 1e-40, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="amax_floor must be a finite number"):
+            fp8.quantize_fp8_1x128_dual(torch.ones(4, 8), amax_floor=floor)
+
+
+def test_amax_floor_matches_the_reference_and_keeps_tiny_tiles():
+    x = torch.randn(130, 200) * 1e-9
+    for floor in (fp8.AMAX_FLOOR, fp8.GRAD_AMAX_FLOOR):
+        q, s, qt, st = fp8.quantize_fp8_1x128_dual(x, amax_floor=floor)
+        rq, rs = ref_fp8.quantize_fp8_1x128(x, amax_floor=floor)
+        rqt, rst = ref_fp8.quantize_fp8_1x128(x.t().contiguous(), amax_floor=floor)
+        assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+        assert torch.equal(st, rst) and torch.equal(qt.view(torch.uint8), rqt.view(torch.uint8))
+    err = (fp8.dequantize_fp8(q, s, (1, 128)) - x).norm() / x.norm()
+    assert err < 0.05  # the gradient floor: 1e-9 tiles quantize as well as unit ones (1e-4 floor: ~75% off)
 
 
 def test_empty_inputs_quantize_on_every_backend(monkeypatch):
