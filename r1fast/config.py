@@ -130,8 +130,9 @@ class GRPOConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the reward std of the group, of the whole batch, or not at all (Dr. GRPO)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """Loss normalization: grpo = mean per sequence then over sequences; bnpo = over the local batch's
-    tokens; dr_grpo = sum / (sequences x rollout.max_new_tokens); dapo = over the global batch's tokens."""
+    """Loss normalization: grpo = mean per sequence then over sequences; bnpo = over this rank's tokens
+    of the rollout batch (so it depends on the number of ranks; on one rank it equals dapo); dr_grpo =
+    sum / (sequences x rollout.max_new_tokens); dapo = over the global batch's tokens."""
     eps_low: float = bounded(0.2, ge=0, lt=1)
     """Lower clip: the ratio is clipped at 1 - eps_low."""
     eps_high: float = bounded(0.2, ge=0)

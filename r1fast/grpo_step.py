@@ -4,10 +4,13 @@ Loss normalization across micro-batches and ranks. FSDP averages gradients over 
 micro-batch's kernel call normalizes by what it sees, so each loss type gets the scale that makes
 the accumulated gradient equal the one of the whole global batch in one call:
     grpo, dr_grpo  per-sequence terms: scale each micro-batch by B_micro / B_rank (ranks hold equal B);
-    bnpo           the kernel's ``dapo`` reduction with normalizer = this rank's active tokens
-                   (TRL normalizes bnpo per process);
+    bnpo           the kernel's ``dapo`` reduction with normalizer = this rank's active tokens over
+                   the rollout batch (TRL divides by each micro-batch's tokens; here micro-batching
+                   does not change the step, but the rank count does: bnpo is a per-rank mean);
     dapo           normalizer = global active tokens / world size (computed once per rollout batch).
-A 1-rank run and a 2-rank run of the same global batch therefore take the same step.
+A 1-rank run and a 2-rank run of the same global batch therefore take the same step, for every loss
+type but bnpo (on one rank bnpo equals dapo). FP8 experts (parallel.fp8_experts) also break the
+equality: the weight gradient's 128-token tiles group tokens differently when the batch is split.
 """
 
 from __future__ import annotations

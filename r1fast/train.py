@@ -154,17 +154,19 @@ class Trainer:
         self.logger.log(self.step, phase="eval", tag=tag, **result)
         return result
 
-    def cold_start_sft(self) -> None:
-        """R1's cold start: supervised steps on worked solutions so the policy emits the template."""
+    def cold_start_sft(self, start: int = 0) -> bool:
+        """R1's cold start: supervised steps on worked solutions so the policy emits the template.
+
+        Runs SFT steps ``start`` .. ``train.sft_steps``. A SIGTERM (agreed by all ranks after a step) writes
+        a checkpoint that resumes here and returns False; True once every step ran."""
         t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
-        if t.sft_steps == 0:
-            return
         for group in self.optimizer.param_groups:
             group["lr"] = t.sft_lr
         batch = t.sft_batch_size
         eos = [self.tokenizer.eos_id]
         with progress(t.sft_steps, "cold-start SFT", enabled=None if self.dist.is_main else False) as bar:
-            for step in range(t.sft_steps):
+            bar.advance(start)
+            for step in range(start, t.sft_steps):
                 idx = batch_indices(step, batch, len(self.sft_samples), t.seed)[rank::world]
                 samples = [self.sft_samples[i] for i in idx]
                 prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
@@ -179,11 +181,20 @@ class Trainer:
                 bar.advance(nll=f"{nll:.3f}")
                 if (step + 1) % t.log_every == 0:
                     self.logger.log(step, phase="sft", nll=nll, grad_norm=grad_norm, tokens=tokens)
+                if step + 1 < t.sft_steps and self.stop.agreed(self.dist.device):
+                    # torchrun kills the workers a grace period after SIGTERM: a long SFT must not run on
+                    self.loop_state["sft_step"] = step + 1
+                    path = self._save_checkpoint()
+                    print(f"r1fast.train: SIGTERM during the cold-start SFT: checkpoint written to {path} "
+                          f"(resumes at SFT step {step + 1}); exiting", file=sys.stderr)
+                    return False
+        self.loop_state.pop("sft_step", None)
         for group in self.optimizer.param_groups:  # GRPO starts from its own schedule
             group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](0)
         # and from fresh AdamW moments, as a separate RL stage would: the SFT's moments moved the weights
         # 8.8e-5 at lr 1e-4 on a first GRPO step whose gradient was exactly zero
         self.optimizer.state.clear()
+        return True
 
     def _clip_and_step(self) -> float:
         return clip_and_step(self.root, self.optimizer, self.cfg.train.grad_clip,
@@ -216,18 +227,25 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.toml"))
         resume_from = self._resume_path()
         summary: dict = {}
+        sft_from = 0 if resume_from is None and t.sft_steps else None  # the SFT step to run from, if any
         if resume_from is None:
             if t.sft_steps:
                 summary["eval_initial"] = self.evaluate("initial")
-                self.cold_start_sft()
-                self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
-            summary["eval_before_rl"] = self.evaluate("before_rl")
         else:
             self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler,
                                                          reference=self.ref_root)
+            self._apply_optimizer_config()
             if self.fp8_cache is not None:
                 self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
+            sft_from = self.loop_state.get("sft_step")  # a checkpoint written mid-SFT
+        if sft_from is not None:
+            self.loop_state["summary"] = summary
+            if not self.cold_start_sft(sft_from):
+                return summary
+            self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
+        if resume_from is None or sft_from is not None:
+            summary["eval_before_rl"] = self.evaluate("before_rl")
         nonfinite = 0
         with progress(t.steps, "GRPO", enabled=None if self.dist.is_main else False) as bar:
             bar.advance(self.step)
@@ -274,6 +292,18 @@ class Trainer:
         return {**batch.metrics, **metrics, **times, "lr": lr}
 
     # -- bookkeeping --------------------------------------------------------------------------------
+    def _apply_optimizer_config(self) -> None:
+        """After a resume, this run's config sets the learning rate and AdamW's hyperparameters, not the
+        checkpoint's: its saved param groups and the scheduler's base_lrs would otherwise keep an old
+        --train.lr for good, and a longer --train.steps would run one step at the old schedule's rate.
+        With the config unchanged every value is what the scheduler had set (resume stays bit-exact)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
+        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = t.lr * fn(self.scheduler.last_epoch)
+
     def _refresh_reference(self) -> None:
         """Copy the policy into the frozen KL reference (no-op without one)."""
         if self.ref_root is None:

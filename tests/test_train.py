@@ -371,3 +371,47 @@ def test_a_step_whose_groups_are_all_dropped_leaves_the_weights_alone(tmp_path, 
                    "--rewards.weights", "{format = 0.0}", "--train.log_every", "1"))
     assert snapshots == [True, True]
     assert [m.get("skipped_empty") for m in _rl_metrics(tmp_path / "dropped")] == [1, 1]
+
+
+def test_resume_takes_the_learning_rate_and_schedule_of_its_own_config(tmp_path, monkeypatch):
+    """A finished 2-step run resumed with --train.steps 4 --train.lr 1e-4: steps 3 and 4 use the new peak
+    rate on the new 4-step cosine (the checkpoint's param groups kept 1e-3, and step 3 ran at the old
+    schedule's last value)."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast.schedule import lr_factor
+    from r1fast.train import run
+
+    common = ("--train.name", "relr", "--train.schedule", "cosine", "--train.warmup_steps", "1", "--train.log_every", "1")
+    run(_cfg(tmp_path, "--train.steps", "2", *common))
+    run(_cfg(tmp_path, "--train.steps", "4", "--train.lr", "1e-4", "--train.resume", "latest", *common))
+    logged = [m["lr"] for m in _rl_metrics(tmp_path / "relr")][-2:]
+    expected = [1e-4 * lr_factor(s, warmup_steps=1, total_steps=4, schedule="cosine", min_lr_ratio=0.1) for s in (2, 3)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_sigterm_during_the_cold_start_sft_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    """A SIGTERM in the SFT stops after the current step with a checkpoint (it ran the whole SFT and a GRPO
+    step before); resuming finishes the SFT and the run equals an uninterrupted one bit for bit."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train
+
+    base = ["--train.steps", "2", "--train.sft_steps", "4"]
+    train.run(_cfg(tmp_path, *base, "--train.name", "straight"))
+    real_step, calls = train.Trainer._clip_and_step, []
+
+    def stop_after_two(self):
+        calls.append(1)
+        if len(calls) == 2:
+            self.stop.requested = True
+        return real_step(self)
+
+    monkeypatch.setattr(train.Trainer, "_clip_and_step", stop_after_two)
+    summary = train.run(_cfg(tmp_path, *base, "--train.name", "resumed"))
+    assert len(calls) == 2 and "eval_before_rl" not in summary
+    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["step_0"]
+    monkeypatch.setattr(train.Trainer, "_clip_and_step", real_step)
+    summary = train.run(_cfg(tmp_path, *base, "--train.name", "resumed", "--train.resume", "latest"))
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["eval_initial"] == straight["eval_initial"] and summary["eval_after_rl"] == straight["eval_after_rl"]
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
