@@ -31,11 +31,16 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
-__all__ = ["ConfigError", "bounded", "load_config", "config_to_toml", "save_config", "describe", "field_docs", "parse_cli"]
+__all__ = ["ConfigError", "DataError", "bounded", "load_config", "config_to_toml", "save_config", "describe", "field_docs", "parse_cli"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line and names the full key."""
+
+
+class DataError(ValueError):
+    """Bad user data (an empty file, a malformed line, a record without a required field): one line naming
+    the file (and ``path:line``). The CLIs print it without a traceback, as they do a ``ConfigError``."""
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
@@ -481,9 +486,9 @@ def parse_cli(argv: list[str] | None, *, schema: type, default_config: str | Non
 
 
 def run_cli(prog: str, body, *, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a stage's ``body() -> int``; a ``ConfigError`` (or one of ``user_errors``: a missing file, an
-    empty result) prints one line ``<prog>: error: ...`` and returns 2 (1 for user_errors), no traceback.
-    Other exceptions propagate: they are bugs and their traceback is wanted."""
+    """Run a stage's ``body() -> int``; a ``ConfigError`` (or a ``DataError``, or one of ``user_errors``: a
+    missing file, an empty result) prints one line ``<prog>: error: ...`` and returns 2 (1 for bad data and
+    user_errors), no traceback. Other exceptions propagate: they are bugs and their traceback is wanted."""
     import sys
 
     try:
@@ -491,6 +496,6 @@ def run_cli(prog: str, body, *, user_errors: tuple[type[BaseException], ...] = (
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except user_errors as err:
+    except (DataError, *user_errors) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1

@@ -11,7 +11,9 @@ the number of ranks.
 
 Data: JSONL of ``{"prompt", "answer"}`` (``r1fast.data.load_jsonl``; a ``"task"`` naming a generated task
 selects its exact verifier). Outputs in ``--out`` (when given): eval.json, eval.md, samples.jsonl.
-A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``).
+A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``). Bad data
+(an empty file, a malformed line, a missing field, no gradable prompt) is a one-line ``DataError``, the
+first three before the model loads.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ from dataclasses import dataclass
 import torch
 
 from r1fast import distributed as D
-from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
+from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
 from r1fast.stage_io import (
     check_checkpoint,
     check_file,
     check_template,
+    data_errors,
+    empty_data_error,
     encode_prompt,
     load_policy,
     pick_device_dtype,
     render_prompt,
 )
+
+DEFAULT_PASS_K = (1, 2, 4, 8, 16, 32, 64)
+"""pass@k values reported when ``pass_k`` is not given (those <= k)."""
 
 
 @dataclass
@@ -52,8 +59,8 @@ class EvalConfig:
     """Evaluate only the first N prompts; none = all."""
     k: int = bounded(4, ge=1)
     """Samples per prompt for pass@1 (averaged), pass@k and cons@k."""
-    pass_k: tuple[int, ...] = bounded((1, 2, 4, 8, 16, 32, 64), ge=1)
-    """pass@k is reported for each of these k that is <= k."""
+    pass_k: tuple[int, ...] | None = bounded(None, ge=1)
+    """k values of the pass@k metrics, each <= k; none = those of 1, 2, 4, ..., 64 that are <= k."""
     temperature: float = bounded(0.6, ge=0)
     """Sampling temperature of the k samples (R1: 0.6)."""
     top_p: float = bounded(0.95, gt=0, le=1)
@@ -89,8 +96,15 @@ class EvalConfig:
             raise ConfigError("data: a JSONL file of prompts and answers is required (--data FILE)")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two (the paged-attention page)")
+        if self.pass_k is not None and max(self.pass_k, default=0) > self.k:
+            raise ConfigError(f"pass_k: {max(self.pass_k)} exceeds k={self.k} (pass@k needs at least k samples "
+                              "per prompt); raise --k or drop it from --pass_k")
         check_template(self.template, "template")
         return self
+
+    def pass_ks(self) -> tuple[int, ...]:
+        """The k values of the pass@k metrics: ``pass_k``, or the defaults that fit in ``k`` samples."""
+        return self.pass_k if self.pass_k is not None else tuple(k for k in DEFAULT_PASS_K if k <= self.k)
 
 
 def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool) -> tuple[list, list, list]:
@@ -142,8 +156,9 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
     records = sorted(_gather(records), key=lambda r: r["index"])
     graded = [r for r in records if not r["skipped"]]
     if not graded:
-        raise ValueError(f"eval: none of the {len(records)} prompts could be graded (unparsable gold answers)")
-    metrics = summarize(graded, ks=cfg.pass_k, reflection_words=cfg.reflection_words,
+        raise DataError(f"data: none of the {len(records)} prompts of {cfg.data!r} could be graded (math-verify "
+                        "cannot parse their gold answers)")
+    metrics = summarize(graded, ks=cfg.pass_ks(), reflection_words=cfg.reflection_words,
                         num_resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     metrics["skipped_prompts"] = len(records) - len(graded)
     return metrics, records
@@ -171,7 +186,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     check_file(cfg.data, "data")
     from r1fast.rollout import Engine
 
-    samples = load_jsonl(cfg.data, limit=cfg.limit)
+    with data_errors():  # a bad line (named path:line) or an empty file is reported before the model loads
+        samples = load_jsonl(cfg.data, limit=cfg.limit)
+    if not samples:
+        raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.model, device=device, dtype=dtype)
     model.eval()

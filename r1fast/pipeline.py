@@ -23,10 +23,13 @@ Outputs under ``<out_dir>/<name>/``: one directory per stage (its trainer's file
 held-out evaluation, ``DONE.json`` written atomically last), ``lineage.json`` and the report
 (``report.md``, ``report.json``, see ``r1fast.pipeline_report``).
 
-Resume: a stage is skipped when its DONE.json exists, its outputs exist and its declaration is unchanged
-(fingerprint); a stage that runs makes every stage downstream of it run again. An interrupted rl stage
-continues from its newest checkpoint (``train.checkpoint_every``). Before any work, every external input
-of a stage that will run is checked: a missing checkpoint or file stops the pipeline at once.
+Resume: a stage is skipped when its DONE.json and outputs exist and neither its declaration (fingerprint)
+nor what it consumed changed (DONE.json ``consumed``: upstream stages' finished_at and output sha256, file:
+inputs' sha256, external checkpoints' listings); a stage that runs makes its downstream run, now or after an
+interruption. [eval] has its own fingerprint (with the held-out data's identity): changing it re-runs only
+evaluations. An interrupted rl stage continues from its newest checkpoint; SIGTERM stops it after one with
+exit status 143. Before any work, the external inputs of stages that will run, a file: [eval] data and the
+sizes data stages ask of their tasks are checked: a missing file or an impossible size stops it at once.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ import time
 
 from r1fast import distributed as D
 from r1fast.config import Config
-from r1fast.config_io import ConfigError
+from r1fast.config_io import ConfigError, DataError
 from r1fast.data import generate_tasks, worked_solution
+from r1fast.data.jsonl import iter_json_objects
 from r1fast.eval import EvalConfig
 from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API)
     FORCED_KEYS,
+    INTERRUPTED_EXIT_CODE,
     KINDS,
     OPTIONAL_ROLES,
     ComparisonSection,
@@ -58,18 +63,22 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
     PipelineSection,
     Recipe,
     Stage,
+    StageInterrupted,
     _check_comparison,
     _check_ref,
     _family,
     _model_section,
     _section,
     _stage_config,
+    check_data_sizes,
+    check_external_inputs,
+    data_files,
     load_recipe,
     optimizer_steps,
 )
 from r1fast.rejection import EmptyKeptSetError
 from r1fast.sft import SFTConfig
-from r1fast.stage_io import check_checkpoint, check_file
+from r1fast.stage_io import checkpoint_identity, data_errors, sha256_file  # noqa: F401  (sha256_file: re-exported)
 
 # ---------------------------------------------------------------------------------------------------
 # Stage runners. Each returns (outputs: name -> path, summary dict); rank 0 writes the pipeline's files.
@@ -94,12 +103,10 @@ def non_reasoning_examples(n: int, *, digits: tuple[int, int], seed: int) -> lis
 
 def _run_data(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     c: DataGenConfig = stage.config
-    cold = [{**s, "completion": worked_solution(s)}
-            for s in generate_tasks(c.task, c.cold_start_size, seed=c.seed + 1, split="train", **c.cold_start_params)]
-    files = {"cold_start": cold,
-             "prompts": generate_tasks(c.task, c.prompts_size, seed=c.seed, split="train", **c.params),
-             "heldout": generate_tasks(c.task, c.heldout_size, seed=c.seed, split="heldout", **c.params),
-             "non_reasoning": non_reasoning_examples(c.non_reasoning_size, digits=c.non_reasoning_digits, seed=c.seed)}
+    files = {name: generate_tasks(c.task, n, seed=seed, split=split, **params)
+             for name, (n, split, seed, params) in data_files(c).items()}
+    files["cold_start"] = [{**s, "completion": worked_solution(s)} for s in files["cold_start"]]
+    files["non_reasoning"] = non_reasoning_examples(c.non_reasoning_size, digits=c.non_reasoning_digits, seed=c.seed)
     outputs = {name: os.path.join(stage_dir, f"{name}.jsonl") for name in files}
     if D.rank() == 0:
         for name, rows in files.items():
@@ -114,8 +121,8 @@ def _run_sft(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     extra = {}
     if len(stage.inputs["data"]) > 1:  # R1's SFT mixes reasoning traces and non-reasoning data in one set
         if D.rank() == 0:
-            rows = [json.loads(line) for path in stage.resolved_inputs["data"]
-                    for line in open(path, encoding="utf-8") if line.strip()]
+            with data_errors():  # a file: input's bad line names path:line, as r1fast.sft would
+                rows = [rec for path in stage.resolved_inputs["data"] for _, rec in iter_json_objects(path)]
             _write_jsonl(cfg.data, rows)
         D.barrier()
         extra["train_data"] = cfg.data
@@ -130,6 +137,9 @@ def _run_rl(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     cfg: Config = copy.deepcopy(stage.config)
     cfg.train.resume = "latest" if latest_checkpoint(stage_dir) else None  # an interrupted stage continues
     summary = D.broadcast_object(run(cfg))  # only rank 0 fills in the checkpoint path
+    if "final_checkpoint" not in summary:  # the trainer saw SIGTERM, saved a checkpoint and returned early
+        raise StageInterrupted(f"stage {stage.name!r} interrupted (its trainer saved a checkpoint); "
+                               "rerun the same command to resume")
     # the trainer's own evaluations ran on no prompts (data.eval_size = 0): the pipeline evaluates instead
     summary = {k: v for k, v in summary.items() if not k.startswith("eval_") and k != "greedy_accuracy_gain_points"}
     return {"model": os.path.abspath(summary["final_checkpoint"])}, summary
@@ -163,19 +173,42 @@ def _evaluate(recipe: Recipe, model_dir: str, heldout: str, out: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(recipe: Recipe, stage: Stage) -> str:
-    """Hash of everything that decides the stage's outputs: its declaration, model families, template, eval."""
+    """Hash of the stage's declaration: kind, inputs, config, model families, template. [eval] is not in it:
+    an evaluation change re-runs evaluations only (``eval_fingerprint``)."""
     families = sorted({f for refs in stage.inputs.values() for r in refs if (f := _family(recipe, r))})
     decl = {"kind": stage.kind, "inputs": stage.inputs, "config": stage.table, "template": recipe.pipeline.template,
-            "models": {f: recipe.raw["models"][f] for f in families}, "eval": recipe.raw.get("eval", {})}
+            "models": {f: recipe.raw["models"][f] for f in families}}
+    return hashlib.sha256(json.dumps(decl, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_identity(recipe: Recipe, markers: dict[str, dict], ref: str, role: str) -> dict | None:
+    """What ``ref`` is now (None: missing or not made yet): an earlier stage's run (its finished_at) and the
+    output's sha256, a file's sha256, a checkpoint directory's listing; {} for a tiny base (its section is
+    in the fingerprint)."""
+    source, _, what = ref.partition(":")
+    if source == "base":
+        path = recipe.models[what].name_or_path
+        return {} if path == "tiny" else checkpoint_identity(path)
+    if source == "file":
+        if role == "model":
+            return checkpoint_identity(what)
+        return {"sha256": sha256_file(what)} if os.path.isfile(what) else None
+    m = markers.get(source)
+    if m is None or what not in m["outputs"]:
+        return None
+    return {"finished_at": m["finished_at"], **{k: v for k, v in m["outputs"][what].items() if k == "sha256"}}
+
+
+def consumed(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
+    """ref -> identity of every input of ``stage`` (recorded in DONE.json, compared on resume)."""
+    return {r: input_identity(recipe, markers, r, role) for role, refs in stage.inputs.items() for r in refs}
+
+
+def eval_fingerprint(recipe: Recipe, markers: dict[str, dict]) -> str:
+    """Hash of what decides a held-out evaluation besides the model: [eval], template, the held-out data."""
+    decl = {"eval": recipe.raw.get("eval", {}), "template": recipe.pipeline.template,
+            "data": input_identity(recipe, markers, recipe.eval.data, "data")}
     return hashlib.sha256(json.dumps(decl, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -188,17 +221,20 @@ def _marker(recipe: Recipe, stage: Stage) -> dict | None:
 
 
 def plan(recipe: Recipe) -> list[str]:
-    """Names of the stages to run: unfinished, changed, or downstream of one that runs."""
+    """Names of the stages to run: unfinished, changed, downstream of one that runs, or made from inputs that
+    changed since (an earlier stage re-ran, e.g. in an interrupted invocation, or a file: input was edited)."""
     to_run: list[str] = []
+    markers: dict[str, dict] = {}
     for stage in recipe.stages:
         done = _marker(recipe, stage)
         upstream = {r.partition(":")[0] for refs in stage.inputs.values() for r in refs}
-        if "model" in KINDS[stage.kind][1]:
-            upstream.add(recipe.eval.data.partition(":")[0])
         fresh = (done is not None and done["fingerprint"] == fingerprint(recipe, stage)
                  and all(os.path.exists(_abs(recipe, o["path"])) for o in done["outputs"].values())
-                 and not upstream & set(to_run))
-        if not fresh:
+                 and not upstream & set(to_run)
+                 and done.get("consumed") == consumed(recipe, stage, markers))  # no record (older run): stale
+        if fresh:
+            markers[stage.name] = done
+        else:
             to_run.append(stage.name)
     return to_run
 
@@ -210,21 +246,6 @@ def _abs(recipe: Recipe, path: str) -> str:
 def _rel(recipe: Recipe, path: str) -> str:
     path = os.path.abspath(path)
     return os.path.relpath(path, recipe.run_dir) if path.startswith(recipe.run_dir + os.sep) else path
-
-
-def check_external_inputs(recipe: Recipe, to_run: list[str]) -> None:
-    """FileNotFoundError naming the stage for a missing file: or pretrained base input of a stage that will run."""
-    for stage in recipe.stages:
-        if stage.name not in to_run:
-            continue
-        for role, refs in stage.inputs.items():
-            for ref in refs:
-                source, _, what = ref.partition(":")
-                key = f"stages.{stage.name}.inputs.{role}"
-                if source == "file":
-                    (check_checkpoint if role == "model" else check_file)(what, key)
-                elif source == "base" and recipe.models[what].name_or_path != "tiny":
-                    check_checkpoint(recipe.models[what].name_or_path, f"models.{what}.name_or_path")
 
 
 def _resolve(recipe: Recipe, markers: dict[str, dict], ref: str) -> str:
@@ -244,13 +265,24 @@ def _artifact(recipe: Recipe, ref: str, path: str, role: str) -> dict:
     return rec
 
 
+def _write_done(stage_dir: str, record: dict) -> dict:
+    """DONE.json, written atomically by rank 0; every rank gets rank 0's record (one finished_at)."""
+    if D.rank() == 0:
+        path = os.path.join(stage_dir, "DONE.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+    D.barrier()
+    return D.broadcast_object(record)
+
+
 def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
     """Run one stage (and its held-out evaluation); returns the DONE record, written atomically by rank 0."""
     stage_dir, fp = os.path.join(recipe.run_dir, stage.name), fingerprint(recipe, stage)
     started = os.path.join(stage_dir, "STARTED.json")
-    # Same declaration and the very same upstream outputs (their DONE times): only then may GRPO resume.
-    key = {"fingerprint": fp, "upstream": {src: markers[src]["finished_at"] for refs in stage.inputs.values()
-                                           for r in refs if (src := r.partition(":")[0]) in markers}}
+    inputs_now = consumed(recipe, stage, markers)
+    # Same declaration and the very same inputs (upstream runs, file hashes): only then may GRPO resume.
+    key = json.loads(json.dumps({"fingerprint": fp, "consumed": inputs_now}))
     if D.rank() == 0:
         keep = stage.kind == "rl" and os.path.isfile(started) and json.load(open(started)) == key
         if keep:  # an interrupted GRPO run continues from its newest checkpoint
@@ -275,7 +307,8 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         heldout = _resolve(recipe, markers, recipe.eval.data)
         metrics = _evaluate(recipe, outputs["model"], heldout, os.path.join(stage_dir, "eval"))
     record = {
-        "stage": stage.name, "kind": stage.kind, "fingerprint": fp,
+        "stage": stage.name, "kind": stage.kind, "fingerprint": fp, "consumed": inputs_now,
+        "eval_fingerprint": eval_fingerprint(recipe, markers) if "model" in outputs else None,
         "family": _family(recipe, stage.inputs["model"][0]) if "model" in stage.inputs else None,
         "inputs": {role: [_artifact(recipe, r, paths[r], role) for r in refs] for role, refs in stage.inputs.items()},
         "outputs": {name: {"path": _rel(recipe, p), "kind": "checkpoint" if name == "model" else "data",
@@ -284,53 +317,50 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         "optimizer_steps": optimizer_steps(stage) if stage.kind != "sft" else summary["steps"],
         "train_s": train_s, "wall_s": time.perf_counter() - start, "finished_at": time.time(),
     }
+    return _write_done(stage_dir, record)
+
+
+def reevaluate(recipe: Recipe, stage: Stage, record: dict, markers: dict[str, dict]) -> dict:
+    """Only the held-out evaluation of a finished stage whose [eval] or held-out data changed; finished_at
+    stays, so the stages made from its model stay done."""
+    stage_dir = os.path.join(recipe.run_dir, stage.name)
     if D.rank() == 0:
-        path = os.path.join(stage_dir, "DONE.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        shutil.rmtree(os.path.join(stage_dir, "eval"), ignore_errors=True)
     D.barrier()
-    return record
-
-
-def write_lineage(recipe: Recipe, markers: dict[str, dict]) -> dict:
-    """lineage.json: per artifact, the stage, checkpoints and data (with sha256) that made it, and its config."""
-    artifacts = {}
-    for name in (s.name for s in recipe.stages if s.name in markers):
-        m = markers[name]
-        made_from = {"checkpoints": [], "data": []}
-        for role, refs in m["inputs"].items():
-            for ref in refs:
-                made_from["checkpoints" if ref["kind"] == "checkpoint" else "data"].append({**ref, "role": role})
-        for out_name, out in m["outputs"].items():
-            artifacts[out["path"]] = {**out, "stage": name, "output": out_name, "made_from": made_from,
-                                      "config": m["config"]}
-    lineage = {"run_dir": recipe.run_dir, "recipe": os.path.abspath(recipe.path),
-               "stages": [s.name for s in recipe.stages], "artifacts": artifacts}
-    with open(os.path.join(recipe.run_dir, "lineage.json.tmp"), "w") as f:
-        json.dump(lineage, f, indent=2, default=str)
-    os.replace(os.path.join(recipe.run_dir, "lineage.json.tmp"), os.path.join(recipe.run_dir, "lineage.json"))
-    return lineage
+    start = time.perf_counter()
+    metrics = _evaluate(recipe, _abs(recipe, record["outputs"]["model"]["path"]),
+                        _resolve(recipe, markers, recipe.eval.data), os.path.join(stage_dir, "eval"))
+    eval_s = time.perf_counter() - start
+    return _write_done(stage_dir, {**record, "eval": metrics, "eval_fingerprint": eval_fingerprint(recipe, markers),
+                                   "wall_s": record["train_s"] + eval_s, "evaluated_at": time.time()})
 
 
 def run_pipeline(recipe_path: str, *, out_dir: str | None = None) -> dict:
-    """Run every stage that is not already done; returns the report dict. Bad input fails before any work."""
-    from r1fast.pipeline_report import write_report
+    """Run every stage that is not already done (and the evaluations whose settings or held-out data changed);
+    returns the report dict. Bad input fails before any work."""
+    from r1fast.pipeline_report import write_lineage, write_report
 
     recipe = load_recipe(recipe_path, out_dir=out_dir)
     D.init_distributed()
     to_run = D.broadcast_object(plan(recipe) if D.rank() == 0 else None)
     check_external_inputs(recipe, to_run)
+    check_data_sizes(recipe, to_run)
     if D.rank() == 0:
         os.makedirs(recipe.run_dir, exist_ok=True)
     markers = {s.name: _marker(recipe, s) for s in recipe.stages if s.name not in to_run}
     for stage in recipe.stages:
+        done = markers.get(stage.name)
+        stale_eval = done is not None and "model" in done["outputs"] and \
+            done.get("eval_fingerprint") != eval_fingerprint(recipe, markers)
         if D.rank() == 0:
-            print(f"r1fast.pipeline: {stage.name}: {'running' if stage.name in to_run else 'done, skipped'}",
-                  file=sys.stderr)
-        if stage.name not in to_run:
+            status = "running" if done is None else "done, re-evaluating" if stale_eval else "done, skipped"
+            print(f"r1fast.pipeline: {stage.name}: {status}", file=sys.stderr)
+        if done is None:
+            markers[stage.name] = run_stage(recipe, stage, markers)
+        elif stale_eval:
+            markers[stage.name] = reevaluate(recipe, stage, done, markers)
+        else:
             continue
-        markers[stage.name] = run_stage(recipe, stage, markers)
         if D.rank() == 0:
             write_lineage(recipe, markers)
     report = None
@@ -348,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = run_pipeline(args.recipe, out_dir=args.out_dir)
-    except (ConfigError, PipelineError, FileNotFoundError) as err:
+    except StageInterrupted as err:
+        print(f"r1fast.pipeline: {err}", file=sys.stderr)
+        D.shutdown()
+        return INTERRUPTED_EXIT_CODE
+    except (ConfigError, DataError, PipelineError, FileNotFoundError) as err:
         print(f"r1fast.pipeline: error: {err}", file=sys.stderr)
         D.shutdown()
         return 2 if isinstance(err, ConfigError) else 1

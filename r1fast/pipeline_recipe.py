@@ -18,8 +18,10 @@ else:  # Python 3.10: the same parser, published as tomli
 
 from r1fast.config import Config, ModelConfig
 from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded
+from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
 from r1fast.sft import SFTConfig
+from r1fast.stage_io import check_checkpoint, check_file
 
 KINDS = {  # kind -> (input roles: True = a list of refs, outputs)
     "data": ({}, ("cold_start", "prompts", "heldout", "non_reasoning")),
@@ -38,6 +40,14 @@ FORCED_KEYS = {  # set from inputs and [pipeline]; a stage's config may not set 
 
 class PipelineError(RuntimeError):
     """A stage failed for a reason the recipe's author must fix; the message names the stage."""
+
+
+class StageInterrupted(PipelineError):
+    """SIGTERM stopped a stage after its trainer saved a checkpoint; the same command resumes it."""
+
+
+INTERRUPTED_EXIT_CODE = 143
+"""Exit status after SIGTERM stopped a stage (128 + 15, what a shell reports for a process SIGTERM ended)."""
 
 
 @dataclass
@@ -203,8 +213,21 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     if not recipe.stages:
         raise ConfigError(f"stages: the recipe declares no stage{where}")
     _check_ref(recipe.eval.data, "eval.data", outputs, models)
+    _check_eval_data_order(recipe, where)
     _check_comparison(recipe)
     return recipe
+
+
+def _check_eval_data_order(recipe: Recipe, where: str) -> None:
+    """Every model is evaluated right after its stage, so the held-out data must exist by then."""
+    source = recipe.eval.data.partition(":")[0]
+    names = [s.name for s in recipe.stages]
+    if source not in names:
+        return
+    first_model = next((s.name for s in recipe.stages if "model" in KINDS[s.kind][1]), None)
+    if first_model is not None and names.index(source) > names.index(first_model):
+        raise ConfigError(f"eval.data: {recipe.eval.data!r} comes from stage {source!r}, after {first_model!r}, the "
+                          f"first stage whose model is evaluated; declare {source!r} before it{where}")
 
 
 def _check_ref(ref: str, key: str, outputs: dict, models: dict) -> None:
@@ -226,7 +249,7 @@ def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: st
     ins = {role: [paths[r] for r in refs] for role, refs in stage.inputs.items()}
     model = _model_section(recipe, stage.inputs["model"][0], ins["model"][0]) if "model" in ins else None
     if stage.kind == "data":
-        return _section(DataGenConfig, stage.table, key, where)
+        return _check_task(_section(DataGenConfig, stage.table, key, where), key, where)
     if stage.kind == "sft":
         cfg = SFTConfig(data=ins["data"][0] if len(ins["data"]) == 1 else os.path.join(run_dir, stage.name, "train.jsonl"),
                         name=stage.name, out_dir=run_dir, template=p.template, model=model)
@@ -244,6 +267,20 @@ def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: st
                           out=os.path.join(run_dir, stage.name, "kept.jsonl"), decontaminate=tuple(ins.get("decontaminate", ())))
     _apply_table(cfg, stage.table, key + ".", where)
     return cfg.validate()
+
+
+def _check_task(cfg: DataGenConfig, key: str, where: str) -> DataGenConfig:
+    """Unknown task or difficulty knob: a ConfigError on load. One sample per knob set (at most 0.5 ms: countdown)
+    shows the generator accepts them; the sizes are checked before the stage runs (``check_data_sizes``)."""
+    if cfg.task not in TASKS and cfg.task not in MIXTURES:
+        raise ConfigError(f"{key}.task: unknown task {cfg.task!r}; allowed: {', '.join(sorted({*TASKS, *MIXTURES}))}"
+                          f"{where}")
+    for name in ("params", "cold_start_params"):
+        try:
+            generate_tasks(cfg.task, 1, seed=cfg.seed, **getattr(cfg, name))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{key}.{name}: {err}{where}") from err
+    return cfg
 
 
 def _model_section(recipe: Recipe, ref: str, path: str) -> ModelConfig:
@@ -289,3 +326,50 @@ def _check_comparison(recipe: Recipe) -> None:
     if totals["distilled"] != totals["rl_only"]:
         raise ConfigError(f"comparison: the arms must take the same total optimizer steps; distilled takes "
                           f"{totals['distilled']}, rl_only {totals['rl_only']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of the stages that will run, before any work (``r1fast.pipeline.run_pipeline``).
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_external_inputs(recipe: Recipe, to_run: list[str]) -> None:
+    """FileNotFoundError naming the key for a missing file: or pretrained base input of a stage that will run,
+    and for a missing ``[eval] data = "file:..."`` (every evaluation and the report read it)."""
+    source, _, what = recipe.eval.data.partition(":")
+    if source == "file":
+        check_file(what, "eval.data")
+    for stage in recipe.stages:
+        if stage.name not in to_run:
+            continue
+        for role, refs in stage.inputs.items():
+            for ref in refs:
+                source, _, what = ref.partition(":")
+                key = f"stages.{stage.name}.inputs.{role}"
+                if source == "file":
+                    (check_checkpoint if role == "model" else check_file)(what, key)
+                elif source == "base" and recipe.models[what].name_or_path != "tiny":
+                    check_checkpoint(recipe.models[what].name_or_path, f"models.{what}.name_or_path")
+
+
+def data_files(c: DataGenConfig) -> dict[str, tuple[int, str, int, dict]]:
+    """The generated task files of a data stage: name -> (size, split, seed, difficulty params)."""
+    return {"cold_start": (c.cold_start_size, "train", c.seed + 1, c.cold_start_params),
+            "prompts": (c.prompts_size, "train", c.seed, c.params),
+            "heldout": (c.heldout_size, "heldout", c.seed, c.params)}
+
+
+def check_data_sizes(recipe: Recipe, to_run: list[str]) -> None:
+    """ConfigError naming the key when a data stage that will run asks its task for more distinct items than
+    the difficulty params allow. It generates the files once more (2,200 addition items took 0.05 s; a
+    shortfall gives up after 100 tries per item: 0.25 s for 200), so a later stage never trains first."""
+    for stage in recipe.stages:
+        if stage.name not in to_run or stage.kind != "data":
+            continue
+        c: DataGenConfig = stage.config
+        for name, (n, split, seed, params) in data_files(c).items():
+            try:
+                generate_tasks(c.task, n, seed=seed, split=split, **params)
+            except ValueError as err:
+                raise ConfigError(f"stages.{stage.name}.config.{name}_size={n}: "
+                                  f"{str(err).removeprefix('n: ')}") from err

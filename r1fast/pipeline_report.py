@@ -1,4 +1,5 @@
-"""The pipeline's report: held-out accuracy after every stage, and distillation vs RL alone for the student.
+"""The pipeline's report: held-out accuracy after every stage, and distillation vs RL alone for the student;
+and its lineage (``lineage.json``: what made every artifact).
 
 Reads the stages' DONE records (``r1fast.pipeline``) and writes ``report.json`` and ``report.md`` into
 the run directory. Every model-producing stage was evaluated on the same held-out prompts with the same
@@ -12,8 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
-__all__ = ["build_report", "write_report"]
+if TYPE_CHECKING:
+    from r1fast.pipeline_recipe import Recipe
+
+__all__ = ["build_report", "write_lineage", "write_report"]
 
 
 def _row(record: dict) -> dict:
@@ -99,7 +104,7 @@ def build_report(records: list[dict], *, comparison: dict, heldout: dict, eval_s
 
 def write_report(recipe, records: list[dict], *, ran: list[str]) -> dict:
     """Build the report for ``recipe`` (r1fast.pipeline.Recipe) and write report.json and report.md."""
-    from r1fast.pipeline import sha256_file
+    from r1fast.stage_io import sha256_file
 
     source, _, what = recipe.eval.data.partition(":")
     heldout_path = next(r for r in records if r["stage"] == source)["outputs"][what]["path"] if source != "file" else what
@@ -115,3 +120,23 @@ def write_report(recipe, records: list[dict], *, ran: list[str]) -> dict:
     with open(os.path.join(recipe.run_dir, "report.md"), "w") as f:
         f.write(report["markdown"] + "\n")
     return report
+
+
+def write_lineage(recipe: Recipe, markers: dict[str, dict]) -> dict:
+    """lineage.json: per artifact, the stage, checkpoints and data (with sha256) that made it, and its config."""
+    artifacts = {}
+    for name in (s.name for s in recipe.stages if s.name in markers):
+        m = markers[name]
+        made_from = {"checkpoints": [], "data": []}
+        for role, refs in m["inputs"].items():
+            for ref in refs:
+                made_from["checkpoints" if ref["kind"] == "checkpoint" else "data"].append({**ref, "role": role})
+        for out_name, out in m["outputs"].items():
+            artifacts[out["path"]] = {**out, "stage": name, "output": out_name, "made_from": made_from,
+                                      "config": m["config"]}
+    lineage = {"run_dir": recipe.run_dir, "recipe": os.path.abspath(recipe.path),
+               "stages": [s.name for s in recipe.stages], "artifacts": artifacts}
+    with open(os.path.join(recipe.run_dir, "lineage.json.tmp"), "w") as f:
+        json.dump(lineage, f, indent=2, default=str)
+    os.replace(os.path.join(recipe.run_dir, "lineage.json.tmp"), os.path.join(recipe.run_dir, "lineage.json"))
+    return lineage

@@ -18,7 +18,8 @@ Output: a JSONL of ``{"prompt", "completion", "answer", "task", "id", "rewards",
 prompt/completion; provenance holds the checkpoint, the sampling settings, the sample's seed and
 index, token count and finish reason), written to ``out + ".tmp"`` and renamed, so an existing output
 is complete; plus ``<out>.stats.json`` with the counts. An empty kept set raises ``EmptyKeptSetError``
-naming the stage and the counts; a missing checkpoint or data file fails before any model is loaded.
+naming the stage and the counts; a missing checkpoint or data file fails before any model is loaded, and
+so does bad data (an empty file, a malformed line: a one-line ``r1fast.config_io.DataError``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from r1fast.stage_io import (
     check_checkpoint,
     check_file,
     check_template,
+    data_errors,
+    empty_data_error,
     encode_prompt,
     load_policy,
     pick_device_dtype,
@@ -239,8 +242,11 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
         check_file(path, "decontaminate")
     from r1fast.rollout import Engine
 
-    samples = load_jsonl(cfg.data, limit=cfg.limit)
-    eval_texts = [s["prompt"] for path in cfg.decontaminate for s in load_jsonl(path)]
+    with data_errors():  # a bad line (named path:line) is the user's data, reported before the model loads
+        samples = load_jsonl(cfg.data, limit=cfg.limit)
+        eval_texts = [s["prompt"] for path in cfg.decontaminate for s in load_jsonl(path)]
+    if not samples:
+        raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.checkpoint, device=device, dtype=dtype, key="checkpoint")
     model.eval()

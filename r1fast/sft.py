@@ -35,7 +35,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
-from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli, save_config
+from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli, save_config
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.data.order import batch_indices
 from r1fast.metrics import MetricsLogger
@@ -54,6 +54,8 @@ from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT
     check_checkpoint,
     check_file,
     check_template,
+    data_errors,
+    empty_data_error,
     encode_prompt,
     load_policy,
     pick_device_dtype,
@@ -127,25 +129,30 @@ class SFTConfig:
 
 
 def read_sft_records(path: str, *, limit: int | None = None) -> list[tuple[dict, str]]:
-    """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}. Errors name path:line."""
+    """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}.
+
+    Bad data is a ``DataError`` (a ValueError) naming ``path:line``, or naming ``data`` for an empty file.
+    """
     check_file(path, "data")
     out = []
-    for line_no, rec in iter_json_objects(path):
-        if limit is not None and len(out) >= limit:
-            break
-        if "messages" in rec:
-            msgs = rec["messages"]
-            if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
-                    or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
-                raise ValueError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
-                                 "an assistant message with string content")
-            out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
-        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-            out.append(({"prompt": rec["prompt"]}, rec["completion"]))
-        else:
-            raise ValueError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages'")
+    with data_errors():  # the JSONL reader's ValueError (path:line) is the user's data, not a bug
+        for line_no, rec in iter_json_objects(path):
+            if limit is not None and len(out) >= limit:
+                break
+            if "messages" in rec:
+                msgs = rec["messages"]
+                if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
+                        or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
+                    raise DataError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
+                                    "an assistant message with string content")
+                out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
+            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+                out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+            else:
+                raise DataError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages' "
+                                f"(got keys {sorted(rec)})")
     if not out:
-        raise ValueError(f"data: {path!r} holds no records")
+        raise empty_data_error(path, "data", '{"prompt": ..., "completion": ...} or {"messages": [...]}')
     return out
 
 
@@ -197,6 +204,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     check_file(cfg.data, "data")
     if cfg.model.name_or_path != "tiny":
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
+    records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
     dist = D.init_distributed(cfg.parallel.backend)
     world, rank = dist.world_size, dist.rank
     if cfg.batch_size % world:
@@ -204,9 +212,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed)
     limit = cfg.max_seq_len or model.args.max_position_embeddings
-    examples, dropped = encode_sft_examples(read_sft_records(cfg.data, limit=cfg.limit), tokenizer, cfg.template, limit)
+    examples, dropped = encode_sft_examples(records, tokenizer, cfg.template, limit)
     if not examples:
-        raise ValueError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
+        raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     mesh = build_mesh(dist.device.type, world, dist.local_world_size) if cfg.parallel.fsdp else None
     if cfg.parallel.activation_checkpointing:

@@ -1,18 +1,20 @@
 """Helpers every stage shares (sft, eval, rejection, the pipeline): checkpoint and file checks done
-before any work, this rank's device and dtype, loading a policy, and rendering / encoding prompts."""
+before any work, file and checkpoint identities (resume decisions), bad user data as a one-line
+``DataError``, this rank's device and dtype, loading a policy, and rendering / encoding prompts."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 
 import torch
 
 from r1fast.config import ModelConfig
-from r1fast.config_io import ConfigError
+from r1fast.config_io import ConfigError, DataError
 from r1fast.data import TEMPLATES, apply_template
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 
 def check_template(template: str, key: str) -> None:
@@ -31,6 +33,45 @@ def check_checkpoint(path: str, key: str) -> None:
 def check_file(path: str, key: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{key}: file {path!r} does not exist")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_identity(path: str) -> dict | None:
+    """A checkpoint directory's identity: sha256 of its files' names, sizes and mtimes (None: no directory).
+    Not of the contents: hashing a 7B model's 15 GB of weights on every resume would take about a minute."""
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"listing_sha256": h.hexdigest()}
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Re-raise the ValueError of r1fast.data's JSONL readers (its message names ``path:line``) as a
+    ``DataError``: bad user data, which the CLIs report in one line, not a bug with a traceback."""
+    try:
+        yield
+    except (ConfigError, DataError):
+        raise
+    except ValueError as err:
+        raise DataError(str(err)) from err
+
+
+def empty_data_error(path: str, key: str, what: str) -> DataError:
+    """The one-line error for a data file ``key`` that holds no records (``what``: the record's shape)."""
+    return DataError(f"{key}: {path!r} holds no records (expected one JSON object per line: {what})")
 
 
 def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -341,3 +341,22 @@ def test_non_finite_floats_round_trip_where_unbounded(tmp_path):
     cfg.rollout.temperature = math.inf  # bounded only below: inf is allowed
     loaded = load_config(_write(tmp_path, config_to_toml(cfg)), [])
     assert loaded.rollout.temperature == math.inf
+
+
+def test_run_cli_reports_user_errors_in_one_line_and_lets_bugs_through(capsys):
+    from r1fast.config_io import DataError, run_cli
+
+    def raising(err):
+        def body():
+            raise err
+        return body
+
+    assert run_cli("prog", raising(ConfigError("k: bad"))) == 2
+    assert capsys.readouterr().err == "prog: error: k: bad\n"
+    assert run_cli("prog", raising(DataError("d.jsonl:3: malformed JSON"))) == 1  # bad data: no user_errors needed
+    assert capsys.readouterr().err == "prog: error: d.jsonl:3: malformed JSON\n"
+    assert run_cli("prog", raising(FileNotFoundError("data: gone")), user_errors=(FileNotFoundError,)) == 1
+    assert capsys.readouterr().err == "prog: error: data: gone\n"
+    with pytest.raises(ValueError, match="a bug"):  # any other ValueError is a bug: its traceback is wanted
+        run_cli("prog", raising(ValueError("a bug")))
+    assert issubclass(DataError, ValueError) and not issubclass(DataError, ConfigError)

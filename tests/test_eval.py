@@ -3,10 +3,11 @@
 import json
 import math
 import random
+import re
 
 import pytest
 
-from r1fast.config_io import ConfigError, load_config
+from r1fast.config_io import ConfigError, DataError, load_config
 from r1fast.data import generate_tasks
 from r1fast.eval import EvalConfig, main, run_eval
 from r1fast.eval_metrics import (
@@ -168,3 +169,38 @@ def test_missing_data_file_fails_before_model_load(tmp_path, tiny_checkpoint, mo
     with pytest.raises(FileNotFoundError, match="data: file"):
         run_eval(load_config(None, ["--model", tiny_checkpoint, "--data", str(tmp_path / "x.jsonl")],
                              schema=EvalConfig))
+
+
+def test_bad_data_is_one_line_and_found_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import r1fast.eval as ev
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    load_policy = ev.load_policy
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    cases = {"empty.jsonl": ("\n", r"data: '.*empty\.jsonl' holds no records"),
+             "bad.jsonl": ('{"prompt": "1+1", "answer": "2"}\n{oops\n', r".*bad\.jsonl:2: malformed JSON"),
+             "noans.jsonl": ('{"prompt": "1+1"}\n', r".*noans\.jsonl:1: field 'answer' missing")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["--model", tiny_checkpoint, "--data", str(tmp_path / name)]) == 1, name
+        err = capsys.readouterr().err
+        assert re.match(f"r1fast.eval: error: {match}", err) and err.count("\n") == 1, err
+    with pytest.raises(DataError):  # programmatic callers get the same type (a ValueError)
+        run_eval(load_config(None, ["--model", tiny_checkpoint, "--data", str(tmp_path / "bad.jsonl")],
+                             schema=EvalConfig))
+    # no gold answer math-verify can parse: found after sampling, still one line
+    monkeypatch.setattr(ev, "load_policy", load_policy)
+    (tmp_path / "unparsable.jsonl").write_text('{"prompt": "1+1", "answer": "\\\\frac{"}\n')
+    assert main(["--model", tiny_checkpoint, "--data", str(tmp_path / "unparsable.jsonl"), "--template", "compact",
+                 "--k", "1", "--max_new_tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast.eval: error: data: none of the 1 prompts") and err.count("\n") == 1
+
+
+def test_pass_k_above_k_is_rejected_and_the_default_fits_k():
+    with pytest.raises(ConfigError, match=r"pass_k: 8 exceeds k=2"):
+        load_config(None, ["--model", "m", "--data", "d", "--k", "2", "--pass_k", "8"], schema=EvalConfig)
+    assert load_config(None, ["--model", "m", "--data", "d", "--k", "8", "--pass_k", "2,8"],
+                       schema=EvalConfig).pass_ks() == (2, 8)
+    assert EvalConfig(model="m", data="d", k=6).pass_ks() == (1, 2, 4)  # none: the powers of two that fit
+    assert EvalConfig(model="m", data="d", k=64).pass_ks() == (1, 2, 4, 8, 16, 32, 64)

@@ -213,6 +213,14 @@ def test_missing_checkpoint_fails_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_missing_eval_file_fails_before_any_work(tmp_path):
+    recipe = _recipe(tmp_path, MICRO.format(out=tmp_path / "runs", **DEFAULTS).replace(
+        "[eval]\n", f'[eval]\ndata = "file:{tmp_path / "no_heldout.jsonl"}"\n'))
+    with pytest.raises(FileNotFoundError, match=r"eval\.data: file .*no_heldout\.jsonl"):
+        P.run_pipeline(recipe)
+    assert not (tmp_path / "runs" / "micro" / "data").exists()
+
+
 def test_recipe_errors_are_caught_on_load(tmp_path):
     text = MICRO.format(out=tmp_path / "runs", **DEFAULTS)
     cases = [
@@ -225,6 +233,11 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
+        (text.replace("config = {{ params".replace("{{", "{"), 'config = { task = "additon", params'),
+         r"stages.data.config.task: unknown task 'additon'; allowed: addition"),
+        (text.replace("params = { min_digits = 1,", "params = { min_digit = 1,"), r"stages.data.config.params: .*min_digit"),
+        (text.replace("[eval]\n", '[eval]\ndata = "teacher_rejection:kept"\n'),
+         r"eval.data: .* after 'teacher_cold_start', the first stage whose model is evaluated"),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -1,11 +1,12 @@
 """r1fast.rejection_filters on crafted traces, and r1fast.rejection end to end on tiny checkpoints."""
 
 import json
+import re
 
 import pytest
 
 from r1fast import rejection_filters as F
-from r1fast.config_io import ConfigError, load_config
+from r1fast.config_io import ConfigError, DataError, load_config
 from r1fast.data import generate_tasks, worked_solution
 from r1fast.rejection import FILTER_STAGES, EmptyKeptSetError, RejectionConfig, filter_traces, run_rejection
 from r1fast.sft import SFTConfig, run_sft
@@ -203,3 +204,22 @@ def test_missing_inputs_fail_before_work(tmp_path, tiny_checkpoint, monkeypatch)
                            "--decontaminate", str(tmp_path / "eval_missing.jsonl")))
     with pytest.raises(ConfigError, match="out: required"):
         _cfg("--checkpoint", tiny_checkpoint, "--data", data)
+
+
+def test_bad_data_is_one_line_and_found_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import r1fast.rejection as rej
+
+    monkeypatch.setattr(rej, "load_policy", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    good, _ = _prompts(tmp_path / "p.jsonl", 1)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n\n{"prompt": 3}\n')
+    out = ["--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "kept.jsonl")]
+    for args, match in ((["--data", str(tmp_path / "empty.jsonl")], r"data: '.*empty\.jsonl' holds no records"),
+                        (["--data", str(tmp_path / "bad.jsonl")], r".*bad\.jsonl:3: field 'answer' missing"),
+                        (["--data", good, "--decontaminate", str(tmp_path / "bad.jsonl")], r".*bad\.jsonl:3: ")):
+        assert rej.main([*out, *args]) == 1, args
+        err = capsys.readouterr().err
+        assert re.match(f"r1fast.rejection: error: {match}", err) and err.count("\n") == 1, err
+    with pytest.raises(DataError):  # programmatic callers get the same type (a ValueError)
+        run_rejection(_cfg(*out, "--data", str(tmp_path / "empty.jsonl")))
+    assert not (tmp_path / "kept.jsonl").exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from conftest import save_tiny_moe_checkpoint
 from safetensors.torch import load_file
 
-from r1fast.config_io import ConfigError, load_config
+from r1fast.config_io import ConfigError, DataError, load_config
 from r1fast.data import apply_template, generate_tasks, worked_solution
 from r1fast.model import Transformer
 from r1fast.policy import PolicyHead, pack
@@ -251,3 +252,28 @@ def test_activation_checkpointing_gives_the_same_weights(tmp_path):
     ckpt = run_sft(_cfg(tmp_path, data, "--name", "ckpt", "--parallel.activation_checkpointing", "true", *common))
     wa, wb = (load_file(os.path.join(s["model_dir"], "model.safetensors")) for s in (plain, ckpt))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_data_is_one_line_and_found_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    import r1fast.sft as sft
+
+    build = sft.build_model
+    monkeypatch.setattr(sft, "build_model", lambda *a, **k: pytest.fail("model built before the data check"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    eval_style = _write_jsonl(tmp_path / "ev.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    out = ["--out_dir", str(tmp_path / "runs"), *TINY]
+    for data, match in ((str(tmp_path / "empty.jsonl"), r"data: '.*empty\.jsonl' holds no records"),
+                        (eval_style, r".*ev\.jsonl:1: expected string 'prompt' and 'completion', or 'messages'"),
+                        (_write_jsonl(tmp_path / "bad.jsonl", ["x"]), r".*bad\.jsonl:1: expected a JSON object")):
+        assert sft.main(["--data", data, *out]) == 1, data
+        err = capsys.readouterr().err
+        assert re.match(f"r1fast.sft: error: {match}", err) and err.count("\n") == 1, err
+    with pytest.raises(DataError):  # programmatic callers get the same type (a ValueError)
+        read_sft_records(eval_style)
+    assert not (tmp_path / "runs").exists()
+    # every record longer than max_seq_len: known once the tokenizer is built, still one line
+    monkeypatch.setattr(sft, "build_model", build)
+    long = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "9" * 80, "completion": "x"}])
+    assert sft.main(["--data", long, *out]) == 1
+    err = capsys.readouterr().err
+    assert "r1fast.sft: error: data: all 1 records" in err and "longer than max_seq_len" in err and err.count("\n") == 1

@@ -1,0 +1,232 @@
+"""r1fast.pipeline resume decisions on a two-layer micro recipe (1-2 SFT steps of a 1-layer model): a stage
+made from an input that changed since (an upstream stage re-ran, a file: input was edited) runs again; an
+[eval]-only change re-runs evaluations only; a missing file: [eval] data or an impossible data size stops the
+pipeline before any work; SIGTERM inside an rl stage ends with one line and resumes."""
+
+import json
+
+import pytest
+
+from r1fast import pipeline as P
+from r1fast.config_io import ConfigError
+
+RECIPE = """
+[pipeline]
+name = "r"
+out_dir = "{out}"
+template = "compact"
+
+[models.m]
+hidden_size = 16
+num_layers = 1
+num_heads = 2
+num_kv_heads = 1
+intermediate_size = 32
+max_seq_len = 64
+
+[eval]
+data = "{eval_data}"
+k = 1
+max_new_tokens = {eval_tokens}
+bootstrap_resamples = 2
+
+[[stages]]
+name = "data"
+kind = "data"
+config = {{ params = {{ min_digits = 1, max_digits = 1 }}, prompts_size = 4, heldout_size = 2, cold_start_size = 4, cold_start_params = {{ min_digits = 1, max_digits = 1 }}, non_reasoning_size = 0 }}
+
+[[stages]]
+name = "u"
+kind = "sft"
+inputs = {{ model = "base:m", data = ["{u_data}"] }}
+config = {{ steps = 1, batch_size = 2, lr = {u_lr} }}
+
+[[stages]]
+name = "d1"
+kind = "sft"
+inputs = {{ model = "u:model", data = ["data:cold_start"] }}
+config = {{ steps = 1, batch_size = 2 }}
+
+[[stages]]
+name = "d2"
+kind = "sft"
+inputs = {{ model = "u:model", data = ["data:cold_start"] }}
+config = {{ steps = 1, batch_size = 2 }}
+"""
+DEFAULTS = {"eval_data": "data:heldout", "eval_tokens": 4, "u_data": "data:cold_start", "u_lr": 1e-4}
+STAGES = ["data", "u", "d1", "d2"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
+
+
+def _recipe(tmp_path, text: str = RECIPE, **changes) -> str:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text.format(out=tmp_path / "runs", **{**DEFAULTS, **changes}))
+    return str(path)
+
+
+def _done(tmp_path, stage: str) -> dict:
+    return json.loads((tmp_path / "runs" / "r" / stage / "DONE.json").read_text())
+
+
+def _write_sft_data(path, n: int) -> None:
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": f"<answer>{i + 1}</answer>",
+                                        "answer": str(i + 1)}) + "\n" for i in range(n)))
+
+
+def _forbid_work(monkeypatch) -> list[str]:
+    """Fail on any stage runner; return the list the held-out evaluations append their model to."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    evaluated = []
+    original = P._evaluate
+    monkeypatch.setattr(P, "RUNNERS", dict.fromkeys(P.RUNNERS, no_work))
+    monkeypatch.setattr(P, "_evaluate", lambda recipe, model, *a: evaluated.append(model) or original(recipe, model, *a))
+    return evaluated
+
+
+class _Killed(Exception):
+    """Stands for the process dying inside a stage."""
+
+
+def test_stage_made_from_an_upstream_that_reran_since_runs_again(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path)
+    assert P.run_pipeline(recipe)["ran"] == STAGES
+    first_u = _done(tmp_path, "u")["finished_at"]
+    # u changes and re-runs; the invocation dies in d1 (as under SIGKILL), so d2 keeps its DONE.json from the
+    # old u:model
+    recipe = _recipe(tmp_path, u_lr=5e-4)
+    original = P.RUNNERS["sft"]
+
+    def killed_in_d1(stage, stage_dir):
+        if stage.name == "d1":
+            raise _Killed
+        return original(stage, stage_dir)
+
+    monkeypatch.setitem(P.RUNNERS, "sft", killed_in_d1)
+    with pytest.raises(_Killed):
+        P.run_pipeline(recipe)
+    assert _done(tmp_path, "u")["finished_at"] != first_u
+    assert P.plan(P.load_recipe(recipe)) == ["d1", "d2"]  # d2 is stale: made from the old u
+    assert _done(tmp_path, "d2")["consumed"]["u:model"] == {"finished_at": first_u}
+    monkeypatch.setitem(P.RUNNERS, "sft", original)
+    assert P.run_pipeline(recipe)["ran"] == ["d1", "d2"]
+    assert _done(tmp_path, "d2")["consumed"]["u:model"] == {"finished_at": _done(tmp_path, "u")["finished_at"]}
+    assert P.plan(P.load_recipe(recipe)) == []
+
+
+def _file_recipe(tmp_path, **changes) -> tuple[str, object, object]:
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    if not train.exists():
+        _write_sft_data(train, 4)
+        _write_sft_data(heldout, 2)
+    return _recipe(tmp_path, u_data=f"file:{train}", eval_data=f"file:{heldout}", **changes), train, heldout
+
+
+def test_changed_file_input_reruns_its_stage_and_downstream(tmp_path, monkeypatch):
+    recipe, train, heldout = _file_recipe(tmp_path)
+    assert P.run_pipeline(recipe)["ran"] == STAGES
+    done, used = _done(tmp_path, "u"), P.sha256_file(str(train))
+    _write_sft_data(train, 6)  # the user replaced the training data
+    assert P.plan(P.load_recipe(recipe)) == ["u", "d1", "d2"]
+    assert done["consumed"][f"file:{train}"] == {"sha256": used}
+    # a missing file: [eval] data stops the pipeline before any work, naming eval.data
+    _forbid_work(monkeypatch)
+    heldout.unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval\.data: file .*heldout\.jsonl"):
+        P.run_pipeline(recipe)
+    assert _done(tmp_path, "u")["finished_at"] == done["finished_at"]
+
+
+def test_eval_only_changes_rerun_only_evaluations(tmp_path, monkeypatch):
+    recipe, train, heldout = _file_recipe(tmp_path)
+    assert P.run_pipeline(recipe)["ran"] == STAGES
+    done = {s: _done(tmp_path, s) for s in STAGES}
+    # only [eval] changed: no stage trains again, every model is evaluated again, finished_at stays
+    recipe, _, _ = _file_recipe(tmp_path, eval_tokens=6)
+    assert P.plan(P.load_recipe(recipe)) == []
+    evaluated = _forbid_work(monkeypatch)
+    assert P.run_pipeline(recipe)["ran"] == []
+    assert evaluated == [str(tmp_path / "runs" / "r" / s / "model") for s in ("u", "d1", "d2")]
+    again = {s: _done(tmp_path, s) for s in STAGES}
+    assert all(again[s]["finished_at"] == done[s]["finished_at"] for s in STAGES)
+    assert all(again[s]["eval_fingerprint"] != done[s]["eval_fingerprint"] for s in ("u", "d1", "d2"))
+    assert json.loads((tmp_path / "runs" / "r" / "u" / "eval" / "eval.json").read_text())["settings"][
+        "max_new_tokens"] == 6
+    # the held-out file's contents changed: evaluations again, still no training
+    evaluated.clear()
+    _write_sft_data(heldout, 3)
+    assert P.run_pipeline(recipe)["ran"] == [] and len(evaluated) == 3
+    assert _done(tmp_path, "u")["eval"]["num_prompts"] == 3
+    evaluated.clear()
+    assert P.run_pipeline(recipe)["ran"] == [] and evaluated == []  # nothing changed: nothing at all
+
+
+def test_impossible_data_size_fails_before_any_work(tmp_path):
+    # 1-digit sums: 100 exist, about a fifth of them in the held-out split; 50 cannot be had
+    recipe = _recipe(tmp_path, RECIPE.replace("heldout_size = 2", "heldout_size = 50"))
+    with pytest.raises(ConfigError, match=r"stages\.data\.config\.heldout_size=50: only \d+ distinct addition"):
+        P.run_pipeline(recipe)
+    assert not (tmp_path / "runs" / "r" / "data").exists()
+
+
+RL_RECIPE = """
+[pipeline]
+name = "r"
+out_dir = "{out}"
+template = "compact"
+
+[models.m]
+hidden_size = 16
+num_layers = 1
+num_heads = 2
+num_kv_heads = 1
+intermediate_size = 32
+max_seq_len = 64
+
+[eval]
+k = 1
+max_new_tokens = 4
+bootstrap_resamples = 2
+
+[[stages]]
+name = "data"
+kind = "data"
+config = {{ params = {{ min_digits = 1, max_digits = 1 }}, prompts_size = 4, heldout_size = 2, cold_start_size = 2, non_reasoning_size = 0 }}
+
+[[stages]]
+name = "rl"
+kind = "rl"
+inputs = {{ model = "base:m", prompts = "data:prompts" }}
+config = {{ rollout = {{ max_new_tokens = 4 }}, grpo = {{ prompts_per_step = 2, samples_per_prompt = 2, beta = 0.0 }}, data = {{ train_size = 4 }}, train = {{ steps = 2 }} }}
+"""
+
+
+def test_sigterm_in_an_rl_stage_ends_with_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    import r1fast.train as T
+
+    recipe = _recipe(tmp_path, RL_RECIPE)
+    original = T.Trainer.grpo_step
+
+    def step_then_sigterm(self, step):  # what the trainer's SIGTERM handler does, after the first step
+        metrics = original(self, step)
+        self.stop.requested = True
+        return metrics
+
+    monkeypatch.setattr(T.Trainer, "grpo_step", step_then_sigterm)
+    assert P.main(["--recipe", recipe]) == P.INTERRUPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "r1fast.pipeline: stage 'rl' interrupted" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and "KeyError" not in err
+    run = tmp_path / "runs" / "r"
+    assert not (run / "rl" / "DONE.json").exists() and (run / "rl" / "checkpoints" / "step_1").is_dir()
+    monkeypatch.setattr(T.Trainer, "grpo_step", original)
+    assert P.main(["--recipe", recipe]) == 0
+    assert "rl: running" in capsys.readouterr().err
+    done = _done(tmp_path, "rl")
+    assert done["summary"]["steps"] == 2 and done["eval"]["num_prompts"] == 2
