@@ -10,6 +10,7 @@ from r1fast.config import Config, ConfigError
 from r1fast.data import MIXTURES, TASKS, apply_template, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
+from r1fast.stage_io import data_errors, empty_data_error
 from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
@@ -64,7 +65,10 @@ def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     if not d.task.endswith(".jsonl"):
         raise ConfigError(f"data.task: {d.task!r} is neither a built-in task ({sorted(TASKS) + sorted(MIXTURES)}) "
                           "nor a .jsonl file")
-    rows = load_jsonl(d.task)
+    with data_errors():  # a malformed line is the user's data, reported in one line naming path:line
+        rows = load_jsonl(d.task)
+    if not rows:
+        raise empty_data_error(d.task, "data.task", '{"prompt": ..., "answer": ...}')
     train = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "train"][: d.train_size]
     heldout = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "heldout"][: d.eval_size]
     sft = [r for r in train if r.get("solution")]

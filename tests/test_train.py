@@ -207,6 +207,10 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "grpo.no_such_key" in res.stderr
     res = _run_cli(tmp_path, "bad", 1, "--data.task", str(tmp_path / "missing.jsonl"))
     assert res.returncode != 0 and "missing.jsonl" in res.stderr
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": \n')
+    res = _run_cli(tmp_path, "bad", 1, "--data.task", str(malformed))  # one line naming path:line
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and "malformed.jsonl:2: malformed" in res.stderr
     # errors that need the data or the model: still one line naming the key, before any training
     res = _run_cli(tmp_path, "bad", 1, "--data.task", "countdown")  # TINY's addition params do not fit
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "data.params=" in res.stderr
