@@ -20,14 +20,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from r1fast import config_io
+from r1fast import config_dump, config_io
+from r1fast.config_dump import config_to_toml, field_docs, save_config
 from r1fast.config_io import (
     ConfigError,
     _check_tree,  # noqa: F401  (Config.validate)
     bounded,
-    config_to_toml,
-    field_docs,
-    save_config,
 )
 
 __all__ = [
@@ -303,7 +301,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
 
 def describe(cfg_cls: type | None = None, prefix: str = "") -> str:
     """Every option as ``--key TYPE = default`` followed by its docstring (for --help)."""
-    return config_io.describe(cfg_cls or Config, prefix)
+    return config_dump.describe(cfg_cls or Config, prefix)
 
 
 def parse_cli(argv: list[str] | None = None, *, default_config: str | None = None) -> tuple[str | None, list[str]]:

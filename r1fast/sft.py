@@ -35,7 +35,8 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.config import ModelConfig, ParallelConfig
-from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli, save_config
+from r1fast.config_dump import save_config
+from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.data.order import batch_indices
 from r1fast.metrics import MetricsLogger
