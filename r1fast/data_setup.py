@@ -7,10 +7,10 @@ import os
 import torch
 
 from r1fast.config import Config, ConfigError
-from r1fast.data import MIXTURES, TASKS, apply_template, generate_tasks, load_jsonl, split_of, worked_solution
+from r1fast.data import MIXTURES, TASKS, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
-from r1fast.stage_io import data_errors, empty_data_error
+from r1fast.stage_io import check_tokenizer_fits, data_errors, empty_data_error, encode_prompt, render_prompt
 from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
@@ -38,7 +38,7 @@ def build_tokenizer_and_model(cfg: Config, device: torch.device):
         raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
     tok = load_tokenizer(m.tokenizer or m.name_or_path)
     model = Transformer.from_pretrained(m.name_or_path, dtype=dtype, device=device)
-    return tok, model
+    return check_tokenizer_fits(tok, model, "model.tokenizer" if m.tokenizer else "model.name_or_path"), model
 
 
 def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
@@ -78,6 +78,9 @@ def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def encode_prompts(tokenizer, samples: list[dict], template: str) -> list[list[int]]:
-    """Token ids of each sample's prompt inside the template, with <bos> first when the tokenizer has one."""
-    bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
-    return [bos + tokenizer.encode(apply_template(s["prompt"], template)) for s in samples]
+    """Token ids of each sample's prompt: a named template with <bos> first when the tokenizer has one, or
+    the tokenizer's chat template (``chat``, or ``auto`` when it has one), as r1fast.sft and r1fast.eval
+    render them, so every stage conditions the model on the same text."""
+    if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("data.template=chat but the tokenizer has no chat_template (auto falls back to r1_zero)")
+    return [encode_prompt(tokenizer, render_prompt(tokenizer, template, prompt=s["prompt"]), template) for s in samples]

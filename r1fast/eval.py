@@ -39,6 +39,7 @@ from r1fast.stage_io import (
     load_policy,
     pick_device_dtype,
     render_prompt,
+    stop_token_ids,
 )
 
 DEFAULT_PASS_K = (1, 2, 4, 8, 16, 32, 64)
@@ -132,7 +133,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
     mine = list(range(rank, len(samples), world))
     prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
                              cfg.template) for i in mine]
-    stop = [tokenizer.eos_id]
+    stop = stop_token_ids(tokenizer, engine.args)
     records = []
     if mine:
         seeds = [cfg.seed * 1_000_003 + i * cfg.k + j for i in mine for j in range(cfg.k)]

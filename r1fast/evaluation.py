@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import distributed as D
+from r1fast.stage_io import stop_token_ids
 
 
 def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]], score_fn, *, max_new_tokens: int,
@@ -20,7 +21,7 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
     """
     rank, world = D.rank(), D.world_size()
     mine = list(range(rank, len(samples), world))
-    stop = [tokenizer.eos_id]
+    stop = stop_token_ids(tokenizer, engine.args)
     totals = torch.zeros(5, dtype=torch.float64)  # greedy correct, greedy formatted, sampled correct, n, length
     if mine:
         greedy = engine.generate([prompt_ids[i] for i in mine], n=1, max_new_tokens=max_new_tokens, temperature=0.0,

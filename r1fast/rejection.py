@@ -46,6 +46,7 @@ from r1fast.stage_io import (
     load_policy,
     pick_device_dtype,
     render_prompt,
+    stop_token_ids,
 )
 
 FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "repetition", "contaminated",
@@ -198,7 +199,7 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                                  cfg.template) for i in mine]
         seeds = [cfg.seed * 1_000_003 + i * cfg.k + j for i in mine for j in range(cfg.k)]
         groups = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=[tokenizer.eos_id])
+                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
         rewards = score([samples[i] for i, _, _ in flat], texts)

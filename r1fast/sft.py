@@ -62,6 +62,7 @@ from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT
     pick_device_dtype,
     render_prompt,
 )
+from r1fast.train_state import save_hf
 
 MAX_NONFINITE_IN_A_ROW = 3
 """Consecutive non-finite losses after which SFT aborts (a single one is skipped and logged)."""
@@ -189,10 +190,7 @@ def _save_model(root, model, tokenizer, final: str) -> None:
         if full is None:
             model.save_pretrained(tmp)
         else:
-            shell = type(model).from_config(model.args, device="meta")
-            shell.to_empty(device="cpu")
-            shell.load_state_dict({k[len("model."):]: v for k, v in full.items()}, strict=True)
-            shell.save_pretrained(tmp)
+            save_hf(model, {k[len("model."):]: v for k, v in full.items()}, tmp)
         tokenizer.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -95,7 +95,7 @@ def load_policy(path: str, *, device, dtype, key: str = "model"):
     check_checkpoint(path, key)
     tokenizer = load_tokenizer(path)
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    return tokenizer, model
+    return check_tokenizer_fits(tokenizer, model, key), model
 
 
 def build_model(m: ModelConfig, device, *, seed: int):
@@ -135,3 +135,34 @@ def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
     chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
     bos = getattr(tokenizer, "bos_id", None)
     return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
+
+
+def stop_token_ids(tokenizer, args) -> list[int]:
+    """The ids generation stops at: the tokenizer's eos, then every ``eos_token_id`` of the model config
+    (an int or a list: Qwen2.5-Instruct and Llama-3 stop on either of two). Only the tokenizer's eos
+    stopped generation before; the other one ran on to max_new_tokens, and the junk was trained on."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    extra = args.eos_token_id if isinstance(args.eos_token_id, (list, tuple)) else [args.eos_token_id]
+    for token in extra:
+        if token is not None and 0 <= int(token) < args.vocab_size and int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def check_tokenizer_fits(tokenizer, model, key: str = "model.name_or_path"):
+    """The tokenizer, checked against the model it feeds (ConfigError naming ``key``): every id must have an
+    embedding row (tags added to a tokenizer without resizing the model gave an IndexError mid-run), and
+    there must be an eos (a tokenizer_config.json without eos_token falls back to config.json's)."""
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"{key}: the tokenizer has {tokenizer.vocab_size} ids but the model embeds only "
+                          f"{model.args.vocab_size} (tokens added without resizing the embeddings?)")
+    if tokenizer.eos_id is None:
+        config_eos = stop_token_ids(tokenizer, model.args)
+        if not config_eos:
+            raise ConfigError(f"{key}: neither tokenizer_config.json (eos_token) nor config.json (eos_token_id) "
+                              "names an end-of-sequence token; generation could never stop")
+        tokenizer.eos_id = config_eos[0]
+        if getattr(tokenizer, "pad_id", None) is None:
+            tokenizer.pad_id = tokenizer.eos_id
+    return tokenizer
+

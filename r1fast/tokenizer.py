@@ -124,6 +124,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None):
         self.tok = tokenizer
+        self._skip_ids: frozenset[int] | None = None
         config = config or {}
         # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
         self.special_tokens_map = {name: str(_content(config[name])) for name in SPECIAL_TOKEN_NAMES
@@ -152,7 +153,21 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of ``ids``; special tokens are dropped unless skip_special_tokens=False, except the R1 tags,
+        which are always kept (as CharTokenizer keeps them): a tokenizer that adds <think>/<answer> as
+        special tokens would otherwise decode every completion without its tags, and the format and
+        accuracy rewards would score a perfect completion 0."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            skip = self._special_ids()
+            ids = [i for i in ids if i not in skip]
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._skip_ids is None:
+            self._skip_ids = frozenset(i for i, token in self.tok.get_added_tokens_decoder().items()
+                                       if token.special and token.content not in R1_TAGS)
+        return self._skip_ids
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """``messages`` through the chat template (its "default" one if named), as transformers renders it."""

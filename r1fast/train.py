@@ -8,7 +8,9 @@ loss (FSDP2 over all ranks). Without ``--config`` the built-in tiny recipe runs
 cold-start SFT on worked solutions, then GRPO on harder instances.
 
 Outputs under ``<train.out_dir>/<train.name>/``: config.toml, metrics.jsonl, summary.json,
-training_curves.png, checkpoints/step_<N>/ (HF model + resume state), final/ (HF model + tokenizer).
+training_curves.png, checkpoints/step_<N>/ (model/: HF model + tokenizer; resume state); the last one's
+model/ is the final model (``summary.json``'s ``final_checkpoint``). A fresh run into a directory that
+holds an earlier run moves that run to ``<name>.prev-<time>`` first.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from r1fast.progress import progress
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.schedule import build_scheduler
+from r1fast.stage_io import stop_token_ids
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 MAX_NONFINITE_IN_A_ROW = 3
@@ -101,6 +104,23 @@ def _fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft
     return kept
 
 
+def _set_aside_earlier_run(run_dir: str) -> None:
+    """A fresh run into a directory that holds an earlier one moves that one to ``<run_dir>.prev-<time>``:
+    appending to its metrics.jsonl mixed two runs in one file and plot, and its later checkpoints were
+    what ``--train.resume latest`` would then pick. Nothing is deleted."""
+    earlier = [name for name in ("metrics.jsonl", "summary.json", "checkpoints") if os.path.exists(os.path.join(run_dir, name))]
+    if earlier and D.rank() == 0:
+        aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 1
+        while os.path.exists(aside if suffix == 1 else f"{aside}-{suffix}"):
+            suffix += 1
+        aside = aside if suffix == 1 else f"{aside}-{suffix}"
+        os.replace(run_dir, aside)
+        print(f"r1fast.train: {run_dir} holds an earlier run ({', '.join(earlier)}); moved it to {aside} "
+              "(--train.resume latest continues a run instead)", file=sys.stderr)
+    D.barrier()
+
+
 class Trainer:
     """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
 
@@ -115,6 +135,7 @@ class Trainer:
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg)
+        self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         _check_batch_split(cfg, dist.world_size)
         self.sft_samples = _fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
                                         self.sft_samples)
@@ -134,11 +155,17 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
                                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
         # FP8 experts for training and rollout alike; the cache re-quantizes after every optimizer step
-        self.fp8_cache = (enable_fp8_experts(model, self.optimizer, frozen=(ref,) if ref is not None else ())
-                          if cfg.parallel.fp8_experts else None)
+        self.fp8_cache = None
+        if cfg.parallel.fp8_experts:
+            try:
+                self.fp8_cache = enable_fp8_experts(model, self.optimizer, frozen=(ref,) if ref is not None else ())
+            except ValueError as err:  # a dense model: a config mistake, reported in one line
+                raise ConfigError(f"parallel.fp8_experts=true: {err}") from None
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
+        if t.resume is None:
+            _set_aside_earlier_run(self.run_dir)
         self.logger = MetricsLogger(self.run_dir, rank=dist.rank)
         self.stop = _StopFlag()
         self.step = 0
@@ -214,7 +241,7 @@ class Trainer:
             completions = self.engine.generate([self.train_prompt_ids[global_idx[i]] for i in mine],
                                                n=g.samples_per_prompt, max_new_tokens=r.max_new_tokens,
                                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                               seed=seeds, stop_token_ids=[self.tokenizer.eos_id])
+                                               seed=seeds, stop_token_ids=self.stop_ids)
         samples = [self.train_samples[global_idx[i]] for i in mine]
         prompts = [self.train_prompt_ids[global_idx[i]] for i in mine]
         return build_rollout_batch(self.cfg, self.tokenizer, self.score, samples, prompts, completions,

@@ -78,7 +78,7 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
         hf_dir = os.path.join(tmp, "model")
         prefix = "model."
         weights = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
-        _save_hf(model, weights, hf_dir)
+        save_hf(model, weights, hf_dir)
         if tokenizer is not None:
             tokenizer.save(hf_dir)
     D.barrier()
@@ -89,11 +89,15 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     return final
 
 
-def _save_hf(model, weights: dict, path: str) -> None:
+def save_hf(model, weights: dict, path: str) -> None:
     """save_pretrained of ``model``'s architecture with the gathered full ``weights``."""
     from r1fast.checkpoint import save_pretrained
 
-    shell = type(model).from_config(model.args, device="meta") if hasattr(type(model), "from_config") else None
+    # in the model's own dtype: a shell in the fp32 default saved bf16 runs as float32 (twice the bytes, and
+    # config.json said float32)
+    dtype = next(iter(model.parameters())).dtype
+    shell = type(model).from_config(model.args, device="meta", dtype=dtype) if hasattr(type(model), "from_config") \
+        else None
     if shell is None:
         raise ValueError(f"{type(model).__name__} cannot be saved in HF format")
     shell.to_empty(device="cpu")

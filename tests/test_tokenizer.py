@@ -81,6 +81,20 @@ def test_hf_tokenizer_load(tmp_path):
     assert tok.encode(rendered) == auto(rendered, add_special_tokens=False)["input_ids"]
 
 
+def test_r1_tags_added_as_special_tokens_survive_decoding(tmp_path):
+    """Tokenizers that add <think>/<answer> as special tokens (the usual way to make them single tokens):
+    decoding a completion keeps the tags, or every reward would see '4' for '<think>..</think><answer>4</answer>'."""
+    raw = _tiny_bpe(tmp_path)
+    raw.add_special_tokens(["<think>", "</think>", "<answer>", "</answer>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = load(tmp_path)
+    completion = "<think>2+2=4</think><answer>4</answer>"
+    ids = tok.encode(completion)
+    assert raw.token_to_id("<think>") in ids
+    assert tok.decode([*ids, tok.eos_id]) == completion  # eos dropped, tags kept
+    assert tok.decode([*ids, tok.eos_id], skip_special_tokens=False) == completion + "<|im_end|>"
+
+
 def test_hf_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         load(tmp_path)

@@ -207,6 +207,8 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "grpo.no_such_key" in res.stderr
     res = _run_cli(tmp_path, "bad", 1, "--data.task", str(tmp_path / "missing.jsonl"))
     assert res.returncode != 0 and "missing.jsonl" in res.stderr
+    res = _run_cli(tmp_path, "bad", 1, "--parallel.fp8_experts", "true")  # a dense model has no experts
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "parallel.fp8_experts" in res.stderr
     malformed = tmp_path / "malformed.jsonl"
     malformed.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": \n')
     res = _run_cli(tmp_path, "bad", 1, "--data.task", str(malformed))  # one line naming path:line

@@ -1,0 +1,77 @@
+"""What every stage shares when it loads a user's model: stop ids, tokenizer/model fit, prompt rendering,
+checkpoint dtype, and a fresh run beside an earlier one (the real-model path, not the tiny recipe's)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import save_char_checkpoint
+
+from r1fast.config import ConfigError
+from r1fast.data_setup import encode_prompts
+from r1fast.model import Transformer
+from r1fast.stage_io import check_tokenizer_fits, encode_prompt, load_policy, render_prompt, stop_token_ids
+from r1fast.tokenizer import CharTokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_stop_ids_are_the_tokenizer_eos_and_every_config_eos(tiny_checkpoint):
+    tok, model = load_policy(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    assert stop_token_ids(tok, model.args) == [tok.eos_id]
+    model.args.eos_token_id = [tok.eos_id, 5, 10_000]  # Qwen2.5-Instruct / Llama-3 ship two; out of range ignored
+    assert stop_token_ids(tok, model.args) == [tok.eos_id, 5]
+
+
+def test_tokenizer_must_fit_the_model_and_have_an_eos(tmp_path):
+    tok, model = load_policy(save_char_checkpoint(tmp_path / "m"), device="cpu", dtype=torch.float32)
+    model.args.vocab_size = tok.vocab_size - 1  # tags added to the tokenizer, embeddings not resized
+    with pytest.raises(ConfigError, match="model.name_or_path: the tokenizer has .* ids but the model embeds only"):
+        check_tokenizer_fits(tok, model)
+    model.args.vocab_size = tok.vocab_size
+    tok.eos_id, model.args.eos_token_id = None, [7, 8]  # tokenizer_config.json without eos_token
+    assert check_tokenizer_fits(tok, model).eos_id == 7
+    tok.eos_id, model.args.eos_token_id = None, None
+    with pytest.raises(ConfigError, match="names an end-of-sequence token"):
+        check_tokenizer_fits(tok, model)
+
+
+def test_grpo_prompts_render_as_sft_and_eval_render_them():
+    plain, chat = CharTokenizer(), CharTokenizer(chat_template=CHATML.replace("<|im_start|>", "[").replace(
+        "<|im_end|>", "]"))
+    samples = [{"prompt": "2+2"}, {"prompt": "10+5"}]
+    for tok, template in ((plain, "r1_zero"), (plain, "auto"), (chat, "auto"), (chat, "chat"), (chat, "compact")):
+        expected = [encode_prompt(tok, render_prompt(tok, template, prompt=s["prompt"]), template) for s in samples]
+        assert encode_prompts(tok, samples, template) == expected, template
+    assert encode_prompts(chat, samples[:1], "chat")[0] == chat.encode("[user\n2+2]\n[assistant\n")  # no <bos>
+    with pytest.raises(ConfigError, match="data.template=chat but the tokenizer has no chat_template"):
+        encode_prompts(plain, samples, "chat")
+
+
+def test_bf16_runs_save_bf16_checkpoints(tmp_path):
+    from r1fast.train_state import save_hf
+
+    model = Transformer.from_pretrained(save_char_checkpoint(tmp_path / "m"), dtype=torch.bfloat16)
+    save_hf(model, {k: v.detach() for k, v in model.state_dict().items()}, str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    reloaded = Transformer.from_pretrained(str(tmp_path / "out"))
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+
+
+def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, capsys):
+    from r1fast.train import _set_aside_earlier_run
+
+    run_dir = tmp_path / "runs" / "x"
+    (run_dir / "checkpoints" / "step_3").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    _set_aside_earlier_run(str(run_dir))
+    assert not run_dir.exists()
+    (aside,) = [p for p in os.listdir(tmp_path / "runs") if p.startswith("x.prev-")]
+    assert (tmp_path / "runs" / aside / "checkpoints" / "step_3").is_dir()
+    assert "holds an earlier run" in capsys.readouterr().err
+    run_dir.mkdir()
+    _set_aside_earlier_run(str(run_dir))  # an empty directory is no earlier run
+    assert run_dir.exists()
