@@ -3,7 +3,7 @@
 Public ops (each module holds kernels -> launcher -> autograd registration -> public function):
 
     grpo_loss        fused_linear_logprobs, fused_linear_grpo_loss
-    paged_attention  paged_attention, append_kv
+    paged_attention  paged_attention, paged_attention_cascade, append_kv
     fp8              quantize_fp8_1x128, quantize_fp8_128x128
     moe_gemm         fp8_grouped_gemm, moe_ffn_fp8 (the layer lives in moe_layer, routing in moe_permute)
 

@@ -1,8 +1,11 @@
 """FP8 (E4M3) quantizers of the DeepSeek-V3 recipe, in Triton.
 
-Tilings (scale = max(amax, 1e-4) / 448 per tile, dequant = fp8 * scale):
+Tilings (scale = max(amax, amax_floor) / 448 per tile, dequant = fp8 * scale):
 
 * ``quantize_fp8_1x128(x)``      activations: one scale per row and 128 columns -> scale [M, ceil(K/128)]
+* ``quantize_fp8_128x1(x)``      one scale per 128 rows of a column (along the token axis), emitted
+                                 transposed: ``(xt_fp8 [K, M], scale [K, ceil(M/128)])``, equal to
+                                 ``quantize_fp8_1x128(x.T)``
 * ``quantize_fp8_128x128(w)``    weights: one scale per 128x128 block -> [ceil(N/128), ceil(K/128)];
                                  also accepts stacked expert weights [E, N, K]
 * ``quantize_fp8_1x128_dual(x)`` the 1x128 tiling and, from the same read of ``x``, the 128x1 tiling
@@ -12,6 +15,9 @@ Tilings (scale = max(amax, 1e-4) / 448 per tile, dequant = fp8 * scale):
                                  Token-contiguous ``xt`` is the K-major operand layout Hopper's FP8
                                  tensor cores want for the token-reduction GEMM.
 
+``amax_floor`` (the 1x128 / 128x1 quantizers) is the smallest amax a tile's scale is computed from:
+``AMAX_FLOOR`` = 1e-4, the recipe's, for activations (the default) and always for 128x128 weight blocks;
+``GRAD_AMAX_FLOOR`` = 1e-20 for gradients, which are routinely far below 1e-4.
 ``power_of_two=True`` rounds each scale up to a power of two (dequant is then exact scaling by 2^e).
 The last tile may be ragged (K or M not a multiple of 128): its scale covers the valid elements only.
 

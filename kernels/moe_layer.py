@@ -21,10 +21,14 @@ the CI machine, the Triton layer equals that emulation to >= 80 dB SQNR (mostly 
 both sit 22.2-25.0 dB from the unquantized layer on Gaussian data: the recipe's own error.
 
 ``Fp8WeightCache``: master weights (fp32 or bf16) are quantized once per optimizer step. The cache
-keys an entry by the parameter object (weakly) and remembers its ``_version`` counter and storage
-pointer: any in-place update (``optimizer.step()``, ``copy_``, ``.data =``) bumps or changes one of
-them, and the next ``get`` re-quantizes. One cache per model (or per layer) is enough; it holds
-each weight's FP8 copy twice (as is and transposed for dgrad), i.e. 2 bytes per parameter.
+keys an entry by the parameter object (weakly) and remembers its ``_version`` counter; a detached
+cache also remembers its storage pointer. Detached, any in-place update (``copy_``, ``.data =``)
+bumps or changes one of them and the next ``get`` re-quantizes. Attached to an optimizer (as training
+uses it, ``attach(optimizer)``) it re-quantizes after every ``optimizer.step()`` and on version bumps
+but no longer keys on the address (FSDP2 gathers into fresh storage every forward), so a ``.data =``
+swap or an FSDP ``load_state_dict`` needs ``invalidate()``. One cache per model (or per layer) is
+enough; it holds each weight's FP8 copy twice (as is and transposed for dgrad), i.e. 2 bytes per
+parameter.
 """
 
 from __future__ import annotations

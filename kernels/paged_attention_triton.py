@@ -22,12 +22,13 @@ Hopper tuning (by reasoning; no GPU was available when this was written, see ben
 decode is bandwidth bound, so the goal is enough bytes in flight on every SM for the whole call.
 BLOCK_N = 64 tokens (D <= 128; 32 for D = 256) is a 16 KB K tile at bf16/D = 128, loaded with
 cp.async in a 2-stage pipeline. Compiled for sm_90a (bf16, D = 128, Hq/Hkv = 7; checked on CPU by
-tests/test_paged_attention.py's compile test): the 16-row decode tile with 4 warps uses 144 registers
+tests/test_kernels_compile_sm90.py): the 16-row decode tile with 4 warps uses 144 registers
 and 38 KB of shared memory, no spills, so registers allow 3 programs per SM (65,536 / (144 x 128)),
 keeping ~100 KB of loads in flight per SM, above latency x per-SM bandwidth (~1 us x 25 GB/s).
 The 128-row cascade/prefill tile uses 8 warps (189-240 registers, 96 KB shared memory, no spills).
-fp32 inputs on a GPU go through tl.dot's default TF32 (``triton_utils.dot`` takes no precision
-argument); fp64 inputs always use the reference.
+fp32 inputs multiply in IEEE fp32 (``triton_utils.dot`` passes input_precision="ieee" rather than
+tl.dot's TF32 default, so rollout log-probs match the trainer's fp32 recomputation); fp64 inputs always
+use the reference.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from r1fast.config_io import (
     _check_tree,  # noqa: F401  (Config.validate)
     bounded,
 )
+from r1fast.data.templates import TEMPLATES
 
 __all__ = [
     "ConfigError", "bounded", "ModelConfig", "RolloutConfig", "GRPOConfig", "RewardsConfig", "DataConfig",
@@ -34,8 +35,13 @@ __all__ = [
     "field_docs", "parse_cli",
 ]
 
+DATA_TEMPLATES = (*TEMPLATES, "chat", "auto")
+"""Values of data.template: the named templates of r1fast.data, plus 'chat' and 'auto' (the tokenizer's chat template;
+auto falls back to r1_zero without one)."""
+
 # ---------------------------------------------------------------------------------------------------
-# Sections. Defaults describe a tiny run that finishes on a laptop CPU.
+# Sections. Defaults describe a tiny run that finishes on a laptop CPU (tests/test_config.py checks that
+# its longest prompt plus rollout.max_new_tokens fits model.max_seq_len).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -61,8 +67,11 @@ class ModelConfig:
     """Key/value heads (grouped-query attention); must divide num_heads."""
     intermediate_size: int = bounded(128, ge=1)
     """Hidden width of the SwiGLU MLP."""
-    max_seq_len: int = bounded(256, ge=1)
-    """Longest prompt + completion the model (RoPE cache, KV cache) must hold."""
+    # 512: the default task's longest R1-Zero prompt is 374 character tokens (the template alone is 365),
+    # plus rollout.max_new_tokens = 64 makes 438.
+    max_seq_len: int = bounded(512, ge=1)
+    """Longest prompt + completion the tiny model (RoPE cache, KV cache) must hold; an HF model's own
+    max_position_embeddings replaces it."""
     rope_theta: float = bounded(10000.0, gt=0)
     """RoPE base frequency."""
     head_dim: int | None = bounded(None, ge=2)
@@ -96,9 +105,11 @@ class RolloutConfig:
 
     max_new_tokens: int = bounded(64, ge=1)
     """Longest completion; also the fixed normalizer L of the dr_grpo loss."""
-    temperature: float = bounded(1.0, gt=0)
-    """Sampling temperature of the GRPO rollouts (> 0: the loss divides the logits by it; held-out
-    evaluation adds its own greedy pass)."""
+    # 1e-5 = r1fast.rollout.sampler.MIN_TEMPERATURE, the smallest the engine samples at (fp32 logits
+    # divided by less overflow to inf); greedy (0) is no option here since GRPO divides by it too.
+    temperature: float = bounded(1.0, ge=1e-5)
+    """Sampling temperature of the GRPO rollouts (>= 1e-5: the engine and the loss divide the logits by it;
+    held-out evaluation uses its own, see train.eval_samples)."""
     top_p: float = bounded(1.0, gt=0, le=1)
     """Nucleus sampling mass (1 = off)."""
     top_k: int = bounded(0, ge=0)
@@ -106,11 +117,13 @@ class RolloutConfig:
     block_size: int = bounded(16, ge=8, le=128)
     """Tokens per KV-cache block; a power of two from 8 to 128 (the paged-attention kernel's page)."""
     num_blocks: int | None = bounded(None, ge=1)
-    """KV-cache blocks to allocate; none = as many as memory_fraction of free memory allows."""
+    """KV-cache blocks to allocate; none = on CUDA, as many as memory_fraction of free GPU memory allows;
+    on CPU, a fixed 65,536 tokens (at most 1 GiB; r1fast.rollout.engine.CPU_CACHE_TOKENS)."""
     max_batch_tokens: int = bounded(4096, ge=1)
     """Token budget of one engine step (prefill + decode); bounds activation memory."""
     memory_fraction: float = bounded(0.5, gt=0, le=1)
-    """Fraction of free device memory the KV cache may take when num_blocks is none."""
+    """Fraction of free GPU memory the KV cache may take when num_blocks is none (CUDA only; ignored on
+    CPU, where the cache has a fixed size)."""
 
     def validate(self) -> None:
         if self.block_size & (self.block_size - 1):
@@ -186,13 +199,16 @@ class DataConfig:
     task: str = "arithmetic"
     """A built-in task name (see r1fast.data) or a path to a .jsonl file of prompts and answers."""
     train_size: int = bounded(1000, ge=1)
-    """Training prompts (generated tasks) or the first N lines of the file."""
+    """Training prompts: generated for a built-in task; for a JSONL file, the first N prompts of the file's
+    train split (~80% of its lines, chosen by content hash), so fewer when that split is smaller."""
     eval_size: int = bounded(64, ge=0)
-    """Held-out evaluation prompts (0 = no evaluation set)."""
+    """Held-out evaluation prompts (0 = no evaluation set); for a JSONL file they are drawn from the
+    held-out ~20% of its lines."""
     seed: int = 0
     """Seed of task generation and prompt shuffling."""
     template: str = "r1_zero"
-    """Prompt template name ('r1_zero' is the DeepSeek-R1-Zero template verbatim)."""
+    """Prompt template: 'r1_zero' (the DeepSeek-R1-Zero template verbatim), 'compact', 'none', 'chat'
+    (the tokenizer's chat template) or 'auto' (chat template if the tokenizer has one, else r1_zero)."""
     params: dict[str, int] = field(default_factory=dict)
     """Difficulty knobs of the generated task for GRPO and evaluation, e.g. {min_digits = 2, max_digits = 3}."""
     sft_params: dict[str, int] = field(default_factory=dict)
@@ -248,9 +264,11 @@ class TrainConfig:
     log_every: int = bounded(1, ge=1)
     """Write metrics every N steps."""
     eval_every: int = bounded(0, ge=0)
-    """Evaluate on the held-out prompts every N steps (0 = never)."""
+    """Evaluate on the held-out prompts every N GRPO steps (0 = not between steps); the evaluations before
+    the cold-start SFT (when there is one), before RL and after RL always run."""
     eval_samples: int = bounded(1, ge=1)
-    """Completions sampled per evaluation prompt (pass@k uses k of them)."""
+    """k: completions sampled per evaluation prompt at temperature 0.6, top-p 0.95 (R1's evaluation), next
+    to one greedy completion; only pass@1 averaged over the k is reported (r1fast.eval gives pass@k)."""
     resume: str | None = None
     """none = fresh run; 'latest' = newest checkpoint under out_dir/name; else a checkpoint directory."""
     sft_steps: int = bounded(0, ge=0)
@@ -287,9 +305,14 @@ class Config:
         if g.soft_overlong_penalty and g.overlong_cache_len >= r.max_new_tokens:
             raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
                               f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")
-        if r.max_new_tokens >= self.model.max_seq_len:
+        # model.max_seq_len sizes only the tiny model; an HF model's limit is its config's, checked against
+        # the real prompts once they are tokenized (r1fast.train._fit_lengths)
+        if self.model.name_or_path == "tiny" and r.max_new_tokens >= self.model.max_seq_len:
             raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be < model.max_seq_len="
                               f"{self.model.max_seq_len} (the prompt needs room)")
+        if self.data.template not in DATA_TEMPLATES:
+            raise ConfigError(f"data.template: unknown template {self.data.template!r}; allowed: "
+                              f"{', '.join(DATA_TEMPLATES)}")
         return self
 
 

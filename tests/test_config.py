@@ -158,7 +158,8 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, toml, overrides,
         (["--train.lr", "nan"], ["train.lr", "0 < value"]),
         (["--grpo.samples_per_prompt", "1"], ["grpo.samples_per_prompt", "2 <= value"]),
         (["--rollout.top_p", "1.5"], ["rollout.top_p", "0 < value <= 1"]),
-        (["--rollout.temperature", "0"], ["rollout.temperature", "0 < value"]),  # GRPO divides logits by it
+        (["--rollout.temperature", "0"], ["rollout.temperature", "1e-05 <= value"]),  # GRPO divides logits by it
+        (["--rollout.temperature", "1e-6"], ["rollout.temperature", "1e-06", "1e-05 <= value"]),  # engine refuses it
         (["--train.betas", "0.9,1.0"], ["train.betas[1]", "0 <= value < 1"]),
         (["--grpo.delta", "0.5"], ["grpo.delta", "1 < value"]),
     ],
@@ -179,7 +180,8 @@ def test_out_of_range_names_key_and_allowed_values(overrides, must_contain):
         (["--rollout.block_size", "12"], ["rollout.block_size=12", "power of two"]),
         (["--grpo.soft_overlong_penalty", "--grpo.overlong_cache_len", "64"], ["grpo.overlong_cache_len=64",
                                                                                "rollout.max_new_tokens=64"]),
-        (["--rollout.max_new_tokens", "256"], ["rollout.max_new_tokens=256", "model.max_seq_len=256"]),
+        (["--rollout.max_new_tokens", "512"], ["rollout.max_new_tokens=512", "model.max_seq_len=512"]),
+        (["--data.template", "nosuch"], ["data.template", "'nosuch'", "r1_zero, compact, none, chat, auto"]),
         (["--rewards.weights.format", "inf"], ["rewards.weights.format", "finite"]),
     ],
 )
@@ -213,7 +215,7 @@ def _unusual_config():
     cfg.grpo.delta = 1.0000000000000002
     cfg.grpo.loss_type = "dapo"
     cfg.rollout.num_blocks = 12345
-    cfg.rollout.temperature = 1e-300
+    cfg.rollout.temperature = math.nextafter(1e-5, 1.0)  # just above the engine's smallest temperature
     cfg.rewards.weights = {"accuracy": -1e300, "with space": 5e-324, "a.b": 0.1, "": 2.0}
     cfg.model.rope_theta = 1e6
     cfg.data.seed = -(2**62)
@@ -360,3 +362,39 @@ def test_run_cli_reports_user_errors_in_one_line_and_lets_bugs_through(capsys):
     with pytest.raises(ValueError, match="a bug"):  # any other ValueError is a bug: its traceback is wanted
         run_cli("prog", raising(ValueError("a bug")))
     assert issubclass(DataError, ValueError) and not issubclass(DataError, ConfigError)
+
+
+def test_temperature_bound_is_the_engines_smallest_temperature():
+    """The config refuses what the rollout engine would refuse mid-run (with a traceback, not a one-line error)."""
+    from r1fast.rollout.sampler import MIN_TEMPERATURE
+
+    assert C.RolloutConfig.__dataclass_fields__["temperature"].metadata["bounds"] == {"ge": MIN_TEMPERATURE}
+
+
+def test_every_template_the_data_pipeline_takes_is_accepted():
+    from r1fast.data import TEMPLATES
+
+    names = (*TEMPLATES, "chat", "auto")
+    assert [load_config(None, ["--data.template", name]).data.template for name in names] == list(names)
+    assert "unknown template 'R1_Zero'" in _error(None, ["--data.template", "R1_Zero"])  # case-sensitive, as r1fast.data
+
+
+def test_max_seq_len_bounds_max_new_tokens_only_for_the_tiny_model(tmp_path):
+    """An HF model's positions come from its config.json (r1fast.train checks them against the real prompts)."""
+    overrides = ["--rollout.max_new_tokens", "600"]
+    assert "model.max_seq_len=512" in _error(None, overrides)
+    cfg = load_config(None, ["--model.name_or_path", str(tmp_path), *overrides])
+    assert cfg.rollout.max_new_tokens == 600 and cfg.model.max_seq_len == 512
+
+
+def test_defaults_fit_the_default_prompts():
+    """A config without overrides runs: the longest default prompt plus rollout.max_new_tokens fits the model."""
+    from r1fast.data_setup import build_datasets, encode_prompts
+    from r1fast.tokenizer import CharTokenizer
+
+    cfg = load_config(None, [])
+    assert cfg.model.name_or_path == "tiny" and cfg.data.template == "r1_zero"
+    _, train, heldout = build_datasets(cfg)  # the prompts r1fast.train checks with _fit_lengths
+    longest = max(len(ids) for ids in encode_prompts(CharTokenizer(), train + heldout, cfg.data.template))
+    assert longest > 256  # the R1-Zero template alone is 365 characters: the old default 256 could not run
+    assert longest + cfg.rollout.max_new_tokens <= cfg.model.max_seq_len, (longest, cfg.rollout.max_new_tokens)
