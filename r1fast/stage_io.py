@@ -10,16 +10,16 @@ import os
 
 import torch
 
-from r1fast.config import ModelConfig
+from r1fast.config import DATA_TEMPLATES, ModelConfig
 from r1fast.config_io import ConfigError, DataError
-from r1fast.data import TEMPLATES, apply_template
+from r1fast.data import apply_template
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_template(template: str, key: str) -> None:
-    if template not in ("auto", "chat") and template not in TEMPLATES:
-        raise ConfigError(f"{key}: unknown template {template!r}; allowed: auto, chat, {', '.join(TEMPLATES)}")
+    if template not in DATA_TEMPLATES:
+        raise ConfigError(f"{key}: unknown template {template!r}; allowed: {', '.join(DATA_TEMPLATES)}")
 
 
 def check_checkpoint(path: str, key: str) -> None:
