@@ -200,3 +200,27 @@ def test_missing_protection_is_probed_away_and_logged_once(monkeypatch, caplog):
     assert caps["cgroups"] == []
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "cgroups" in warnings[0].getMessage()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="keyctl syscall numbers written for x86_64")
+def test_the_trainers_session_keyring_is_out_of_reach():
+    """Keyrings pass through fork, exec, namespaces and chroot: a token the trainer keeps in its session
+    keyring was readable by the model's program."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(250, 1, None) <= 0:  # KEYCTL_JOIN_SESSION_KEYRING for this test process
+        pytest.skip("this machine refuses keyctl")
+    key = libc.syscall(248, b"user", b"r1fast-test-secret", b"hf_SECRET_TOKEN", 15, ctypes.c_long(-3))
+    assert key > 0, ctypes.get_errno()
+    code = ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.syscall.restype = ctypes.c_long\n"
+            "k = libc.syscall(250, 10, ctypes.c_long(-3), b'user', b'r1fast-test-secret', 0)\n"
+            "buf = ctypes.create_string_buffer(64)\nn = libc.syscall(250, 11, ctypes.c_long(k), buf, 64)\n"
+            "print(k, buf.raw[:max(n, 0)].decode())\n")
+    try:
+        result = run_python(code, limits=FAST)
+    finally:
+        libc.syscall(250, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
+    assert result.returncode == 0, result.stderr
+    assert "hf_SECRET_TOKEN" not in result.stdout

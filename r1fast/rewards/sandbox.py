@@ -25,11 +25,16 @@ tmpfs at /tmp, /var/tmp and /dev/shm (``_SCRATCH_FILES`` x ``max_file_bytes`` ea
 with the run. Everything else (/work, /home, /root, /mnt, /srv, /opt, /data, the trainer's cwd, /sys)
 is absent, so a program cannot read the dataset's expected outputs.
 
-Not enforced where the OS refuses it: without namespaces world-readable files stay readable, the
-network stays reachable, and an escaped child (setsid) is found only by uid (root) or not at all;
+Not enforced where the OS refuses it: without namespaces world-readable files stay readable, files
+written to /tmp, /var/tmp or /dev/shm outlive the run (and, without a uid drop, so do writes to anything
+the trainer's user may write: its repo, its venv), the network stays reachable, and an escaped child
+(setsid) is found only by uid (root) or not at all;
 without root RLIMIT_NPROC counts all the user's processes (set to their count plus the limit);
 without a cgroup ``memory_bytes`` is per process, so a run may hold up to ``max_processes x
-memory_bytes`` (16 x 512 MiB by default). No seccomp filter.
+memory_bytes`` (16 x 512 MiB by default). ``capabilities()`` says which protections this machine gives;
+every result records them, and a missing one is logged once. No seccomp filter: kernel keyrings are
+handled by joining a fresh session keyring and clearing the spare uid's user keyring before the program
+runs (the trainer's session keyring was readable through fork and exec).
 """
 
 from __future__ import annotations
@@ -155,7 +160,9 @@ def capabilities() -> dict:
     """Probe once which protections work here, each by a real run of a tiny program.
 
     Returns ``{"netns": flags or 0, "drop_privileges", "ipcns", "pidns", "filesystem": bool,
-    "cgroups": [parent dirs], "python": path, "jail_root": mount point}``; logs once what is missing."""
+    "cgroups": [parent dirs], "python": path (inside the jail: the trainer's own when the jail shows it),
+    "python_unjailed": path (the one that runs without the jail), "jail_root": mount point}``; logs once
+    what is missing."""
     global _CAPS
     with _CAPS_LOCK:
         if _CAPS is None:
@@ -188,15 +195,17 @@ def _probe() -> dict:
             "cgroups": [], "python": sys.executable, "jail_root": jail_root}
     for drop, python in itertools.product((True, False) if root else (False,), pythons):
         if works({**caps, "drop_privileges": drop, "python": python}):
-            caps.update(drop_privileges=drop, python=python)
+            caps.update(drop_privileges=drop, python=python, python_unjailed=python)
             break
     for name, value in (("netns", _CLONE_NEWNET | userns), ("ipcns", True), ("pidns", True), ("filesystem", True),
                         ("cgroups", _cgroup_parents())):
         if value and works({**caps, name: value}):
             caps[name] = value
-    if root and not caps["drop_privileges"] and caps["filesystem"]:  # the jail shows a python under /root (0700)
-        caps["drop_privileges"] = works({**caps, "drop_privileges": True, "python": sys.executable})
-        caps["python"] = sys.executable if caps["drop_privileges"] else caps["python"]
+    if root and caps["filesystem"] and (caps["python"] != sys.executable or not caps["drop_privileges"]):
+        # The jail binds the trainer's own python (under /root, 0700, out of a dropped uid's reach before it):
+        # prefer it, or programs ran on an older system python (3.8 would fail valid `match` programs)
+        if works({**caps, "drop_privileges": True, "python": sys.executable}):
+            caps.update(drop_privileges=True, python=sys.executable)
     return caps
 
 
@@ -295,7 +304,9 @@ def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | No
         flags |= _CLONE_NEWUSER
     nproc = limits.max_processes if uid is not None else _count_user_tasks(os.getuid()) + limits.max_processes
     cfg = {
-        "unshare": flags, "uid": uid, "python": caps["python"], "prelude": _PRELUDE, "program": program,
+        # the interpreter the probe found for this set of protections (the trainer's, inside the jail)
+        "unshare": flags, "uid": uid, "python": caps["python"] if jail else caps.get("python_unjailed", caps["python"]),
+        "prelude": _PRELUDE, "program": program,
         "parent": os.getpid(), "cgroups": [os.path.join(path, "cgroup.procs") for path in cgroups],
         "env": {"PATH": "/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"},
         "jail": {"root": caps["jail_root"], "code_fd": code_fd, "program": program, "work": work_dir,

@@ -153,6 +153,15 @@ def main():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     if cfg["uid"] is not None:
         os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
+    # Kernel keyrings pass through fork, exec, namespaces and chroot: a fresh anonymous session keyring
+    # hides the trainer's (an HF token kept there was readable), and clearing the spare uid's user
+    # keyring hides what an earlier run under that uid left. Failure (ENOSYS, a seccomp EPERM) means the
+    # program cannot reach keyrings either. The caller's own user keyring is never cleared.
+    keyctl = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+    if keyctl is not None:
+        libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(1), ctypes.c_void_p(None))  # JOIN_SESSION_KEYRING
+        if cfg["uid"] is not None:
+            libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(7), ctypes.c_long(-4))  # CLEAR @u
     if prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries (su) gain nothing
         fail("no_new_privs")
     os.umask(0o077)
