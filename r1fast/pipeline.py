@@ -77,8 +77,10 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
     optimizer_steps,
 )
 from r1fast.rejection import EmptyKeptSetError
+from r1fast.run_dir import lock_run_dir, read_json
 from r1fast.sft import SFTConfig
 from r1fast.stage_io import checkpoint_identity, data_errors, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from r1fast.train_state import latest_checkpoint
 
 # ---------------------------------------------------------------------------------------------------
 # Stage runners. Each returns (outputs: name -> path, summary dict); rank 0 writes the pipeline's files.
@@ -132,7 +134,6 @@ def _run_sft(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
 
 def _run_rl(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     from r1fast.train import run
-    from r1fast.train_state import latest_checkpoint
 
     cfg: Config = copy.deepcopy(stage.config)
     cfg.train.resume = "latest" if latest_checkpoint(stage_dir) else None  # an interrupted stage continues
@@ -284,7 +285,10 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
     # Same declaration and the very same inputs (upstream runs, file hashes): only then may GRPO resume.
     key = json.loads(json.dumps({"fingerprint": fp, "consumed": inputs_now}))
     if D.rank() == 0:
-        keep = stage.kind == "rl" and os.path.isfile(started) and json.load(open(started)) == key
+        # Only a stage with a checkpoint to resume is kept: a GRPO run killed before its first checkpoint
+        # starts over here, not in r1fast.train (which would set the directory, STARTED.json with it,
+        # aside as an earlier run, and the next invocation would then delete a later checkpoint).
+        keep = stage.kind == "rl" and read_json(started) == key and latest_checkpoint(stage_dir) is not None
         if keep:  # an interrupted GRPO run continues from its newest checkpoint
             shutil.rmtree(os.path.join(stage_dir, "eval"), ignore_errors=True)
             if os.path.exists(os.path.join(stage_dir, "DONE.json")):
@@ -292,8 +296,9 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         else:
             shutil.rmtree(stage_dir, ignore_errors=True)
             os.makedirs(stage_dir)
-            with open(started, "w") as f:
+            with open(started + ".tmp", "w") as f:  # atomically: a torn file would stop every later invocation
                 json.dump(key, f)
+            os.replace(started + ".tmp", started)
     D.barrier()
     paths = {r: _resolve(recipe, markers, r) for refs in stage.inputs.values() for r in refs}
     stage.config = _stage_config(recipe, stage, paths)
@@ -342,6 +347,7 @@ def run_pipeline(recipe_path: str, *, out_dir: str | None = None) -> dict:
 
     recipe = load_recipe(recipe_path, out_dir=out_dir)
     D.init_distributed()
+    lock = lock_run_dir(recipe.run_dir, PipelineError) if D.rank() == 0 else None
     to_run = D.broadcast_object(plan(recipe) if D.rank() == 0 else None)
     check_external_inputs(recipe, to_run)
     check_data_sizes(recipe, to_run)
@@ -368,6 +374,8 @@ def run_pipeline(recipe_path: str, *, out_dir: str | None = None) -> dict:
         write_lineage(recipe, markers)
         report = write_report(recipe, [markers[s.name] for s in recipe.stages], ran=to_run)
     D.barrier()
+    if lock is not None:  # (an exception drops it with the frame)
+        lock.close()
     return report
 
 

@@ -44,6 +44,7 @@ from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
+from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.stage_io import stop_token_ids
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -104,23 +105,6 @@ def _fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft
     return kept
 
 
-def _set_aside_earlier_run(run_dir: str) -> None:
-    """A fresh run into a directory that holds an earlier one moves that one to ``<run_dir>.prev-<time>``:
-    appending to its metrics.jsonl mixed two runs in one file and plot, and its later checkpoints were
-    what ``--train.resume latest`` would then pick. Nothing is deleted."""
-    earlier = [name for name in ("metrics.jsonl", "summary.json", "checkpoints") if os.path.exists(os.path.join(run_dir, name))]
-    if earlier and D.rank() == 0:
-        aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
-        suffix = 1
-        while os.path.exists(aside if suffix == 1 else f"{aside}-{suffix}"):
-            suffix += 1
-        aside = aside if suffix == 1 else f"{aside}-{suffix}"
-        os.replace(run_dir, aside)
-        print(f"r1fast.train: {run_dir} holds an earlier run ({', '.join(earlier)}); moved it to {aside} "
-              "(--train.resume latest continues a run instead)", file=sys.stderr)
-    D.barrier()
-
-
 class Trainer:
     """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
 
@@ -165,7 +149,7 @@ class Trainer:
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
         if t.resume is None:
-            _set_aside_earlier_run(self.run_dir)
+            set_aside_earlier_run(self.run_dir)
         self.logger = MetricsLogger(self.run_dir, rank=dist.rank)
         self.stop = _StopFlag()
         self.step = 0
@@ -402,7 +386,9 @@ def _main(argv: list[str] | None) -> int:
     if D.rank() == 0 and "eval_after_rl" in summary:
         print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))
     D.shutdown()
-    return 0
+    # interrupted by SIGTERM (a checkpoint was written): 128 + 15, as a killed process, so a scheduler or
+    # torchrun tells an unfinished run from a finished one
+    return 0 if "final_checkpoint" in summary else 143
 
 
 if __name__ == "__main__":

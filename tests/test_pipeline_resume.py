@@ -230,3 +230,51 @@ def test_sigterm_in_an_rl_stage_ends_with_one_line_and_resumes(tmp_path, monkeyp
     assert "rl: running" in capsys.readouterr().err
     done = _done(tmp_path, "rl")
     assert done["summary"]["steps"] == 2 and done["eval"]["num_prompts"] == 2
+
+
+def test_an_rl_stage_killed_before_its_first_checkpoint_starts_over_and_later_checkpoints_resume(
+        tmp_path, monkeypatch, capsys):
+    """A kill before the first checkpoint leaves STARTED.json and metrics.jsonl: the next invocation starts the
+    stage over itself (r1fast.train set the directory aside as an earlier run, STARTED.json with it, and the
+    invocation after that deleted the stage with its later SIGTERM checkpoint)."""
+    import os
+
+    import r1fast.train as T
+
+    recipe = _recipe(tmp_path, RL_RECIPE)
+    original = T.Trainer.grpo_step
+
+    def killed(self, step):  # SIGKILL mid-step: no checkpoint, nothing more written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Trainer, "grpo_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        P.main(["--recipe", recipe])
+    run = tmp_path / "runs" / "r"
+    assert (run / "rl" / "STARTED.json").is_file() and not (run / "rl" / "checkpoints").exists()
+
+    def step_then_sigterm(self, step):
+        metrics = original(self, step)
+        self.stop.requested = True
+        return metrics
+
+    monkeypatch.setattr(T.Trainer, "grpo_step", step_then_sigterm)
+    assert P.main(["--recipe", recipe]) == P.INTERRUPTED_EXIT_CODE
+    assert (run / "rl" / "checkpoints" / "step_1").is_dir()
+    assert not [name for name in os.listdir(run) if ".prev-" in name]  # nothing was set aside
+    resumed = []
+    monkeypatch.setattr(T.Trainer, "grpo_step", lambda self, step: (resumed.append(step), original(self, step))[1])
+    assert P.main(["--recipe", recipe]) == 0
+    assert resumed == [1]  # continued from step_1's checkpoint
+
+
+def test_a_second_invocation_on_the_same_run_directory_is_refused_and_a_torn_marker_is_no_match(tmp_path):
+    from r1fast.run_dir import lock_run_dir, read_json
+
+    held = lock_run_dir(str(tmp_path / "run"), P.PipelineError)
+    with pytest.raises(P.PipelineError, match="another process is running on this run directory"):
+        lock_run_dir(str(tmp_path / "run"), P.PipelineError)
+    held.close()
+    lock_run_dir(str(tmp_path / "run")).close()  # free again
+    (tmp_path / "torn.json").write_text('{"fingerprint": "ab')
+    assert read_json(str(tmp_path / "torn.json")) is None and read_json(str(tmp_path / "absent.json")) is None

@@ -62,16 +62,19 @@ def test_bf16_runs_save_bf16_checkpoints(tmp_path):
 
 
 def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, capsys):
-    from r1fast.train import _set_aside_earlier_run
+    from r1fast.run_dir import set_aside_earlier_run
 
     run_dir = tmp_path / "runs" / "x"
     (run_dir / "checkpoints" / "step_3").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    _set_aside_earlier_run(str(run_dir))
+    set_aside_earlier_run(str(run_dir))
     assert not run_dir.exists()
     (aside,) = [p for p in os.listdir(tmp_path / "runs") if p.startswith("x.prev-")]
     assert (tmp_path / "runs" / aside / "checkpoints" / "step_3").is_dir()
     assert "holds an earlier run" in capsys.readouterr().err
     run_dir.mkdir()
-    _set_aside_earlier_run(str(run_dir))  # an empty directory is no earlier run
+    set_aside_earlier_run(str(run_dir))  # an empty directory is no earlier run
     assert run_dir.exists()
+    (run_dir / "summary.json").write_text("{}")
+    set_aside_earlier_run(str(run_dir) + "/")  # a trailing slash: os.replace would move it into itself
+    assert not run_dir.exists() and len([p for p in os.listdir(tmp_path / "runs") if p.startswith("x.prev-")]) == 2
