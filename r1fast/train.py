@@ -253,7 +253,7 @@ class Trainer:
         if sft_from is not None:
             self.loop_state["summary"] = summary
             if not self.cold_start_sft(sft_from):
-                return summary
+                return {**summary, "interrupted": True}
             self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
         if resume_from is None or sft_from is not None:
             summary["eval_before_rl"] = self.evaluate("before_rl")
@@ -277,7 +277,7 @@ class Trainer:
                 if self.stop.agreed(self.dist.device):
                     path = self._save_checkpoint()
                     print(f"r1fast.train: SIGTERM: checkpoint written to {path}; exiting", file=sys.stderr)
-                    return summary
+                    return {**summary, "interrupted": True}
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self._save_checkpoint()
         summary["eval_after_rl"] = self.evaluate("after_rl")
@@ -388,7 +388,7 @@ def _main(argv: list[str] | None) -> int:
     D.shutdown()
     # interrupted by SIGTERM (a checkpoint was written): 128 + 15, as a killed process, so a scheduler or
     # torchrun tells an unfinished run from a finished one
-    return 0 if "final_checkpoint" in summary else 143
+    return 143 if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":
