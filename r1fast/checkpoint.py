@@ -282,6 +282,9 @@ def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
     saved_dtype = dtype or model.embed_tokens.weight.dtype
     config = json.dumps(model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", "")), indent=2)
     _atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_text(tmp, config))
+    if model.args.generation_config is not None:  # the loaded one, verbatim (stop ids, sampling defaults)
+        generation = json.dumps(model.args.generation_config, indent=2)
+        _atomic_write(os.path.join(path, "generation_config.json"), lambda tmp: _write_text(tmp, generation))
     for stale in os.listdir(path):
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
             if stale != INDEX_FILE or len(shards) == 1:

@@ -58,6 +58,9 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+    generation_config: dict | None = None
+    """generation_config.json as read (instruct models list their chat eos there: Qwen2.5-Instruct stops on
+    two ids, config.json names one); written back verbatim, never into config.json."""
     # multi-head latent attention (DeepSeek); kv_lora_rank > 0 switches it on
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -363,9 +366,17 @@ class ModelArgs:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}: not valid JSON ({e})") from e
         try:
-            return cls.from_hf_config(cfg)
+            args = cls.from_hf_config(cfg)
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{file}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from e
+        generation = os.path.join(path, "generation_config.json")
+        if os.path.isfile(generation):
+            with open(generation, encoding="utf-8") as f:
+                try:
+                    args.generation_config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{generation}: not valid JSON ({e})") from e
+        return args
 
     def replace(self, **changes) -> ModelArgs:
         """A copy with some fields changed (re-validated)."""

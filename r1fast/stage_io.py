@@ -138,11 +138,13 @@ def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
 
 
 def stop_token_ids(tokenizer, args) -> list[int]:
-    """The ids generation stops at: the tokenizer's eos, then every ``eos_token_id`` of the model config
-    (an int or a list: Qwen2.5-Instruct and Llama-3 stop on either of two). Only the tokenizer's eos
+    """The ids generation stops at: the tokenizer's eos, then every ``eos_token_id`` of the model's config.json
+    and generation_config.json (an int or a list: Qwen2.5-Instruct and Llama-3 stop on either of two). Only the tokenizer's eos
     stopped generation before; the other one ran on to max_new_tokens, and the junk was trained on."""
     ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    extra = args.eos_token_id if isinstance(args.eos_token_id, (list, tuple)) else [args.eos_token_id]
+    extra = []
+    for value in (args.eos_token_id, (args.generation_config or {}).get("eos_token_id")):
+        extra += value if isinstance(value, (list, tuple)) else [value]
     for token in extra:
         if token is not None and 0 <= int(token) < args.vocab_size and int(token) not in ids:
             ids.append(int(token))

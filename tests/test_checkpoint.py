@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +34,10 @@ def test_save_pretrained_loads_in_transformers(arch, shard, tmp_path, tmp_path_f
     if shard:
         assert INDEX_FILE in files and SINGLE_FILE not in files
         assert sum(f.endswith(".safetensors") for f in files) > 1
-    else:
-        assert files == ["config.json", SINGLE_FILE]
+    else:  # transformers wrote a generation_config.json: it comes back verbatim (eos ids, sampling defaults)
+        assert files == ["config.json", "generation_config.json", SINGLE_FILE]
+    assert (out / "generation_config.json").read_text() == json.dumps(
+        json.loads((Path(src) / "generation_config.json").read_text()), indent=2)
     ids = torch.randint(0, V, (2, 9))
     torch.testing.assert_close(hf_logits(_load_hf(out), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
     torch.testing.assert_close(r1_logits(Transformer.from_pretrained(out), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
@@ -86,7 +89,7 @@ def test_save_replaces_an_earlier_sharded_save(tmp_path, tmp_path_factory):
     model = Transformer.from_pretrained(path)
     model.save_pretrained(tmp_path, max_shard_size=20_000)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", SINGLE_FILE]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", SINGLE_FILE]
     assert not any(".tmp." in f for f in os.listdir(tmp_path))
 
 

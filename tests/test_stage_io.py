@@ -78,3 +78,15 @@ def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, capsys):
     (run_dir / "summary.json").write_text("{}")
     set_aside_earlier_run(str(run_dir) + "/")  # a trailing slash: os.replace would move it into itself
     assert not run_dir.exists() and len([p for p in os.listdir(tmp_path / "runs") if p.startswith("x.prev-")]) == 2
+
+
+def test_generation_config_eos_ids_stop_generation_and_the_file_is_saved_back(tmp_path):
+    """Instruct models list their chat eos in generation_config.json (config.json names one)."""
+    path = save_char_checkpoint(tmp_path / "m")
+    generation = {"eos_token_id": [2, 5], "temperature": 0.7, "top_p": 0.8}
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(generation))
+    tok, model = load_policy(path, device="cpu", dtype=torch.float32)
+    assert stop_token_ids(tok, model.args) == [tok.eos_id, *[i for i in (2, 5) if i != tok.eos_id]]
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == generation
+    assert "generation_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
