@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
-GRAD_AMAX_FLOOR = 1e-20
 TILE = 128
 
 

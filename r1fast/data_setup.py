@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from r1fast.checkpoint import resolve_dtype
 from r1fast.config import Config, ConfigError
 from r1fast.data import MIXTURES, TASKS, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
@@ -14,13 +15,11 @@ from r1fast.stage_io import check_tokenizer_fits, data_errors, empty_data_error,
 from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def build_tokenizer_and_model(cfg: Config, device: torch.device):
     """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory."""
     m = cfg.model
-    dtype = _DTYPES[m.dtype]
+    dtype = resolve_dtype(m.dtype)
     if m.name_or_path == "tiny":
         tok = CharTokenizer()
         if m.vocab_size is not None and m.vocab_size != tok.vocab_size:

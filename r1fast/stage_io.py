@@ -10,11 +10,12 @@ import os
 
 import torch
 
+from r1fast.checkpoint import resolve_dtype
 from r1fast.config import DATA_TEMPLATES, ModelConfig
 from r1fast.config_io import ConfigError, DataError
 from r1fast.data import apply_template
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def check_template(template: str, key: str) -> None:
@@ -82,9 +83,9 @@ def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
         device = torch.device("cpu")
     if dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return device, _DTYPES[dtype]
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype: expected auto or one of {list(_DTYPE_NAMES)}, got {dtype!r}")
+    return device, resolve_dtype(dtype)
 
 
 def load_policy(path: str, *, device, dtype, key: str = "model"):
