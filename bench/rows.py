@@ -1,7 +1,7 @@
 """Pure result arithmetic for ``bench/run.py``: floors, per-implementation rows, ``--only`` matching.
 
 Nothing here touches a GPU, so every number the harness reports can be checked on CPU with fake
-timings (tests/test_bench.py). Units: times in milliseconds, ceilings in TFLOP/s (matmul ceilings)
+timings (tests/test_bench_rows.py). Units: times in milliseconds, ceilings in TFLOP/s (matmul ceilings)
 or GB/s (the ``copy`` ceiling), memory in bytes in, GiB out.
 """
 
