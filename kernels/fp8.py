@@ -5,7 +5,8 @@ Tilings (scale = max(amax, amax_floor) / 448 per tile, dequant = fp8 * scale):
 * ``quantize_fp8_1x128(x)``      activations: one scale per row and 128 columns -> scale [M, ceil(K/128)]
 * ``quantize_fp8_128x1(x)``      one scale per 128 rows of a column (along the token axis), emitted
                                  transposed: ``(xt_fp8 [K, M], scale [K, ceil(M/128)])``, equal to
-                                 ``quantize_fp8_1x128(x.T)``
+                                 ``quantize_fp8_1x128(x.T)``; with ``group_sizes`` the tiles restart at every
+                                 group (expert) and the output is in the group-aligned layout (see there)
 * ``quantize_fp8_128x128(w)``    weights: one scale per 128x128 block -> [ceil(N/128), ceil(K/128)];
                                  also accepts stacked expert weights [E, N, K]
 * ``quantize_fp8_1x128_dual(x)`` the 1x128 tiling and, from the same read of ``x``, the 128x1 tiling
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .registration import register_op
+from .registration import host_checks_enabled, register_op
 from .triton_utils import INTERPRET
 
 FP8_MAX = 448.0
@@ -119,18 +120,33 @@ def _quantize_tile(x, scale):
 
 @triton.jit
 def _quantize_rows_cols_kernel(
-    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-    M, K,
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, group_sizes_ptr,
+    M, K, NUM_GROUPS,
     stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk, amax_floor,
-    EMIT_ROWS: tl.constexpr, EMIT_COLS: tl.constexpr, POWER_OF_TWO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMIT_ROWS: tl.constexpr, EMIT_COLS: tl.constexpr, POWER_OF_TWO: tl.constexpr, GROUPED: tl.constexpr,
+    G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, 128] tile of x: 1x128 row tiles and/or 128x1 column tiles (stored transposed)."""
+    """One [BLOCK_M, 128] tile of x: 1x128 row tiles and/or 128x1 column tiles (stored transposed).
+
+    GROUPED (column tiles only): program m is the m-th 128-token tile of the group-aligned layout, i.e. a tile
+    of one group's own rows (a group's tiles restart at its first row); programs past the last group's
+    tiles write the zero tail of that layout."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
+    if GROUPED:
+        groups = tl.arange(0, G_PAD)
+        sizes = tl.load(group_sizes_ptr + groups, mask=groups < NUM_GROUPS, other=0)
+        tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+        group = tl.sum((tl.cumsum(tiles, 0) <= pid_m).to(tl.int32), axis=0)
+        before = groups < group
+        local += (pid_m - tl.sum(tl.where(before, tiles, 0), axis=0)) * BLOCK_M
+        rows = tl.sum(tl.where(before, sizes, 0), axis=0).to(tl.int64) + local
+        row_ok = (local < tl.sum(tl.where(groups == group, sizes, 0), axis=0)) & (rows < M)  # size 0 past the last
+    else:
+        rows = pid_m.to(tl.int64) * BLOCK_M + local
+        row_ok = rows < M
     cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < M
     col_ok = cols < K
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -142,8 +158,10 @@ def _quantize_rows_cols_kernel(
         # BLOCK_M == 128 here: one scale per column over this 128-row tile
         col_scale = _scale_from_amax(_amax(x, 0), amax_floor, POWER_OF_TWO)
         q = _quantize_tile(x, col_scale[None, :])
-        # rows past M (zeros) fill the padding of qt's storage: one whole 128-token tile per program
-        tl.store(qt_ptr + cols[None, :] * stride_qtk + rows[:, None], q, mask=col_ok[None, :])
+        # rows past M or past the group (zeros) fill the padding of qt's storage: one whole 128-token tile per
+        # program, at token position pid_m * 128 (== rows without groups)
+        tokens = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(qt_ptr + cols[None, :] * stride_qtk + tokens[:, None], q, mask=col_ok[None, :])
         tl.store(st_ptr + cols * stride_stk + pid_m, col_scale, mask=col_ok)
 
 
@@ -182,43 +200,61 @@ def _check_float(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, zero_padding: bool = False):
+def aligned_tokens(num_tokens: int, num_groups: int) -> int:
+    """Token length of the group-aligned 128x1 layout: every group's tokens start at a multiple of 128, so the
+    layout holds at most ceil(M/128) + E tiles (an upper bound: sizing it needs no host sync)."""
+    return TILE * (triton.cdiv(num_tokens, TILE) + num_groups)
+
+
+def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_sizes: torch.Tensor | None = None,
+                   zero_padding: bool = False):
     """Outputs of ``_rows_cols_impl``. The 128x1 tiling ``qt`` [K, M] lives in storage padded to whole
     128-token tiles (row stride ceil(M/128)*128, padding zero), so the weight-gradient GEMM reads whole
-    tiles without a mask along tokens (see ``moe_gemm._grouped_wgrad_kernel``)."""
+    tiles without a mask along tokens (see ``moe_gemm._grouped_wgrad_kernel``). With ``group_sizes`` it is
+    [K, aligned_tokens(M, E)], already whole tiles."""
     M, K = x.shape
-    nk, nm = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
+    tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
+    nk, nm = triton.cdiv(K, TILE), triton.cdiv(tokens, TILE)
     fp8 = dict(dtype=torch.float8_e4m3fn, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
     alloc = torch.zeros if zero_padding else torch.empty  # the kernel writes the padding itself
-    qt = alloc((K, nm * TILE), **fp8)[:, :M] if emit_cols else torch.empty((0, 0), **fp8)
+    qt = alloc((K, nm * TILE), **fp8)[:, :tokens] if emit_cols else torch.empty((0, 0), **fp8)
     return (torch.empty((M, K) if emit_rows else (0, 0), **fp8), torch.empty((M, nk) if emit_rows else (0, 0), **f32),
             qt, torch.empty((K, nm) if emit_cols else (0, 0), **f32))
 
 
-def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_two: bool,
-                    amax_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """1x128 tiles of x (if emit_rows) and 128x1 tiles stored transposed (if emit_cols); empty when not asked."""
+def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_two: bool, amax_floor: float,
+                    group_sizes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1x128 tiles of x (if emit_rows) and 128x1 tiles stored transposed (if emit_cols); empty when not asked.
+    ``group_sizes`` (with emit_cols): the 128x1 tiles in the group-aligned layout."""
     if not use_triton(x.device):
+        from .ref_fp8 import group_aligned_rows
         from .ref_fp8 import quantize_fp8_1x128 as ref
 
-        q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, zero_padding=True)
+        q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, group_sizes, zero_padding=True)
         if emit_rows:
             q, s = ref(x, power_of_two=power_of_two, amax_floor=amax_floor)
         if emit_cols:
-            ref_qt, st = ref(x.t(), power_of_two=power_of_two, amax_floor=amax_floor)
+            cols = x
+            if group_sizes is not None:  # each group's rows at their aligned position, zeros between
+                cols = x.new_zeros(qt.shape[1], x.shape[1])
+                cols[group_aligned_rows(group_sizes, x.shape[0])] = x
+            ref_qt, st = ref(cols.t(), power_of_two=power_of_two, amax_floor=amax_floor)
             qt.copy_(ref_qt)  # into the padded layout the op promises
         return q, s, qt, st
-    q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols)
+    q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, group_sizes)
     x = x.contiguous()
     M, K = x.shape
-    if M and K:
+    grouped = group_sizes is not None and emit_cols
+    if K and (M or grouped):  # grouped: the zero tiles of the layout are written even for M = 0
         block_m = TILE if emit_cols else 32
-        grid = (triton.cdiv(M, block_m), triton.cdiv(K, TILE))
+        groups = group_sizes.shape[0] if grouped else 0
+        grid = (triton.cdiv(M, block_m) + groups, triton.cdiv(K, TILE))
         _quantize_rows_cols_kernel[grid](
-            x, q, s, qt, st, M, K,
+            x, q, s, qt, st, group_sizes if grouped else x, M, K, groups,
             x.stride(0), max(q.stride(0), 1), max(s.stride(0), 1), max(qt.stride(0), 1), max(st.stride(0), 1),
-            amax_floor, EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two,
+            amax_floor, EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two, GROUPED=grouped,
+            G_PAD=triton.next_power_of_2(max(groups, 1)),
             # the 128x128 tile of the column tiling spills at 4 warps (255 registers, 352 B of spill
             # stores compiling for sm_90a); 8 warps: 164 registers, no spills
             BLOCK_M=block_m, BLOCK_K=TILE, num_warps=8 if emit_cols else 4,
@@ -250,7 +286,8 @@ def _blocks_impl(w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, tor
 
 _rows_cols_op = register_op(
     "fp8_quantize_rows_cols", _rows_cols_impl,
-    fake=lambda x, emit_rows, emit_cols, power_of_two, amax_floor: _empty_outputs(x, emit_rows, emit_cols))
+    fake=lambda x, emit_rows, emit_cols, power_of_two, amax_floor, group_sizes: _empty_outputs(
+        x, emit_rows, emit_cols, group_sizes))
 _blocks_op = register_op(
     "fp8_quantize_blocks", _blocks_impl,
     fake=lambda w, power_of_two: (torch.empty_like(w, dtype=torch.float8_e4m3fn),
@@ -275,24 +312,53 @@ def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
     scale = max(amax, ``amax_floor``) / 448: the recipe's 1e-4 for activations, ``GRAD_AMAX_FLOOR`` for
     gradients (which are routinely far below 1e-4)."""
     _check_float("x", x, (2,))
-    q, s, _, _ = _rows_cols_op(x, True, False, power_of_two, _check_amax_floor(amax_floor))
+    q, s, _, _ = _rows_cols_op(x, True, False, power_of_two, _check_amax_floor(amax_floor), None)
     return q, s
 
 
-def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
+def _check_groups(group_sizes, num_rows: int, validate: bool | None):
+    """``group_sizes`` of the 128x1 tilings: None, or an int32/int64 [E] tensor on x's device summing to M."""
+    if group_sizes is None:
+        return None
+    if not isinstance(group_sizes, torch.Tensor) or group_sizes.dtype not in (torch.int32, torch.int64) \
+            or group_sizes.dim() != 1:
+        raise ValueError(f"group_sizes must be a 1-D int32/int64 tensor (rows per group), got "
+                         f"{getattr(group_sizes, 'dtype', type(group_sizes).__name__)} "
+                         f"{tuple(getattr(group_sizes, 'shape', ()))}")
+    if validate is None:
+        validate = host_checks_enabled(group_sizes)
+    if validate and group_sizes.numel() and (bool((group_sizes < 0).any()) or int(group_sizes.sum()) != num_rows):
+        raise ValueError(f"group_sizes must be non-negative and sum to {num_rows} (the rows of x), "
+                         f"got {group_sizes.tolist()}")
+    return group_sizes.contiguous()
+
+
+def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR,
+                       group_sizes: torch.Tensor | None = None, validate: bool | None = None):
     """x [M, K] -> (xt_fp8 [K, M], scale [K, ceil(M/128)]): 128x1 tiles along M, stored transposed.
 
     Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
+
+    ``group_sizes`` int32 [E] (x's rows contiguous per group, e.g. per expert): no tile mixes two groups.
+    The tiles restart at every group's first row and the result is in the **group-aligned layout**:
+    xt [K, aligned_tokens(M, E)] with group e's tokens starting at token 128 * sum_{j<e} ceil(size_j/128),
+    zeros elsewhere, scale [K, aligned_tokens(M, E) / 128]; ``fp8_grouped_gemm_wgrad(...,
+    group_aligned=True)`` reads it. Why: a tile shared by two experts gives them one scale per column, so
+    one expert's outlier (or NaN) coarsens (or poisons) another expert's weight gradient.
+    ``validate``: check that group_sizes sums to M (a host read; None = unless compiling or capturing).
     """
     _check_float("x", x, (2,))
-    _, _, qt, st = _rows_cols_op(x, False, True, power_of_two, _check_amax_floor(amax_floor))
+    groups = _check_groups(group_sizes, x.shape[0], validate)
+    _, _, qt, st = _rows_cols_op(x, False, True, power_of_two, _check_amax_floor(amax_floor), groups)
     return qt, st
 
 
-def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
-    """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x))``."""
+def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR,
+                            group_sizes: torch.Tensor | None = None, validate: bool | None = None):
+    """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x, group_sizes=...))``."""
     _check_float("x", x, (2,))
-    return _rows_cols_op(x, True, True, power_of_two, _check_amax_floor(amax_floor))
+    groups = _check_groups(group_sizes, x.shape[0], validate)
+    return _rows_cols_op(x, True, True, power_of_two, _check_amax_floor(amax_floor), groups)
 
 
 def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):

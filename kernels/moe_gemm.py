@@ -15,7 +15,9 @@ computes the per-expert tile prefix sums from ``group_sizes`` in registers and f
 ``fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes)``: dW[e] = dy_e^T @ x_e in fp32,
 reduced over the tokens of expert e, both operands in the 128x1 token-axis tiling stored transposed
 (``quantize_fp8_128x1``). Token tiles are the global 128-row tiles of the permuted buffer, so an
-expert that starts inside a tile uses that tile's scales and masks the other expert's rows out.
+expert that starts inside a tile uses that tile's scales and masks the other expert's rows out; with
+``group_aligned=True`` (the MoE layer's choice) the operands are in the group-aligned layout of
+``quantize_fp8_128x1(..., group_sizes=)``, where every expert starts on a tile of its own.
 
 Hopper tuning (reasoned, not yet measured: no GPU in the session that wrote this): BLOCK_K = 128 is
 fixed by the recipe (one scale pair per K chunk); BLOCK_M = BLOCK_N = 128 gives one 128x128 B scale
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .fp8 import cast_rne
+from .fp8 import aligned_tokens, cast_rne
 from .registration import host_checks_enabled, register_op
 from .triton_utils import dot
 
@@ -88,7 +90,7 @@ def _grouped_wgrad_kernel(
     at_ptr, at_scale_ptr, bt_ptr, bt_scale_ptr, group_sizes_ptr, out_ptr,
     M, N, K, NUM_EXPERTS,
     stride_atn, stride_asn, stride_btk, stride_bsk, stride_oe, stride_on,
-    ACCUMULATE: tl.constexpr, E_PAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr, GROUP_ALIGNED: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -96,7 +98,11 @@ def _grouped_wgrad_kernel(
     pid_k = tl.program_id(2)
     experts = tl.arange(0, E_PAD)
     sizes = tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
-    row_start = tl.sum(tl.where(experts < expert, sizes, 0), axis=0).to(tl.int64)
+    if GROUP_ALIGNED:  # each expert's tokens start at a whole tile: no tile is shared with another expert
+        tiles = (sizes + BLOCK_T - 1) // BLOCK_T
+        row_start = tl.sum(tl.where(experts < expert, tiles, 0), axis=0).to(tl.int64) * BLOCK_T
+    else:
+        row_start = tl.sum(tl.where(experts < expert, sizes, 0), axis=0).to(tl.int64)
     row_end = tl.minimum(row_start + tl.sum(tl.where(experts == expert, sizes, 0), axis=0), M)
     ns = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -141,7 +147,8 @@ def _check_scale(name: str, t, shape: tuple[int, ...]) -> None:
                          f"{tuple(getattr(t, 'shape', ()))}")
 
 
-def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool | None) -> None:
+def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool | None, aligned: bool = False) -> None:
+    """``aligned``: ``total`` is the token length of the group-aligned layout (``fp8.aligned_tokens``)."""
     if not isinstance(group_sizes, torch.Tensor) or group_sizes.dtype not in (torch.int32, torch.int64):
         raise ValueError("group_sizes must be an int32/int64 tensor")
     if tuple(group_sizes.shape) != (num_experts,):
@@ -149,7 +156,13 @@ def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool
     if validate is None:  # default: check whenever it costs no graph break (reads the sizes on the host)
         validate = host_checks_enabled(group_sizes)
     if validate:
-        if bool((group_sizes < 0).any()) or int(group_sizes.sum()) != total:
+        if bool((group_sizes < 0).any()):
+            raise ValueError(f"group_sizes must be non-negative, got {group_sizes.tolist()}")
+        rows = int(group_sizes.sum())
+        if aligned and aligned_tokens(rows, num_experts) != total:
+            raise ValueError(f"group_sizes sum to {rows}, whose group-aligned layout has "
+                             f"{aligned_tokens(rows, num_experts)} tokens, but the token operand has {total}")
+        if not aligned and rows != total:
             raise ValueError(f"group_sizes must be non-negative and sum to {total} (rows of the token operand), "
                              f"got {group_sizes.tolist()}")
 
@@ -191,11 +204,11 @@ def _token_padded(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tensor, bt_scale: torch.Tensor,
-                        group_sizes: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+                        group_sizes: torch.Tensor, out: torch.Tensor, accumulate: bool, group_aligned: bool) -> None:
     if not use_triton(at.device):
         from .ref_fp8 import fp8_grouped_gemm_wgrad as ref
 
-        ref(at, at_scale, bt, bt_scale, group_sizes, out=out, accumulate=accumulate)
+        ref(at, at_scale, bt, bt_scale, group_sizes, out=out, accumulate=accumulate, group_aligned=group_aligned)
         return
     if out.numel() == 0:
         return
@@ -208,7 +221,7 @@ def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tens
     _grouped_wgrad_kernel[grid](
         at, at_scale, bt, bt_scale, group_sizes, out, M, N, K, E,
         at.stride(0), at_scale.stride(0), bt.stride(0), bt_scale.stride(0), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, E_PAD=triton.next_power_of_2(E),
+        ACCUMULATE=accumulate, GROUP_ALIGNED=group_aligned, E_PAD=triton.next_power_of_2(E),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=TILE, num_warps=8, num_stages=4,
     )
 
@@ -257,7 +270,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate:
 
 
 def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None, accumulate=False,
-                           validate: bool | None = None):
+                           group_aligned: bool = False, validate: bool | None = None):
     """Per-expert weight gradient in fp32: out[e] (+)= dequant(at)[:, rows e] @ dequant(bt)[:, rows e].T.
 
     at [N, M] and bt [K, M] are e4m3 in the 128x1 token-axis tiling stored transposed (scales
@@ -265,6 +278,9 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
     the M tokens (any sizes: the reduction runs over each expert's own rows). Returns out fp32
     [E, N, K]; ``accumulate=True`` adds into ``out`` (a gradient buffer) instead of overwriting it.
     Experts with no tokens get zeros (or keep ``out``).
+    ``group_aligned=True``: at and bt are in the group-aligned layout of ``quantize_fp8_128x1(x,
+    group_sizes=group_sizes)`` (M = ``aligned_tokens(sum of sizes, E)``; expert e's tokens start at
+    128 * sum_{j<e} ceil(size_j/128)), whose tiles never mix two experts: what the MoE layer uses.
     """
     _check_fp8("at", at, 2)
     _check_fp8("bt", bt, 2)
@@ -275,14 +291,14 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
     _check_scale("at_scale", at_scale, (N, triton.cdiv(M, TILE)))
     _check_scale("bt_scale", bt_scale, (K, triton.cdiv(M, TILE)))
     E = group_sizes.shape[0] if isinstance(group_sizes, torch.Tensor) and group_sizes.dim() == 1 else -1
-    _check_group_sizes(group_sizes, E, M, validate)
+    _check_group_sizes(group_sizes, E, M, validate, aligned=group_aligned)
     if out is None:
         if accumulate:
             raise ValueError("out is required when accumulate=True")
         out = torch.empty(E, N, K, dtype=torch.float32, device=at.device)
     elif out.shape != (E, N, K) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{E}, {N}, {K}] tensor")
-    _grouped_wgrad_op(at, at_scale, bt, bt_scale, group_sizes, out, accumulate)
+    _grouped_wgrad_op(at, at_scale, bt, bt_scale, group_sizes, out, accumulate, bool(group_aligned))
     return out
 
 

@@ -4,13 +4,14 @@ Forward, for x [T, H], top-k routing (topk_weights fp32 [T, k], topk_ids [T, k])
 weights ``w_gate_up`` [E, 2I, H] (gate rows first) / ``w_down`` [E, H, I]:
 
     route (histogram + stable device sort) -> permute x rows by expert (Triton gather, bf16)
-    -> quantize 1x128 (+128x1 kept for wgrad) -> h = grouped fc1 [M, 2I] -> quantize h, keep it in
+    -> quantize 1x128 (+128x1 kept for wgrad, tiles per expert) -> h = grouped fc1 [M, 2I] -> quantize h, keep it in
     FP8 for backward -> act = silu(gate) * up (fp32 math) -> quantize 1x128 -> y = grouped fc2 [M, H]
     -> out[t] = sum_j w[t, j] * y[row(t, j)] (Triton gather-combine, fp32 accumulation)
 
 Backward recomputes the SwiGLU from the FP8 copy of h (the recipe's "SwiGLU input cached in FP8"),
 quantizes the incoming gradients 1x128 for dgrad (``fp8_grouped_gemm`` against the transposed weight
-blocks) and 128x1 along tokens for wgrad (``fp8_grouped_gemm_wgrad``, fp32). No host sync anywhere.
+blocks) and 128x1 along tokens for wgrad (``fp8_grouped_gemm_wgrad``, fp32; the token tiles restart at
+every expert, so one expert's outlier never sets another's scales). No host sync anywhere.
 Gradients: x (x's dtype), topk_weights (fp32), w_gate_up and w_down (fp32): the wgrad kernel adds
 them straight into an existing fp32 ``.grad`` (the gradient-accumulation case), otherwise autograd
 receives them (and casts to the master weight's dtype).
@@ -22,8 +23,11 @@ both sit 22.2-25.0 dB from the unquantized layer on Gaussian data: the recipe's 
 
 ``Fp8WeightCache``: master weights (fp32 or bf16) are quantized once per optimizer step. The cache
 keys an entry by the parameter object (weakly) and remembers its ``_version`` counter; a detached
-cache also remembers its storage pointer. Detached, any in-place update (``copy_``, ``.data =``)
-bumps or changes one of them and the next ``get`` re-quantizes. Attached to an optimizer (as training
+cache also remembers its storage pointer. Detached, an in-place update through autograd's view of the
+weight (``w.copy_``, ``w.mul_`` under no_grad, an optimizer step) bumps the version and a ``.data =``
+swap changes the pointer, so the next ``get`` re-quantizes; a write through ``w.data`` (``w.data.copy_``)
+bumps neither and needs ``invalidate()`` (checking the values instead would cost a read of every weight
+per forward). Attached to an optimizer (as training
 uses it, ``attach(optimizer)``) it re-quantizes after every ``optimizer.step()`` and on version bumps
 but no longer keys on the address (FSDP2 gathers into fresh storage every forward), so a ``.data =``
 swap or an FSDP ``load_state_dict`` needs ``invalidate()``. One cache per model (or per layer) is
@@ -183,7 +187,10 @@ class _MoeFfnFp8(torch.autograd.Function):
         topk = topk_ids.shape[1]
         group_sizes, token_of_row, row_of_slot = route_tokens(topk_ids, q1.shape[0])
         x_rows = gather_rows(x.to(torch.bfloat16), token_of_row)  # [M, H] permuted by expert
-        xq, xs, xtq, xts = quantize_fp8_1x128_dual(x_rows)
+        # the 128x1 tiles for wgrad in the group-aligned layout: a tile shared by two experts gave them one
+        # scale per column, so a NaN token of one expert poisoned another's weight gradient (and a x1e5 outlier
+        # cost it 9.6 dB: 24.6 -> 15.0)
+        xq, xs, xtq, xts = quantize_fp8_1x128_dual(x_rows, group_sizes=group_sizes, validate=False)
         del x_rows
         h = fp8_grouped_gemm(xq, xs, q1, s1, group_sizes, validate=False)  # [M, 2I]
         hq, hs = quantize_fp8_1x128(h)  # the SwiGLU input, kept in FP8 for backward
@@ -206,18 +213,20 @@ class _MoeFfnFp8(torch.autograd.Function):
         # combine: dy rows = w * dout[token]; d topk_weights = <dout[token], y[row]>
         dy, dweights = combine_backward(dout.to(torch.bfloat16), y, row_of_slot, weights)
         del y
-        dyq, dys, dytq, dyts = quantize_fp8_1x128_dual(dy, amax_floor=GRAD_AMAX_FLOOR)  # gradients: see fp8.py
+        dyq, dys, dytq, dyts = quantize_fp8_1x128_dual(dy, amax_floor=GRAD_AMAX_FLOOR,  # gradients: see fp8.py
+                                                       group_sizes=group_sizes, validate=False)
         del dy
         # fc2: d act = dy @ w_down (dgrad through the transposed blocks); dW_down = dy^T @ act
         d_act = fp8_grouped_gemm(dyq, dys, q2t, s2t, group_sizes, validate=False)
         h = dequantize_fp8(hq, hs, (1, TILE))  # recompute SwiGLU from its FP8 copy
         act = _swiglu(h).to(torch.bfloat16)
-        atq, ats = quantize_fp8_128x1(act)
+        atq, ats = quantize_fp8_128x1(act, group_sizes=group_sizes, validate=False)
         del act
         dw_down = _wgrad(dytq, dyts, atq, ats, group_sizes, w_down, ctx.needs_input_grad[3])
         dh = _swiglu_backward(h, d_act).to(torch.bfloat16)
         del h, d_act
-        dhq, dhs, dhtq, dhts = quantize_fp8_1x128_dual(dh, amax_floor=GRAD_AMAX_FLOOR)
+        dhq, dhs, dhtq, dhts = quantize_fp8_1x128_dual(dh, amax_floor=GRAD_AMAX_FLOOR, group_sizes=group_sizes,
+                                                       validate=False)
         del dh
         # fc1: dx rows = dh @ w_gate_up; dW_gate_up = dh^T @ x rows
         dx_rows = fp8_grouped_gemm(dhq, dhs, q1t, s1t, group_sizes, validate=False)
@@ -232,12 +241,22 @@ def _wgrad(at, at_scale, bt, bt_scale, group_sizes, weight, needed: bool):
         return None
     buffer = _fused_grad_buffer(weight)
     if buffer is not None:
-        fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, out=buffer, accumulate=True, validate=False)
+        fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, out=buffer, accumulate=True,
+                               group_aligned=True, validate=False)
         return None
-    return fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, validate=False)
+    return fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, group_aligned=True, validate=False)
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down):
+    for name, t in (("x", x), ("topk_weights", topk_weights), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:  # fp8 or integer in, garbage out
+            raise ValueError(f"{name} must be a float32, bfloat16 or float16 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be an int32/int64 tensor, got {getattr(topk_ids, 'dtype', type(topk_ids).__name__)}")
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     T, H = x.shape
@@ -250,7 +269,7 @@ def _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down):
         # fc1 and fc2's dgrad reduce over H, fc2 over I, fc1's dgrad over 2I: whole 128-wide K chunks
         raise ValueError(f"w_gate_up: the FP8 recipe needs H and I to be multiples of {TILE} (the GEMMs reduce "
                          f"over them in 128-wide chunks), got H={H}, I={two_i // 2}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] < 1 or topk_ids.dtype.is_floating_point:
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids must be an integer [T={T}, k >= 1] tensor, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")

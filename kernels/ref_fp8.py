@@ -72,6 +72,22 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
     return q.float() * s
 
 
+def group_aligned_rows(group_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int64 [M]: the token position of each of x's M rows in the group-aligned 128x1 layout, where group e
+    starts at 128 * sum_{j<e} ceil(size_j / 128) (device ops only)."""
+    sizes = group_sizes.long()
+    tiles = (sizes + TILE - 1) // TILE
+    shift = (tiles.cumsum(0) - tiles) * TILE - (sizes.cumsum(0) - sizes)  # aligned start - packed start
+    group_of_row = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes,
+                                           output_size=num_rows)
+    return torch.arange(num_rows, device=sizes.device) + shift[group_of_row]
+
+
+def _aligned_offsets(group_sizes: torch.Tensor) -> list[int]:
+    tiles = [-(-int(v) // TILE) * TILE for v in group_sizes.tolist()]
+    return [0] + torch.tensor(tiles, dtype=torch.long).cumsum(0).tolist()
+
+
 def _offsets(group_sizes: torch.Tensor) -> list[int]:
     sizes = [int(v) for v in group_sizes.tolist()]
     return [0] + torch.tensor(sizes).cumsum(0).tolist()
@@ -92,17 +108,21 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate=
     return result
 
 
-def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None, accumulate=False):
+def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None, accumulate=False,
+                           group_aligned=False):
     """out[e] (+)= dequant(at)[:, rows of e] @ dequant(bt)[:, rows of e].T in fp32.
 
     ``at`` [N, M] and ``bt`` [K, M] are the 128x1 (token-axis) tilings stored transposed, as
-    returned by ``quantize_fp8_128x1``; the result is [E, N, K] fp32.
+    returned by ``quantize_fp8_128x1`` (``group_aligned``: in its group-aligned layout, where expert e's
+    tokens start at 128 * sum_{j<e} ceil(size_j/128)); the result is [E, N, K] fp32.
     """
     a64 = dequantize_fp8(at, at_scale, (1, TILE)).double()
     b64 = dequantize_fp8(bt, bt_scale, (1, TILE)).double()
     E = group_sizes.shape[0]
-    off = _offsets(group_sizes)
-    result = torch.stack([a64[:, off[e]:off[e + 1]] @ b64[:, off[e]:off[e + 1]].T for e in range(E)])
+    start = _aligned_offsets(group_sizes) if group_aligned else _offsets(group_sizes)
+    size = [int(v) for v in group_sizes.tolist()]
+    result = torch.stack([a64[:, start[e]:start[e] + size[e]] @ b64[:, start[e]:start[e] + size[e]].T
+                          for e in range(E)])
     if out is None:
         return result.float()
     if accumulate:

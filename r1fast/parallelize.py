@@ -137,17 +137,22 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
     import functools
 
     from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
-    from r1fast.moe import MoE, set_fp8_experts_fn
+    from r1fast.moe import MoE
 
+    moes = {id(m): [mod for mod in m.modules() if isinstance(mod, MoE)] for m in (model, *frozen)}
     for m in (model, *frozen):
-        moes = [mod for mod in m.modules() if isinstance(mod, MoE)]
-        if not moes:
+        if not moes[id(m)]:
             raise ValueError(f"enable_fp8_experts: {type(m).__name__} has no MoE layers (FP8 applies to routed "
                              "experts)")
-        for moe in moes:
-            moe.fp8 = True
     cache = Fp8WeightCache()
     if optimizer is not None:
         cache.attach(optimizer)
-    set_fp8_experts_fn(functools.partial(moe_ffn_fp8, cache=cache, validate=False))  # router ids: in range
+    # Each MoE layer of these models gets the function bound to *this* cache (not the process-global hook of
+    # r1fast.moe: a second model's enable_fp8_experts moved the first model onto the second's cache, which
+    # the first model's optimizer steps never invalidate).
+    fn = functools.partial(moe_ffn_fp8, cache=cache, validate=False)  # router ids: in range
+    for layers in moes.values():
+        for moe in layers:
+            moe.fp8 = True
+            moe.experts_fn = fn
     return cache

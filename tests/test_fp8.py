@@ -43,6 +43,41 @@ def test_dual_tiling_equals_1x128_of_transpose(power_of_two):
     assert _same_bytes(qt_only, rqt) == 0 and torch.equal(st_only, rst)
 
 
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_grouped_128x1_tiles_never_mix_groups(power_of_two):
+    """With group_sizes the 128x1 tiles restart at every group: the result is each group's own 128x1 tiling,
+    placed at 128 * (tiles of the groups before it), zeros elsewhere (built here group by group)."""
+    sizes = [0, 1, 129, 130, 0, 5]
+    x = _wide_range((sum(sizes), 200), torch.bfloat16)
+    x[0] *= 1e4  # the one-row group's outlier would set its neighbours' scales in a shared tile
+    groups = torch.tensor(sizes, dtype=torch.int32)
+    q, s, qt, st = fp8.quantize_fp8_1x128_dual(x, power_of_two=power_of_two, group_sizes=groups)
+    rq, rs = ref_fp8.quantize_fp8_1x128(x, power_of_two=power_of_two)
+    assert _same_bytes(q, rq) == 0 and torch.equal(s, rs)  # the 1x128 tiling does not depend on groups
+    tiles = 3 + len(sizes)  # ceil(265 / 128) + E: the layout's upper bound, no host sync to size it
+    assert qt.shape == (200, 128 * tiles) and st.shape == (200, tiles)
+    want_q = torch.zeros(200, 128 * tiles, dtype=torch.float8_e4m3fn)
+    want_s = torch.full((200, tiles), 1e-4 / 448)  # empty tiles: zeros with the floor's scale
+    row, tile = 0, 0
+    for size in sizes:
+        for start in range(0, size, 128):
+            part = x[row + start:row + min(size, start + 128)]
+            gq, gs = ref_fp8.quantize_fp8_1x128(part.t(), power_of_two=power_of_two)
+            want_q[:, 128 * tile:128 * tile + part.shape[0]] = gq
+            want_s[:, tile] = gs[:, 0]
+            tile += 1
+        row += size
+    if power_of_two:
+        want_s[:, tile:] = ref_fp8._scale_from_amax(torch.zeros(1), True)
+    assert _same_bytes(qt, want_q) == 0 and torch.equal(st, want_s)
+    qt_only, st_only = fp8.quantize_fp8_128x1(x, power_of_two=power_of_two, group_sizes=groups)
+    assert _same_bytes(qt_only, want_q) == 0 and torch.equal(st_only, want_s)
+    for bad, match in ((torch.tensor([1, 2]), "sum to 265"), (torch.tensor([266, -1]), "non-negative"),
+                       (torch.tensor([265.0]), "int32/int64"), (torch.tensor([[265]]), "1-D")):
+        with pytest.raises(ValueError, match=match):
+            fp8.quantize_fp8_128x1(x, group_sizes=bad)
+
+
 @pytest.mark.parametrize("shape", [(200, 260), (3, 130, 257)])
 def test_quantize_128x128_matches_reference(shape):
     w = _wide_range(shape, torch.float32)

@@ -21,16 +21,21 @@ def _op_cases():
     w = torch.randn(2, 192, 256)
     wq, ws = fp8.quantize_fp8_128x128(w)
     gs = _group_sizes(129, 1)
-    yt, yts = fp8.quantize_fp8_128x1(torch.randn(130, 192))
+    y = torch.randn(130, 192)
+    yt, yts = fp8.quantize_fp8_128x1(y)
+    ya, yas = fp8.quantize_fp8_128x1(y, group_sizes=gs)  # the group-aligned layout the MoE layer uses
+    xa, xas = fp8.quantize_fp8_128x1(x, group_sizes=gs)
     ids = torch.randint(0, 3, (9, 2))
     rows = torch.randperm(18)
     return {
-        "fp8_quantize_rows_cols": [(x, True, True, False, 1e-4), (x.bfloat16(), True, False, True, 1e-4),
-                                   (x, False, True, False, 1e-20)],
+        "fp8_quantize_rows_cols": [(x, True, True, False, 1e-4, None), (x.bfloat16(), True, False, True, 1e-4, None),
+                                   (x, False, True, False, 1e-20, None), (x, True, True, False, 1e-4, gs),
+                                   (x[:0], False, True, True, 1e-4, _group_sizes(0, 0, 0))],
         "fp8_quantize_blocks": [(w, False), (w[:, :100, :200].contiguous(), True)],
         "fp8_grouped_gemm": [(xq, xs, wq, ws, gs, torch.empty(130, 192, dtype=torch.bfloat16))],
-        "fp8_grouped_gemm_wgrad": [(yt, yts, xtq, xts, gs, torch.zeros(2, 192, 256), True),
-                                   (yt, yts, xtq, xts, gs, torch.empty(2, 192, 256), False)],
+        "fp8_grouped_gemm_wgrad": [(yt, yts, xtq, xts, gs, torch.zeros(2, 192, 256), True, False),
+                                   (yt, yts, xtq, xts, gs, torch.empty(2, 192, 256), False, False),
+                                   (ya, yas, xa, xas, gs, torch.empty(2, 192, 256), False, True)],
         "moe_expert_histogram": [(ids, 3)],
         "moe_gather_rows": [(xq[:18], rows), (x[:18].bfloat16(), rows)],
         "moe_combine": [(x[:18].bfloat16(), rows, torch.rand(9, 2), 2, torch.float32),

@@ -85,6 +85,31 @@ def test_wgrad_matches_reference_and_accumulates():
     assert torch.equal(unpadded, out)
 
 
+def test_group_aligned_wgrad_reduces_each_expert_over_its_own_tiles():
+    """``group_aligned=True`` reads the layout of ``quantize_fp8_128x1(..., group_sizes=)``: each expert's
+    gradient equals the single-expert wgrad of that expert's rows quantized alone."""
+    sizes = [70, 0, 1, 150]
+    M, N, K = sum(sizes), 200, 128
+    group_sizes = torch.tensor(sizes, dtype=torch.int32)
+    dy, x = torch.randn(M, N), torch.randn(M, K)
+    dy[0] = float("nan")  # expert 0's bad token: in a tile shared with expert 2 it poisoned expert 2's scales
+    dyt, dyts = fp8.quantize_fp8_128x1(dy, group_sizes=group_sizes)
+    xt, xts = fp8.quantize_fp8_128x1(x, group_sizes=group_sizes)
+    out = torch.full((len(sizes), N, K), float("nan"))
+    moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, out=out, group_aligned=True)
+    assert out[0].isnan().any() and torch.all(out[1] == 0)
+    off = _offsets(sizes)
+    for e in (2, 3):
+        one = torch.tensor([sizes[e]], dtype=torch.int32)
+        a, a_s = fp8.quantize_fp8_128x1(dy[off[e]:off[e + 1]])
+        b, b_s = fp8.quantize_fp8_128x1(x[off[e]:off[e + 1]])
+        alone = moe_gemm.fp8_grouped_gemm_wgrad(a, a_s, b, b_s, one)[0]
+        torch.testing.assert_close(out[e], alone, rtol=1e-6, atol=1e-6)  # fp32 sums, other tile split
+    with pytest.raises(ValueError, match="group-aligned layout has 768 tokens, but the token operand has 221"):
+        moe_gemm.fp8_grouped_gemm_wgrad(*fp8.quantize_fp8_128x1(dy), *fp8.quantize_fp8_128x1(x), group_sizes,
+                                        group_aligned=True)
+
+
 def test_bad_inputs_raise_value_error_naming_the_argument():
     xq, xs = fp8.quantize_fp8_1x128(torch.randn(8, 128))
     wq, ws = fp8.quantize_fp8_128x128(torch.randn(2, 64, 128))
@@ -124,6 +149,13 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match=r"^topk_ids must be an integer \[T=4, k >= 1\]"):
         moe_ffn_fp8(torch.randn(4, 128), torch.rand(4, 0), torch.zeros(4, 0, dtype=torch.long),
                     torch.randn(2, 256, 128), torch.randn(2, 128, 128))
+    good = dict(x=torch.randn(4, 128), topk_weights=torch.rand(4, 1), topk_ids=torch.zeros(4, 1, dtype=torch.long),
+                w_gate_up=torch.randn(2, 256, 128), w_down=torch.randn(2, 128, 128))
+    for name, bad in (("x", good["x"].to(torch.float8_e4m3fn)), ("x", good["x"].long()),
+                      ("topk_weights", torch.ones(4, 1, dtype=torch.long)), ("topk_ids", good["topk_ids"].bool()),
+                      ("w_gate_up", good["w_gate_up"].to(torch.float8_e4m3fn)), ("w_down", good["w_down"].int())):
+        with pytest.raises(ValueError, match=f"^{name} must be"):  # accepted before, or blamed on `w`
+            moe_ffn_fp8(**{**good, name: bad})
 
 
 def test_routing_references_match_the_kernels():

@@ -10,7 +10,6 @@ import torch
 
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
-from r1fast.moe import set_fp8_experts_fn
 from r1fast.parallelize import apply_fsdp, enable_fp8_experts, unsharded_for_rollout
 
 
@@ -26,20 +25,17 @@ def test_fp8_experts_hook_runs_the_fp8_layer_close_to_bf16_reference():
     ids = torch.randint(0, 64, (2, 7))
     ref = Transformer.from_config(_moe_args(fp8=False), seed=3)
     fp8 = Transformer.from_config(_moe_args(fp8=True), seed=3)
-    try:
-        cache = enable_fp8_experts(fp8)
-        out = fp8(ids)
-        out.square().mean().backward()
-        fp8(ids)  # a second forward before any optimizer step reuses the quantized weights
-        # one MoE layer: w_gate_up and w_down quantized once; the second forward reuses both
-        assert cache.quantizations == 2
-        w = next(p for n, p in fp8.named_parameters() if n.endswith("w_gate_up"))
-        with torch.no_grad():
-            w.mul_(1.0)  # an in-place optimizer-style update bumps the version: re-quantize that weight only
-        fp8(ids)
-        assert cache.quantizations == 3
-    finally:
-        set_fp8_experts_fn(None)
+    cache = enable_fp8_experts(fp8)
+    out = fp8(ids)
+    out.square().mean().backward()
+    fp8(ids)  # a second forward before any optimizer step reuses the quantized weights
+    # one MoE layer: w_gate_up and w_down quantized once; the second forward reuses both
+    assert cache.quantizations == 2
+    w = next(p for n, p in fp8.named_parameters() if n.endswith("w_gate_up"))
+    with torch.no_grad():
+        w.mul_(1.0)  # an in-place optimizer-style update bumps the version: re-quantize that weight only
+    fp8(ids)
+    assert cache.quantizations == 3
     with torch.no_grad():
         expected = ref(ids)
     # FP8 (E4M3, 1x128 / 128x128 scales) on both GEMMs of each expert: ~2-3 significant digits
@@ -131,16 +127,27 @@ def test_enable_fp8_experts_switches_moe_layers_and_rejects_dense_models():
         enable_fp8_experts(dense)
     model = Transformer.from_config(_moe_args(fp8=False), seed=3)  # args say bf16; the switch comes from outside
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    try:
-        cache = enable_fp8_experts(model, optimizer)
-        ids = torch.randint(0, 64, (2, 7))
-        model(ids).square().mean().backward()
-        assert cache.quantizations == 2
-        optimizer.step()
-        model(ids)
-        assert cache.quantizations == 4  # re-quantized after the step
-    finally:
-        set_fp8_experts_fn(None)
+    cache = enable_fp8_experts(model, optimizer)
+    ids = torch.randint(0, 64, (2, 7))
+    model(ids).square().mean().backward()
+    assert cache.quantizations == 2
+    optimizer.step()
+    model(ids)
+    assert cache.quantizations == 4  # re-quantized after the step
+    # a second model with its own cache leaves the first on the cache its optimizer invalidates (a
+    # process-global hook moved it onto the second model's cache, which served stale weights after a step)
+    other = Transformer.from_config(_moe_args(fp8=False), seed=4)
+    other_cache = enable_fp8_experts(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    model(ids).square().mean().backward()
+    other(ids)
+    assert cache.quantizations == 4 and other_cache.quantizations == 2
+    optimizer.step()
+    with torch.no_grad():
+        after_step = model(ids)
+    assert cache.quantizations == 6
+    enable_fp8_experts(model)  # a fresh cache quantizes the stepped weights: the same output
+    with torch.no_grad():
+        assert torch.equal(model(ids), after_step)
 
 
 _FSDP_FP8_SCRIPT = r"""
