@@ -214,8 +214,9 @@ def paged_attention_cascade(
 def append_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [T, Hkv, D] into the caches at ``slot_mapping`` (int64 [T], block * block_size + offset).
 
-    A negative slot skips that token (padding, as in vLLM). Slots beyond the cache are not checked on the
-    device (that would need a host sync); the reference raises ValueError for them. The cache's block_size
+    A negative slot skips that token (padding, as in vLLM). Slots beyond the cache raise ValueError when
+    ``slot_mapping`` is on the CPU (reference and Triton interpreter); on CUDA they are not checked (that would
+    need a host sync per layer). The cache's block_size
     must be one ``paged_attention`` reads (a power of two, 8..128; ValueError otherwise). Returns None.
     """
     ref.check_append_kv_args(k, v, k_cache, v_cache, slot_mapping)

@@ -29,8 +29,10 @@ from .model_config import ModelArgs
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _KEEP_FP32 = ("e_score_correction_bias",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+"""The weight dtypes every op runs in (float64 for oracle runs); FP8 weights need scales and are refused."""
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32",
+                  "fp64": "float64", "double": "float64"}
 _FLOAT_HEADER_DTYPES = ("F64", "F32", "F16", "BF16")
 """safetensors header dtypes that copy into a float parameter as the same numbers (FP8 needs its scales;
 quantized configs are refused in ModelArgs)."""
@@ -141,10 +143,14 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    """A floating torch.dtype from a dtype or its name ("bfloat16", "bf16", "torch.float32", ...)."""
+    """A weight dtype (fp32, bf16, fp16 or fp64) from a torch.dtype or its name ("bfloat16", "bf16", "torch.float32").
+
+    Anything else raises ValueError naming ``dtype``: integer dtypes would truncate the weights, and FP8 casts
+    without scales produce a model whose forward fails (no fp8 add/matmul on plain tensors).
+    """
     if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype={dtype} is not a floating dtype")
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(_DTYPES)}")
         return dtype
     name = str(dtype).lower().replace("torch.", "")
     name = _DTYPE_ALIASES.get(name, name)
@@ -244,8 +250,14 @@ def _write_text(file: str, text: str) -> None:
 
 
 def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
-    """Write ``model`` as an HF directory; each file lands atomically, stale shards of an earlier save go."""
+    """Write ``model`` as an HF directory; each file lands atomically, stale shards of an earlier save go.
+
+    dtype: the dtype floating weights are written in, a torch dtype or its name as ``resolve_dtype`` takes it;
+    None keeps each tensor's own dtype.
+    """
     path = os.fspath(path)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     os.makedirs(path, exist_ok=True)
     pieces = _pieces(model)

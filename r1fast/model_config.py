@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from .rope_config import read_rope, rope_fields
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -172,15 +174,7 @@ class ModelArgs:
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu / SwiGLU)")
         if cfg.get("use_sliding_window") or (model_type == "llama" and cfg.get("sliding_window")):
             raise ValueError("use_sliding_window=True is not supported")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope.pop("type")
-        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if partial not in (None, 1, 1.0):
-            raise ValueError(f"partial_rotary_factor={partial} is not supported")
-        if rope.get("rope_type", "default") == "default":
-            rope = {}
+        rope_theta, rope = read_rope(cfg)
         heads = cfg["num_attention_heads"]
         common = dict(
             model_type=model_type,
@@ -296,8 +290,6 @@ class ModelArgs:
         """The config.json dict (fields this class owns overwrite the stored original's); ValueError for args
         that the HF architecture of model_type cannot express (see ``_check_expressible``)."""
         self._check_expressible()
-        rope = {"rope_type": "default"} if not self.rope_scaling else dict(self.rope_scaling)
-        rope["rope_theta"] = self.rope_theta
         out = {
             "architectures": [MODEL_TYPE_TO_ARCH[self.model_type]],
             "model_type": self.model_type,
@@ -309,8 +301,7 @@ class ModelArgs:
             "num_key_value_heads": self.num_kv_heads,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": rope,
+            **rope_fields(self.rope_theta, self.rope_scaling),  # both HF forms: 4.x and vLLM read rope_scaling
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -348,7 +339,6 @@ class ModelArgs:
             if self.model_type == "llama":
                 out["mlp_bias"] = self.mlp_bias
         cfg = copy.deepcopy(self.hf_config)
-        cfg.pop("rope_scaling", None)
         cfg.pop("torch_dtype", None)
         cfg.update(out)
         if dtype is not None:

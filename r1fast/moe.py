@@ -39,7 +39,10 @@ def _grouped_mm_usable(x: torch.Tensor) -> bool:
 
 
 def grouped_experts(x, topk_weights, topk_ids, w_gate_up, w_down):
-    """SwiGLU experts on tokens sorted by expert; weighted sum over each token's k choices in fp32.
+    """SwiGLU experts on tokens sorted by expert; weighted sum over each token's k choices in fp32 or wider.
+
+    The sum runs in ``promote_types(x.dtype, float32)``: fp32 for bf16/fp16/fp32 models, fp64 for fp64
+    oracle runs (rounding those through fp32 left a ~4e-8 relative error where dense layers are bit-exact).
 
     On Hopper with bf16 the two GEMMs are single ``torch._grouped_mm`` calls (no host sync); otherwise
     a loop over experts reads the per-expert counts once on the host.
@@ -66,8 +69,9 @@ def grouped_experts(x, topk_weights, topk_ids, w_gate_up, w_down):
                 outs.append(F.linear(F.silu(gate) * up, w_down[e]))
             start += n
         ys = torch.cat(outs) if outs else xs.new_zeros(0, w_down.shape[1])
-    weighted = ys.float() * topk_weights.reshape(-1)[order, None].float()
-    out = torch.zeros(num_tokens, w_down.shape[1], dtype=torch.float32, device=x.device)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    weighted = ys.to(acc_dtype) * topk_weights.reshape(-1)[order, None].to(acc_dtype)
+    out = torch.zeros(num_tokens, w_down.shape[1], dtype=acc_dtype, device=x.device)
     return out.index_add_(0, token_of, weighted).to(x.dtype)
 
 

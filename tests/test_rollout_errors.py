@@ -1,6 +1,7 @@
 """Rollout engine failure paths: an aborted ``generate`` frees its blocks, non-finite logits and positions
 past the model's range raise, and ``generate`` takes integer-like arguments (numpy/torch ints, a single
-stop id) but refuses bools with a ValueError naming the argument.
+stop id) but refuses bools with a ValueError naming the argument. Also the KV cache's edges: its exact
+capacity, a model cast after ``Engine(model)``, and cache writes past its end.
 
 Tiny random fp32 models on CPU with the PyTorch reference kernels (``R1FAST_KERNELS=torch``).
 """
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import r1fast.rollout.engine as engine_module
+from r1fast.kernels import backend
+from r1fast.kernels.paged_attention import append_kv
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
 from r1fast.rollout import Engine
@@ -174,3 +177,60 @@ def test_numpy_and_torch_integers_are_accepted_like_python_ints():
             [(c.token_ids, c.logprobs) for c in g] for g in want
         ], variant
         assert all(type(t) is int for g in got for c in g for t in c.token_ids)
+
+
+# ---- the KV cache: what it must hold, and a model cast after Engine(model) ---------------------------
+
+
+def test_cache_holds_prompt_plus_new_tokens_minus_the_uncached_last_one():
+    """The last sampled token is never fed back: a 32-token cache runs 20 + 13 (was refused, one token lost)."""
+    engine = Engine(tiny_model(), block_size=8, num_blocks=4)  # 32 tokens
+    prompt = list(range(1, 21))
+    out = engine.generate([prompt], max_new_tokens=13, temperature=0)[0][0]
+    big = Engine(engine.model, block_size=8, num_blocks=16).generate([prompt], max_new_tokens=13, temperature=0)
+    assert out.token_ids == big[0][0].token_ids and len(out.token_ids) == 13
+    assert_all_blocks_free(engine)
+    with pytest.raises(ValueError, match=r"\(20 tokens\) \+ max_new_tokens \(14\) - 1 .* exceeds the KV cache "
+                                         r"\(4 blocks x 8 = 32 tokens\); raise num_blocks") as err:
+        engine.generate([prompt], max_new_tokens=14, temperature=0)
+    assert "tokens tokens" not in str(err.value)
+
+
+def test_model_cast_after_engine_rebuilds_the_cache_and_a_device_move_is_refused():
+    """Casting the live model after Engine(model) used to fail mid-step inside attention (k/v vs cache dtype)."""
+    model = tiny_model()
+    engine = Engine(model, block_size=8, num_blocks=32)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    model.to(torch.bfloat16)
+    got = engine.generate(prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    assert engine.cache.dtype == engine.cache.k[0].dtype == torch.bfloat16
+    assert engine.stats()["num_blocks"] == 64  # same bytes, half the bytes per block
+    want = Engine(model, block_size=8, num_blocks=64).generate(prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+    model.to(torch.float32)
+    engine.generate(prompts, max_new_tokens=2, temperature=0)
+    assert engine.stats()["num_blocks"] == 32
+    assert_all_blocks_free(engine)
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"now on meta.*build a new Engine"):
+        engine.generate(prompts, max_new_tokens=2, temperature=0)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton-interpret"])
+def test_append_kv_refuses_slots_past_the_cache_on_cpu(monkeypatch, kernels):
+    """The interpreted kernel wrote out of bounds (a heap abort when past the allocation); both paths raise.
+
+    The cache is the first 3 blocks of a 4-block buffer, so a write to slot 3 * 8 would land in the guard
+    block rather than corrupt the heap if the check were missing.
+    """
+    if kernels == "triton-interpret":
+        monkeypatch.delenv("R1FAST_KERNELS")
+    assert backend(torch.device("cpu")) == kernels
+    buffers = [torch.zeros(4, 8, 2, 64) for _ in range(2)]
+    k_cache, v_cache = (b[:3] for b in buffers)
+    k, v = torch.ones(2, 2, 64), torch.ones(2, 2, 64)
+    with pytest.raises(ValueError, match="slot 24 beyond the cache's 24 slots"):
+        append_kv(k, v, k_cache, v_cache, torch.tensor([5, 24]))
+    assert all(b[3].abs().sum() == 0 for b in buffers)
+    append_kv(k, v, k_cache, v_cache, torch.tensor([-1, 23]))  # the last slot and a skipped token are fine
+    assert k_cache[2, 7].eq(1).all() and k_cache.sum() == 2 * 64

@@ -90,14 +90,18 @@ def validate(args, capacity_tokens: int, capacity: str, prompts, n, max_new_toke
             if not 0 <= token < vocab:
                 raise ValueError(f"prompts[{i}] holds token id {token} outside the vocabulary [0, {vocab})")
             prompt[j] = token
-        if len(prompt) + new_tokens > capacity_tokens:
+        # the last sampled token is never fed back, so it never takes a cache slot: a 128-token cache
+        # holds a 100-token prompt plus 29 new tokens
+        if len(prompt) + new_tokens - 1 > capacity_tokens:
             raise ValueError(
-                f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache "
-                f"({capacity} tokens); raise num_blocks")
+                f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({new_tokens}) - 1 (the last token is "
+                f"never cached) exceeds the KV cache ({capacity}); raise num_blocks")
     longest = max((len(p) for p in prompts), default=0)
     limit = args.max_position_embeddings
     if prompts and longest + new_tokens > limit:
-        # positions past the model's range run silently otherwise (RoPE beyond the trained/scaled range)
+        # positions past the model's range run silently otherwise (RoPE beyond the trained/scaled range).
+        # Not relaxed by one like the cache: the trainer feeds the whole prompt + completion to the model
+        # (policy.pack), so the last token's position is used there, and train.py checks the same sum.
         raise ValueError(f"the model holds {limit} positions (max_position_embeddings), fewer than the longest "
                          f"prompt ({longest} tokens) plus max_new_tokens={new_tokens}")
     return n_int, SamplingParams(float(temperature), float(top_p), k, new_tokens, tuple(stop))

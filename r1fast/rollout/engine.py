@@ -68,23 +68,34 @@ class Engine:
         self.args = model.args
         weight = model.lm_head_weight
         self.device, self.dtype = weight.device, weight.dtype
-        kv_heads, qk_dim, v_dim = _attention_dims(self.args)
-        head_dim = cache_head_dim(qk_dim, v_dim)
-        per_block = PagedKVCache.bytes_per_block(num_layers=self.args.num_layers, block_size=block_size,
-                                                 num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype)
-        if num_blocks is None:
-            num_blocks = self._default_num_blocks(per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs)
-        elif not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
-        self.cache = PagedKVCache(num_layers=self.args.num_layers, num_blocks=num_blocks, block_size=block_size,
-                                  num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype, device=self.device)
-        self.backend = PagedAttentionBackend(self.cache)
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
-        self.graphs = DecodeGraphs(self) if use_cuda_graphs and self.device.type == "cuda" else None
+        self.use_cuda_graphs = use_cuda_graphs
+        if num_blocks is None:
+            num_blocks = self._default_num_blocks(self._bytes_per_block(), block_size, memory_fraction,
+                                                  max_batch_tokens, max_num_seqs)
+        elif not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
+        self._build_cache(num_blocks)
         self._stats = {"preemptions": 0, "generated_tokens": 0, "generate_seconds": 0.0, "steps": 0,
                        "max_blocks_used": 0, "max_blocks_shared": 0, "last_tokens_per_s": 0.0}
+
+    def _bytes_per_block(self) -> int:
+        kv_heads, qk_dim, v_dim = _attention_dims(self.args)
+        return PagedKVCache.bytes_per_block(num_layers=self.args.num_layers, block_size=self.block_size,
+                                            num_kv_heads=kv_heads, head_dim=cache_head_dim(qk_dim, v_dim),
+                                            dtype=self.dtype)
+
+    def _build_cache(self, num_blocks: int) -> None:
+        """The KV cache in ``self.dtype`` on ``self.device``, its attention backend and (CUDA) decode graphs."""
+        kv_heads, qk_dim, v_dim = _attention_dims(self.args)
+        self.cache = PagedKVCache(num_layers=self.args.num_layers, num_blocks=num_blocks, block_size=self.block_size,
+                                  num_kv_heads=kv_heads, head_dim=cache_head_dim(qk_dim, v_dim), dtype=self.dtype,
+                                  device=self.device)
+        self.backend = PagedAttentionBackend(self.cache)
+        use_graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self) if use_graphs else None
 
     def _default_num_blocks(self, per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs) -> int:
         if self.device.type == "cuda":
@@ -130,10 +141,12 @@ class Engine:
         seed + k) or a list of ``len(prompts) * n`` ints; each completion's tokens depend only on its own
         seed, so ``generate([p], n=4, seed=s)`` equals ``generate([p] * 4, seed=s)``. temperature 0 =
         greedy. Integers may be numpy/torch ints (never bools); stop_token_ids may be one id. Raises
-        ValueError before any work for bad arguments (a prompt + max_new_tokens beyond the KV cache or the
-        model's max_position_embeddings included), RuntimeError for non-finite logits; an exception
-        mid-generation releases every KV block this call took.
+        ValueError before any work for bad arguments (a prompt + max_new_tokens - 1 beyond the KV cache, a
+        prompt + max_new_tokens beyond the model's max_position_embeddings) or a model moved to another
+        device since ``Engine(model)`` (a cast is followed: see ``_follow_weights``), RuntimeError for
+        non-finite logits; an exception mid-generation releases every KV block this call took.
         """
+        self._follow_weights()
         prompts = arguments.prompt_lists(prompts)
         capacity = f"{self.cache.num_blocks} blocks x {self.block_size} = {self.cache.capacity_tokens} tokens"
         n, params = arguments.validate(self.args, self.cache.capacity_tokens, capacity, prompts, n, max_new_tokens,
@@ -187,6 +200,26 @@ class Engine:
         self._stats["generate_seconds"] += seconds
         self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
         return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
+
+    def _follow_weights(self) -> None:
+        """Keep the KV cache in the model's current dtype; ValueError if the model moved to another device.
+
+        Without this, a model cast after ``Engine(model)`` failed mid-step inside attention (k/v and cache
+        dtypes differ). Between calls no sequence holds a block, so the cache can be rebuilt: it keeps its
+        bytes (fp32 -> bf16 doubles the blocks, bf16 -> fp32 halves them), so a cast never needs more memory
+        than was budgeted, and captured CUDA graphs (which point into the old cache) are dropped. A device
+        move is refused instead: the budget was measured on the old device.
+        """
+        weight = self.model.lm_head_weight
+        if weight.device != self.device:
+            raise ValueError(f"the model's weights are now on {weight.device}, but this Engine's KV cache is on "
+                             f"{self.device} (Engine(model) sizes its cache for one device); build a new Engine "
+                             "after model.to(device)")
+        if weight.dtype != self.dtype:
+            budget = self.cache.num_blocks * self._bytes_per_block()
+            self.cache = self.backend = self.graphs = None  # free the old cache before allocating the new one
+            self.dtype = weight.dtype
+            self._build_cache(max(1, budget // self._bytes_per_block()))
 
     # -- one step -----------------------------------------------------------------------------------
     def _step(self, scheduler: Scheduler, chunks: list[Chunk], params: SamplingParams) -> int:

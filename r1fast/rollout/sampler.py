@@ -2,7 +2,8 @@
 
 Reproducibility: every sequence owns a CPU ``torch.Generator`` seeded from its request seed. It draws one
 uniform number per generated token (in chunks, so the generator is touched once per 256 tokens), and the
-token is picked by inverse-CDF sampling with that number. A sequence's t-th token therefore depends only
+token is picked by inverse-CDF sampling with that number (CDF and target in fp64, so every token of a
+152k vocabulary keeps its share). A sequence's t-th token therefore depends only
 on its own seed and its own logits, never on which other sequences share the batch, on preemption
 (recomputation draws nothing) or on the order of requests. The whole batch is sampled with one cumsum
 and one searchsorted instead of one kernel launch per sequence.
@@ -119,14 +120,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, randoms: list[SequenceR
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     truncated = _truncate(scaled, params.top_k, params.top_p)
     probs = torch.softmax(truncated, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    uniforms = torch.tensor([r.uniform() for r in randoms], dtype=torch.float32).to(logits.device)
+    # The CDF and the target are fp64: in fp32 the CDF steps by 6e-8 near 1.0, so at V = 152,064 about
+    # 50,800 tail tokens (3.9e-4 of the mass) added nothing to it and could never be drawn (TV distance
+    # ~1e-3 per token from the softmax whose logprobs we return). fp64 steps by 1.1e-16 there: what it
+    # still loses is at most V * 1.1e-16 = 2e-11 of the mass.
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    uniforms = torch.tensor([r.uniform() for r in randoms], dtype=torch.float64).to(logits.device)
     # scale by the row total so rounding in the cumsum cannot push the target past the last token;
     # right=True returns the first index whose cdf exceeds the target, which has nonzero probability
     target = uniforms[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
-    # fp32 rounding of the target can land past the last kept token; clamp to it, never to a token
-    # outside the kept set
+    # rounding of the target can land past the last kept token; clamp to it, never to a token outside
+    # the kept set
     vocab = logits.shape[-1]
     last_kept = vocab - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
     tokens = torch.minimum(tokens, last_kept)

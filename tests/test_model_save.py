@@ -1,0 +1,127 @@
+"""save_pretrained / from_pretrained edges: dtype names, refused dtypes, fp64 oracle runs, RoPE in both HF forms."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+transformers = pytest.importorskip("transformers")
+
+from test_model import V, saved_hf  # noqa: E402
+
+from r1fast.checkpoint import SINGLE_FILE  # noqa: E402
+from r1fast.model import Transformer  # noqa: E402
+from r1fast.model_config import ModelArgs  # noqa: E402
+from r1fast.moe import grouped_experts  # noqa: E402
+
+
+def _tiny():
+    return Transformer.from_config(ModelArgs(model_type="llama", vocab_size=32, num_layers=1), seed=0)
+
+
+def _header_dtypes(path):
+    with safe_open(path / SINGLE_FILE, framework="pt") as f:
+        return {f.get_slice(n).get_dtype() for n in f.keys()}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "torch.bfloat16", torch.bfloat16])
+def test_save_dtype_by_name_or_dtype(dtype, tmp_path):
+    """from_pretrained takes dtype names, so save_pretrained must too (a name used to crash in torch.empty)."""
+    _tiny().save_pretrained(tmp_path, dtype=dtype)
+    assert _header_dtypes(tmp_path) == {"BF16"}
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert Transformer.from_pretrained(tmp_path).embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, "int8", "float8_e4m3fn", "complex64"])
+def test_save_refuses_non_weight_dtypes_before_writing(dtype, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="dtype="):
+        _tiny().save_pretrained(out, dtype=dtype)
+    assert not out.exists()
+
+
+def test_from_pretrained_dtype_set_is_fp32_bf16_fp16_fp64(tmp_path):
+    """fp8 weights without scales cannot run a forward (no fp8 add): refuse them; fp64 runs, by name too."""
+    _tiny().save_pretrained(tmp_path)
+    for bad in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int32, "float8"):
+        with pytest.raises(ValueError, match="dtype="):
+            Transformer.from_pretrained(tmp_path, dtype=bad)
+    ids = torch.tensor([[1, 2, 3]])
+    ref = None
+    for name in ("float64", "fp64", "double", torch.float64):
+        model = Transformer.from_pretrained(tmp_path, dtype=name)
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
+        with torch.no_grad():
+            logits = model.logits(model(ids))
+        ref = logits if ref is None else ref
+        torch.testing.assert_close(logits, ref, atol=0, rtol=0)
+    _tiny().save_pretrained(tmp_path / "f64", dtype="fp64")  # config.json says float64: loads as fp64 by default
+    assert Transformer.from_pretrained(tmp_path / "f64").embed_tokens.weight.dtype == torch.float64
+
+
+def _expert_loop(x, w, ids, w_gate_up, w_down):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up = (w_gate_up[ids[t, j]] @ x[t]).chunk(2)
+            out[t] += w[t, j].to(x.dtype) * (w_down[ids[t, j]] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def test_grouped_experts_fp64_is_not_rounded_through_fp32():
+    """fp64 oracle runs: the weighted sum used to round to fp32 (~4e-8 relative error)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, experts, k = 13, 32, 24, 5, 2
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    w_gate_up = 0.1 * torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=torch.float64)
+    w_down = 0.1 * torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=gen)  # the router's fp32 gate values
+    out = grouped_experts(x, w, ids, w_gate_up, w_down)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _expert_loop(x, w, ids, w_gate_up, w_down), atol=1e-13, rtol=0)
+    # low precision still sums in fp32 and returns the input dtype
+    out16 = grouped_experts(x.bfloat16(), w, ids, w_gate_up.bfloat16(), w_down.bfloat16())
+    assert out16.dtype == torch.bfloat16
+
+
+def test_fp64_moe_matches_transformers_fp64(tmp_path_factory):
+    """DeepSeek-V3 in fp64: transformers' eager experts and ours agree to rounding (was ~1e-7 off)."""
+    _, path = saved_hf("deepseek_v3", tmp_path_factory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
+                                                           experts_implementation="eager").eval()
+    ours = Transformer.from_pretrained(path, dtype="float64")
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out = ours.logits(ours(ids))
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3", "qwen3"])
+def test_saved_config_carries_rope_in_both_forms(arch, tmp_path, tmp_path_factory):
+    """transformers 4.x and vLLM read ``rope_scaling``; with only ``rope_parameters`` a llama3 / yarn checkpoint
+    loaded there with default RoPE. Both forms must carry the same values, and every reader must agree."""
+    _, src = saved_hf(arch, tmp_path_factory)
+    Transformer.from_pretrained(src).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    original = transformers.AutoConfig.from_pretrained(src).rope_parameters
+    assert cfg["rope_theta"] == original["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
+    scaling = {k: v for k, v in original.items() if k != "rope_theta"}
+    if original["rope_type"] == "default":
+        assert cfg["rope_scaling"] is None  # what transformers 4.x writes for plain RoPE
+    else:  # 4.x form: no theta inside, the kind under rope_type and (DeepSeek's remote code) type
+        assert cfg["rope_scaling"] == {**scaling, "type": original["rope_type"]}
+    # transformers 5 prefers rope_scaling when both are present: it must rebuild the same parameters
+    reloaded = dict(transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters)
+    reloaded.pop("type", None)
+    assert reloaded == original
+    # our loader reads either form alone to the same args
+    args = ModelArgs.from_hf_config(cfg)
+    for drop in ("rope_parameters", "rope_scaling"):
+        one_form = ModelArgs.from_hf_config({k: v for k, v in cfg.items() if k != drop})
+        assert (one_form.rope_theta, one_form.rope_scaling) == (args.rope_theta, args.rope_scaling)
+    assert args.rope_scaling == (None if original["rope_type"] == "default" else scaling)
