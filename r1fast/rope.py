@@ -32,7 +32,8 @@ def inv_freq_and_attention_factor(dim: int, theta: float, scaling: dict | None, 
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_len = float(scaling["original_max_position_embeddings"])
+        # absent: the model's own length, as transformers 5 fills it in (a KeyError here before)
+        old_len = float(scaling.get("original_max_position_embeddings") or max_position_embeddings)
         wavelen = 2 * math.pi / inv_freq
         # long wavelengths are interpolated by `factor`, short ones kept, the band between blended smoothly
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)

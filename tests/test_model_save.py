@@ -88,7 +88,8 @@ def test_grouped_experts_fp64_is_not_rounded_through_fp32():
 
 
 def test_fp64_moe_matches_transformers_fp64(tmp_path_factory):
-    """DeepSeek-V3 in fp64: transformers' eager experts and ours agree to rounding (was ~1e-7 off)."""
+    """DeepSeek-V3 in fp64: transformers' eager experts and ours agree to rounding (was ~1e-7 off). Not V2:
+    transformers' V2 RMSNorm computes in fp32 even for fp64 weights, so it is no fp64 oracle (2e-6 apart)."""
     _, path = saved_hf("deepseek_v3", tmp_path_factory)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
                                                            experts_implementation="eager").eval()
@@ -125,3 +126,24 @@ def test_saved_config_carries_rope_in_both_forms(arch, tmp_path, tmp_path_factor
         one_form = ModelArgs.from_hf_config({k: v for k, v in cfg.items() if k != drop})
         assert (one_form.rope_theta, one_form.rope_scaling) == (args.rope_theta, args.rope_scaling)
     assert args.rope_scaling == (None if original["rope_type"] == "default" else scaling)
+
+
+def test_llama3_rope_without_original_length_uses_the_models_own(tmp_path):
+    """transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings; we raised
+    KeyError. Logits at positions past 64 must equal transformers'."""
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling"):  # a hand-written config that never had the key
+        if isinstance(stored.get(key), dict):
+            stored[key].pop("original_max_position_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours = Transformer.from_pretrained(tmp_path, dtype="float64")
+    ids, pos = torch.randint(0, V, (1, 6)), torch.arange(6)[None] + 100
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids, position_ids=pos)),
+                                   hf(input_ids=ids, position_ids=pos).logits, atol=1e-12, rtol=0)
