@@ -58,25 +58,40 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group", eps: float = 1e-4,
-                     process_group=None) -> torch.Tensor:
+                     process_group=None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """A = (r - group mean) / (std + eps); fp32, shaped like ``rewards``.
 
     ``scale_rewards``: "group" (std of each group), "batch" (std of all rewards of the global batch,
     all ranks), "none" (no division). Stds are unbiased (Bessel), as ``torch.std`` in TRL.
+    ``valid`` (bool, shaped like ``rewards``): samples whose reward exists (a reward that skipped a sample,
+    e.g. an unparsable gold answer, scores it a stand-in 0): only valid samples enter the means and stds,
+    and the others get advantage 0. Their stand-in zeros moved other samples' advantages before (+-0.707 ->
+    +-0.9998 under batch scaling with one skipped prompt in the batch).
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {scale_rewards!r}")
     grouped = _grouped(rewards, group_size)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if valid is None:
+        ok = torch.ones_like(grouped)
+    else:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.numel() != rewards.numel():
+            raise ValueError("valid: expected a bool tensor with one entry per reward")
+        ok = valid.reshape(grouped.shape).to(grouped)
+    if bool(ok.all()):  # today's formulas, bit for bit
+        centered = grouped - grouped.mean(dim=1, keepdim=True)
+        group_std = grouped.std(dim=1, keepdim=True) if scale_rewards == "group" else None
+    else:
+        count = ok.sum(dim=1, keepdim=True)
+        centered = (grouped - (grouped * ok).sum(dim=1, keepdim=True) / count.clamp_min(1)) * ok
+        group_std = ((centered * centered).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
     if scale_rewards == "group":
-        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+        centered = centered / (group_std + eps)
     elif scale_rewards == "batch":
-        # Global unbiased std from (count, sum, sum of squares); fp64 keeps the cancellation harmless
-        # for rewards of order one and batches of millions.
-        stats = torch.stack([torch.tensor(float(grouped.numel()), dtype=torch.float64, device=grouped.device),
-                             grouped.sum(), (grouped * grouped).sum()])
+        # Global unbiased std from (count, sum, sum of squares) of the valid rewards; fp64 keeps the
+        # cancellation harmless for rewards of order one and batches of millions.
+        stats = torch.stack([ok.sum(), (grouped * ok).sum(), (grouped * grouped * ok).sum()])
         count, total, total_sq = _all_reduce_sum(stats, process_group).unbind()
-        variance = ((total_sq - total * total / count) / (count - 1)).clamp_min(0.0)
+        variance = ((total_sq - total * total / count.clamp_min(1)) / (count - 1).clamp_min(1)).clamp_min(0.0)
         centered = centered / (variance.sqrt() + eps)
     return centered.to(torch.float32).reshape(rewards.shape)
 

@@ -76,8 +76,9 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if g.soft_overlong_penalty:  # DAPO: linear penalty over the last overlong_cache_len tokens
         rewards += soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
     # groups never straddle ranks; "batch" scaling all-reduces its statistics inside
-    advantages = group_advantages(rewards, group, scale_rewards=g.scale_rewards)
-    keep = [not skipped for skipped in graded.skipped]
+    valid = torch.tensor([not skipped for skipped in graded.skipped], dtype=torch.bool)
+    advantages = group_advantages(rewards, group, scale_rewards=g.scale_rewards, valid=valid)
+    keep = valid.tolist()
     if g.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
         keep = [k and bool(m) for k, m in zip(keep, dynamic_sampling_mask(rewards, group).tolist(), strict=True)]
     if g.overlong_filter:
@@ -85,7 +86,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
         keep = [k and bool(m) for k, m in zip(keep, overlong_filter_mask(truncated).tolist(), strict=True)]
     per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
     per_reward_sq = {f"{key}_sq": [v * v for v in values] for key, values in per_reward.items()}
-    means = _global_means({"reward_mean": [float(x) for x in rewards], "reward_sq": [float(x) ** 2 for x in rewards],
+    scored = [float(x) if ok else math.nan for x, ok in zip(rewards.tolist(), keep, strict=True)]  # NaN: not counted
+    means = _global_means({"reward_mean": scored, "reward_sq": [x * x for x in scored],
                            **per_reward, **per_reward_sq,
                            "response_length_mean": lengths.tolist(),
                            "kept_fraction": [float(k) for k in keep],
@@ -99,7 +101,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     metrics = {**means, "reward_std": reward_std,
                "response_length_max": longest.item(), "reward_skipped": sum(graded.skipped),
                "reward_errors": sum(graded.errors.values())}
-    metrics["accuracy"] = means.get("reward_accuracy", means.get("reward_task_accuracy", float("nan")))
+    accuracy = [means[k] for k in ("reward_accuracy", "reward_task_accuracy", "reward_math_accuracy") if k in means]
+    metrics["accuracy"] = accuracy[0] if accuracy else float("nan")  # NaN for GSM8K/MATH runs before
     if "reward_format" in means:
         metrics["format_rate"] = means["reward_format"]
     return RolloutBatch(prompts=[p for _, p, _ in flat], completions=[list(c.token_ids) for _, _, c in flat],

@@ -177,3 +177,33 @@ def test_grpo_loss_with_sample_mask_equals_masked_call():
     loss, _ = grpo_loss(h, w, ids, mask, adv, sample_mask=keep, loss_type="bnpo")
     expected, _ = ref_loss(h, w, ids, mask * keep[:, None], adv, loss_type="bnpo")
     torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_skipped_samples_enter_no_statistic_and_get_zero_advantage(scale):
+    """A reward that skipped a sample (unparsable gold answer) scores it a stand-in 0: with ``valid`` the
+    means and stds are those of the valid samples alone (a skipped prompt in the batch moved the others'
+    batch-scaled advantages from +-0.707 to +-0.9998)."""
+    G = 4
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0,  0.0, 0.5, 0.0, 1.0,  0.0, 0.0, 0.0, 0.0,  3.0, 1.0, 2.0, 0.0])
+    valid = torch.tensor([True] * 4 + [True, False, True, True] + [False] * 4 + [True, False, False, False])
+    adv = group_advantages(rewards, G, scale_rewards=scale, valid=valid)
+    r = [float(x) for x in rewards]
+    kept = [x for x, ok in zip(r, valid.tolist(), strict=True) if ok]
+    batch_mean = sum(kept) / len(kept)
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in kept) / (len(kept) - 1))
+    want = []
+    for g in range(0, len(r), G):
+        grp = [x for x, ok in zip(r[g:g + G], valid[g:g + G].tolist(), strict=True) if ok]
+        mean = sum(grp) / max(len(grp), 1)
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (len(grp) - 1)) if len(grp) > 1 else 0.0
+        for x, ok in zip(r[g:g + G], valid[g:g + G].tolist(), strict=True):
+            centered = x - mean if ok else 0.0
+            want.append({"group": centered / (std + 1e-4), "batch": centered / (batch_std + 1e-4),
+                         "none": centered}[scale])
+    torch.testing.assert_close(adv.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    # all valid: the same bits as without the mask
+    assert torch.equal(group_advantages(rewards, G, scale_rewards=scale, valid=torch.ones(16, dtype=torch.bool)),
+                       group_advantages(rewards, G, scale_rewards=scale))
+    with pytest.raises(ValueError, match="valid"):
+        group_advantages(rewards, G, valid=valid[:4])

@@ -253,3 +253,12 @@ def test_combine_validation_and_errors(caplog):
         del REWARDS["nan_for_test"]
     assert batch.total == [0.0, 1.0] and batch.errors == {"nan_for_test": 1}
     assert any("non-finite score nan" in r.getMessage() for r in caplog.records)
+
+
+def test_a_weighted_total_that_overflows_is_logged_and_scored_0(caplog, monkeypatch):
+    """Each score is finite, their weighted sum is not (issue 6: a bad reward is logged and scores 0; the inf
+    total crashed the step's advantage computation)."""
+    monkeypatch.setitem(REWARDS, "zz_huge", lambda prompt, completion, meta: 1e308)
+    with caplog.at_level(logging.WARNING):
+        batch = combine({"zz_huge": 10.0}).score(["p"], ["c"], [{"id": "s0"}])
+    assert batch.total == [0.0] and batch.errors["total"] == 1 and "s0" in caplog.text

@@ -105,7 +105,8 @@ class Reward:
 class RewardBatch:
     """Scores of one batch. ``total[i]`` is the weighted sum (0 for a skipped sample);
     ``per_reward[name][i]`` the raw score (NaN when skipped); ``errors[name]`` the number of samples on
-    which that reward raised; ``skipped[i]`` True when some reward could not grade sample i."""
+    which that reward raised (``errors["total"]``: samples whose weighted sum overflowed, scored 0);
+    ``skipped[i]`` True when some reward could not grade sample i."""
 
     total: list[float]
     per_reward: dict[str, list[float]]
@@ -150,6 +151,12 @@ class CombinedReward:
             for i, s in enumerate(scores):
                 skipped[i] |= s is None
         total = [0.0 if skipped[i] else sum(self.weights[k] * per_reward[k][i] for k in self.rewards) for i in range(n)]
+        for i, value in enumerate(total):
+            if not math.isfinite(value):  # each score is finite, their weighted sum overflowed (1e308 x 10)
+                errors["total"] = errors.get("total", 0) + 1
+                logger.warning("the weighted reward total of sample %r is %r (scored 0)",
+                               metas[i].get("id", i) if isinstance(metas[i], dict) else i, value)
+                total[i] = 0.0
         return RewardBatch(total=total, per_reward=per_reward, skipped=skipped, errors=errors)
 
     def __call__(self, prompt: str, completion: str, meta: dict) -> float:
