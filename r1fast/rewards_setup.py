@@ -43,4 +43,8 @@ def build_scorer(cfg: Config) -> Scorer:
         params["code"] = {"timeout_s": r.sandbox_timeout_s, "memory_mb": r.sandbox_memory_mb}
     if "length_cosine" in r.weights:
         params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens}
-    return Scorer(combine(dict(r.weights), params))
+    try:
+        return Scorer(combine(dict(r.weights), params))
+    except ValueError as exc:  # one line naming the config key, not a traceback naming combine()'s argument
+        message = str(exc).replace("names_to_weights", "rewards.weights")
+        raise ConfigError(message if message.startswith("rewards.") else f"rewards: {message}") from None

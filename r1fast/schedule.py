@@ -8,7 +8,14 @@ import torch
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Warmup ramps (step + 1) / warmup_steps, so step warmup_steps - 1 already runs at the peak; the cosine
+    then starts at the peak and would reach ``min_lr_ratio`` at step ``total_steps``, one past the last
+    (Hugging Face's ``get_cosine_schedule_with_warmup`` convention): the last step runs slightly above the
+    floor, by a factor 1 + (1 - r)(1 - cos(pi / n)) / 2r for n decay steps (1.014x at n = 40, r = 0.1; 5.5x
+    at n = 2).
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":

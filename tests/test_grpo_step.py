@@ -1,5 +1,6 @@
 """``build_rollout_batch``: rewards -> advantages, keep mask and step metrics, on hand-made completions."""
 
+import pytest
 import torch
 
 from r1fast.config import load_config
@@ -41,3 +42,11 @@ def test_accuracy_metric_reads_the_math_accuracy_reward():
     """GSM8K / MATH runs score with math_accuracy: metrics.jsonl's accuracy (and the plot's panel) was NaN."""
     batch = _batch([{"prompt": "1+2", "answer": "3", "id": "a"}], [("3", "4")])
     assert batch.metrics["reward_math_accuracy"] == batch.metrics["accuracy"] == 0.5
+
+
+def test_reward_setup_errors_name_the_config_key():
+    """`--rewards.weights {}` passed the config and died in combine() with a traceback naming its argument."""
+    from r1fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^rewards\.weights: expected a non-empty dict"):
+        build_scorer(load_config(None, ["--rewards.weights", "{}"]))
