@@ -128,6 +128,22 @@ def _scaled_logits_torch(logits, bias, inv_temperature, dtype):
     return z * inv_temperature
 
 
+def _flat_rows(logits, bias, ids):
+    """The launchers' views: the kernels index ids/bias by ``ptr + i`` and a row's logits by
+    ``row_ptr + v``, i.e. they assume unit strides there. A strided ``token_ids`` view (ids[:, ::2],
+    stride 2) was once read as contiguous: loss 0.131 instead of -0.094, no error. Inputs are made
+    contiguous here (an O(C) copy, a no-op when already so); the [C, V] buffer is written in place,
+    so it cannot be copied: a non-unit vocab stride is refused instead."""
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        raise ValueError(f"logits must have unit stride along the vocabulary, got strides {tuple(logits.stride())}")
+    return (None if bias is None else bias.contiguous()), ids.contiguous()
+
+
+def _unit_stride_out(t):
+    """``t`` itself when the kernel may store to it by ``ptr + row``, else a contiguous stand-in."""
+    return None if t is None else t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
     """Fill lse, logp (and entropy unless None), each [C], from the [C, V] ``logits`` rows."""
     rows, vocab = logits.shape
@@ -142,12 +158,18 @@ def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
         if entropy is not None:
             entropy.copy_(-(log_p.exp() * log_p).sum(-1))
         return
+    bias, ids = _flat_rows(logits, bias, ids)
+    outs = (lse, logp, entropy)
+    lse_k, logp_k, entropy_k = (_unit_stride_out(t) for t in outs)
     with_entropy = entropy is not None
     _logit_row_stats_kernel[(rows,)](
-        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, logp,
-        entropy if with_entropy else lse, vocab, inv_temperature,
+        logits, logits.stride(0), bias if bias is not None else logits, ids, lse_k, logp_k,
+        entropy_k if with_entropy else lse_k, vocab, inv_temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(vocab),
         num_warps=_num_warps(_block_v(vocab)))
+    for out, written in zip(outs, (lse_k, logp_k, entropy_k), strict=True):
+        if out is not None and written is not out:
+            out.copy_(written)
 
 
 def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature):
@@ -161,9 +183,11 @@ def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature):
         d.scatter_add_(-1, ids.long().unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))
         logits.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
         return
+    bias, ids = _flat_rows(logits, bias, ids)
     _dlogits_kernel[(rows,)](
-        logits, logits.stride(0), bias if bias is not None else logits, ids, lse, coef, vocab, inv_temperature,
-        HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab), num_warps=_num_warps(_block_v(vocab)))
+        logits, logits.stride(0), bias if bias is not None else logits, ids, lse.contiguous(), coef.contiguous(),
+        vocab, inv_temperature, HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab),
+        num_warps=_num_warps(_block_v(vocab)))
 
 
 # ----------------------------------------------------------------------------------------------

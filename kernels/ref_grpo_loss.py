@@ -14,6 +14,7 @@ both against an independent dense fp64 transcription of TRL's formulas.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -22,8 +23,14 @@ from .registration import host_checks_enabled
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
-# ~256 MiB of fp32 logits per chunk at V = 152k: the reference stays inside the kernel's memory contract.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # the kernel path's [C, V] log-probs buffer (grpo_loss.py)
+# The reference holds REF_LIVE_CHUNK_BUFFERS [C, V] buffers at once (shifted logits + logsumexp's or the
+# entropy's temporaries), all within REF_CHUNK_BYTES. One 256 MiB buffer with four alive (logits,
+# log_softmax, exp, exp·logp) took 1.06 GiB for log-probs at V = 152k; the issue allows 0.5 GiB.
+REF_CHUNK_BYTES = 256 * 2**20
+REF_LIVE_CHUNK_BUFFERS = 2
+# bf16/fp16 weights are upcast one vocab slice at a time: a whole upcast per chunk copied 2.2 GB (152k x 3584).
+WEIGHT_SLICE_BYTES = 32 * 2**20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,11 +87,34 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
             raise ValueError(f"bias must be [{vocab}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden's last dim (H) must be > 0, got shape {tuple(hidden.shape)}")
+    check_real("temperature", temperature, host_checks=host_checks, low=0.0, low_inclusive=False)
     if host_checks and hidden.numel() and not bool(torch.isfinite(hidden).all()):
         raise ValueError("hidden contains NaN or Inf")
     return token_ids.numel(), hidden.shape[-1], vocab
+
+
+def check_real(name, value, *, host_checks=True, low=None, low_inclusive=True):
+    """A finite real number (Python, NumPy, or a one-element float tensor) and, with ``low``, above it.
+
+    Range checks alone let NaN through (every comparison is False): beta = nan dropped the KL term,
+    eps/delta = nan gave a NaN loss, dr_grpo's length = inf gave loss 0. A tensor's value is read only
+    with host checks (as the normalizer's); bools are refused (``temperature=True`` is a bug, not 1.0).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number or a one-element real tensor, got shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        if not host_checks:
+            return
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    if low is not None and (number < low or (number == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {number}")
 
 
 def check_chunk_tokens(chunk_tokens):
@@ -153,16 +183,18 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
             _check_float(name, t)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must be [{B}, {T}], got {tuple(t.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    check_real("beta", beta, host_checks=host_checks, low=0.0)
     if beta > 0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta > 0")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if delta is not None and delta <= 0:
-        raise ValueError(f"delta must be > 0 or None, got {delta}")
-    if loss_type == "dr_grpo" and not (max_completion_length and max_completion_length > 0):
+    check_real("eps_low", eps_low, host_checks=host_checks, low=0.0)
+    check_real("eps_high", eps_high, host_checks=host_checks, low=0.0)
+    if delta is not None:
+        check_real("delta", delta, host_checks=host_checks, low=0.0, low_inclusive=False)
+    if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("max_completion_length (> 0) is required for loss_type='dr_grpo'")
+    if max_completion_length is not None:
+        check_real("max_completion_length", max_completion_length, host_checks=host_checks, low=0.0,
+                   low_inclusive=False)
     if normalizer is not None:
         _check_normalizer(normalizer, host_checks)
     check_chunk_tokens(chunk_tokens)
@@ -246,37 +278,76 @@ def finish_metrics(mask, beta, kl_sum, clipped_count, entropy_sum):
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunk_logprobs(hidden, weight, bias, ids, inv_temperature):
-    """fp32/fp64 log-probs and entropy of one token chunk (materializes [chunk, V] only).
+def ref_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per reference chunk: REF_LIVE_CHUNK_BUFFERS [chunk, V] ``dtype`` buffers within REF_CHUNK_BYTES."""
+    per_token = REF_LIVE_CHUNK_BUFFERS * max(1, vocab) * torch.finfo(dtype).bits // 8
+    return max(16, REF_CHUNK_BYTES // per_token // 16 * 16)
 
-    Autocast is off inside: under ``torch.autocast(dtype=bfloat16)`` the matmul would otherwise run
-    in bf16 and return bf16 log-probs 3e-2 off (V = 1001), against the fp32 the contract (and the
-    kernel path) promises.
+
+def _chunk_logits(hidden, weight, bias, inv_temperature, cd):
+    """(hidden · Wᵀ + bias) / T for one chunk in ``cd``: [C, V], the only full-chunk buffer it leaves.
+
+    A bf16/fp16 weight is upcast WEIGHT_SLICE_BYTES of vocab rows at a time (fp32 matmul, no full copy).
+    Bias and temperature go in place: neither add nor a scalar mul saves its input for backward.
+    """
+    h = hidden.to(cd)
+    if weight.dtype == cd:
+        z = h @ weight.t()
+    else:
+        vocab, width = weight.shape
+        rows = max(1, WEIGHT_SLICE_BYTES // (max(1, width) * torch.finfo(cd).bits // 8))
+        z = h.new_empty(h.shape[0], vocab)
+        for v0 in range(0, vocab, rows):
+            z[:, v0:v0 + rows] = h @ weight[v0:v0 + rows].to(cd).t()
+    if bias is not None:
+        z.add_(bias.to(cd))
+    return z.mul_(inv_temperature)
+
+
+def _entropy_from_shifted(shifted, log_s):
+    """-Σ p·log p per row (log p = shifted − log_s, no lse − Σ p·z cancellation), in two row halves."""
+    out = log_s.new_empty(shifted.shape[0])
+    half = max(1, (shifted.shape[0] + 1) // 2)
+    for r in range(0, shifted.shape[0], half):
+        log_p = shifted[r:r + half] - log_s[r:r + half, None]
+        out[r:r + half] = -log_p.exp().mul_(log_p).sum(-1)
+    return out
+
+
+def _chunk_logprobs(hidden, weight, bias, ids, inv_temperature):
+    """fp32/fp64 log-probs and entropy of one token chunk (at most REF_LIVE_CHUNK_BUFFERS [chunk, V] at once).
+
+    Autocast is off: under bf16 autocast the matmul gave bf16 log-probs 3e-2 off (V = 1001), not the
+    fp32 the contract promises. Log-probs are relative to the row max, as in log_softmax (z − lse would
+    lose |z|·ulp: 1e-3 at |z| = 1e4 in fp32).
     """
     cd = compute_dtype(hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden.to(cd) @ weight.to(cd).t()
-        if bias is not None:
-            logits = logits + bias.to(cd)
-        logits = logits * inv_temperature
-        logprobs = torch.log_softmax(logits, dim=-1)
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-        return logprobs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1), entropy.detach()
+        z = _chunk_logits(hidden, weight, bias, inv_temperature, cd)
+        # the max is a constant shift: the log-probs do not depend on it, so no gradient flows through it
+        shifted = z - z.detach().amax(-1, keepdim=True)
+        del z  # two [C, V] buffers at most: logsumexp's temporary comes next
+        log_s = torch.logsumexp(shifted, dim=-1)
+        logp = shifted.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - log_s
+        with torch.no_grad():
+            entropy = _entropy_from_shifted(shifted.detach(), log_s.detach())
+        return logp, entropy
 
 
 def _logprobs_all(hidden2d, weight, bias, ids, temperature, chunk_tokens):
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], 4)
+    cd = compute_dtype(hidden2d.dtype)
+    chunk = chunk_tokens or ref_chunk_tokens(weight.shape[0], cd)
+    inv_temperature = 1.0 / (temperature if isinstance(temperature, torch.Tensor) else float(temperature))
     logps, entropies = [], []
     track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))
     for start in range(0, hidden2d.shape[0], chunk):
-        args = (hidden2d[start:start + chunk], weight, bias, ids[start:start + chunk], 1.0 / temperature)
+        args = (hidden2d[start:start + chunk], weight, bias, ids[start:start + chunk], inv_temperature)
         if track:  # recompute the chunk's logits in backward rather than keeping them
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(*args)
         logps.append(lp)
         entropies.append(ent)
-    cd = compute_dtype(hidden2d.dtype)
     if not logps:
         empty = hidden2d.new_zeros(0, dtype=cd)
         return empty, empty
