@@ -3,7 +3,7 @@
 Pure Python everywhere by default. The optional CUDA extension ``r1fast._C`` is built from
 ``csrc/`` only when nvcc and a CUDA-enabled torch are both present:
 
-    R1FAST_BUILD_CUDA=auto|0|1   auto (default): build when possible; 0: never; 1: must build
+    R1FAST_BUILD_CUDA=auto|0|1   auto (default, also when empty): build when possible; 0: never; 1: must build
     R1FAST_CUDA_ARCHS=90a        semicolon-separated arch list passed to nvcc (Hopper by default)
 
 ``kernels/`` is installed as ``r1fast.kernels`` through ``package_dir``: a top-level ``kernels``
@@ -22,9 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _cuda_build_wanted():
     """Decide whether to build r1fast._C; returns (build, reason)."""
-    mode = os.environ.get("R1FAST_BUILD_CUDA", "auto").strip().lower()
+    # empty (R1FAST_BUILD_CUDA= in a CI matrix) means auto, as an empty R1FAST_KERNELS does
+    mode = os.environ.get("R1FAST_BUILD_CUDA", "").strip().lower() or "auto"
     if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"R1FAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+        raise SystemExit(f"R1FAST_BUILD_CUDA must be auto, 0 or 1 (empty = auto), got {mode!r}")
     if mode == "0":
         return False, "R1FAST_BUILD_CUDA=0"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))

@@ -12,7 +12,8 @@ Results are ratios: to the floor (FLOPs / measured matmul ceiling, bytes / measu
 both measured in this run) and to the fastest peer. They are written to
 ``bench/results/<date>_<gpu>_<commit>.json`` and ``.md`` (see bench/results/README.md).
 Exit status: 0 on success (and on a machine without CUDA, where nothing is timed), 1 when a case
-generator failed or r1fast's own implementation raised, 2 when ``--only`` selects nothing.
+generator failed or r1fast's own implementation raised, 2 when ``--only`` selects nothing or is given
+with ``--ceilings``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceilings", action="store_true", help="only measure and report the device ceilings")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--no-save", action="store_true", help="print the results without writing files")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ceilings and args.only:  # --ceilings times no case: a silently ignored --only hid typos (exit 0)
+        parser.error("--ceilings measures only the device ceilings; it takes no --only")
+    return args
 
 
 def load_families() -> tuple[dict, list[dict]]:

@@ -31,9 +31,16 @@ def _kernels_env() -> str:
     return value
 
 
+# Triton 3.x reads TRITON_INTERPRET with getenv_bool (triton.knobs.runtime.interpret): these words, ASCII
+# case-insensitive, unstripped (' 1' compiles). Any other reading tests the wrong path: r1fast ran the torch
+# reference for 'on'/'yes' while Triton interpreted, and claimed 'triton-interpret' for ' 1' while it compiled.
+_TRITON_TRUE_WORDS = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() in ("1", "true", "True")
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET`` read as Triton reads it)."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    return value.isascii() and value.lower() in _TRITON_TRUE_WORDS
 
 
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # a plain constant: dynamo traces it freely

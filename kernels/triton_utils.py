@@ -8,13 +8,15 @@ and the hardware MMA accumulates those products in fp32 too, so the interpreted 
 the compiled one does, up to summation order. Compiled kernels keep the native bf16 MMA.
 """
 
-import os
 
 import triton
 import triton.language as tl
 
-# Read once at import, like Triton itself decides interpretation at decoration time.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
+from .dispatch import interpreting
+
+# Read once at import, like Triton itself decides interpretation at decoration time, and the way Triton reads
+# it ('on'/'yes' interpret too): a different reading left bf16 dots unwidened under the interpreter.
+INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit

@@ -17,6 +17,7 @@ as the string ``"none"`` (TOML has no null), so an ``str | None`` field cannot h
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,16 +29,30 @@ from r1fast.config_io import (
     bounded,
 )
 from r1fast.data.templates import TEMPLATES
+from r1fast.seeding import SEED_MAX, SEED_MIN
 
 __all__ = [
     "ConfigError", "bounded", "ModelConfig", "RolloutConfig", "GRPOConfig", "RewardsConfig", "DataConfig",
     "ParallelConfig", "TrainConfig", "Config", "load_config", "config_to_toml", "save_config", "describe",
-    "field_docs", "parse_cli",
+    "field_docs", "parse_cli", "check_dir_name",
 ]
 
 DATA_TEMPLATES = (*TEMPLATES, "chat", "auto")
 """Values of data.template: the named templates of r1fast.data, plus 'chat' and 'auto' (the tokenizer's chat template;
 auto falls back to r1_zero without one)."""
+
+
+def check_dir_name(value: str, key: str) -> None:
+    """``value`` becomes one directory inside another (``out_dir/<name>``): a single non-empty path component.
+
+    '' and '.' would make the run directory the parent itself (a rerun then moves every other run aside),
+    '..' or 'a/../..' would write outside it, 'a/b' would nest runs where listing tools do not look.
+    """
+    separators = [s for s in ("/", os.sep, os.altsep) if s]
+    if value in ("", ".", "..") or any(s in value for s in separators) or "\0" in value:
+        raise ConfigError(f"{key}: {value!r} is not a directory name; use one non-empty path component "
+                          "without '/' that is not '.' or '..'")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Sections. Defaults describe a tiny run that finishes on a laptop CPU (tests/test_config.py checks that
@@ -204,8 +219,8 @@ class DataConfig:
     eval_size: int = bounded(64, ge=0)
     """Held-out evaluation prompts (0 = no evaluation set); for a JSONL file they are drawn from the
     held-out ~20% of its lines."""
-    seed: int = 0
-    """Seed of task generation and prompt shuffling."""
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
+    """Seed of task generation and prompt shuffling (a signed 64-bit integer, as TOML allows)."""
     template: str = "r1_zero"
     """Prompt template: 'r1_zero' (the DeepSeek-R1-Zero template verbatim), 'compact', 'none', 'chat'
     (the tokenizer's chat template) or 'auto' (chat template if the tokenizer has one, else r1_zero)."""
@@ -255,8 +270,9 @@ class TrainConfig:
     """Learning-rate schedule after warmup."""
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     """Final learning rate of the cosine schedule, as a fraction of lr."""
-    seed: int = 0
-    """Seed of model init and sampling."""
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
+    """Seed of model init and sampling (a signed 64-bit integer; the per-sample seeds derived from it are
+    reduced into torch's range by r1fast.seeding)."""
     out_dir: str = "runs"
     """Directory holding one subdirectory per run."""
     checkpoint_every: int = bounded(0, ge=0)
@@ -277,6 +293,9 @@ class TrainConfig:
     """Learning rate of the cold-start SFT."""
     sft_batch_size: int = bounded(32, ge=1)
     """Worked solutions per cold-start SFT step (global, split over ranks)."""
+
+    def validate(self) -> None:
+        check_dir_name(self.name, "train.name")
 
 
 @dataclass

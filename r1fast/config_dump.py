@@ -9,12 +9,18 @@ import inspect
 import math
 import os
 import re
+import sys
 import textwrap
 from typing import Any
 
-from r1fast.config_io import _fields, _is_section, _type_name
+from r1fast.config_io import _fields, _is_section, _type_name, bound_text, load_config
 
-__all__ = ["config_to_toml", "save_config", "field_docs", "describe"]
+__all__ = ["config_to_toml", "save_config", "field_docs", "describe", "print_help"]
+
+USAGE = """usage: [--config PATH] [--section.field VALUE | --section.field=VALUE ...]
+Values: bool true/false/1/0 (a bare --flag means true), numbers, text, none for optional fields,
+lists as a,b,c or [a, b], tables as {name = 1.0}; one table entry as --section.table.name VALUE.
+A value that itself starts with -- must be written --section.field=VALUE."""
 
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -118,7 +124,7 @@ def describe(cfg_cls: type, prefix: str = "", defaults: Any = None) -> str:
                     describe(tp, key + ".", getattr(defaults, name))]
             continue
         bounds = f.metadata.get("bounds", {})
-        rng = ", ".join(f"{'>=' if k == 'ge' else '>' if k == 'gt' else '<=' if k == 'le' else '<'} {v:g}"
+        rng = ", ".join(f"{'>=' if k == 'ge' else '>' if k == 'gt' else '<=' if k == 'le' else '<'} {bound_text(v)}"
                         for k, v in bounds.items())
         default = getattr(defaults, name)
         shown = "none" if default is None else _toml_literal(default)
@@ -126,3 +132,21 @@ def describe(cfg_cls: type, prefix: str = "", defaults: Any = None) -> str:
                    + (f"  ({rng})" if rng else ""))
         out += [f"      {line}" for line in docs.get(name, "").splitlines()]
     return "\n".join(out).strip("\n")
+
+
+def print_help(schema: type, shown: str | None, overrides: list[str]) -> None:
+    """Print every option with the values a command would run (the file ``shown``, if any, then ``overrides``)
+    and exit 0, quietly also when the reader went away (``--help | head`` ended in a BrokenPipeError)."""
+    header = USAGE + (f"\nValues shown are those of {shown}" if shown else "")
+    if overrides:
+        header += (" with " if shown else "\nValues shown are the defaults with ") + "the overrides given"
+    header += "." if shown or overrides else ""
+    resolved = load_config(shown, overrides, schema=schema) if shown or overrides else None
+    try:
+        sys.stdout.write(header + "\n\n" + describe(schema, defaults=resolved) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would report the same EPIPE: point it at devnull first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(0)

@@ -11,6 +11,7 @@ The run's sections live in ``r1fast.config``; this module knows none of them.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import functools
@@ -26,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
-__all__ = ["ConfigError", "DataError", "bounded", "load_config", "parse_cli", "run_cli"]
+__all__ = ["ConfigError", "DataError", "bounded", "load_config", "parse_cli", "read_toml", "run_cli"]
 
 
 class ConfigError(ValueError):
@@ -179,8 +180,15 @@ def _from_text(text: str, tp: Any, key: str, where: str) -> Any:
     raise _bad(key, tp, text, where)
 
 
+def bound_text(bound: float) -> str:
+    """A range bound for messages: ints exactly (a seed bound 2**63 - 1 is not 9.22337e+18), floats short."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def _check_bounds(value: Any, bounds: dict[str, float], key: str, where: str = "") -> None:
-    if value is None or not bounds:
+    """Range-check ``value`` (each element of a list/tuple/dict). NaN and +-inf are never in range: no field
+    can use them (lr=inf gives NaN weights after one step, temperature=inf uniform sampling)."""
+    if value is None:
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -190,13 +198,17 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str, where: str = "
         for k, v in value.items():
             _check_bounds(v, bounds, f"{key}.{k}", where)
         return
-    violated = ((isinstance(value, float) and math.isnan(value))
+    non_finite = isinstance(value, float) and not math.isfinite(value)
+    if not bounds and not non_finite:
+        return
+    violated = (non_finite
                 or ("ge" in bounds and value < bounds["ge"]) or ("gt" in bounds and value <= bounds["gt"])
                 or ("le" in bounds and value > bounds["le"]) or ("lt" in bounds and value >= bounds["lt"]))
     if violated:
-        lo = f"{bounds['ge']:g} <= " if "ge" in bounds else f"{bounds['gt']:g} < " if "gt" in bounds else ""
-        hi = f" <= {bounds['le']:g}" if "le" in bounds else f" < {bounds['lt']:g}" if "lt" in bounds else ""
-        raise ConfigError(f"{key}: {value!r} is out of range{where}; allowed: {lo}value{hi}")
+        lo = "".join(f"{bound_text(bounds[k])} {op} " for k, op in (("ge", "<="), ("gt", "<")) if k in bounds)
+        hi = "".join(f" {op} {bound_text(bounds[k])}" for k, op in (("le", "<="), ("lt", "<")) if k in bounds)
+        finite = " (finite)" if non_finite else ""
+        raise ConfigError(f"{key}: {value!r} is out of range{where}; allowed: {lo}value{hi}{finite}")
 
 
 def _check_tree(obj: Any, prefix: str) -> None:
@@ -302,6 +314,27 @@ def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
+    """The table of the TOML file at ``path``; any failure is a one-line ``ConfigError`` naming the file. A UTF-8
+    BOM (Windows editors write one) is skipped; other encodings are refused with the byte and line, not guessed."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path!r}: {err.strerror or err}") from err
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[err.start]:#04x} at line {line}); save the file as "
+                          "UTF-8, the only encoding TOML allows") from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+
+
 def load_config(path: str | None, overrides: list[str] | None, *, schema: type) -> Any:
     """Defaults, then the TOML file at ``path`` (if any), then ``--section.field value`` overrides.
 
@@ -310,14 +343,7 @@ def load_config(path: str | None, overrides: list[str] | None, *, schema: type) 
     """
     cfg = schema()
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                table = tomllib.load(fh)
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path!r}: {err.strerror or err}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from err
-        _apply_table(cfg, table, "", f" (in {path})")
+        _apply_table(cfg, read_toml(path), "", f" (in {path})")
     for key, text in _split_overrides(list(overrides or [])):
         _apply_override(cfg, key, text)
     if hasattr(cfg, "validate"):
@@ -327,29 +353,17 @@ def load_config(path: str | None, overrides: list[str] | None, *, schema: type) 
     return cfg
 
 
-_USAGE = """usage: [--config PATH] [--section.field VALUE | --section.field=VALUE ...]
-Values: bool true/false/1/0 (a bare --flag means true), numbers, text, none for optional fields,
-lists as a,b,c or [a, b], tables as {name = 1.0}; one table entry as --section.table.name VALUE.
-A value that itself starts with -- must be written --section.field=VALUE."""
-
-
 def parse_cli(argv: list[str] | None, *, schema: type, default_config: str | None = None) -> tuple[str | None, list[str]]:
     """Split argv into (config path or None, override tokens). ``--help``/``-h`` prints every option and exits,
-    showing the values of ``--config`` when given, else of ``default_config`` (the file the command runs
-    without one), else the dataclass defaults."""
+    showing the values of ``--config``, else of ``default_config`` (what the command runs without one), else
+    the defaults, with the overrides applied. A token after a key is its value (``--train.name -h``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        shown = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == "--config"), None)
-        shown = shown or next((t.split("=", 1)[1] for t in argv if t.startswith("--config=")), None) or default_config
-        header = _USAGE + (f"\nValues shown are those of {shown}." if shown else "")
-        from r1fast.config_dump import describe  # (config_dump imports this module's type helpers)
-
-        print(header + "\n\n" + describe(schema, defaults=load_config(shown, [], schema=schema) if shown else None))
-        raise SystemExit(0)
-    path, rest, i = None, [], 0
+    path, rest, i, want_help = None, [], 0, False
     while i < len(argv):
         token = argv[i]
-        if token == "--config" or token.startswith("--config="):
+        if token in ("--help", "-h"):
+            want_help, i = True, i + 1
+        elif token == "--config" or token.startswith("--config="):
             if token == "--config":
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ConfigError("--config needs a path")
@@ -359,20 +373,23 @@ def parse_cli(argv: list[str] | None, *, schema: type, default_config: str | Non
             if path is not None:
                 raise ConfigError(f"--config given twice ({path!r} and {value!r})")
             path = value
+        elif token.startswith("--") and "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            rest, i = [*rest, token, argv[i + 1]], i + 2
         else:
             rest.append(token)
             i += 1
     _split_overrides(rest)  # report malformed tokens now, before any work starts
-    return path, rest
+    if want_help:
+        from r1fast.config_dump import print_help  # (config_dump imports this module's type helpers)
 
+        print_help(schema, path or default_config, rest)
+    return path, rest
 
 
 def run_cli(prog: str, body, *, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a stage's ``body() -> int``; a ``ConfigError`` (or a ``DataError``, or one of ``user_errors``: a
     missing file, an empty result) prints one line ``<prog>: error: ...`` and returns 2 (1 for bad data and
     user_errors), no traceback. Other exceptions propagate: they are bugs and their traceback is wanted."""
-    import sys
-
     try:
         return body()
     except ConfigError as err:

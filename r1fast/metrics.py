@@ -67,7 +67,9 @@ class MetricsLogger:
         if self.rank != 0:
             return
         os.makedirs(self.out_dir, exist_ok=True)
-        # Append: a resumed run continues the same file.
+        # Append: a resumed run continues the same file, minus a line a crash cut short (appending to it
+        # would glue two records into one line that read_metrics cannot parse).
+        _drop_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             self._writer = _tensorboard_writer(os.path.join(self.out_dir, "tb"))
@@ -113,6 +115,33 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_torn_tail(path: str) -> None:
+    """Truncate ``path`` after its last newline when it does not end in one (the writer died mid-line)."""
+    try:
+        fh = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        fh.seek(end - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:  # backwards in 64 KiB chunks: a record is ~200 bytes, the file may be 100s of MB
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = start + newline + 1
+                break
+            pos = start
+        fh.truncate(pos)
+    warnings.warn(f"{path}: dropped a final line cut short by a crash ({end - pos} bytes)", stacklevel=3)
 
 
 def _tensorboard_writer(log_dir: str):

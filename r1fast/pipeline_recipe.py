@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from dataclasses import dataclass, field
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, published as tomli
-    import tomli as tomllib
-
-from r1fast.config import Config, ModelConfig
-from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded
+from r1fast.config import Config, ModelConfig, check_dir_name
+from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded, read_toml
 from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
 from r1fast.sft import SFTConfig
@@ -158,19 +152,14 @@ def _section(schema: type, table: dict, key: str, where: str):
 
 def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     """Parse and validate ``path``: sections, stage kinds, references, configs, the comparison's budget."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except OSError as err:
-        raise ConfigError(f"cannot read recipe {path!r}: {err.strerror or err}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    raw = read_toml(path, "recipe")  # one-line errors: unreadable, not UTF-8, invalid TOML
     where = f" (in {path})"
     unknown = set(raw) - {"pipeline", "models", "eval", "comparison", "stages"}
     if unknown:
         raise ConfigError(f"unknown recipe section {sorted(unknown)[0]!r}{where}; allowed: pipeline, models, eval, "
                           "comparison, stages")
     pipe = _section(PipelineSection, raw.get("pipeline", {}), "pipeline", where)
+    check_dir_name(pipe.name, "pipeline.name")  # out_dir/name: '.' would make out_dir itself the run directory
     if out_dir is not None:
         pipe.out_dir = out_dir
     models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}
@@ -187,6 +176,7 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
             raise ConfigError(f"stages.{name}.kind: {kind!r} is not one of {', '.join(KINDS)}{where}")
         if name in outputs or ":" in name or name in ("base", "file"):
             raise ConfigError(f"stages.{name}: stage names must be unique and not contain ':'{where}")
+        check_dir_name(name, f"stages[{i}].name")  # each stage writes to <run dir>/<name>
         roles, _ = KINDS[kind]
         inputs = {}
         for role, ref in t.get("inputs", {}).items():

@@ -59,8 +59,10 @@ class ProgressBar:
         self._task_id = None
         if enabled and console.is_terminal:
             self._rich = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                # markup off, as in _print_line: a description or value such as '[/think]' is data, and as
+                # markup it raised rich.errors.MarkupError and killed the caller
+                TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=False, refresh_per_second=2,
                 # print() during the bar lands above it only when the bar owns stdout.
                 redirect_stdout=console.file is sys.stdout, redirect_stderr=console.file is sys.stdout,

@@ -36,6 +36,7 @@ from r1fast import distributed as D
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
+from r1fast.seeding import generator_seed
 from r1fast.stage_io import (
     check_checkpoint,
     check_file,
@@ -197,7 +198,7 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
     if mine:
         prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
                                  cfg.template) for i in mine]
-        seeds = [cfg.seed * 1_000_003 + i * cfg.k + j for i in mine for j in range(cfg.k)]
+        seeds = [generator_seed(cfg.seed * 1_000_003 + i * cfg.k + j) for i in mine for j in range(cfg.k)]
         groups = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]

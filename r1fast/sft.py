@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from r1fast import distributed as D
-from r1fast.config import ModelConfig, ParallelConfig
+from r1fast.config import ModelConfig, ParallelConfig, check_dir_name
 from r1fast.config_dump import save_config
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.jsonl import iter_json_objects
@@ -121,6 +121,7 @@ class SFTConfig:
         _check_tree(self, "")
         if not self.data:
             raise ConfigError("data: a JSONL file of training records is required (--data FILE)")
+        check_dir_name(self.name, "name")  # out_dir/name ('.' or '..' escaped or replaced out_dir)
         check_template(self.template, "template")
         return self
 

@@ -46,6 +46,7 @@ from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
+from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import stop_token_ids
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -219,8 +220,7 @@ class Trainer:
         global_idx = batch_indices(step, g.prompts_per_step, len(self.train_samples), self.cfg.data.seed)
         mine = list(range(rank, g.prompts_per_step, world))
         r = self.cfg.rollout
-        seeds = [(self.cfg.train.seed * 7_919 + step) * 1_000_003 + i * g.samples_per_prompt + j
-                 for i in mine for j in range(g.samples_per_prompt)]
+        seeds = rollout_seeds(self.cfg.train.seed, step, mine, g.samples_per_prompt)  # valid for any train.seed
         with unsharded_for_rollout(self.root):
             completions = self.engine.generate([self.train_prompt_ids[global_idx[i]] for i in mine],
                                                n=g.samples_per_prompt, max_new_tokens=r.max_new_tokens,

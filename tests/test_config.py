@@ -316,7 +316,7 @@ def test_parse_cli_help_prints_options_and_exits(capsys):
         parse_cli(["--train.lr", "1", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--config PATH" in out and "--train.lr float = 0.0003  (> 0)" in out
+    assert "--config PATH" in out and "--train.lr float = 1.0  (> 0)" in out  # the value this command would run
 
 
 def test_train_help_shows_the_values_the_command_would_run(capsys, tmp_path):
@@ -338,11 +338,11 @@ def test_unreadable_and_invalid_files_are_config_errors(tmp_path):
     assert "invalid TOML" in _error(_write(tmp_path, "[train\nlr = 1\n"))
 
 
-def test_non_finite_floats_round_trip_where_unbounded(tmp_path):
+def test_non_finite_floats_are_out_of_range_even_where_bounded_only_below(tmp_path):
     cfg = Config()
-    cfg.rollout.temperature = math.inf  # bounded only below: inf is allowed
-    loaded = load_config(_write(tmp_path, config_to_toml(cfg)), [])
-    assert loaded.rollout.temperature == math.inf
+    cfg.rollout.temperature = math.inf  # bounded only below: inf passed every check before
+    with pytest.raises(ConfigError, match=r"^rollout\.temperature: inf is out of range"):
+        load_config(_write(tmp_path, config_to_toml(cfg)), [])
 
 
 def test_run_cli_reports_user_errors_in_one_line_and_lets_bugs_through(capsys):

@@ -44,6 +44,33 @@ def test_backend_rejects_unknown_env(monkeypatch):
         K.backend("cpu")
 
 
+# Values Triton itself reads as true / false; ' 1' and '1 ' are not stripped by Triton (it compiles).
+_INTERPRET_VALUES = ["1", "on", "ON", "yes", "Yes", "y", "TRUE", "true", " 1", "1 ", "0", "off", "", "no", "2", "t"]
+
+
+@pytest.mark.parametrize("value", _INTERPRET_VALUES)
+def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from r1fast.kernels.dispatch import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == libtriton.getenv_bool("TRITON_INTERPRET", False)
+    assert interpreting() == (value.lower() in ("1", "on", "yes", "y", "true"))  # pinned, should triton drift
+
+
+def test_empty_build_cuda_env_means_auto_like_empty_kernels_env(monkeypatch):
+    """setup.py refused R1FAST_BUILD_CUDA='' while an empty R1FAST_KERNELS means auto."""
+    monkeypatch.setenv("R1FAST_KERNELS", "")
+    assert K.backend("cpu") in ("torch", "triton-interpret")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = [sys.executable, "setup.py", "--name"]  # a display option: decides the extension, builds nothing
+    for value, code in (("", 0), (" ", 0), ("maybe", 1)):
+        env = {**os.environ, "R1FAST_BUILD_CUDA": value, "CUDA_HOME": "", "PATH": os.path.dirname(sys.executable)}
+        res = subprocess.run(run, env=env, cwd=root, capture_output=True, text=True)
+        assert res.returncode == code, res.stderr
+    assert "R1FAST_BUILD_CUDA must be auto, 0 or 1 (empty = auto), got 'maybe'" in res.stderr
+
+
 def test_unknown_op_is_attribute_error():
     with pytest.raises(AttributeError, match="no_such_op"):
         K.no_such_op  # noqa: B018

@@ -116,6 +116,36 @@ def test_read_metrics_skips_only_a_truncated_last_line(tmp_path):
         read_metrics(str(path))
 
 
+@pytest.mark.parametrize("torn", ['{"step": 2, "time": 1.0, "lo', "x" * 70_000])  # the second: > one 64 KiB chunk
+def test_resumed_logger_drops_a_torn_last_line_before_appending(tmp_path, torn):
+    with MetricsLogger(str(tmp_path), rank=0) as logger:
+        logger.log(0, loss=1.0)
+        logger.log(1, loss=0.5)
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as fh:
+        fh.write(torn)  # the process was killed mid-write
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1]
+    with pytest.warns(UserWarning, match=f"dropped a final line cut short by a crash \\({len(torn)} bytes\\)"):
+        logger = MetricsLogger(str(tmp_path), rank=0)  # --train.resume latest: the same file
+    with logger:
+        logger.log(2, loss=0.25)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2]
+
+
+def test_resumed_logger_leaves_whole_files_alone(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for text in ("", '{"step": 0}\n'):
+        path.write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            MetricsLogger(str(tmp_path), rank=0).close()
+        assert path.read_text() == text
+    path.write_text("no newline at all")  # one torn line and nothing else: the file becomes empty
+    with pytest.warns(UserWarning, match="17 bytes"):
+        MetricsLogger(str(tmp_path), rank=0).close()
+    assert path.read_text() == ""
+
+
 # --------------------------------------------------------------------------------------------------- progress
 
 
@@ -152,6 +182,15 @@ def test_progress_on_a_terminal_renders_the_rich_bar():
         bar.advance(4, loss=0.125)
     text = stream.getvalue()
     assert "train" in text and "4/4" in text and "loss=0.125" in text
+
+
+def test_progress_on_a_terminal_shows_brackets_as_text():
+    """'[/think]' or '[/]' in a description or value is data: as rich markup it raised MarkupError."""
+    stream = _FakeTTY()
+    with progress(3, "[/]", enabled=True, stream=stream) as bar:
+        bar.advance(1, last="</answer>[/think]", tag="[bold]x")
+    text = stream.getvalue()
+    assert "[/]" in text and "last=</answer>[/think]" in text and "tag=[bold]x" in text
 
 
 def test_progress_disabled_on_nonzero_rank_prints_nothing_but_counts(monkeypatch):

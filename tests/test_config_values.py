@@ -1,0 +1,219 @@
+"""Config values that passed validation and then failed a run: non-finite floats, run names that are not one
+directory, seeds outside torch's range, config files that are not UTF-8; and the --help / bench CLI edges."""
+
+import codecs
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1fast import seeding
+from r1fast.config import Config, ConfigError, load_config
+from r1fast.config_io import parse_cli
+
+
+def _error(path=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, f"error message must be one line: {message!r}"
+    return message
+
+
+# ----------------------------------------------------------------------------------------- non-finite floats
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("train.lr", "allowed: 0 < value"),
+    ("rollout.temperature", "allowed: 1e-05 <= value"),
+    ("model.rope_theta", "allowed: 0 < value"),
+    ("model.rms_norm_eps", "allowed: 0 < value"),
+    ("grpo.eps_high", "allowed: 0 <= value"),
+    ("grpo.beta", "allowed: 0 <= value"),
+    ("train.grad_clip", "allowed: 0 <= value"),
+    ("rewards.sandbox_timeout_s", "allowed: 0 < value"),
+    ("train.sft_lr", "allowed: 0 < value"),
+])
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_out_of_range_on_the_command_line(key, allowed, text):
+    message = _error(overrides=[f"--{key}", text])
+    assert message.startswith(f"{key}: {text} is out of range") and message.endswith(allowed + " (finite)")
+
+
+def test_non_finite_floats_are_out_of_range_in_toml_and_in_tuples(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nrope_theta = inf\n")
+    assert _error(str(path)).startswith(f"model.rope_theta: inf is out of range (in {path})")
+    path.write_text("[train]\nbetas = [0.9, nan]\n")
+    assert _error(str(path)).startswith("train.betas[1]: nan is out of range")
+    cfg = Config()
+    cfg.grpo.eps_low = float("-inf")  # set in code (the pipeline builds configs so), caught by validate
+    with pytest.raises(ConfigError, match=r"^grpo\.eps_low: -inf is out of range; allowed: 0 <= value < 1 \(finite\)"):
+        cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------- train.name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "/abs", "nul\0byte"])
+def test_train_name_must_be_one_directory_name(name):
+    message = _error(overrides=[f"--train.name={name}"])
+    assert message.startswith(f"train.name: {name!r} is not a directory name")
+
+
+def test_train_name_accepts_any_single_component(tmp_path):
+    for name in ("run-1", "with space", "...", ".hidden", "é"):
+        assert load_config(None, ["--train.name", name]).train.name == name
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nname = ".."\n')
+    assert _error(str(path)).startswith("train.name: '..' is not a directory name")
+
+
+@pytest.mark.parametrize("where", ["pipeline", "stage"])
+def test_pipeline_and_stage_names_must_be_directory_names(tmp_path, where):
+    """A stage writes to <out_dir>/<pipeline.name>/<stage name>: '..' escaped the run directory."""
+    from r1fast.pipeline_recipe import load_recipe
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "tiny_r1.toml").read_text()
+    if where == "pipeline":
+        text = text.replace('name = "tiny_r1"', 'name = ".."', 1)
+        key = "pipeline.name"
+    else:
+        first = text.index('name = "', text.index("[[stages]]"))
+        end = text.index('"', first + len('name = "'))
+        text = text[:first] + 'name = "a/b' + text[end:]
+        key = "stages[0].name"
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .* is not a directory name"):
+        load_recipe(str(path))
+
+
+def test_sft_name_must_be_a_directory_name():
+    from r1fast.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"^name: '\.\.' is not a directory name"):
+        SFTConfig(data="x.jsonl", name="..").validate()
+
+
+# ----------------------------------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("key", ["train.seed", "data.seed"])
+def test_seed_fields_are_bounded_to_a_toml_integer(key):
+    for seed in (2**63, -(2**63) - 1):
+        message = _error(overrides=[f"--{key}", str(seed)])
+        assert message.startswith(f"{key}: {seed} is out of range")
+        assert "allowed: -9223372036854775808 <= value <= 9223372036854775807" in message  # exact, not 9.2e18
+    for seed in (-(2**63), 2**32, 2**63 - 1):
+        assert load_config(None, [f"--{key}", str(seed)]).train.seed == (seed if key == "train.seed" else 0)
+
+
+def _legacy_rollout_seeds(seed, step, prompts, group):
+    """The formula train.py used before r1fast.seeding (invalid for train.seed >= ~2.33e9)."""
+    return [(seed * 7_919 + step) * 1_000_003 + i * group + j for i in prompts for j in range(group)]
+
+
+def _stream(seed):
+    return torch.rand(4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_rollout_seeds_keep_every_stream_that_worked_and_fix_the_rest():
+    for seed in (0, 17, -5, 2_000_000_000):  # valid before: the very same generator streams
+        old, new = _legacy_rollout_seeds(seed, 3, [0, 2], 4), seeding.rollout_seeds(seed, 3, [0, 2], 4)
+        assert len(new) == 8 and all(torch.equal(_stream(a), _stream(b)) for a, b in zip(old, new, strict=True))
+    for seed in (2**32, 2**63 - 1, -(2**63)):  # torch refused these: "seed must give seeds in [-2**63, 2**64)"
+        seeds = seeding.rollout_seeds(seed, 5, [1, 3], 2)
+        assert all(0 <= s < 2**64 for s in seeds) and len(set(seeds)) == 4
+        for s in seeds:
+            torch.Generator().manual_seed(s)
+    assert seeding.rollout_seeds(2**32, 0, [0], 2) != seeding.rollout_seeds(2**32, 1, [0], 2)
+
+
+def test_generator_seed_keeps_every_stream_torch_accepted_and_makes_the_rest_valid():
+    """Evaluation, eval and rejection sampling seed completion j of prompt i with seed * 1_000_003 + i * k + j
+    through generator_seed: the same stream where torch took the raw value, valid where it refused it."""
+    for value in (0, 17, -5, 2**63, 2**64 - 1):
+        assert torch.equal(_stream(value), _stream(seeding.generator_seed(value)))
+    for value in (2**62 * 1_000_003, -(2**63) * 1_000_003):  # refused raw: [-2**63, 2**64)
+        torch.Generator().manual_seed(seeding.generator_seed(value))
+
+
+# ----------------------------------------------------------------------------------------- file encoding
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[train]\nname = "café"\n'.encode("latin-1"))
+    message = _error(str(path))
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xe9 at line 2)")
+
+
+def test_a_utf8_bom_is_skipped(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(codecs.BOM_UTF8 + '[train]\nname = "café"\n'.encode())
+    assert load_config(str(path), []).train.name == "café"
+
+
+def test_a_recipe_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    from r1fast.pipeline_recipe import load_recipe
+
+    path = tmp_path / "recipe.toml"
+    path.write_bytes(b'[pipeline]\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"recipe\.toml: not UTF-8 text \(byte 0xff at line 2\)"):
+        load_recipe(str(path))
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(str(tmp_path / "missing.toml"))
+
+
+# ----------------------------------------------------------------------------------------- --help and CLI
+
+
+def test_help_shows_the_values_with_the_overrides_applied(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_cli(["--train.lr", "2", "--help", "--train.name=x"], schema=Config)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Values shown are the defaults with the overrides given." in out
+    assert "--train.lr float = 2.0  (> 0)" in out and '--train.name str = "x"' in out
+
+
+def test_a_value_after_a_key_is_a_value_even_when_it_looks_like_help():
+    assert parse_cli(["--train.name", "-h"], schema=Config) == (None, ["--train.name", "-h"])
+    assert load_config(None, ["--train.name", "-h"]).train.name == "-h"
+
+
+def test_help_into_a_closed_pipe_exits_zero_quietly(monkeypatch):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `--help | head -1`: the reader is gone
+    pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stdout", pipe)
+    try:
+        with pytest.raises(SystemExit) as info:
+            parse_cli(["--help"], schema=Config)  # ~20 KB of text: more than one write
+        assert info.value.code == 0
+    finally:
+        pipe.close()  # flushes into devnull: the descriptor was pointed there
+
+
+def test_bench_ceilings_refuses_only(capsys):
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--ceilings", "--only", "nosuch"])
+    assert info.value.code == 2 and "takes no --only" in capsys.readouterr().err
+
+
+def test_a_run_with_a_64_bit_seed_gets_through_evaluation_and_rollout(tmp_path, monkeypatch):
+    """train.seed 2**62 passed the config and then crashed the first evaluation and the first rollout."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")  # the seeds, not the interpreted kernels, are under test
+    from train_testing import tiny_config
+
+    from r1fast.train import run
+
+    cfg = tiny_config(tmp_path, "--train.seed", str(2**62), "--train.steps", "1", "--train.sft_steps", "0",
+                      "--data.eval_size", "1", "--train.eval_samples", "1", "--train.name", "big_seed")
+    summary = run(cfg)
+    assert summary["steps"] == 1 and "eval_before_rl" in summary
