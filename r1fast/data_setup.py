@@ -11,7 +11,14 @@ from r1fast.config import Config, ConfigError
 from r1fast.data import MIXTURES, TASKS, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
-from r1fast.stage_io import check_tokenizer_fits, data_errors, empty_data_error, encode_prompt, render_prompt
+from r1fast.stage_io import (
+    check_chat_template,
+    check_tokenizer_fits,
+    data_errors,
+    empty_data_error,
+    encode_prompt,
+    render_prompt,
+)
 from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
@@ -80,6 +87,5 @@ def encode_prompts(tokenizer, samples: list[dict], template: str) -> list[list[i
     """Token ids of each sample's prompt: a named template with <bos> first when the tokenizer has one, or
     the tokenizer's chat template (``chat``, or ``auto`` when it has one), as r1fast.sft and r1fast.eval
     render them, so every stage conditions the model on the same text."""
-    if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("data.template=chat but the tokenizer has no chat_template (auto falls back to r1_zero)")
+    check_chat_template(tokenizer, template, "data.template")
     return [encode_prompt(tokenizer, render_prompt(tokenizer, template, prompt=s["prompt"]), template) for s in samples]

@@ -16,8 +16,8 @@ order and each reports how many samples it removed (``r1fast.rejection_filters``
 
 Output: a JSONL of ``{"prompt", "completion", "answer", "task", "id", "rewards", "provenance"}`` (SFT reads
 prompt/completion; provenance holds the checkpoint, the sampling settings, the sample's seed and
-index, token count and finish reason), written to ``out + ".tmp"`` and renamed, so an existing output
-is complete; plus ``<out>.stats.json`` with the counts. An empty kept set raises ``EmptyKeptSetError``
+index, token count (without the stop token) and finish reason), written to ``out + ".tmp"`` and
+renamed, so an existing output is complete; plus ``<out>.stats.json`` with the counts. An empty kept set raises ``EmptyKeptSetError``
 naming the stage and the counts; a missing checkpoint or data file fails before any model is loaded, and
 so does bad data (an empty file, a malformed line: a one-line ``r1fast.config_io.DataError``).
 """
@@ -38,6 +38,7 @@ from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, par
 from r1fast.data import load_jsonl
 from r1fast.seeding import generator_seed
 from r1fast.stage_io import (
+    check_chat_template,
     check_checkpoint,
     check_file,
     check_template,
@@ -88,9 +89,10 @@ class RejectionConfig:
     require_format: bool = True
     """Keep only traces in the R1 template <think>...</think><answer>...</answer>."""
     min_tokens: int = bounded(1, ge=0)
-    """Shortest kept trace, in tokens."""
+    """Shortest kept trace, in tokens, not counting the stop token (so 1 drops a trace that is only EOS)."""
     max_tokens: int | None = bounded(None, ge=1)
-    """Longest kept trace, in tokens; none = max_new_tokens (truncated traces are dropped in any case)."""
+    """Longest kept trace, in tokens, not counting the stop token; none = max_new_tokens (truncated traces are
+    dropped in any case)."""
     language: str = "en"
     """Target language of the chain of thought (en or zh)."""
     min_language_share: float = bounded(0.95, ge=0, le=1)
@@ -145,7 +147,7 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
     """(kept traces, counts) after the filters of the module docstring, in order; traces come in prompt order.
 
     A trace: ``prompt``, ``completion``, ``prompt_index``, ``rewards`` ({"accuracy": float | None,
-    "format": float, ...}), ``num_tokens``, ``finish_reason``.
+    "format": float, ...}), ``num_tokens`` (without the stop token), ``finish_reason``.
     """
     counts = {"samples": len(traces), **dict.fromkeys(FILTER_STAGES, 0)}
     index = F.NgramIndex(eval_texts, n=cfg.decontamination_ngram) if eval_texts else None
@@ -189,6 +191,13 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
     return kept, counts
 
 
+def trace_tokens(completion) -> int:
+    """Tokens of the trace the SFT data will hold: the stop token that ended a 'stop' completion is not text
+    (decode drops it, and SFT appends its own EOS), so an EOS-only sample counts 0, not 1."""
+    ids = completion.token_ids
+    return len(ids) - int(completion.finish_reason == "stop" and len(ids) > 0)
+
+
 def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                   score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> list[dict]:
     """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank."""
@@ -208,7 +217,7 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
                            "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
-                           "seed": cfg.seed * 1_000_003 + i * cfg.k + j, "num_tokens": len(c.token_ids),
+                           "seed": cfg.seed * 1_000_003 + i * cfg.k + j, "num_tokens": trace_tokens(c),
                            "finish_reason": c.finish_reason})
     if world > 1:
         parts = [None] * world
@@ -251,6 +260,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
         raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.checkpoint, device=device, dtype=dtype, key="checkpoint")
+    check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     with torch.no_grad():

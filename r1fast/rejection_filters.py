@@ -58,7 +58,8 @@ def mixed_language(completion: str, *, language: str = "en", min_share: float = 
 
 
 def bad_length(num_tokens: int, finish_reason: str, *, min_tokens: int = 1, max_tokens: int | None = None) -> bool:
-    """True for a truncated trace (finish_reason 'length') or one outside [min_tokens, max_tokens] tokens."""
+    """True for a truncated trace (finish_reason 'length') or one outside [min_tokens, max_tokens] tokens
+    (``num_tokens`` counts the trace's text, not the stop token that ended it: ``rejection.trace_tokens``)."""
     if finish_reason == "length":
         return True
     return num_tokens < min_tokens or (max_tokens is not None and num_tokens > max_tokens)

@@ -52,6 +52,7 @@ from r1fast.progress import progress
 from r1fast.schedule import build_scheduler
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
     build_model,
+    check_chat_template,
     check_checkpoint,
     check_file,
     check_template,
@@ -81,7 +82,8 @@ class SFTConfig:
     limit: int | None = bounded(None, ge=1)
     """Use only the first N records; none = all."""
     max_seq_len: int | None = bounded(None, ge=2)
-    """Drop (and count) examples whose prompt + completion is longer; none = the model's max_position_embeddings."""
+    """Drop (and count) examples whose prompt + completion + EOS is longer; none = the model's
+    max_position_embeddings, which it may not exceed (a ConfigError: longer positions were never trained)."""
     name: str = "sft"
     """Run name; outputs go to out_dir/name."""
     out_dir: str = "runs"
@@ -131,8 +133,32 @@ class SFTConfig:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_sft_records(path: str, *, limit: int | None = None) -> list[tuple[dict, str]]:
-    """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}.
+class SFTRecord(tuple):
+    """One training record: the pair ``(prompt spec, completion)`` (unpacks and compares as a plain tuple) plus
+    ``where``, the ``path:line`` it was read from, so an encoding error found later still names the user's line."""
+
+    where: str
+
+    def __new__(cls, spec: dict, completion: str, where: str):
+        rec = super().__new__(cls, (spec, completion))
+        rec.where = where
+        return rec
+
+
+def _messages_error(msgs) -> str | None:
+    """Why ``msgs`` is not a usable chat record (None when it is): every message needs string role and content."""
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        return "'messages' must be a list of >= 2 messages ending with an assistant message with string content"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"messages[{i}] must be an object with string 'role' and 'content' (got {m!r:.80})"
+    if msgs[-1]["role"] != "assistant":
+        return f"the last message is the target and must have role 'assistant' (got {msgs[-1]['role']!r})"
+    return None
+
+
+def read_sft_records(path: str, *, limit: int | None = None) -> list[SFTRecord]:
+    """(prompt spec, completion) per line: spec is {"prompt": str} or {"messages": [...]}; each remembers its line.
 
     Bad data is a ``DataError`` (a ValueError) naming ``path:line``, or naming ``data`` for an empty file.
     """
@@ -142,34 +168,82 @@ def read_sft_records(path: str, *, limit: int | None = None) -> list[tuple[dict,
         for line_no, rec in iter_json_objects(path):
             if limit is not None and len(out) >= limit:
                 break
+            where = f"{path}:{line_no}"
             if "messages" in rec:
                 msgs = rec["messages"]
-                if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
-                        or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str)):
-                    raise DataError(f"{path}:{line_no}: 'messages' must be a list of >= 2 messages ending with "
-                                    "an assistant message with string content")
-                out.append(({"messages": msgs[:-1]}, msgs[-1]["content"]))
+                if (why := _messages_error(msgs)) is not None:
+                    raise DataError(f"{where}: {why}")
+                out.append(SFTRecord({"messages": msgs[:-1]}, msgs[-1]["content"], where))
             elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+                out.append(SFTRecord({"prompt": rec["prompt"]}, rec["completion"], where))
             else:
-                raise DataError(f"{path}:{line_no}: expected string 'prompt' and 'completion', or 'messages' "
+                raise DataError(f"{where}: expected string 'prompt' and 'completion', or 'messages' "
                                 f"(got keys {sorted(rec)})")
     if not out:
         raise empty_data_error(path, "data", '{"prompt": ..., "completion": ...} or {"messages": [...]}')
     return out
 
 
+def _sft_tokenizer(m: ModelConfig):
+    """The tokenizer ``build_model`` will pair with the model, loaded alone (under a second even for a 150k-token
+    tokenizer.json), so the records are encoded and checked before the model is built (a 7B load takes minutes)."""
+    from r1fast.tokenizer import CharTokenizer
+    from r1fast.tokenizer import load as load_tokenizer
+
+    return CharTokenizer() if m.name_or_path == "tiny" else load_tokenizer(m.tokenizer or m.name_or_path)
+
+
+def _unencodable_field(spec: dict, tokenizer, err: ValueError) -> str:
+    """``err`` (the rendered prompt failed to encode) blamed on the user's field, whose position it then names;
+    the rendered prompt's position (409 for a 4-character prompt under r1_zero) means nothing to the user."""
+    fields = ([("prompt", spec["prompt"])] if "prompt" in spec
+              else [(f"messages[{i}].content", m["content"]) for i, m in enumerate(spec["messages"])])
+    for name, text in fields:
+        try:
+            tokenizer.encode(text)
+        except ValueError as field_err:
+            return f"{name}: {str(field_err).removeprefix('text: ')}"
+    return f"the rendered prompt: {str(err).removeprefix('text: ')}"  # the template's own text
+
+
+def tokenize_sft_records(records, tokenizer, template: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids without EOS) per record, or a one-line error before any training:
+    ``ConfigError`` naming ``template`` for 'chat' without a chat template, ``DataError`` naming the record's
+    ``path:line`` (``record N`` for records not read from a file) for one that cannot be rendered or encoded."""
+    check_chat_template(tokenizer, template, "template")
+    out = []
+    for n, rec in enumerate(records, 1):
+        spec, completion = rec
+        where = getattr(rec, "where", f"record {n}")
+        try:
+            text = render_prompt(tokenizer, template, **spec)
+        except ValueError as err:  # e.g. a system message under a named template
+            raise DataError(f"{where}: {err}") from None
+        try:
+            prompt_ids = encode_prompt(tokenizer, text, template)
+        except ValueError as err:  # a character the tokenizer cannot encode
+            raise DataError(f"{where}: {_unencodable_field(spec, tokenizer, err)}") from None
+        if not prompt_ids:  # the first target token would have no position to be predicted from
+            raise DataError(f"{where}: the prompt encodes to no tokens (template {template!r}, tokenizer without "
+                            "<bos>); give a non-empty prompt or a template that adds text")
+        try:
+            completion_ids = tokenizer.encode(completion)
+        except ValueError as err:
+            raise DataError(f"{where}: completion: {str(err).removeprefix('text: ')}") from None
+        out.append((prompt_ids, completion_ids))
+    return out
+
+
+def fit_sft_examples(tokenized, eos_id: int, max_seq_len: int) -> tuple[list[tuple[list, list]], int]:
+    """(prompt ids, completion ids + EOS) of each tokenized record that fits in ``max_seq_len``, and how many did not."""
+    examples = [(p, c + [eos_id]) for p, c in tokenized if len(p) + len(c) + 1 <= max_seq_len]
+    return examples, len(tokenized) - len(examples)
+
+
 def encode_sft_examples(records, tokenizer, template: str, max_seq_len: int) -> tuple[list[tuple[list, list]], int]:
-    """(prompt ids, completion ids + EOS) per record, and how many were dropped for exceeding max_seq_len."""
-    examples, dropped = [], 0
-    for spec, completion in records:
-        prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, template, **spec), template)
-        target = tokenizer.encode(completion) + [tokenizer.eos_id]
-        if len(prompt_ids) + len(target) > max_seq_len or not prompt_ids:
-            dropped += 1
-            continue
-        examples.append((prompt_ids, target))
-    return examples, dropped
+    """(prompt ids, completion ids + EOS) per record, and how many were dropped for exceeding max_seq_len.
+    Errors as ``tokenize_sft_records``."""
+    return fit_sft_examples(tokenize_sft_records(records, tokenizer, template), tokenizer.eos_id, max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,14 +279,20 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.model.name_or_path != "tiny":
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
+    tokenized = tokenize_sft_records(records, _sft_tokenizer(cfg.model), cfg.template)  # so does unencodable data
     dist = D.init_distributed(cfg.parallel.backend)
     world, rank = dist.world_size, dist.rank
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     torch.manual_seed(cfg.seed)
     tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed)
-    limit = cfg.max_seq_len or model.args.max_position_embeddings
-    examples, dropped = encode_sft_examples(records, tokenizer, cfg.template, limit)
+    positions = model.args.max_position_embeddings
+    if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "
+                          "(positions past it are outside the range its RoPE was trained or scaled for); "
+                          "set it <= that, or none for the model's limit")
+    limit = cfg.max_seq_len or positions
+    examples, dropped = fit_sft_examples(tokenized, tokenizer.eos_id, limit)  # eos: build_model may set it
     if not examples:
         raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)

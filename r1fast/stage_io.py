@@ -23,6 +23,14 @@ def check_template(template: str, key: str) -> None:
         raise ConfigError(f"{key}: unknown template {template!r}; allowed: {', '.join(DATA_TEMPLATES)}")
 
 
+def check_chat_template(tokenizer, template: str, key: str) -> None:
+    """ConfigError naming ``key`` when ``template`` is 'chat' but the tokenizer has none to render with ('auto'
+    falls back to r1_zero instead). A config mistake, so every stage checks it before rendering any prompt:
+    otherwise the first record's render raised a bare ValueError after the model was built."""
+    if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(f"{key}=chat but the tokenizer has no chat_template (auto falls back to r1_zero)")
+
+
 def check_checkpoint(path: str, key: str) -> None:
     """FileNotFoundError naming ``key`` unless ``path`` is an HF model directory (has config.json)."""
     if not os.path.isdir(path):

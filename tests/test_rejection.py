@@ -121,6 +121,33 @@ def test_filter_traces_counts_each_stage():
     assert len(filter_traces([_trace(0, "12", fmt=0.0)], cfg2)[0]) == 1
 
 
+def test_length_filter_does_not_count_the_stop_token():
+    from types import SimpleNamespace
+
+    from r1fast.rejection import sample_traces, trace_tokens
+    from r1fast.rollout import Completion
+    from r1fast.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    eos = tok.eos_id
+    outs = [Completion([eos], [-0.1], "stop"), Completion(tok.encode("12") + [eos], [-0.1] * 3, "stop"),
+            Completion(tok.encode("123"), [-0.1] * 3, "length")]
+    assert [trace_tokens(c) for c in outs] == [0, 2, 3]
+
+    class Engine:  # returns the crafted completions; sample_traces only needs generate() and args
+        args = SimpleNamespace(eos_token_id=eos, generation_config=None, vocab_size=tok.vocab_size)
+
+        def generate(self, prompts, n, **kw):
+            return [outs[:n] for _ in prompts]
+
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o", k=2, require_format=False, max_tokens=2)
+    traces = sample_traces(Engine(), tok, [{"prompt": "1+1", "answer": "12"}], cfg,
+                           score=lambda samples, texts: [{"accuracy": 1.0, "format": 0.0} for _ in texts])
+    assert [(t["completion"], t["num_tokens"]) for t in traces] == [("", 0), ("12", 2)]
+    kept, counts = filter_traces(traces, cfg)  # min_tokens=1 drops the EOS-only trace; max_tokens=2 keeps "12"
+    assert [t["completion"] for t in kept] == ["12"] and counts["length"] == 1
+
+
 # ---- end to end ---------------------------------------------------------------------------------------
 
 
@@ -223,3 +250,10 @@ def test_bad_data_is_one_line_and_found_before_the_model_loads(tmp_path, tiny_ch
     with pytest.raises(DataError):  # programmatic callers get the same type (a ValueError)
         run_rejection(_cfg(*out, "--data", str(tmp_path / "empty.jsonl")))
     assert not (tmp_path / "kept.jsonl").exists()
+
+
+def test_chat_template_missing_is_one_config_error(tmp_path, tiny_checkpoint):
+    data, _ = _prompts(tmp_path / "p.jsonl", 1)
+    cfg = _cfg("--checkpoint", tiny_checkpoint, "--data", data, "--out", str(tmp_path / "o"), "--template", "chat")
+    with pytest.raises(ConfigError, match="^template=chat but the tokenizer has no chat_template"):
+        run_rejection(cfg)  # was a bare ValueError from the first prompt's render
