@@ -11,6 +11,23 @@ Which implementation runs is decided by one rule in ``dispatch.py``; ``backend(d
 Every launcher is registered as a ``torch.ops.r1fast.*`` operator with a fake (``registration.py``),
 so torch.compile traces the public functions without graph breaks.
 Ops are imported lazily so that ``import r1fast.kernels`` stays cheap and does not import Triton.
+
+Library contract (what callers outside r1fast may rely on):
+  * Meta tensors and ``FakeTensorMode`` (FSDP2 meta init, ``torch.export``, shape inference): every
+    public op returns outputs of the right shapes; checks that read values are skipped there and run
+    on real tensors (``registration.host_checks_enabled``).
+  * ``torch.compile(fullgraph=True)``, also with ``dynamic=True``: no graph break; the GRPO loss
+    compiles twice for any number of sequence lengths (a static graph, then a dynamic one) on the
+    kernel path, and on the reference path while B·T fits one reference chunk (``ref_chunk_tokens``).
+  * ``R1FAST_KERNELS`` is read on every eager call, but a compiled function keeps the implementation
+    it traced: the variable is not a dynamo guard. Call ``torch._dynamo.reset()`` after changing it.
+  * Gradients: ``fused_linear_grpo_loss`` differentiates hidden, weight and bias (no double backward
+    on the kernel path); ``fused_linear_logprobs`` and the quantizers return no-grad outputs; paged
+    attention and ``append_kv`` are inference ops and raise ValueError for an input that requires
+    grad while grad mode is on. ``torch.func`` transforms (grad, vmap) are not supported: the ops
+    have no functorch rules and fail with PyTorch's own error.
+  * Threads: compiled Triton launches are thread-safe as usual; Triton's CPU interpreter is not, so
+    under ``TRITON_INTERPRET`` every op body runs under one process-wide lock (calls serialize).
 """
 
 import importlib

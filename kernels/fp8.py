@@ -290,7 +290,9 @@ _rows_cols_op = register_op(
         x, emit_rows, emit_cols, group_sizes))
 _blocks_op = register_op(
     "fp8_quantize_blocks", _blocks_impl,
-    fake=lambda w, power_of_two: (torch.empty_like(w, dtype=torch.float8_e4m3fn),
+    # new_empty, not empty_like: the op returns contiguous q whatever w's strides (empty_like kept a
+    # transposed w's strides, so compiling quantize(w.t())[0].view(-1) failed at trace time)
+    fake=lambda w, power_of_two: (w.new_empty(w.shape, dtype=torch.float8_e4m3fn),
                                   w.new_empty(w.shape[0], triton.cdiv(w.shape[1], TILE), triton.cdiv(w.shape[2], TILE),
                                               dtype=torch.float32)))
 

@@ -163,7 +163,8 @@ _combine_op = register_op(
                                                                       dtype=out_dtype))
 _combine_backward_op = register_op(
     "moe_combine_backward", _combine_backward_impl,
-    fake=lambda dout, y, row_of_slot, weights: (torch.empty_like(y),
+    # new_empty, not empty_like: the kernel path returns a contiguous dy whatever y's strides
+    fake=lambda dout, y, row_of_slot, weights: (y.new_empty(y.shape),
                                                 weights.new_empty(weights.shape, dtype=torch.float32)))
 
 

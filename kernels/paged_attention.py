@@ -23,8 +23,15 @@ Registered ops (``torch.ops.r1fast.*``, opaque to torch.compile, with fakes): ``
 ``append_kv`` writes into ``k_cache``/``v_cache``. The public functions check arguments (shapes and
 dtypes only), allocate what the caller did not pass, and call the op. The one host sync,
 ``paged_attention_cascade`` finding the largest group when ``max_group_size`` is not given, stays in
-the public function; while torch.compile traces or a CUDA graph is captured (``host_checks_enabled``
-False) that read is impossible, so ``max_group_size`` is then required (ValueError without it).
+the public function; while torch.compile traces, a CUDA graph is captured or the inputs are meta/fake
+tensors (``host_checks_enabled`` False) that read is impossible, so ``max_group_size`` is then required
+(ValueError without it).
+
+Not differentiable: these are rollout (inference) ops. With grad mode on, an input that requires grad
+is a ValueError naming it, on every backend: the reference path used to return a differentiable
+output and the Triton path a silently detached one, so a trainer that worked on CPU would have lost
+its attention gradients on GPU without a word. Call them under ``torch.no_grad()`` /
+``torch.inference_mode()`` (as the rollout engine does) or pass detached tensors.
 """
 
 from __future__ import annotations
@@ -99,6 +106,17 @@ def _splits(value, name: str) -> int | None:
     return splits
 
 
+def _refuse_grad(op: str, **tensors) -> None:
+    """ValueError naming the first input that requires grad while grad mode is on (see the module docstring)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but {op} is an inference op with no backward on any "
+                             f"backend; call it under torch.no_grad() / torch.inference_mode() or pass "
+                             f"{name}.detach()")
+
+
 def _outputs(q, out, return_lse):
     """``out`` (allocated when the caller passed none) and ``lse`` (fp32; fp64 for fp64 inputs) or None."""
     if out is None:
@@ -134,8 +152,10 @@ def paged_attention(
     heuristic (``choose_num_splits``). Values are not checked on the device (no host sync): table entries
     must index existing blocks and seq_lens[b] must fit its table row. Raises ValueError on bad shapes,
     dtypes, head dims, block sizes, head counts, ``num_splits`` < 1 or a ``softmax_scale`` that is not a
-    positive finite number. fp64 inputs take the reference and get an fp64 lse.
+    positive finite number, or when grad mode is on and q, a cache or ``out`` requires grad (not
+    differentiable, see the module docstring). fp64 inputs take the reference and get an fp64 lse.
     """
+    _refuse_grad("paged_attention", q=q, k_cache=k_cache, v_cache=v_cache, out=out)
     ref.check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out)
     scale = _scale(softmax_scale, q.shape[2])
     num_splits = _splits(num_splits, "num_splits")
@@ -173,16 +193,18 @@ def paged_attention_cascade(
     one host sync this function otherwise makes; with it the call is CUDA-graph capturable and traceable
     by torch.compile, and without it those raise ValueError (the sync cannot run there).
     ``num_splits`` = (prefix splits, suffix splits) overrides the heuristic.
-    Returns out [B, Hq, D] (and lse [B, Hq] fp32).
+    Returns out [B, Hq, D] (and lse [B, Hq] fp32). Not differentiable: ValueError when grad mode is on
+    and q, a cache or ``out`` requires grad.
     """
+    _refuse_grad("paged_attention_cascade", q=q, k_cache=k_cache, v_cache=v_cache, out=out)
     ref.check_cascade_args(
         q, k_cache, v_cache, prefix_block_table, prefix_lens, group_of_seq, suffix_block_table, suffix_lens, out
     )
     if max_group_size is None:
         if not host_checks_enabled(q):
             raise ValueError(
-                "paged_attention_cascade: max_group_size is required under torch.compile and CUDA graph capture "
-                "(finding the largest group reads group_of_seq's counts back to the host)"
+                "paged_attention_cascade: max_group_size is required under torch.compile, CUDA graph capture and "
+                "for meta/fake tensors (finding the largest group reads group_of_seq's counts back to the host)"
             )
         max_group_size = int(group_sizes(group_of_seq, prefix_block_table.shape[0]).max()) if q.shape[0] else 1
     scale = _scale(softmax_scale, q.shape[2])
@@ -218,7 +240,9 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping):
     ``slot_mapping`` is on the CPU (reference and Triton interpreter); on CUDA they are not checked (that would
     need a host sync per layer). The cache's block_size
     must be one ``paged_attention`` reads (a power of two, 8..128; ValueError otherwise). Returns None.
+    Not differentiable: ValueError when grad mode is on and k, v or a cache requires grad.
     """
+    _refuse_grad("append_kv", k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     ref.check_append_kv_args(k, v, k_cache, v_cache, slot_mapping)
     block_size = k_cache.shape[1]
     if block_size < 8 or block_size > 128 or block_size & (block_size - 1):

@@ -37,7 +37,7 @@ def combine_backward(dout: torch.Tensor, y: torch.Tensor, row_of_slot: torch.Ten
     """(dy [M, H] in y's dtype, dweights fp32 [T, k]) of ``combine(y, row_of_slot, weights)``."""
     T, topk = weights.shape
     d = dout.float()
-    dy = torch.empty_like(y)
+    dy = y.new_empty(y.shape)  # contiguous, as the kernel returns it (the op's fake says so)
     H = y.shape[1]  # not -1: zero tokens (an empty micro-batch) leave nothing to infer it from
     dy[row_of_slot] = (d[:, None, :] * weights.float()[:, :, None]).reshape(T * topk, H).to(y.dtype)
     dweights = (d[:, None, :] * y[row_of_slot].float().view(T, topk, H)).sum(-1)

@@ -15,18 +15,40 @@ Rules for ops registered here (what ``torch.library.opcheck`` checks):
 - an op returns new tensors or mutates arguments listed in ``mutates_args``, never an alias of an input;
   ``out=`` style APIs register an op that fills ``out`` and returns nothing;
 - host synchronizations (argument validation that reads device values) stay in the public Python
-  function, outside the op, and are skipped while ``torch.compiler.is_compiling()``;
+  function, outside the op, and are skipped while ``host_checks_enabled()`` is False (compile, CUDA-graph
+  capture, meta and fake tensors);
 - ops that autograd must differentiate get ``register_autograd``; the others are called inside an
   ``autograd.Function`` (or under no_grad), where autograd is off.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .dispatch import interpreting
 
 NAMESPACE = "r1fast"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive for the process: dropping it unregisters
 _REGISTERED: dict[str, object] = {}
+_FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+# Triton's interpreter is not thread-safe (it patches triton.language globally during a launch): two
+# threads launching at once crashed inside it, a plain @triton.jit kernel too. Under TRITON_INTERPRET
+# every op body runs under this lock (reentrant: an op may call another); compiled Triton (GPU) takes
+# no lock, the choice is made once at registration.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialized(impl):
+    """``impl`` run under ``_INTERPRETER_LOCK`` (same signature, so ``infer_schema`` reads it through)."""
+    @functools.wraps(impl)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return impl(*args, **kwargs)
+    return locked
 
 
 def register_op(name: str, impl, *, fake, mutates_args: tuple[str, ...] = ()):
@@ -39,7 +61,7 @@ def register_op(name: str, impl, *, fake, mutates_args: tuple[str, ...] = ()):
         return _REGISTERED[name]
     schema = torch.library.infer_schema(impl, mutates_args=mutates_args)
     _LIB.define(name + schema)
-    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    _LIB.impl(name, _serialized(impl) if interpreting() else impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
     op = getattr(getattr(torch.ops, NAMESPACE), name)
     _REGISTERED[name] = op
@@ -61,11 +83,21 @@ def registered_ops() -> dict[str, object]:
 def host_checks_enabled(tensor: torch.Tensor | None = None) -> bool:
     """Whether a validation that reads device values on the host may run now.
 
-    Not while ``torch.compile`` traces (it would break the graph) nor while a CUDA graph is being
-    captured on ``tensor``'s device (the read would be illegal).
+    Not while ``torch.compile`` traces (it would break the graph), nor while a CUDA graph is being
+    captured on ``tensor``'s device (the read would be illegal), nor for values that do not exist:
+    ``tensor`` on the meta device (FSDP2's meta init) or a fake tensor, or any call under an active
+    ``FakeTensorMode`` (shape inference, ``torch.export``). Those cannot be read (``.item()`` raises
+    on meta, and fake mode raises DataDependentOutputException), and the checks will run on the real
+    values later. Cost: ~0.5 us per call (``torch._guards.detect_fake_mode`` took 5.7 us, too much for
+    a decode step that validates once per layer, so the fake mode is found by its dispatch key).
     """
     if torch.compiler.is_compiling():
         return False
-    if tensor is not None and tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+    if torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None:
         return False
+    if tensor is not None:
+        if tensor.is_meta or isinstance(tensor, FakeTensor):
+            return False
+        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
     return True

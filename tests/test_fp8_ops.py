@@ -27,20 +27,26 @@ def _op_cases():
     xa, xas = fp8.quantize_fp8_128x1(x, group_sizes=gs)
     ids = torch.randint(0, 3, (9, 2))
     rows = torch.randperm(18)
+    # non-contiguous inputs (a transposed view): each op returns contiguous outputs, so its fake must too
+    # (empty_like kept a transposed input's strides: fp8_quantize_blocks, moe_combine_backward)
+    x_t = torch.randn(256, 130).t()
+    y_t = torch.randn(256, 18, dtype=torch.bfloat16).t()
     return {
         "fp8_quantize_rows_cols": [(x, True, True, False, 1e-4, None), (x.bfloat16(), True, False, True, 1e-4, None),
                                    (x, False, True, False, 1e-20, None), (x, True, True, False, 1e-4, gs),
-                                   (x[:0], False, True, True, 1e-4, _group_sizes(0, 0, 0))],
-        "fp8_quantize_blocks": [(w, False), (w[:, :100, :200].contiguous(), True)],
+                                   (x[:0], False, True, True, 1e-4, _group_sizes(0, 0, 0)),
+                                   (x_t, True, True, False, 1e-4, None)],
+        "fp8_quantize_blocks": [(w, False), (w[:, :100, :200].contiguous(), True), (w.transpose(1, 2), False)],
         "fp8_grouped_gemm": [(xq, xs, wq, ws, gs, torch.empty(130, 192, dtype=torch.bfloat16))],
         "fp8_grouped_gemm_wgrad": [(yt, yts, xtq, xts, gs, torch.zeros(2, 192, 256), True, False),
                                    (yt, yts, xtq, xts, gs, torch.empty(2, 192, 256), False, False),
                                    (ya, yas, xa, xas, gs, torch.empty(2, 192, 256), False, True)],
         "moe_expert_histogram": [(ids, 3)],
-        "moe_gather_rows": [(xq[:18], rows), (x[:18].bfloat16(), rows)],
+        "moe_gather_rows": [(xq[:18], rows), (x[:18].bfloat16(), rows), (y_t, rows)],
         "moe_combine": [(x[:18].bfloat16(), rows, torch.rand(9, 2), 2, torch.float32),
-                        (x[:18], rows, None, 2, torch.bfloat16)],
-        "moe_combine_backward": [(torch.randn(9, 256, dtype=torch.bfloat16), x[:18].bfloat16(), rows, torch.rand(9, 2))],
+                        (x[:18], rows, None, 2, torch.bfloat16), (y_t, rows, torch.rand(9, 2), 2, torch.float32)],
+        "moe_combine_backward": [(torch.randn(9, 256, dtype=torch.bfloat16), x[:18].bfloat16(), rows, torch.rand(9, 2)),
+                                 (torch.randn(256, 9, dtype=torch.bfloat16).t(), y_t, rows, torch.rand(2, 9).t())],
     }
 
 
