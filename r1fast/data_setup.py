@@ -23,10 +23,11 @@ from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
 
-def build_tokenizer_and_model(cfg: Config, device: torch.device):
-    """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory."""
+def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dtype | None = None):
+    """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory;
+    parameters in ``dtype`` (default: model.dtype; training passes its fp32 master dtype)."""
     m = cfg.model
-    dtype = resolve_dtype(m.dtype)
+    dtype = dtype or resolve_dtype(m.dtype)
     if m.name_or_path == "tiny":
         tok = CharTokenizer()
         if m.vocab_size is not None and m.vocab_size != tok.vocab_size:

@@ -34,11 +34,13 @@ from typing import Literal
 import torch
 
 from r1fast import distributed as D
-from r1fast.config import ModelConfig, ParallelConfig, check_dir_name
+from r1fast.checkpoint import resolve_dtype
+from r1fast.config import Config, ModelConfig, ParallelConfig, TrainConfig, check_dir_name, check_master_weights
 from r1fast.config_dump import save_config
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.data.order import batch_indices
+from r1fast.data_setup import build_tokenizer_and_model
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import (
     apply_activation_checkpointing,
@@ -46,6 +48,7 @@ from r1fast.parallelize import (
     build_mesh,
     clip_and_step,
     enable_fp8_experts,
+    master_and_compute_dtypes,
 )
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
@@ -124,6 +127,7 @@ class SFTConfig:
         if not self.data:
             raise ConfigError("data: a JSONL file of training records is required (--data FILE)")
         check_dir_name(self.name, "name")  # out_dir/name ('.' or '..' escaped or replaced out_dir)
+        check_master_weights(self.model.dtype, self.parallel.fsdp, "model.dtype", "parallel.fsdp")
         check_template(self.template, "template")
         return self
 
@@ -251,8 +255,9 @@ def encode_sft_examples(records, tokenizer, template: str, max_seq_len: int) -> 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _save_model(root, model, tokenizer, final: str) -> None:
-    """HF checkpoint of the (possibly sharded) model into ``final``, atomically; every rank must call it."""
+def _save_model(root, model, tokenizer, final: str, dtype: torch.dtype | None = None) -> None:
+    """HF checkpoint of the (possibly sharded) model into ``final`` (in ``dtype``, default the parameters'),
+    atomically; every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
@@ -265,7 +270,7 @@ def _save_model(root, model, tokenizer, final: str) -> None:
         if full is None:
             model.save_pretrained(tmp)
         else:
-            save_hf(model, {k[len("model."):]: v for k, v in full.items()}, tmp)
+            save_hf(model, {k[len("model."):]: v for k, v in full.items()}, tmp, dtype=dtype)
         tokenizer.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -285,7 +290,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     torch.manual_seed(cfg.seed)
-    tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed)
+    compute = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights that FSDP2 gathers in bf16
+    master, param_dtype = master_and_compute_dtypes(compute)
+    tokenizer, model = build_tokenizer_and_model(Config(model=cfg.model, train=TrainConfig(seed=cfg.seed)),
+                                                 dist.device, master)
     positions = model.args.max_position_embeddings
     if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "
@@ -296,10 +304,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     if not examples:
         raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
-    mesh = build_mesh(dist.device.type, world, dist.local_world_size) if cfg.parallel.fsdp else None
+    mesh = build_mesh(dist.device.type, world, dist.local_world_size,
+                      one_rank=param_dtype is not None) if cfg.parallel.fsdp else None
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    root = apply_fsdp(PolicyHead(model), mesh)
+    root = apply_fsdp(PolicyHead(model), mesh, param_dtype=param_dtype)
     optimizer = torch.optim.AdamW(root.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.parallel.fp8_experts:
         enable_fp8_experts(model, optimizer)
@@ -343,7 +352,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                            skipped_nonfinite=not math.isfinite(nll), grad_norm=grad_norm, lr=lr, tokens=tokens,
                            tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
     model_dir = os.path.join(run_dir, "model")
-    _save_model(root, model, tokenizer, model_dir)
+    _save_model(root, model, tokenizer, model_dir, dtype=compute)
     summary = {"steps": steps, "examples": len(examples), "dropped_too_long": dropped, "tokens_trained": tokens_total,
                "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,
                "base_model": cfg.model.name_or_path, "world_size": world, "time_s": time.perf_counter() - start}

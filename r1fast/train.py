@@ -24,6 +24,7 @@ import time
 import torch
 
 from r1fast import distributed as D
+from r1fast.checkpoint import resolve_dtype
 from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
 from r1fast.config_io import run_cli
 from r1fast.data.order import batch_indices
@@ -38,6 +39,7 @@ from r1fast.parallelize import (
     build_mesh,
     clip_and_step,
     enable_fp8_experts,
+    master_and_compute_dtypes,
     unsharded_for_rollout,
 )
 from r1fast.policy import PolicyHead, pack
@@ -114,7 +116,9 @@ class Trainer:
         t = cfg.train
         self.run_dir = os.path.join(t.out_dir, t.name)
         torch.manual_seed(t.seed)
-        self.tokenizer, model = build_tokenizer_and_model(cfg, dist.device)
+        self.compute_dtype = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights, gathered in bf16 by FSDP2
+        master, param_dtype = master_and_compute_dtypes(self.compute_dtype)
+        self.tokenizer, model = build_tokenizer_and_model(cfg, dist.device, master)
         self.model = model
         self.sft_samples, self.train_samples, self.eval_samples = build_datasets(cfg)
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
@@ -124,17 +128,18 @@ class Trainer:
         _check_batch_split(cfg, dist.world_size)
         self.sft_samples = _fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
                                         self.sft_samples)
-        self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size) if cfg.parallel.fsdp else None
+        self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
+                               one_rank=param_dtype is not None) if cfg.parallel.fsdp else None
         self.ref_root, ref = None, None
         if cfg.grpo.beta > 0:  # frozen copy, refreshed every ref_update_steps; not allocated when beta = 0
-            ref = type(model).from_config(model.args, device=dist.device, dtype=next(model.parameters()).dtype)
+            ref = type(model).from_config(model.args, device=dist.device, dtype=self.compute_dtype)  # no masters
             ref.load_state_dict(model.state_dict())
             ref.requires_grad_(False)
             # no backward follows the reference's forward: reshard its root too, or its parameters stay gathered
             self.ref_root = apply_fsdp(PolicyHead(ref), self.mesh, reshard_root_after_forward=True)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.root = apply_fsdp(PolicyHead(model), self.mesh)
+        self.root = apply_fsdp(PolicyHead(model), self.mesh, param_dtype=param_dtype)
         self.optimizer = torch.optim.AdamW(self.root.parameters(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
@@ -147,7 +152,7 @@ class Trainer:
             except ValueError as err:  # a dense model: a config mistake, reported in one line
                 raise ConfigError(f"parallel.fp8_experts=true: {err}") from None
         r = cfg.rollout
-        self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks,
+        self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
@@ -325,7 +330,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> str:
         return save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
-                               self.loop_state, self.tokenizer, reference=self.ref_root)
+                               self.loop_state, self.tokenizer, reference=self.ref_root, hf_dtype=self.compute_dtype)
 
     def _resume_path(self) -> str | None:
         r = self.cfg.train.resume

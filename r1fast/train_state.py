@@ -59,9 +59,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optimizer, scheduler, loop_state: dict,
-                    tokenizer=None, reference: torch.nn.Module | None = None) -> str:
-    """Write the checkpoint of ``step`` (with the frozen KL ``reference``, when given); every rank must
-    call it. Returns the final directory."""
+                    tokenizer=None, reference: torch.nn.Module | None = None, hf_dtype: torch.dtype | None = None) -> str:
+    """Write the checkpoint of ``step`` (with the frozen KL ``reference``, when given; the HF copy in ``hf_dtype``,
+    default the parameters'); every rank must call it. Returns the final directory."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if D.rank() == 0:
@@ -78,7 +78,7 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
         hf_dir = os.path.join(tmp, "model")
         prefix = "model."
         weights = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
-        save_hf(model, weights, hf_dir)
+        save_hf(model, weights, hf_dir, dtype=hf_dtype)
         if tokenizer is not None:
             tokenizer.save(hf_dir)
     D.barrier()
@@ -89,13 +89,13 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     return final
 
 
-def save_hf(model, weights: dict, path: str) -> None:
-    """save_pretrained of ``model``'s architecture with the gathered full ``weights``."""
+def save_hf(model, weights: dict, path: str, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained of ``model``'s architecture with the gathered full ``weights``, in ``dtype`` (default: the
+    parameters'; a bf16 run passes bf16, its fp32 master weights would double the bytes)."""
     from r1fast.checkpoint import save_pretrained
 
-    # in the model's own dtype: a shell in the fp32 default saved bf16 runs as float32 (twice the bytes, and
-    # config.json said float32)
-    dtype = next(iter(model.parameters())).dtype
+    # not the fp32 default: a shell in fp32 saved bf16 runs as float32 (twice the bytes, and config.json said so)
+    dtype = dtype or next(iter(model.parameters())).dtype
     shell = type(model).from_config(model.args, device="meta", dtype=dtype) if hasattr(type(model), "from_config") \
         else None
     if shell is None:

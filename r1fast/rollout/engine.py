@@ -55,7 +55,8 @@ class Engine:
     """Paged-KV generation engine over a ``r1fast.model.Transformer`` (live weights, no copy)."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, memory_fraction: float = 0.9,
-                 max_batch_tokens: int = 8192, max_num_seqs: int = 1024, use_cuda_graphs: bool = True):
+                 max_batch_tokens: int = 8192, max_num_seqs: int = 1024, use_cuda_graphs: bool = True,
+                 dtype: torch.dtype | None = None):
         if not isinstance(block_size, int) or block_size < 8 or block_size > 128 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two from 8 to 128, got {block_size!r}")
         if not 0.0 < memory_fraction <= 1.0:
@@ -67,7 +68,8 @@ class Engine:
         self.model = model
         self.args = model.args
         weight = model.lm_head_weight
-        self.device, self.dtype = weight.device, weight.dtype
+        # dtype: the compute dtype when it differs from the stored weights' (fp32 masters that FSDP2 gathers in bf16)
+        self.device, self.dtype = weight.device, dtype or weight.dtype
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs

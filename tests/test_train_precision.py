@@ -1,0 +1,66 @@
+"""bf16 training keeps fp32 master weights (FSDP2 mixed precision): small updates are not rounded away."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from train_testing import final_weights, rl_metrics, tiny_config
+
+from r1fast.config import ConfigError, load_config
+
+
+@pytest.fixture
+def one_rank_group():
+    """The run creates a 1-rank process group for FSDP2 (the CLI shuts it down on exit); later tests run without."""
+    yield
+    import r1fast.distributed as D
+
+    D.shutdown()
+
+
+def test_bf16_run_updates_fp32_masters_computes_in_bf16_and_saves_bf16(tmp_path, monkeypatch, one_rank_group):
+    """At lr 1e-6 a bf16 parameter (ulp 2^-8 relative) cannot take AdamW's ~1e-6 steps: 77 of 28,320 weights
+    moved in two steps before. The masters are fp32 and nearly all move; the rollout's KV cache, the KL
+    reference and the saved checkpoint are bf16, and the first step's KL is exactly 0 (the reference is the
+    bf16 cast of the same masters the policy computes with)."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train
+
+    seen = {}
+    real_step = train.Trainer.grpo_step
+
+    def step_and_compare(self, step):
+        before = {n: p.detach().clone() for n, p in self.root.named_parameters()}
+        out = real_step(self, step)
+        params = dict(self.root.named_parameters())
+        seen["dtypes"] = {p.dtype for p in params.values()}
+        seen["moved"] = sum(int((params[n].detach() != b).sum()) for n, b in before.items())
+        seen["total"] = sum(b.numel() for b in before.values())
+        seen["cache"] = self.engine.cache.dtype if hasattr(self.engine.cache, "dtype") else self.engine.dtype
+        seen["ref"] = {p.dtype for p in self.ref_root.parameters()}
+        return out
+
+    monkeypatch.setattr(train.Trainer, "grpo_step", step_and_compare)
+    cfg = tiny_config(tmp_path, "--train.steps", "1", "--train.name", "bf16", "--model.dtype", "bfloat16",
+                      "--train.lr", "1e-6", "--train.log_every", "1", "--grpo.beta", "0.04",
+                      "--rewards.weights", "{length_cosine = 1.0}", "--parallel.fsdp", "true")
+    train.run(cfg)
+    assert seen["dtypes"] == {torch.float32} and seen["ref"] == {torch.bfloat16} and seen["cache"] == torch.bfloat16
+    assert seen["moved"] > 0.9 * seen["total"], (seen["moved"], seen["total"])
+    assert rl_metrics(tmp_path / "bf16")[0]["kl"] == 0.0
+    weights = final_weights(tmp_path / "bf16")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    ckpt = next((tmp_path / "bf16" / "checkpoints").iterdir()) / "model"
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+
+def test_bf16_without_fsdp_is_refused():
+    with pytest.raises(ConfigError, match=r"^model\.dtype=bfloat16 trains with fp32 master weights.*parallel\.fsdp"):
+        load_config(None, ["--model.dtype", "bfloat16", "--parallel.fsdp", "false"])
+    from r1fast.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"^model\.dtype=bfloat16"):
+        SFTConfig(data="x.jsonl", model=load_config(None, ["--model.dtype", "bfloat16"]).model).validate()
