@@ -11,9 +11,11 @@ the number of ranks.
 
 Data: JSONL of ``{"prompt", "answer"}`` (``r1fast.data.load_jsonl``; a ``"task"`` naming a generated task
 selects its exact verifier). Outputs in ``--out`` (when given): eval.json, eval.md, samples.jsonl.
-A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``). Bad data
-(an empty file, a malformed line, a missing field, no gradable prompt) is a one-line ``DataError``, the
-first three before the model loads.
+A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``); one too
+long for the model (prompt + max_new_tokens past max_position_embeddings or the KV cache) is dropped,
+counted (``dropped_too_long``) and reported on stderr. Bad data (an empty file, a malformed line, a
+missing field, no prompt that fits, no gradable prompt) is a one-line ``DataError``, the first three
+before the model loads.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
 from r1fast.seeding import generator_seed
 from r1fast.stage_io import (
+    check_chat_template,
     check_checkpoint,
     check_file,
     check_template,
     data_errors,
     empty_data_error,
-    encode_prompt,
+    encode_fitting_prompts,
+    generation_limit,
     load_policy,
     pick_device_dtype,
-    render_prompt,
     stop_token_ids,
+    warn_dropped_too_long,
 )
 
 DEFAULT_PASS_K = (1, 2, 4, 8, 16, 32, 64)
@@ -129,11 +133,18 @@ def _gather(items: list) -> list:
 
 
 def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:
-    """(metrics, per-prompt records) of the model behind ``engine`` on ``samples`` (all ranks call it)."""
-    rank, world = D.rank(), D.world_size()
-    mine = list(range(rank, len(samples), world))
-    prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
-                             cfg.template) for i in mine]
+    """(metrics, per-prompt records) of the model behind ``engine`` on ``samples`` (all ranks call it).
+
+    Prompts too long for the model (prompt + max_new_tokens past its positions or KV cache) are dropped
+    and counted (``dropped_too_long``); every rank encodes every prompt (cheap next to sampling), so all
+    agree on which are kept without a collective, and a kept prompt keeps its index (and sample seeds)."""
+    limit = generation_limit(engine)
+    fitting, dropped = encode_fitting_prompts(tokenizer, samples, cfg.template, max_new_tokens=cfg.max_new_tokens,
+                                              limit=limit, path=cfg.data)
+    warn_dropped_too_long("r1fast.eval", dropped, len(samples), max_new_tokens=cfg.max_new_tokens, limit=limit,
+                          path=cfg.data)
+    mine = sorted(fitting)[D.rank()::D.world_size()]
+    prompts = [fitting[i] for i in mine]
     stop = stop_token_ids(tokenizer, engine.args)
     records = []
     if mine:
@@ -163,6 +174,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
     metrics = summarize(graded, ks=cfg.pass_ks(), reflection_words=cfg.reflection_words,
                         num_resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     metrics["skipped_prompts"] = len(records) - len(graded)
+    metrics["dropped_too_long"] = dropped
     return metrics, records
 
 
@@ -194,6 +206,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.model, device=device, dtype=dtype)
+    check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     with torch.no_grad():

@@ -17,9 +17,12 @@ order and each reports how many samples it removed (``r1fast.rejection_filters``
 Output: a JSONL of ``{"prompt", "completion", "answer", "task", "id", "rewards", "provenance"}`` (SFT reads
 prompt/completion; provenance holds the checkpoint, the sampling settings, the sample's seed and
 index, token count (without the stop token) and finish reason), written to ``out + ".tmp"`` and
-renamed, so an existing output is complete; plus ``<out>.stats.json`` with the counts. An empty kept set raises ``EmptyKeptSetError``
-naming the stage and the counts; a missing checkpoint or data file fails before any model is loaded, and
-so does bad data (an empty file, a malformed line: a one-line ``r1fast.config_io.DataError``).
+renamed, so an existing output is complete; plus ``<out>.stats.json`` with the counts
+(``dropped_too_long``: prompts skipped, and said on stderr, because prompt + max_new_tokens exceeds the
+model's positions or KV cache). An empty kept set raises ``EmptyKeptSetError`` naming the stage and
+the counts; a missing checkpoint or data file fails before any model is loaded, and so does bad data
+(an empty file, a malformed line: a one-line ``r1fast.config_io.DataError``; so is a file of which no
+prompt fits the model, found after it loads).
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ from r1fast.stage_io import (
     check_template,
     data_errors,
     empty_data_error,
+    encode_fitting_prompts,
     encode_prompt,
+    generation_limit,
     load_policy,
     pick_device_dtype,
     render_prompt,
     stop_token_ids,
+    warn_dropped_too_long,
 )
 
 FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "repetition", "contaminated",
@@ -198,15 +204,30 @@ def trace_tokens(completion) -> int:
     return len(ids) - int(completion.finish_reason == "stop" and len(ids) > 0)
 
 
+def fitting_prompts(engine, tokenizer, samples: list[dict], cfg: RejectionConfig) -> tuple[dict[int, list[int]], int]:
+    """({sample index: prompt ids} of the prompts that fit the model with max_new_tokens, how many did not):
+    ``stage_io``'s length rule, shared with r1fast.eval; a DataError naming the data file when none fits."""
+    return encode_fitting_prompts(tokenizer, samples, cfg.template, max_new_tokens=cfg.max_new_tokens,
+                                  limit=generation_limit(engine), path=cfg.data)
+
+
 def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
-                  score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> list[dict]:
-    """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank."""
-    rank, world = D.rank(), D.world_size()
-    mine = list(range(rank, len(samples), world))
+                  score: Callable[[list[dict], list[str]], list[dict]] = default_score, *,
+                  prompt_ids: dict[int, list[int]] | None = None) -> list[dict]:
+    """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank.
+
+    ``prompt_ids``: the encoded prompts to sample, by sample index (``fitting_prompts``, as run_rejection
+    passes them; None: every sample encoded here, and a too-long one is the engine's ValueError). Every
+    rank holds them all, so the shards agree without a collective and a prompt's seeds depend only on
+    its index."""
+    world = D.world_size()
+    if prompt_ids is None:
+        prompt_ids = {i: encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=s["prompt"]),
+                                       cfg.template) for i, s in enumerate(samples)}
+    mine = sorted(prompt_ids)[D.rank()::world]
     traces = []
     if mine:
-        prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=samples[i]["prompt"]),
-                                 cfg.template) for i in mine]
+        prompts = [prompt_ids[i] for i in mine]
         seeds = [generator_seed(cfg.seed * 1_000_003 + i * cfg.k + j) for i in mine for j in range(cfg.k)]
         groups = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
@@ -263,10 +284,14 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
+    prompt_ids, dropped = fitting_prompts(engine, tokenizer, samples, cfg)
+    warn_dropped_too_long("r1fast.rejection", dropped, len(samples), max_new_tokens=cfg.max_new_tokens,
+                          limit=generation_limit(engine), path=cfg.data)
     with torch.no_grad():
-        traces = sample_traces(engine, tokenizer, samples, cfg, score)
+        traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids)
     kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts)
     counts["prompts"] = len(samples)
+    counts["dropped_too_long"] = dropped
     counts["prompts_with_kept"] = len({t["prompt_index"] for t in kept})
     if not kept:
         raise EmptyKeptSetError(f"rejection sampling from {cfg.checkpoint!r}: no trace survived the filters "

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 
 import torch
 
+from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
 from r1fast.config import DATA_TEMPLATES, ModelConfig
 from r1fast.config_io import ConfigError, DataError
@@ -144,6 +146,42 @@ def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
     chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
     bos = getattr(tokenizer, "bos_id", None)
     return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
+
+
+def generation_limit(engine) -> int:
+    """The most tokens (prompt + max_new_tokens) one sequence may hold in ``engine``: the model's
+    max_position_embeddings (positions past it fall outside the range RoPE was trained or scaled for), and
+    the KV cache's capacity + 1 (the last sampled token is never cached; the CPU cache holds 65,536 tokens).
+    The rollout engine raises a ValueError for a longer sequence, so stages drop those prompts first."""
+    limit = engine.args.max_position_embeddings
+    cache = getattr(engine, "cache", None)  # a stand-in engine (tests) may have none
+    return limit if cache is None else min(limit, cache.capacity_tokens + 1)
+
+
+def encode_fitting_prompts(tokenizer, samples: list[dict], template: str, *, max_new_tokens: int, limit: int,
+                           path: str, key: str = "data") -> tuple[dict[int, list[int]], int]:
+    """({sample index: prompt ids} of the prompts whose length + ``max_new_tokens`` fits ``limit``, how many
+    were dropped). The one length rule eval and rejection share: one over-long prompt of a MATH-style file
+    crashed the whole run with the engine's ValueError. A one-line DataError naming ``key`` and ``path``
+    when no prompt fits (nothing left to sample)."""
+    fitting = {}
+    for i, s in enumerate(samples):
+        ids = encode_prompt(tokenizer, render_prompt(tokenizer, template, prompt=s["prompt"]), template)
+        if len(ids) + max_new_tokens <= limit:
+            fitting[i] = ids
+    dropped = len(samples) - len(fitting)
+    if not fitting:
+        raise DataError(f"{key}: all {dropped} prompts of {path!r} are too long: prompt + max_new_tokens="
+                        f"{max_new_tokens} exceeds the {limit} tokens the model holds (max_position_embeddings / KV cache)")
+    return fitting, dropped
+
+
+def warn_dropped_too_long(stage: str, dropped: int, total: int, *, max_new_tokens: int, limit: int, path: str) -> None:
+    """One stderr line (rank 0) saying how many prompts were dropped for length, so a silently shorter
+    evaluation or SFT set is visible; nothing when none were."""
+    if dropped and D.rank() == 0:
+        print(f"{stage}: dropped {dropped} of {total} prompts of {path!r}: prompt + max_new_tokens={max_new_tokens} "
+              f"exceeds the {limit} tokens the model holds (dropped_too_long={dropped})", file=sys.stderr)
 
 
 def stop_token_ids(tokenizer, args) -> list[int]:

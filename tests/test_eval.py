@@ -204,3 +204,41 @@ def test_pass_k_above_k_is_rejected_and_the_default_fits_k():
                        schema=EvalConfig).pass_ks() == (2, 8)
     assert EvalConfig(model="m", data="d", k=6).pass_ks() == (1, 2, 4)  # none: the powers of two that fit
     assert EvalConfig(model="m", data="d", k=64).pass_ks() == (1, 2, 4, 8, 16, 32, 64)
+
+
+def test_too_long_prompts_are_dropped_counted_and_reported(tmp_path, monkeypatch, capsys):
+    """One prompt longer than the model's 40 positions was a raw ValueError from the engine; now it is
+    dropped, counted in eval.json and on stderr, and the rest are evaluated with their own indices."""
+    from conftest import save_char_checkpoint
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    model = save_char_checkpoint(tmp_path / "m", max_position_embeddings=40)
+    data = _heldout(tmp_path / "heldout.jsonl")
+    rows = (tmp_path / "heldout.jsonl").read_text().splitlines()
+    rows[1] = json.dumps({"prompt": " + ".join(["1"] * 20), "answer": "20"})  # 79 chars: past 40 positions
+    (tmp_path / "heldout.jsonl").write_text("\n".join(rows) + "\n")
+    args = ["--model", model, "--data", data, "--template", "compact", "--k", "1", "--max_new_tokens", "6",
+            "--bootstrap_resamples", "2", "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "r1fast.eval: dropped 1 of 3 prompts of" in err and "max_new_tokens=6 exceeds the 40 tokens" in err
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
+    assert saved["dropped_too_long"] == 1 and saved["num_prompts"] == 2
+    assert "| dropped_too_long | 1 |" in (tmp_path / "ev" / "eval.md").read_text()
+    kept = [json.loads(x)["index"] for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert kept == [0, 2]
+    (tmp_path / "long.jsonl").write_text(rows[1] + "\n")  # nothing left to evaluate: one line naming the file
+    assert main([*args[:2], "--data", str(tmp_path / "long.jsonl"), *args[4:]]) == 1
+    err = capsys.readouterr().err
+    assert re.match(r"r1fast.eval: error: data: all 1 prompts of '.*long\.jsonl' are too long", err), err
+    assert err.count("\n") == 1
+
+
+def test_chat_template_missing_is_one_config_error(tmp_path, tiny_checkpoint, capsys):
+    data = _heldout(tmp_path / "heldout.jsonl", n=1)
+    args = ["--model", tiny_checkpoint, "--data", data, "--template", "chat", "--k", "1", "--max_new_tokens", "2"]
+    with pytest.raises(ConfigError, match="^template=chat but the tokenizer has no chat_template"):
+        run_eval(load_config(None, args, schema=EvalConfig))  # was a bare ValueError from the first render
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast.eval: error: template=chat") and err.count("\n") == 1, err

@@ -257,3 +257,32 @@ def test_chat_template_missing_is_one_config_error(tmp_path, tiny_checkpoint):
     cfg = _cfg("--checkpoint", tiny_checkpoint, "--data", data, "--out", str(tmp_path / "o"), "--template", "chat")
     with pytest.raises(ConfigError, match="^template=chat but the tokenizer has no chat_template"):
         run_rejection(cfg)  # was a bare ValueError from the first prompt's render
+
+
+def test_too_long_prompts_are_dropped_counted_and_reported(tmp_path, capsys):
+    """One prompt past the model's 40 positions was a raw ValueError from the engine; now it is dropped,
+    counted in the stats and on stderr, and the others keep their indices (and so their seeds)."""
+    from conftest import save_char_checkpoint
+
+    model = save_char_checkpoint(tmp_path / "m", max_position_embeddings=40)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["eos_token_id"] = list(range(config["vocab_size"]))  # every token stops: a random model's traces end
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    data, samples = _prompts(tmp_path / "p.jsonl", 3)
+    rows = (tmp_path / "p.jsonl").read_text().splitlines()
+    rows[1] = json.dumps({"prompt": " + ".join(["1"] * 20), "answer": "20"})  # 79 chars: past 40 positions
+    (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "kept.jsonl"
+    cfg = _cfg("--checkpoint", model, "--data", data, "--out", str(out), "--k", "2", "--max_new_tokens", "6",
+               "--require_format", "false", "--min_tokens", "0")
+    result = run_rejection(cfg, score=lambda batch, texts: [{"accuracy": 1.0, "format": 1.0} for _ in texts])
+    assert "r1fast.rejection: dropped 1 of 3 prompts of" in capsys.readouterr().err
+    counts = json.loads((tmp_path / "kept.jsonl.stats.json").read_text())["counts"]
+    assert counts == result["counts"] and counts["dropped_too_long"] == 1 and counts["prompts"] == 3
+    assert counts["samples"] == 4  # k=2 samples of the 2 prompts that fit
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["prompt"] for r in kept} == {samples[0]["prompt"], samples[2]["prompt"]}
+    assert all(r["provenance"]["seed"] in (0, 1, 4, 5) for r in kept)  # prompt 2 keeps seeds 2 * 2 + j
+    (tmp_path / "long.jsonl").write_text(rows[1] + "\n")
+    with pytest.raises(DataError, match=r"^data: all 1 prompts of '.*long\.jsonl' are too long"):
+        run_rejection(_cfg("--checkpoint", model, "--data", str(tmp_path / "long.jsonl"), "--out", str(out)))

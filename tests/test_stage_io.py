@@ -90,3 +90,31 @@ def test_generation_config_eos_ids_stop_generation_and_the_file_is_saved_back(tm
     model.save_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == generation
     assert "generation_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_length_rule_matches_the_engine_at_the_boundary_and_an_all_long_file_is_one_error(tmp_path):
+    """A prompt of exactly positions - max_new_tokens tokens is sampled; one token more is dropped, not the
+    engine's ValueError (one 137-token MATH-style prompt on a 40-position model crashed eval and rejection)."""
+    from r1fast.config_io import DataError
+    from r1fast.rollout import Engine
+    from r1fast.stage_io import encode_fitting_prompts, generation_limit
+
+    tok, model = load_policy(save_char_checkpoint(tmp_path / "m", max_position_embeddings=40), device="cpu",
+                             dtype=torch.float32)
+    engine = Engine(model, block_size=8)
+    assert generation_limit(engine) == 40  # the CPU cache (65,536 tokens) is not the bound here
+    head = len(encode_prompt(tok, render_prompt(tok, "none", prompt=""), "none"))  # <bos>
+    samples = [{"prompt": "1" * (32 - head)}, {"prompt": "1" * (33 - head)}, {"prompt": "2+2"}]
+    fitting, dropped = encode_fitting_prompts(tok, samples, "none", max_new_tokens=8, limit=40, path="p.jsonl")
+    assert sorted(fitting) == [0, 2] and dropped == 1 and len(fitting[0]) == 32
+    out = engine.generate([fitting[0]], n=1, max_new_tokens=8, temperature=0.0)  # exactly 40: the engine agrees
+    assert len(out[0][0].token_ids) <= 8
+    with pytest.raises(ValueError, match="40 positions"):  # and one more token is what the rule drops
+        engine.generate([tok.encode("1" * 33)], n=1, max_new_tokens=8, temperature=0.0)
+    with pytest.raises(DataError, match=r"^data: all 2 prompts of 'p\.jsonl' are too long: .*max_new_tokens=8"):
+        encode_fitting_prompts(tok, samples[1:2] * 2, "none", max_new_tokens=8, limit=40, path="p.jsonl")
+    small = Engine(model, block_size=8, num_blocks=3)  # 24 cached tokens: the cache, not the positions, bounds it
+    assert generation_limit(small) == 25
+    small.generate([tok.encode("1" * 17)], n=1, max_new_tokens=8, temperature=0.0)  # 17 + 8 = 25 fits
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        small.generate([tok.encode("1" * 18)], n=1, max_new_tokens=8, temperature=0.0)
