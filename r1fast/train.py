@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -90,7 +91,8 @@ def _fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft
     return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
     ``r1fast.sft`` drops them; ConfigError when none is left)."""
     limit = model.args.max_position_embeddings
-    where = f"the model holds {limit} positions (model.max_seq_len for the tiny model)"
+    source = "model.max_seq_len" if cfg.model.name_or_path == "tiny" else "max_position_embeddings in its config.json"
+    where = f"the model holds {limit} positions ({source})"
     longest = max((len(p) for p in prompt_ids), default=0)
     if longest + cfg.rollout.max_new_tokens > limit:
         raise ConfigError(f"{where}, fewer than the longest prompt ({longest} tokens) plus "
@@ -375,8 +377,6 @@ def run(cfg: Config) -> dict:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

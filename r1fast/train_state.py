@@ -105,6 +105,23 @@ def save_hf(model, weights: dict, path: str, dtype: torch.dtype | None = None) -
     save_pretrained(shell, path)
 
 
+def _check_same_model(path: str, saved: dict, root: torch.nn.Module) -> None:
+    """ConfigError naming train.resume when the checkpoint's weights are not this model's (names and full
+    shapes): set_state_dict raised a torch RuntimeError about missing optimizer state instead."""
+    from r1fast.config_io import ConfigError
+
+    live = {name: tuple(t.shape) for name, t in get_model_state_dict(root).items()}
+    stored = {name: tuple(t.shape) for name, t in saved.items()}
+    if live == stored:
+        return
+    missing, extra = sorted(live.keys() - stored.keys()), sorted(stored.keys() - live.keys())
+    differ = [f"{n} {stored[n]} vs {live[n]}" for n in sorted(live.keys() & stored.keys()) if live[n] != stored[n]]
+    what = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model lacks" if extra
+            else f"has {differ[0]} (checkpoint vs this model)")
+    raise ConfigError(f"train.resume: {path} holds another model's weights ({what}; {len(missing)} missing, "
+                      f"{len(extra)} extra, {len(differ)} of another shape); resume with the model it was trained with")
+
+
 def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler,
                     reference: torch.nn.Module | None = None) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler, the KL ``reference`` (when given) and this rank's RNG from
@@ -117,6 +134,7 @@ def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler,
     # RNG files already require) and keeps its own shard: no broadcast whose collective order could
     # differ between the rank that holds the data and the ranks that do not.
     state = torch.load(state_file, map_location="cpu", weights_only=False)
+    _check_same_model(path, state["model"], root)
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     if reference is not None:

@@ -117,3 +117,18 @@ def test_sigterm_during_the_cold_start_sft_checkpoints_and_resumes_exactly(tmp_p
     assert summary["eval_initial"] == straight["eval_initial"] and summary["eval_after_rl"] == straight["eval_after_rl"]
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_another_models_checkpoint_is_one_config_error(tmp_path, monkeypatch):
+    """An untied model resumed from a tied model's checkpoint raised torch's "Missing optimizer state for
+    'model.lm_head.weight'" traceback; the weights' names and shapes are compared first."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast.config import ConfigError
+    from r1fast.train import run
+
+    run(tiny_config(tmp_path, "--train.steps", "1", "--train.name", "tied", "--train.sft_steps", "0"))
+    ckpt = str(tmp_path / "tied" / "checkpoints" / "step_1")
+    for extra, what in ((("--model.tie_word_embeddings", "false"), "lacks model.lm_head.weight"),
+                        (("--model.intermediate_size", "96"), "of another shape")):
+        with pytest.raises(ConfigError, match=rf"^train\.resume: .*step_1 holds another model's weights .*{what}"):
+            run(tiny_config(tmp_path, "--train.steps", "2", "--train.name", "other", "--train.resume", ckpt, *extra))
