@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -36,6 +37,7 @@ from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
     check_file,
+    check_sampling_temperature,
     check_template,
     data_errors,
     empty_data_error,
@@ -68,7 +70,8 @@ class EvalConfig:
     pass_k: tuple[int, ...] | None = bounded(None, ge=1)
     """k values of the pass@k metrics, each <= k; none = those of 1, 2, 4, ..., 64 that are <= k."""
     temperature: float = bounded(0.6, ge=0)
-    """Sampling temperature of the k samples (R1: 0.6)."""
+    """Sampling temperature of the k samples (R1: 0.6); 0 = greedy (then the k samples are identical), else at least 1e-5 (the smallest the
+    engine samples at)."""
     top_p: float = bounded(0.95, gt=0, le=1)
     """Nucleus mass of the k samples (R1: 0.95)."""
     top_k: int = bounded(0, ge=0)
@@ -87,7 +90,7 @@ class EvalConfig:
     """Seed of sampling and of the bootstrap."""
     out: str | None = None
     """Directory for eval.json, eval.md and samples.jsonl; none = print only."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
     block_size: int = bounded(16, ge=8, le=128)
     """KV-cache block size of the rollout engine."""
@@ -102,6 +105,7 @@ class EvalConfig:
             raise ConfigError("data: a JSONL file of prompts and answers is required (--data FILE)")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two (the paged-attention page)")
+        check_sampling_temperature(self.temperature, "temperature")
         if self.pass_k is not None and max(self.pass_k, default=0) > self.k:
             raise ConfigError(f"pass_k: {max(self.pass_k)} exceeds k={self.k} (pass@k needs at least k samples "
                               "per prompt); raise --k or drop it from --pass_k")

@@ -32,6 +32,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -44,6 +45,7 @@ from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
     check_file,
+    check_sampling_temperature,
     check_template,
     data_errors,
     empty_data_error,
@@ -83,7 +85,8 @@ class RejectionConfig:
     k: int = bounded(4, ge=1)
     """Samples per prompt."""
     temperature: float = bounded(0.7, ge=0)
-    """Sampling temperature."""
+    """Sampling temperature; 0 = greedy (then the k samples are identical), else at least 1e-5 (the smallest the
+    engine samples at)."""
     top_p: float = bounded(0.95, gt=0, le=1)
     """Nucleus sampling mass."""
     top_k: int = bounded(0, ge=0)
@@ -117,7 +120,7 @@ class RejectionConfig:
     """Word shingle size of the near-duplicate test."""
     max_per_prompt: int = bounded(0, ge=0)
     """Most kept traces per prompt (0 = no cap)."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
     block_size: int = bounded(16, ge=8, le=128)
     """KV-cache block size of the rollout engine."""
@@ -131,6 +134,7 @@ class RejectionConfig:
                 raise ConfigError(f"{key}: required (--{key} PATH)")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two (the paged-attention page)")
+        check_sampling_temperature(self.temperature, "temperature")
         check_template(self.template, "template")
         if self.language not in ("en", "zh"):
             raise ConfigError(f"language: expected en or zh, got {self.language!r}")

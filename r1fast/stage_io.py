@@ -215,3 +215,13 @@ def check_tokenizer_fits(tokenizer, model, key: str = "model.name_or_path"):
             tokenizer.pad_id = tokenizer.eos_id
     return tokenizer
 
+
+
+def check_sampling_temperature(value: float, key: str) -> None:
+    """0 (greedy) or at least the engine's smallest sampling temperature: a one-line ConfigError at parse time
+    (1e-6 passed the config and failed after the model was loaded, with the engine's traceback)."""
+    from r1fast.rollout.sampler import MIN_TEMPERATURE
+
+    if 0 < value < MIN_TEMPERATURE:
+        raise ConfigError(f"{key}={value} is below {MIN_TEMPERATURE}, the smallest temperature the engine samples "
+                          "at; use 0 for greedy decoding")

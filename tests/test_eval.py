@@ -242,3 +242,21 @@ def test_chat_template_missing_is_one_config_error(tmp_path, tiny_checkpoint, ca
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("r1fast.eval: error: template=chat") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("stage", ["eval", "rejection"])
+def test_sampling_temperature_and_dtype_are_checked_when_the_config_is_read(stage):
+    """A temperature in (0, 1e-5) passed the config and died after the model was loaded (the engine's traceback);
+    --dtype was free text ('bogus' raised in stage_io)."""
+    if stage == "eval":
+        base = dict(model="m", data="d.jsonl")
+        make = EvalConfig
+    else:
+        from r1fast.rejection import RejectionConfig as make
+
+        base = dict(checkpoint="m", data="d.jsonl", out="o.jsonl")
+    with pytest.raises(ConfigError, match=r"^temperature=1e-06 is below 1e-05.*use 0 for greedy"):
+        make(**base, temperature=1e-6).validate()
+    make(**base, temperature=0.0).validate()
+    with pytest.raises(ConfigError, match=r"^dtype: 'bogus' is not allowed"):
+        make(**base, dtype="bogus").validate()
