@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+_ONE_RANK_GROUP = False
+"""Whether ``build_mesh`` initialized the default process group itself (one process, bf16 training)."""
+
 
 def build_mesh(device_type: str, world_size: int, local_world_size: int, *, one_rank: bool = False):
     """1-D shard mesh inside a node, 2-D (replicate, shard) mesh across nodes; None on one process unless
@@ -27,8 +30,10 @@ def build_mesh(device_type: str, world_size: int, local_world_size: int, *, one_
         if not one_rank:
             return None
         if not dist.is_initialized():  # an in-process store: nothing to rendezvous with
+            global _ONE_RANK_GROUP
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                     world_size=1)
+            _ONE_RANK_GROUP = True
         return init_device_mesh(device_type, (1,), mesh_dim_names=("shard",))
 
     if world_size > local_world_size and world_size % local_world_size == 0:
@@ -36,6 +41,16 @@ def build_mesh(device_type: str, world_size: int, local_world_size: int, *, one_
             device_type, (world_size // local_world_size, local_world_size), mesh_dim_names=("replicate", "shard")
         )
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+
+
+def release_one_rank_group() -> None:
+    """Destroy the 1-rank process group ``build_mesh`` created, if it did: a programmatic run (tests, the
+    pipeline's stages) returns without a default group left behind, which made a later init_process_group in
+    the same process fail ("trying to initialize the default process group twice")."""
+    global _ONE_RANK_GROUP
+    if _ONE_RANK_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _ONE_RANK_GROUP = False
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -244,7 +244,7 @@ def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: st
         cfg = SFTConfig(data=ins["data"][0] if len(ins["data"]) == 1 else os.path.join(run_dir, stage.name, "train.jsonl"),
                         name=stage.name, out_dir=run_dir, template=p.template, model=model)
         _apply_table(cfg, stage.table, key + ".", where)
-        return cfg.validate()
+        return _validated(cfg, key, where)
     if stage.kind == "rl":
         cfg = Config(model=model)
         _apply_table(cfg, stage.table, key + ".", where)
@@ -252,11 +252,20 @@ def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: st
         d.task, d.template, d.eval_size, t.out_dir, t.name = ins["prompts"][0], p.template, 0, run_dir, stage.name
         if t.sft_steps:
             raise ConfigError(f"{key}.train.sft_steps={t.sft_steps}: cold-start SFT is its own sft stage here")
-        return cfg.validate()
+        return _validated(cfg, key, where)
     cfg = RejectionConfig(checkpoint=ins["model"][0], data=ins["prompts"][0], template=p.template,
                           out=os.path.join(run_dir, stage.name, "kept.jsonl"), decontaminate=tuple(ins.get("decontaminate", ())))
     _apply_table(cfg, stage.table, key + ".", where)
-    return cfg.validate()
+    return _validated(cfg, key, where)
+
+
+def _validated(cfg, key: str, where: str):
+    """``cfg.validate()`` with its errors named as the recipe's keys (``stages.<name>.config.<field>``): a bare
+    "model.dtype=bfloat16 ... set parallel.fsdp=true" did not say which stage needed it."""
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{key}.{err}{where}") from None
 
 
 def _check_task(cfg: DataGenConfig, key: str, where: str) -> DataGenConfig:

@@ -49,6 +49,7 @@ from r1fast.parallelize import (
     clip_and_step,
     enable_fp8_experts,
     master_and_compute_dtypes,
+    release_one_rank_group,
 )
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
@@ -360,6 +361,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logger.close()
+    release_one_rank_group()  # a programmatic (pipeline) run leaves no 1-rank process group behind
     return summary
 
 

@@ -41,6 +41,7 @@ from r1fast.parallelize import (
     clip_and_step,
     enable_fp8_experts,
     master_and_compute_dtypes,
+    release_one_rank_group,
     unsharded_for_rollout,
 )
 from r1fast.policy import PolicyHead, pack
@@ -368,16 +369,14 @@ def run(cfg: Config) -> dict:
     """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary."""
     dist = D.init_distributed(cfg.parallel.backend)
     trainer = Trainer(cfg, dist)
-    previous = signal.signal(signal.SIGTERM, trainer.stop) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, trainer.stop) if main_thread else None
     try:
         return trainer.run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+        release_one_rank_group()
 
 
 def main(argv: list[str] | None = None) -> int:
