@@ -235,7 +235,8 @@ class DataConfig:
     """Seed of task generation and prompt shuffling (a signed 64-bit integer, as TOML allows)."""
     template: str = "r1_zero"
     """Prompt template: 'r1_zero' (the DeepSeek-R1-Zero template verbatim), 'compact', 'none', 'chat'
-    (the tokenizer's chat template) or 'auto' (chat template if the tokenizer has one, else r1_zero)."""
+    (the tokenizer's chat template) or 'auto' (the template the checkpoint was trained with, else its chat
+    template, else r1_zero)."""
     params: dict[str, int] = field(default_factory=dict)
     """Difficulty knobs of the generated task for GRPO and evaluation, e.g. {min_digits = 2, max_digits = 3}."""
     sft_params: dict[str, int] = field(default_factory=dict)

@@ -62,7 +62,8 @@ class EvalConfig:
     data: str = ""
     """JSONL file of {"prompt", "answer"} records (required)."""
     template: str = "auto"
-    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', r1_zero, compact, none."""
+    """Prompt rendering: 'auto' (the template the checkpoint was trained with, else its chat template, else
+    r1_zero), 'chat', r1_zero, compact, none."""
     limit: int | None = bounded(None, ge=1)
     """Evaluate only the first N prompts; none = all."""
     k: int = bounded(4, ge=1)

@@ -79,7 +79,8 @@ class RejectionConfig:
     out: str = ""
     """Output JSONL of kept traces (required)."""
     template: str = "auto"
-    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', r1_zero, compact, none."""
+    """Prompt rendering: 'auto' (the template the checkpoint was trained with, else its chat template, else
+    r1_zero), 'chat', r1_zero, compact, none."""
     limit: int | None = bounded(None, ge=1)
     """Use only the first N prompts; none = all."""
     k: int = bounded(4, ge=1)

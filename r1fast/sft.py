@@ -66,6 +66,7 @@ from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT
     load_policy,
     pick_device_dtype,
     render_prompt,
+    resolve_template,
 )
 from r1fast.train_state import save_hf
 
@@ -81,8 +82,8 @@ class SFTConfig:
     data: str = ""
     """JSONL file of {"prompt", "completion"} or {"messages"} records (required)."""
     template: str = "auto"
-    """Prompt rendering: 'auto' (chat template if the tokenizer has one, else r1_zero), 'chat', or a named
-    template: r1_zero, compact, none."""
+    """Prompt rendering: 'auto' (the template the checkpoint was trained with, else its chat template, else
+    r1_zero), 'chat', or a named template: r1_zero, compact, none. The model it writes records the one used."""
     limit: int | None = bounded(None, ge=1)
     """Use only the first N records; none = all."""
     max_seq_len: int | None = bounded(None, ge=2)
@@ -353,6 +354,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                            skipped_nonfinite=not math.isfinite(nll), grad_norm=grad_norm, lr=lr, tokens=tokens,
                            tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
     model_dir = os.path.join(run_dir, "model")
+    tokenizer.prompt_template = resolve_template(tokenizer, cfg.template)  # 'auto' in later stages uses it
     _save_model(root, model, tokenizer, model_dir, dtype=compute)
     summary = {"steps": steps, "examples": len(examples), "dropped_too_long": dropped, "tokens_trained": tokens_total,
                "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,

@@ -120,6 +120,18 @@ def build_model(m: ModelConfig, device, *, seed: int):
     return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device)
 
 
+def resolve_template(tokenizer, template: str) -> str:
+    """``template`` itself, or for 'auto': the template the checkpoint was trained with when r1fast recorded it
+    (``tokenizer.prompt_template``), else 'chat' when the tokenizer has a chat template, else 'r1_zero'."""
+    if template != "auto":
+        return template
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    trained = getattr(tokenizer, "prompt_template", None)
+    if trained in DATA_TEMPLATES and trained != "auto" and (trained != "chat" or has_chat):
+        return trained
+    return "chat" if has_chat else "r1_zero"
+
+
 def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messages: list[dict] | None = None) -> str:
     """The text the model is conditioned on: a chat template (``chat``/``auto`` with one) or a named template.
 
@@ -130,10 +142,9 @@ def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messag
         raise ValueError("render_prompt: give exactly one of prompt or messages")
     if messages is None:
         messages = [{"role": "user", "content": prompt}]
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
-    if template == "chat" or (template == "auto" and has_chat):
+    name = resolve_template(tokenizer, template)
+    if name == "chat":
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    name = "r1_zero" if template == "auto" else template
     if len(messages) != 1 or messages[0].get("role") != "user":
         raise ValueError(f"template {name!r} renders a single user message; got roles "
                          f"{[m.get('role') for m in messages]} (use a tokenizer with a chat template)")
@@ -143,7 +154,7 @@ def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messag
 def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
     """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``),
     chat templates write their own."""
-    chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
+    chat = resolve_template(tokenizer, template) == "chat"
     bos = getattr(tokenizer, "bos_id", None)
     return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
 

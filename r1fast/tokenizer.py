@@ -44,6 +44,7 @@ class CharTokenizer:
         self.vocab = list(self.special_tokens) + list(alphabet)
         self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
         self.chat_template = named_templates(chat_template)
+        self.prompt_template: str | None = None  # the template a checkpoint was trained with (PROMPT_TEMPLATE_FILE)
         self.special_tokens_map = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
         self.pad_id, self.bos_id, self.eos_id = (self.token_to_id[t] for t in CONTROL_TOKENS)
         # longest specials first so "</think>" is never read as "<" + ...
@@ -117,6 +118,7 @@ class CharTokenizer:
             config["chat_template"] = stored_templates(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+        _save_prompt_template(self, path)
 
 
 class HFTokenizer:
@@ -132,6 +134,7 @@ class HFTokenizer:
         self.bos_token, self.eos_token, self.pad_token = (self.special_tokens_map.get(f"{n}_token")
                                                           for n in ("bos", "eos", "pad"))
         self.chat_template = named_templates(chat_template or config.get("chat_template"))
+        self.prompt_template: str | None = None  # the template a checkpoint was trained with (PROMPT_TEMPLATE_FILE)
         self.bos_id = self._id(self.bos_token, "bos_token")
         self.eos_id = self._id(self.eos_token, "eos_token")
         pad = self._id(self.pad_token, "pad_token")
@@ -182,10 +185,43 @@ class HFTokenizer:
             config["chat_template"] = stored_templates(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+        _save_prompt_template(self, path)
+
+
+PROMPT_TEMPLATE_FILE = "r1fast_prompt.json"
+"""Next to a checkpoint's tokenizer: {"prompt_template": name}, the template r1fast trained the model with, which
+``template = "auto"`` then uses (the tiny model trained on 'compact' prompts was evaluated with r1_zero's, longer
+than its 128 positions). A file of its own: transformers passes unknown tokenizer_config keys to the tokenizer."""
+
+
+def _save_prompt_template(tokenizer, path: str) -> None:
+    name = getattr(tokenizer, "prompt_template", None)
+    if name is not None:
+        with open(os.path.join(path, PROMPT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"prompt_template": name}, f)
+
+
+def _read_prompt_template(path: str) -> str | None:
+    file = os.path.join(path, PROMPT_TEMPLATE_FILE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            name = json.load(f).get("prompt_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{file}: expected {{\"prompt_template\": name}} ({e})") from e
+    return name if isinstance(name, str) else None
 
 
 def load(path):
-    """The tokenizer saved in directory ``path``: a CharTokenizer if r1fast wrote one, else an HFTokenizer."""
+    """The tokenizer saved in directory ``path``: a CharTokenizer if r1fast wrote one, else an HFTokenizer; its
+    ``prompt_template`` is the template r1fast trained the model with (None when not recorded)."""
+    tokenizer = _load(path)
+    tokenizer.prompt_template = _read_prompt_template(os.fspath(path))
+    return tokenizer
+
+
+def _load(path):
     path = os.fspath(path)
     cfg_file = os.path.join(path, "tokenizer_config.json")
     config = {}

@@ -51,7 +51,7 @@ from r1fast.rollout import Engine
 from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
-from r1fast.stage_io import stop_token_ids
+from r1fast.stage_io import resolve_template, stop_token_ids
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 MAX_NONFINITE_IN_A_ROW = 3
@@ -124,6 +124,7 @@ class Trainer:
         self.tokenizer, model = build_tokenizer_and_model(cfg, dist.device, master)
         self.model = model
         self.sft_samples, self.train_samples, self.eval_samples = build_datasets(cfg)
+        self.tokenizer.prompt_template = resolve_template(self.tokenizer, cfg.data.template)  # saved: eval's 'auto'
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg)
