@@ -10,8 +10,10 @@ A generator draws candidates and keeps the ones whose hash falls in the requeste
 
 Countdown targets are built from a random expression tree over the drawn numbers, so every
 instance is solvable; answers are checked by ``safe_eval``, an ``ast`` walker that accepts only
-integer literals, + - * / and parentheses, refuses ``**`` (``9**9**9`` would never finish) and any
-literal or intermediate value beyond ``max_abs``, and computes with exact fractions.
+decimal integer literals, + - * / and parentheses, refuses ``**`` (``9**9**9`` would never finish) and
+any literal or intermediate value beyond ``max_abs``, and computes with exact fractions. A generator
+keeps only samples whose reference answer passes the task's own verifier, so no generated sample is
+one that even its worked solution fails.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _BINOPS = {
 
 
 def safe_eval(expr: str, *, max_abs: int = 10**9, max_len: int = 256, literals: list | None = None) -> Fraction:
-    """Evaluate ``+ - * /`` over non-negative integer literals exactly; raise UnsafeExpression otherwise.
+    """Evaluate ``+ - * /`` over non-negative decimal integer literals exactly; raise UnsafeExpression otherwise.
 
     ``max_abs`` bounds every literal, every intermediate value and every denominator, so no input
     can make the evaluator slow or huge. When ``literals`` is a list, the integer literals are
@@ -57,8 +59,9 @@ def safe_eval(expr: str, *, max_abs: int = 10**9, max_len: int = 256, literals: 
         raise UnsafeExpression(f"expression must be a str, got {type(expr).__name__}")
     if len(expr) > max_len:
         raise UnsafeExpression(f"expression longer than {max_len} characters")
+    source = expr.strip()
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except (SyntaxError, ValueError) as exc:  # ValueError: null bytes, over-long int literals
         raise UnsafeExpression(f"not an arithmetic expression: {exc}") from None
 
@@ -69,6 +72,9 @@ def safe_eval(expr: str, *, max_abs: int = 10**9, max_len: int = 256, literals: 
 
     def walk(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) is int:
+            written = ast.get_source_segment(source, node) or ""
+            if not (written.isascii() and written.isdigit()):  # "0x3" would count as using a 3
+                raise UnsafeExpression(f"literal {written!r} is not written in plain decimal digits")
             if node.value > max_abs:
                 raise UnsafeExpression(f"literal {node.value} exceeds {max_abs}")
             if literals is not None:
@@ -120,6 +126,10 @@ def _gen_chain_sum(rng: random.Random, min_terms: int = 3, max_terms: int = 4, m
 def _gen_countdown(rng: random.Random, num_count: int = 3, max_number: int = 12, max_target: int = 100) -> tuple[str, str, dict]:
     _check_range("num_count", num_count, num_count, 2)
     _check_range("max_number", 1, max_number, 1)
+    if max_number > _COUNTDOWN_MAX_ABS:
+        raise ValueError(f"max_number: at most {_COUNTDOWN_MAX_ABS} (the verifier's bound on any number), "
+                         f"got {max_number}")
+    refused = 0
     for _ in range(1000):
         numbers = [rng.randint(1, max_number) for _ in range(num_count)]
         # Each node: (value, expression text, is_leaf). Combine random pairs until one remains;
@@ -137,9 +147,17 @@ def _gen_countdown(rng: random.Random, num_count: int = 3, max_number: int = 12,
             nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [(value, text, False)]
         target, expr = nodes[0][0], nodes[0][1]
         if 1 <= target <= max_target and target.denominator == 1:
-            target = int(target)
-            prompt = f"make {target} with {' '.join(map(str, numbers))}"
-            return prompt, expr, {"numbers": numbers, "target": target}
+            extra = {"numbers": numbers, "target": int(target)}
+            # Products of large numbers can pass the verifier's bound on intermediates (10**9), and many
+            # numbers its length bound: such a puzzle's own answer would be refused, so it is drawn again.
+            if not _verify_countdown(extra, expr):
+                refused += 1
+                continue
+            return f"make {int(target)} with {' '.join(map(str, numbers))}", expr, extra
+    if refused:
+        raise ValueError(f"num_count, max_number: {refused} of the puzzles drawn for {num_count} numbers <= "
+                         f"{max_number} had answers beyond the verifier's bounds (values <= {_COUNTDOWN_MAX_ABS}, "
+                         f"{_COUNTDOWN_MAX_LEN} characters); lower them")
     raise ValueError(f"max_target: no target in 1..{max_target} found for {num_count} numbers <= {max_number}")
 
 
@@ -154,19 +172,36 @@ def _gen_sorting(rng: random.Random, min_len: int = 3, max_len: int = 5, max_val
 # Verifiers: (sample, answer text) -> bool. Never raise on model output.
 # ---------------------------------------------------------------------------------------------------
 
-_INT_RE = re.compile(r"[+-]?\d{1,64}")
+# ASCII digits only (the sorting verifier takes no others either), commas only between groups of three;
+# no length cap: answers are compared as digit strings, so a 70-digit sum is as checkable as a 2-digit one.
+_INT_RE = re.compile(r"[+-]?(?:[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+)")
+_COUNTDOWN_MAX_ABS = 10**9  # safe_eval's defaults, which the countdown verifier uses
+_COUNTDOWN_MAX_LEN = 256
+
+
+def _canonical_integer(text: str) -> str:
+    """'+0,047' -> '47', '-0' -> '0': the digits without sign noise, separators or leading zeros."""
+    digits = text.lstrip("+-").replace(",", "").lstrip("0") or "0"
+    return f"-{digits}" if text.startswith("-") and digits != "0" else digits
+
+
+def _is_integer_text(text: str, answer: str) -> bool:
+    """Whether ``text`` writes the integer ``answer``; strings are compared, so no length makes int() raise."""
+    return bool(_INT_RE.fullmatch(text)) and _canonical_integer(text) == _canonical_integer(answer)
 
 
 def _verify_integer(sample: dict, text: str) -> bool:
-    text = text.strip().replace(",", "")
-    return bool(_INT_RE.fullmatch(text)) and int(text) == int(sample["answer"])
+    return _is_integer_text(text.strip(), sample["answer"])
 
 
 def _verify_countdown(sample: dict, text: str) -> bool:
-    expr = text.strip().split("=")[0]  # accept "expr" and "expr = target"
+    # "expr" or "expr = target"; a right side that is not the target makes a false equation
+    expr, *rest = text.strip().split("=")
+    if len(rest) > 1 or (rest and not _is_integer_text(rest[0].strip(), str(sample["target"]))):
+        return False
     used: list[int] = []
     try:
-        value = safe_eval(expr, literals=used)
+        value = safe_eval(expr, literals=used, max_abs=_COUNTDOWN_MAX_ABS, max_len=_COUNTDOWN_MAX_LEN)
     except UnsafeExpression:
         return False
     return value == sample["target"] and Counter(used) == Counter(sample["numbers"])
