@@ -136,7 +136,8 @@ def _quantize_rows_cols_kernel(
     local = tl.arange(0, BLOCK_M)
     if GROUPED:
         groups = tl.arange(0, G_PAD)
-        sizes = tl.load(group_sizes_ptr + groups, mask=groups < NUM_GROUPS, other=0)
+        # clamped: an unvalidated negative size made rows before x's start look valid (out-of-bounds reads)
+        sizes = tl.maximum(tl.load(group_sizes_ptr + groups, mask=groups < NUM_GROUPS, other=0), 0)
         tiles = (sizes + BLOCK_M - 1) // BLOCK_M
         group = tl.sum((tl.cumsum(tiles, 0) <= pid_m).to(tl.int32), axis=0)
         before = groups < group
@@ -329,7 +330,7 @@ def _check_groups(group_sizes, num_rows: int, validate: bool | None):
                          f"{tuple(getattr(group_sizes, 'shape', ()))}")
     if validate is None:
         validate = host_checks_enabled(group_sizes)
-    if validate and group_sizes.numel() and (bool((group_sizes < 0).any()) or int(group_sizes.sum()) != num_rows):
+    if validate and (bool((group_sizes < 0).any()) or int(group_sizes.sum()) != num_rows):  # E = 0 with rows too
         raise ValueError(f"group_sizes must be non-negative and sum to {num_rows} (the rows of x), "
                          f"got {group_sizes.tolist()}")
     return group_sizes.contiguous()
@@ -341,13 +342,16 @@ def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
 
     Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
 
-    ``group_sizes`` int32 [E] (x's rows contiguous per group, e.g. per expert): no tile mixes two groups.
+    ``group_sizes`` int32/int64 [E] (x's rows contiguous per group, e.g. per expert): no tile mixes two groups.
     The tiles restart at every group's first row and the result is in the **group-aligned layout**:
     xt [K, aligned_tokens(M, E)] with group e's tokens starting at token 128 * sum_{j<e} ceil(size_j/128),
-    zeros elsewhere, scale [K, aligned_tokens(M, E) / 128]; ``fp8_grouped_gemm_wgrad(...,
-    group_aligned=True)`` reads it. Why: a tile shared by two experts gives them one scale per column, so
-    one expert's outlier (or NaN) coarsens (or poisons) another expert's weight gradient.
-    ``validate``: check that group_sizes sums to M (a host read; None = unless compiling or capturing).
+    zeros elsewhere (NaN bytes in the padding of a column whose tile holds a NaN, whose scale is NaN), scale
+    [K, aligned_tokens(M, E) / 128]; ``fp8_grouped_gemm_wgrad(..., group_aligned=True)`` reads it. Why: a tile
+    shared by two experts gives them one scale per column, so one expert's outlier (or NaN) coarsens (or
+    poisons) another expert's weight gradient.
+    ``validate``: check that group_sizes are non-negative and sum to M (a host read; None = unless compiling or
+    capturing). With ``validate=False`` the caller guarantees it: rows past the sizes' sum are not quantized
+    (nor the dual's 1x128 rows), negative sizes count as 0, and nothing outside x and the outputs is touched.
     """
     _check_float("x", x, (2,))
     groups = _check_groups(group_sizes, x.shape[0], validate)

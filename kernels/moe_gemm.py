@@ -52,7 +52,7 @@ def _grouped_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     experts = tl.arange(0, E_PAD)
-    sizes = tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, 0)
     expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
@@ -97,7 +97,7 @@ def _grouped_wgrad_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     experts = tl.arange(0, E_PAD)
-    sizes = tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
     if GROUP_ALIGNED:  # each expert's tokens start at a whole tile: no tile is shared with another expert
         tiles = (sizes + BLOCK_T - 1) // BLOCK_T
         row_start = tl.sum(tl.where(experts < expert, tiles, 0), axis=0).to(tl.int64) * BLOCK_T
@@ -179,6 +179,7 @@ def _grouped_gemm_impl(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     if M == 0 or N == 0 or E == 0:
         return
     a, b, a_scale, b_scale = a.contiguous(), b.contiguous(), a_scale.contiguous(), b_scale.contiguous()
+    group_sizes = group_sizes.contiguous()  # read as sizes_ptr + e: a strided view gave garbage sizes
     block_m, block_n = 128, 128
     grid = (triton.cdiv(M, block_m) + E, triton.cdiv(N, block_n))
     _grouped_gemm_kernel[grid](
@@ -216,6 +217,7 @@ def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tens
     K = bt.shape[0]
     E = group_sizes.shape[0]
     at, bt, at_scale, bt_scale = _token_padded(at), _token_padded(bt), at_scale.contiguous(), bt_scale.contiguous()
+    group_sizes = group_sizes.contiguous()  # read as sizes_ptr + e: a strided view gave garbage sizes
     block_n, block_k = 128, 128
     grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     _grouped_wgrad_kernel[grid](

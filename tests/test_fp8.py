@@ -73,6 +73,7 @@ def test_grouped_128x1_tiles_never_mix_groups(power_of_two):
     qt_only, st_only = fp8.quantize_fp8_128x1(x, power_of_two=power_of_two, group_sizes=groups)
     assert _same_bytes(qt_only, want_q) == 0 and torch.equal(st_only, want_s)
     for bad, match in ((torch.tensor([1, 2]), "sum to 265"), (torch.tensor([266, -1]), "non-negative"),
+                       (torch.tensor([], dtype=torch.int32), "sum to 265"),  # E = 0 dropped every row before
                        (torch.tensor([265.0]), "int32/int64"), (torch.tensor([[265]]), "1-D")):
         with pytest.raises(ValueError, match=match):
             fp8.quantize_fp8_128x1(x, group_sizes=bad)
