@@ -45,6 +45,7 @@ from r1fast.stage_io import (
     generation_limit,
     load_policy,
     pick_device_dtype,
+    resolve_template,
     stop_token_ids,
     warn_dropped_too_long,
 )
@@ -183,11 +184,14 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
     return metrics, records
 
 
-def write_outputs(out_dir: str, metrics: dict, records: list[dict], cfg: EvalConfig) -> None:
-    """eval.json (metrics + settings), eval.md (table), samples.jsonl (per prompt)."""
+def write_outputs(out_dir: str, metrics: dict, records: list[dict], cfg: EvalConfig,
+                  template_used: str | None = None) -> None:
+    """eval.json (metrics + settings, with ``template_used``: what 'auto' resolved to), eval.md (table),
+    samples.jsonl (per prompt)."""
     os.makedirs(out_dir, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in ("model", "data", "template", "k", "temperature", "top_p", "top_k",
                                             "max_new_tokens", "seed")}
+    settings["template_used"] = template_used or cfg.template
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump({"metrics": metrics, "settings": settings}, f, indent=2)
     title = f"{os.path.basename(os.path.normpath(cfg.model))} on {os.path.basename(cfg.data)}"
@@ -217,7 +221,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     with torch.no_grad():
         metrics, records = evaluate_policy(engine, tokenizer, samples, cfg)
     if cfg.out is not None and D.rank() == 0:
-        write_outputs(cfg.out, metrics, records, cfg)
+        write_outputs(cfg.out, metrics, records, cfg, resolve_template(tokenizer, cfg.template))
     return metrics
 
 

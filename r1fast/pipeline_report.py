@@ -30,7 +30,8 @@ def _row(record: dict) -> dict:
             "greedy_accuracy_std": m.get("greedy_accuracy_std"), "pass@1": m.get("pass@1"),
             "pass@1_std": m.get("pass@1_std"), f"pass@{k}": m.get(f"pass@{k}") if k else None, "k": k,
             "format_rate": m.get("format_rate"), "response_length_mean": m.get("response_length_mean"),
-            "num_prompts": m.get("num_prompts"), "summary": _stage_summary(record)}
+            "num_prompts": m.get("num_prompts"), "dropped_too_long": m.get("dropped_too_long") or 0,
+            "summary": _stage_summary(record)}
 
 
 def _stage_summary(record: dict) -> str:
@@ -88,10 +89,16 @@ def build_report(records: list[dict], *, comparison: dict, heldout: dict, eval_s
              f"| stage | kind | model | opt. steps | greedy acc. | pass@1 (k={k}) | pass@{k} | format | "
              "train s | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
+        # prompts too long for a stage's model are dropped by its evaluation: say so where its numbers are
+        notes = r["summary"] + (f"; scored {r['num_prompts']} of {heldout['num_prompts']} prompts "
+                                f"({r['dropped_too_long']} too long for the model)" if r["dropped_too_long"] else "")
         lines.append(f"| {r['stage']} | {r['kind']} | {r['family'] or '-'} | {r['optimizer_steps'] or '-'} | "
                      f"{_pct(r['greedy_accuracy'], r['greedy_accuracy_std'])} | {_pct(r['pass@1'], r['pass@1_std'])} | "
-                     f"{_pct(r.get(f'pass@{k}'))} | {_pct(r['format_rate'])} | {r['train_s']:.0f} | {r['summary']} |")
+                     f"{_pct(r.get(f'pass@{k}'))} | {_pct(r['format_rate'])} | {r['train_s']:.0f} | {notes} |")
     total = sum(r["wall_s"] for r in rows.values())
+    if len({r["dropped_too_long"] for r in rows.values() if r["num_prompts"] is not None}) > 1:
+        lines += ["", "**Stages were scored on different subsets of the held-out set** (their models hold different "
+                  "lengths): compare their rows with care."]
     lines += ["", f"Stages run in this invocation: {', '.join(ran) if ran else 'none (all done)'}. "
               f"Sum of stage wall times (training + evaluation): {total:.0f} s.", ""]
     if compare is not None:

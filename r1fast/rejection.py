@@ -55,6 +55,7 @@ from r1fast.stage_io import (
     load_policy,
     pick_device_dtype,
     render_prompt,
+    resolve_template,
     stop_token_ids,
     warn_dropped_too_long,
 )
@@ -252,14 +253,14 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
     return sorted(traces, key=lambda t: (t["prompt_index"], t["sample_index"]))
 
 
-def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig) -> None:
+def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_used: str) -> None:
     sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
         for t in kept:
             provenance = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
-                          "template": cfg.template, "sampling": sampling, "sample_index": t["sample_index"],
+                          "template": template_used, "sampling": sampling, "sample_index": t["sample_index"],
                           "seed": t["seed"], "num_tokens": t["num_tokens"], "finish_reason": t["finish_reason"]}
             rec = {k: t[k] for k in ("prompt", "completion", "answer", "task", "id", "rewards")}
             f.write(json.dumps({**rec, "provenance": provenance}, ensure_ascii=False) + "\n")
@@ -303,7 +304,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
                                 f"(counts: {json.dumps(counts)})")
     stats = cfg.out + ".stats.json"
     if D.rank() == 0:
-        _write_jsonl(cfg.out, kept, cfg)
+        _write_jsonl(cfg.out, kept, cfg, resolve_template(tokenizer, cfg.template))  # what 'auto' became
         with open(stats, "w") as f:
             json.dump({"counts": counts, "checkpoint": os.path.abspath(cfg.checkpoint), "data": cfg.data}, f, indent=2)
     D.barrier()

@@ -202,15 +202,26 @@ def _save_prompt_template(tokenizer, path: str) -> None:
 
 
 def _read_prompt_template(path: str) -> str | None:
+    """The recorded template name; a one-line ConfigError for a file that is not {"prompt_template": <known name>}
+    (a typo silently fell back to r1_zero, and corrupt JSON raised a traceback in every stage)."""
+    from r1fast.config import DATA_TEMPLATES
+    from r1fast.config_io import ConfigError
+
     file = os.path.join(path, PROMPT_TEMPLATE_FILE)
     if not os.path.isfile(file):
         return None
+    allowed = [t for t in DATA_TEMPLATES if t != "auto"]
     try:
         with open(file, encoding="utf-8") as f:
-            name = json.load(f).get("prompt_template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{file}: expected {{\"prompt_template\": name}} ({e})") from e
-    return name if isinstance(name, str) else None
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid UTF-8 JSON ({e}); expected {{\"prompt_template\": name}}") from None
+    name = record.get("prompt_template") if isinstance(record, dict) else None
+    if name not in allowed:
+        raise ConfigError(f"{file}: expected {{\"prompt_template\": name}} with name one of {', '.join(allowed)}, "
+                          f"got {record!r:.80}; fix or delete the file (it records the template the model was "
+                          "trained with)")
+    return name
 
 
 def load(path):

@@ -35,3 +35,34 @@ def test_auto_without_a_record_is_chat_when_possible_else_r1_zero(tmp_path):
     assert reloaded.prompt_template == "chat" and resolve_template(reloaded, "auto") == "chat"
     plain.prompt_template = "chat"  # a record the tokenizer can no longer honour falls back
     assert resolve_template(plain, "auto") == "r1_zero"
+
+
+def test_a_bad_record_is_one_config_error_naming_the_file(tmp_path):
+    """Corrupt JSON raised a traceback in every stage; an unknown name silently fell back to r1_zero."""
+    import pytest
+
+    from r1fast.config_io import ConfigError
+
+    CharTokenizer().save(tmp_path)
+    for content in (b"{not json", b"\xff\xfe", b'["compact"]', b'{"prompt_template": "compakt"}',
+                    b'{"prompt_template": 3}'):
+        (tmp_path / PROMPT_TEMPLATE_FILE).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"{PROMPT_TEMPLATE_FILE}: .*prompt_template"):
+            load_tokenizer(tmp_path)
+
+
+def test_pipeline_report_says_when_stages_scored_different_subsets():
+    """Eval drops prompts too long for a stage's model: the report counted the file's lines for every row."""
+    from r1fast.pipeline_report import build_report
+
+    def record(stage, scored, dropped):
+        return {"stage": stage, "kind": "rl", "family": "teacher", "optimizer_steps": 3, "train_s": 1.0, "wall_s": 2.0,
+                "eval": {"greedy_accuracy": 0.5, "pass@1": 0.5, "samples_per_prompt": 2, "num_prompts": scored,
+                         "dropped_too_long": dropped}, "summary": {}}
+
+    report = build_report([record("a", 6, 0), record("b", 3, 3)], comparison={"distilled": None, "rl_only": None},
+                          heldout={"path": "h.jsonl", "sha256": "0" * 64, "num_prompts": 6},
+                          eval_settings={"k": 2, "temperature": 0.6, "top_p": 0.95}, ran=["a", "b"])
+    assert "scored 3 of 6 prompts (3 too long for the model)" in report["markdown"]
+    assert "different subsets" in report["markdown"]
+    assert [r["dropped_too_long"] for r in report["stages"]] == [0, 3]
