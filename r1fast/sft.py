@@ -304,7 +304,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     limit = cfg.max_seq_len or positions
     examples, dropped = fit_sft_examples(tokenized, tokenizer.eos_id, limit)  # eos: build_model may set it
     if not examples:
-        raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens")
+        used = resolve_template(tokenizer, cfg.template)  # name what 'auto' became: r1_zero's text alone is long
+        raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens "
+                        f"(prompts rendered with template {used!r}{' from auto' if cfg.template == 'auto' else ''})")
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     mesh = build_mesh(dist.device.type, world, dist.local_world_size,
                       one_rank=param_dtype is not None) if cfg.parallel.fsdp else None

@@ -171,6 +171,10 @@ def test_chat_records_and_too_long_examples(tmp_path):
     only_long = _write_jsonl(tmp_path / "long.jsonl", rows[1:])
     with pytest.raises(ValueError, match="longer than max_seq_len"):
         run_sft(_cfg(tmp_path, only_long, "--steps", "1"))
+    # 'auto' on the tiny model renders r1_zero's long preamble: the error says so (it named only the length)
+    with pytest.raises(ValueError, match=r"longer than max_seq_len=64 tokens \(prompts rendered with template "
+                                         r"'r1_zero' from auto\)"):
+        run_sft(_cfg(tmp_path, only_long, "--steps", "1", "--template", "auto"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the skipped steps
