@@ -339,7 +339,7 @@ class Config:
             raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
                               f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")
         # model.max_seq_len sizes only the tiny model; an HF model's limit is its config's, checked against
-        # the real prompts once they are tokenized (r1fast.train._fit_lengths)
+        # the real prompts once they are tokenized (r1fast.train_checks.fit_lengths)
         if self.model.name_or_path == "tiny" and r.max_new_tokens >= self.model.max_seq_len:
             raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be < model.max_seq_len="
                               f"{self.model.max_seq_len} (the prompt needs room)")

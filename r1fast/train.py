@@ -52,6 +52,7 @@ from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import resolve_template, stop_token_ids
+from r1fast.train_checks import check_batch_split, fit_lengths
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 MAX_NONFINITE_IN_A_ROW = 3
@@ -79,38 +80,6 @@ class _StopFlag:
         return bool(D.all_reduce_sum(flag).item() > 0)
 
 
-def _check_batch_split(cfg: Config, world: int) -> None:
-    """Every rank must hold the same share of each batch: ranks run the same collectives per micro-batch."""
-    for key, value in (("grpo.prompts_per_step", cfg.grpo.prompts_per_step),
-                       ("train.sft_batch_size", cfg.train.sft_batch_size if cfg.train.sft_steps else 0)):
-        if value % world:
-            raise ConfigError(f"{key}={value} must be divisible by the {world} ranks")
-
-
-def _fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict]) -> list[dict]:
-    """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not);
-    return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
-    ``r1fast.sft`` drops them; ConfigError when none is left)."""
-    limit = model.args.max_position_embeddings
-    source = "model.max_seq_len" if cfg.model.name_or_path == "tiny" else "max_position_embeddings in its config.json"
-    where = f"the model holds {limit} positions ({source})"
-    longest = max((len(p) for p in prompt_ids), default=0)
-    if longest + cfg.rollout.max_new_tokens > limit:
-        raise ConfigError(f"{where}, fewer than the longest prompt ({longest} tokens) plus "
-                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
-    if not (cfg.train.sft_steps and sft_samples):
-        return sft_samples
-    prompts = encode_prompts(tokenizer, sft_samples, cfg.data.template)
-    lengths = [len(p) + len(tokenizer.encode(s["solution"])) + 1 for p, s in zip(prompts, sft_samples, strict=True)]
-    kept = [s for s, n in zip(sft_samples, lengths, strict=True) if n <= limit]
-    if not kept:
-        raise ConfigError(f"{where}, fewer than every cold-start example (shortest: {min(lengths)} tokens)")
-    if len(kept) < len(sft_samples) and D.rank() == 0:
-        print(f"r1fast.train: {len(sft_samples) - len(kept)} of {len(sft_samples)} cold-start examples are longer "
-              f"than {limit} tokens and are left out", file=sys.stderr)
-    return kept
-
-
 class Trainer:
     """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
 
@@ -129,8 +98,8 @@ class Trainer:
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
-        _check_batch_split(cfg, dist.world_size)
-        self.sft_samples = _fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
+        check_batch_split(cfg, dist.world_size)
+        self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
                                         self.sft_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
                                one_rank=param_dtype is not None) if cfg.parallel.fsdp else None

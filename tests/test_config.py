@@ -394,7 +394,7 @@ def test_defaults_fit_the_default_prompts():
 
     cfg = load_config(None, [])
     assert cfg.model.name_or_path == "tiny" and cfg.data.template == "r1_zero"
-    _, train, heldout = build_datasets(cfg)  # the prompts r1fast.train checks with _fit_lengths
+    _, train, heldout = build_datasets(cfg)  # the prompts r1fast.train checks with fit_lengths
     longest = max(len(ids) for ids in encode_prompts(CharTokenizer(), train + heldout, cfg.data.template))
     assert longest > 256  # the R1-Zero template alone is 365 characters: the old default 256 could not run
     assert longest + cfg.rollout.max_new_tokens <= cfg.model.max_seq_len, (longest, cfg.rollout.max_new_tokens)

@@ -1,0 +1,320 @@
+"""The math-verify worker pool behind the math accuracy reward.
+
+Parsing runs in a small pool of worker *processes* started with ``subprocess`` (``python -c``), one
+JSON line per request. Why not ``multiprocessing``: fork from a trainer with live torch/gloo threads
+can deadlock the child, and spawn/forkserver re-import the ``__main__`` module (the training script).
+Each request has a wall-clock timeout; a worker that overruns it (sympy can take minutes on
+adversarial LaTeX) is killed and replaced, and the sample scores 0. A gold whose own parse (with a
+check against a trivial answer) overruns it is unparsable instead: the sample is skipped, like every
+later one with that gold, which is remembered so no sample pays the timeout for it again. Counters
+live in ``STATS``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import queue
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+__all__ = ["STATS", "MathVerifier", "default_verifier"]
+
+# "gold_unparsable" (skipped samples), "gold_timeout" (golds whose parse overran), "verify_timeout",
+# "worker_restarts"
+STATS: Counter = Counter()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side: runs in its own process. Writes {"ready"} once imported, then per {"gold", "pred"} line
+# {"gold_ok"} as soon as the gold is parsed and, when it parsed, {"correct"}: the parent can tell a
+# gold that hangs from an answer that hangs.
+# ---------------------------------------------------------------------------------------------------
+
+_PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")  # a word of 3+ letters that is no LaTeX command
+# Text that marks its own math is parsed as it is. An escaped "\$" is a currency sign (MATH writes
+# "\$18.90"), not a delimiter: such text is still wrapped in "$...$".
+_DELIMITED_RE = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
+_SCIENTIFIC_RE = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)[eE]([+-]?\d+)\s*")
+
+
+def _expand_scientific(text: str) -> str:
+    """"1e-05" -> "0.00001": math-verify reads E-notation as arithmetic with Euler's e (1e-05 -> e - 5,
+    1e+16 -> 1 + 16). Exponents beyond 100 stay as written rather than become hundred-digit strings."""
+    match = _SCIENTIFIC_RE.fullmatch(text)
+    if match is None or abs(int(match.group(1))) > 100:
+        return text
+    return format(Decimal(text.strip()), "f")
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    # Bare LaTeX (how MATH exports store gold answers, how a model writes inside <answer>) is read whole
+    # only between math delimiters: parsed as it stands, "2\pi" gives the number 2 and "3\sqrt{2}" gives
+    # 3, so a wrong "2" would match a gold "2\pi". Such text is parsed as "$text$" first. Prose is not
+    # (its words would parse as products of letters); it and delimited text take math-verify's own search.
+    text = _expand_scientific(text)
+    parsed = []
+    if text.strip() and not _DELIMITED_RE.search(text) and not _PROSE_RE.search(text):
+        parsed = parse(f"${text.strip()}$")
+    if not _is_expression(parsed):
+        parsed = parse(text)
+    return parsed if _is_expression(parsed) else []
+
+
+def _is_expression(parsed: list) -> bool:
+    # math_verify returns [expression, source string]; when nothing parsed into an expression (e.g. "???",
+    # "x+") it returns only the string, which verify would then compare as text: that is no parse
+    return bool(parsed) and not all(isinstance(p, str) for p in parsed)
+
+
+def _comparable(gold_parsed: list) -> bool:
+    """Whether math-verify can compare the gold with a trivial answer ("0") within its own timeout.
+
+    Some golds parse at once but make every comparison hang: sympy expands "(x+1)^{100000}" against
+    any answer but itself, so every sample would pay the full timeout and score 0. Such a gold can
+    grade no sample: it is reported unparsable (the sample is skipped) rather than blamed on the answer.
+    """
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    try:
+        verify(gold_parsed, parse("$0$"), raise_on_error=True)
+    except TimeoutException:
+        return False
+    except Exception:  # an error against "0" (e.g. a set against a number) says nothing of other answers
+        pass
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_gold(gold: str) -> tuple:
+    """The gold's parse, () when it cannot grade anything; cached: a GRPO group sends the same gold with
+    every one of its samples."""
+    parsed = _parse(gold)
+    return tuple(parsed) if parsed and _comparable(parsed) else ()
+
+
+def _grade_pred(gold_parsed: tuple, pred: str) -> bool:
+    from math_verify import verify
+
+    pred_parsed = _parse(pred)
+    return bool(pred_parsed) and bool(verify(list(gold_parsed), pred_parsed))
+
+
+def _serve() -> None:
+    """Worker loop. stdout carries only protocol lines; anything printed by libraries goes to stderr."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr
+    import math_verify  # noqa: F401  (imported before "ready", so the startup is not charged to a gold)
+
+    out.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            gold_parsed = _parse_gold(request["gold"])
+        except Exception as exc:  # a gold that makes the parser fail cannot be graded either
+            gold_parsed, error = (), repr(exc)
+        else:
+            error = None
+        out.write(json.dumps({"gold_ok": bool(gold_parsed), **({"error": error} if error else {})}) + "\n")
+        if not gold_parsed:
+            continue
+        try:
+            result = {"correct": _grade_pred(gold_parsed, request["pred"])}
+        except Exception as exc:  # a grading failure is a wrong answer, never a dead worker
+            result = {"correct": False, "error": repr(exc)}
+        out.write(json.dumps(result) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------------------------------
+
+class _Worker:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from r1fast.rewards.math_verify_pool import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C on the trainer's terminal is for the trainer
+        )
+        self.buffer = b""
+        self.ready = False  # set once the worker has said it finished importing
+
+    def _read_line(self, deadline: float) -> dict | None:
+        """The next protocol line, or None after killing the worker when it overran ``deadline`` or died."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                self.kill()
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:  # worker died
+                self.kill()
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def request(self, gold: str, pred: str, timeout_s: float, on_gold=None) -> dict:
+        """``{"gold_ok", "correct"}`` from the worker; ``on_gold(gold_ok)`` is called as soon as the gold
+        is parsed. When the worker does not answer in time it is killed and the result is
+        ``{"timeout": stage}``: "start" (sending, interpreter, imports), "gold" or "pred" (the answer)."""
+        deadline = time.monotonic() + timeout_s
+        stage = "start"
+        try:
+            self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
+            self.proc.stdin.flush()
+            if not self.ready:
+                if self._read_line(deadline) is None:
+                    return {"timeout": stage}
+                self.ready = True
+            stage = "gold"
+            gold_line = self._read_line(deadline)
+            if gold_line is None:
+                return {"timeout": stage}
+            if on_gold is not None:
+                on_gold(gold_line["gold_ok"])
+            if not gold_line["gold_ok"]:
+                return {"gold_ok": False, "correct": False}
+            stage = "pred"
+            result = self._read_line(deadline)
+        except (BrokenPipeError, OSError):
+            self.kill()
+            return {"timeout": stage}
+        return {"timeout": stage} if result is None else {"gold_ok": True, "correct": bool(result["correct"])}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+class MathVerifier:
+    """A pool of ``num_workers`` math-verify processes with a per-request timeout.
+
+    ``check(golds, preds)`` returns, per pair, True/False for correct/wrong and None when the gold
+    answer is unparsable (math-verify finds nothing in it, or parsing it overruns the timeout).
+    Workers start on first use and are reused; ``close()`` stops them.
+
+    Each gold's fate is remembered (one bool per distinct gold, so bounded by the data set): a bad gold
+    is never sent again, and while a gold is parsed for the first time, the other samples with that
+    gold wait for that parse rather than each paying for it (or for its timeout) in parallel.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
+        self.num_workers, self.timeout_s = num_workers, timeout_s
+        self._idle: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._started = False
+        self._golds: dict[str, bool | threading.Event] = {}  # parsed ok / bad / first parse in flight
+        self._golds_lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="math-verify")
+
+    def _start(self) -> None:
+        with self._lock:
+            if not self._started:
+                for _ in range(self.num_workers):
+                    self._idle.put(_Worker())
+                self._started = True
+
+    def _gold_known(self, gold: str) -> bool | None:
+        """True / False once ``gold`` is known to parse / not to; None: the caller parses it first."""
+        while True:
+            with self._golds_lock:
+                state = self._golds.get(gold)
+                if state is None:
+                    self._golds[gold] = threading.Event()
+                    return None
+            if isinstance(state, bool):
+                return state
+            state.wait()  # another sample is parsing this gold right now
+
+    def _settle_gold(self, gold: str, ok: bool | None) -> None:
+        """Record the first parse of ``gold`` (None: it never got to run; the next sample tries again)."""
+        with self._golds_lock:
+            state = self._golds.get(gold)
+            if not isinstance(state, threading.Event):
+                return
+            if ok is None:
+                del self._golds[gold]
+            else:
+                self._golds[gold] = ok
+        state.set()
+
+    def _check_one(self, gold: str, pred: str) -> bool | None:
+        first = self._gold_known(gold)
+        if first is False:
+            STATS["gold_unparsable"] += 1
+            return None
+        settle = functools.partial(self._settle_gold, gold) if first is None else None
+        worker = self._idle.get()
+        result = {"timeout": "start"}
+        try:
+            # The first request of a fresh worker also pays for its interpreter and imports.
+            result = worker.request(gold, pred, self.timeout_s, on_gold=settle)
+        finally:
+            if settle is not None:  # a no-op when on_gold already settled it
+                settle(False if result.get("timeout") == "gold" else None)
+            if not worker.alive():
+                STATS["worker_restarts"] += 1
+                worker = _Worker()
+            self._idle.put(worker)
+        if result.get("timeout") == "gold":
+            STATS["gold_timeout"] += 1
+            STATS["gold_unparsable"] += 1
+            return None
+        if "timeout" in result:
+            STATS["verify_timeout"] += 1
+            return False
+        if not result["gold_ok"]:
+            STATS["gold_unparsable"] += 1
+            return None
+        return result["correct"]
+
+    def check(self, golds: list[str], preds: list[str]) -> list[bool | None]:
+        if len(golds) != len(preds):
+            raise ValueError(f"preds: expected {len(golds)} items to match golds, got {len(preds)}")
+        self._start()
+        return list(self._threads.map(self._check_one, map(str, golds), map(str, preds)))
+
+    def close(self) -> None:
+        with self._lock:
+            while not self._idle.empty():
+                self._idle.get().kill()
+            self._started = False
+
+
+_DEFAULT: MathVerifier | None = None
+
+
+def default_verifier() -> MathVerifier:
+    """The process-wide verifier used by the reward functions (2 workers, 10 s timeout)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = MathVerifier()
+        atexit.register(_DEFAULT.close)
+    return _DEFAULT
