@@ -7,7 +7,7 @@ import os
 import torch
 
 from r1fast.checkpoint import resolve_dtype
-from r1fast.config import Config, ConfigError
+from r1fast.config import Config, ConfigError, ModelConfig
 from r1fast.data import MIXTURES, TASKS, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
@@ -23,13 +23,20 @@ from r1fast.tokenizer import CharTokenizer
 from r1fast.tokenizer import load as load_tokenizer
 
 
+def build_tokenizer(m: ModelConfig):
+    """The tokenizer of a model section alone: the character tokenizer for 'tiny', else the checkpoint's (or
+    ``model.tokenizer``'s). Under a second even for a 150k-token tokenizer.json, so stages check their data with
+    it before loading a model (a 7B load takes minutes)."""
+    return CharTokenizer() if m.name_or_path == "tiny" else load_tokenizer(m.tokenizer or m.name_or_path)
+
+
 def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dtype | None = None):
     """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory;
     parameters in ``dtype`` (default: model.dtype; training passes its fp32 master dtype)."""
     m = cfg.model
     dtype = dtype or resolve_dtype(m.dtype)
     if m.name_or_path == "tiny":
-        tok = CharTokenizer()
+        tok = build_tokenizer(m)
         if m.vocab_size is not None and m.vocab_size != tok.vocab_size:
             raise ConfigError(f"model.vocab_size={m.vocab_size} must equal the character tokenizer's "
                               f"{tok.vocab_size} ids (or be none)")
@@ -43,7 +50,7 @@ def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dt
         return tok, model
     if not os.path.isdir(m.name_or_path):
         raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
-    tok = load_tokenizer(m.tokenizer or m.name_or_path)
+    tok = build_tokenizer(m)
     model = Transformer.from_pretrained(m.name_or_path, dtype=dtype, device=device)
     return check_tokenizer_fits(tok, model, "model.tokenizer" if m.tokenizer else "model.name_or_path"), model
 

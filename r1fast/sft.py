@@ -35,12 +35,12 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
-from r1fast.config import Config, ModelConfig, ParallelConfig, TrainConfig, check_dir_name, check_master_weights
+from r1fast.config import ModelConfig, ParallelConfig, check_dir_name, check_master_weights
 from r1fast.config_dump import save_config
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.data.order import batch_indices
-from r1fast.data_setup import build_tokenizer_and_model
+from r1fast.data_setup import build_tokenizer
 from r1fast.metrics import MetricsLogger
 from r1fast.parallelize import (
     apply_activation_checkpointing,
@@ -190,15 +190,6 @@ def read_sft_records(path: str, *, limit: int | None = None) -> list[SFTRecord]:
     return out
 
 
-def _sft_tokenizer(m: ModelConfig):
-    """The tokenizer ``build_model`` will pair with the model, loaded alone (under a second even for a 150k-token
-    tokenizer.json), so the records are encoded and checked before the model is built (a 7B load takes minutes)."""
-    from r1fast.tokenizer import CharTokenizer
-    from r1fast.tokenizer import load as load_tokenizer
-
-    return CharTokenizer() if m.name_or_path == "tiny" else load_tokenizer(m.tokenizer or m.name_or_path)
-
-
 def _unencodable_field(spec: dict, tokenizer, err: ValueError) -> str:
     """``err`` (the rendered prompt failed to encode) blamed on the user's field, whose position it then names;
     the rendered prompt's position (409 for a 4-character prompt under r1_zero) means nothing to the user."""
@@ -286,7 +277,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.model.name_or_path != "tiny":
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
-    tokenized = tokenize_sft_records(records, _sft_tokenizer(cfg.model), cfg.template)  # so does unencodable data
+    tokenized = tokenize_sft_records(records, build_tokenizer(cfg.model), cfg.template)  # so does unencodable data
     dist = D.init_distributed(cfg.parallel.backend)
     world, rank = dist.world_size, dist.rank
     if cfg.batch_size % world:
@@ -294,8 +285,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     compute = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights that FSDP2 gathers in bf16
     master, param_dtype = master_and_compute_dtypes(compute)
-    tokenizer, model = build_tokenizer_and_model(Config(model=cfg.model, train=TrainConfig(seed=cfg.seed)),
-                                                 dist.device, master)
+    tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed, dtype=master)
     positions = model.args.max_position_embeddings
     if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "

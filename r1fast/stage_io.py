@@ -109,15 +109,16 @@ def load_policy(path: str, *, device, dtype, key: str = "model"):
     return check_tokenizer_fits(tokenizer, model, key), model
 
 
-def build_model(m: ModelConfig, device, *, seed: int):
-    """(tokenizer, Transformer) of a model section: 'tiny' built in code (seeded) or a local HF directory.
-    The same builder as the GRPO trainer's, so every stage's checkpoints share one architecture."""
+def build_model(m: ModelConfig, device, *, seed: int, dtype: torch.dtype | None = None):
+    """(tokenizer, Transformer) of a model section: 'tiny' built in code (seeded) or a local HF directory, its
+    parameters in ``dtype`` (default model.dtype). The same builder as the GRPO trainer's, so every stage's
+    checkpoints share one architecture."""
     from r1fast.config import Config, TrainConfig
     from r1fast.data_setup import build_tokenizer_and_model
 
     if m.name_or_path != "tiny":
         check_checkpoint(m.name_or_path, "model.name_or_path")
-    return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device)
+    return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device, dtype)
 
 
 def resolve_template(tokenizer, template: str) -> str:
