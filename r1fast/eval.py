@@ -32,7 +32,7 @@ from r1fast import distributed as D
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
-from r1fast.seeding import generator_seed
+from r1fast.seeding import sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
@@ -154,7 +154,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
     stop = stop_token_ids(tokenizer, engine.args)
     records = []
     if mine:
-        seeds = [generator_seed(cfg.seed * 1_000_003 + i * cfg.k + j) for i in mine for j in range(cfg.k)]
+        seeds = sample_seeds(cfg.seed, mine, cfg.k)
         sampled = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop)
         greedy = engine.generate(prompts, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,

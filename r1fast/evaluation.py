@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import distributed as D
-from r1fast.seeding import generator_seed
+from r1fast.seeding import sample_seeds
 from r1fast.stage_io import stop_token_ids
 
 
@@ -29,7 +29,7 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
                                  stop_token_ids=stop)
         sampled = engine.generate([prompt_ids[i] for i in mine], n=k, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, stop_token_ids=stop,
-                                  seed=[generator_seed(seed * 1_000_003 + i * k + j) for i in mine for j in range(k)])
+                                  seed=sample_seeds(seed, mine, k))
         for idx, g, s in zip(mine, greedy, sampled, strict=True):
             ok, fmt = score_fn(samples[idx], tokenizer.decode(g[0].token_ids))
             totals[0] += ok

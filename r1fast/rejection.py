@@ -40,7 +40,7 @@ from r1fast import distributed as D
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
-from r1fast.seeding import generator_seed
+from r1fast.seeding import sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
@@ -234,17 +234,17 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
     traces = []
     if mine:
         prompts = [prompt_ids[i] for i in mine]
-        seeds = [generator_seed(cfg.seed * 1_000_003 + i * cfg.k + j) for i in mine for j in range(cfg.k)]
+        seeds = sample_seeds(cfg.seed, mine, cfg.k)
         groups = engine.generate(prompts, n=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
         rewards = score([samples[i] for i, _, _ in flat], texts)
-        for (i, j, c), text, r in zip(flat, texts, rewards, strict=True):
+        for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
                            "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
-                           "seed": cfg.seed * 1_000_003 + i * cfg.k + j, "num_tokens": trace_tokens(c),
+                           "seed": seed, "num_tokens": trace_tokens(c),
                            "finish_reason": c.finish_reason})
     if world > 1:
         parts = [None] * world

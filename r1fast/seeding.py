@@ -9,7 +9,7 @@ other one valid. The config bounds the seed fields to ``[SEED_MIN, SEED_MAX]`` (
 
 from __future__ import annotations
 
-__all__ = ["SEED_MIN", "SEED_MAX", "generator_seed", "rollout_seeds"]
+__all__ = ["SEED_MIN", "SEED_MAX", "generator_seed", "rollout_seeds", "sample_seeds"]
 
 SEED_MIN = -(2**63)
 """Smallest seed a config may hold: TOML integers are signed 64-bit."""
@@ -26,9 +26,15 @@ def generator_seed(value: int) -> int:
     return int(value) % _GENERATOR_MODULUS
 
 
-def rollout_seeds(seed: int, step: int, prompts: list[int], samples_per_prompt: int) -> list[int]:
-    """Seeds of the GRPO rollouts of ``step``: completion j of global prompt position i (in ``prompts``) gets
-    ``(seed * 7919 + step) * 1_000_003 + i * G + j``, reduced to a valid generator seed. They depend on
-    the global position only, so a run gives the same samples on any number of ranks."""
-    base = (seed * _STEP_STRIDE + step) * _PROMPT_STRIDE
+def sample_seeds(seed: int, prompts: list[int], samples_per_prompt: int) -> list[int]:
+    """Seeds of sampled completions: completion j of prompt index i (in ``prompts``) gets
+    ``seed * 1_000_003 + i * k + j``, reduced to a valid generator seed. They depend on the prompt's index only,
+    so results do not depend on the number of ranks (evaluation, r1fast.eval, rejection sampling)."""
+    base = seed * _PROMPT_STRIDE
     return [generator_seed(base + i * samples_per_prompt + j) for i in prompts for j in range(samples_per_prompt)]
+
+
+def rollout_seeds(seed: int, step: int, prompts: list[int], samples_per_prompt: int) -> list[int]:
+    """Seeds of the GRPO rollouts of ``step``: ``sample_seeds`` of the base ``seed * 7919 + step``, i.e.
+    completion j of global prompt position i gets ``(seed * 7919 + step) * 1_000_003 + i * G + j``."""
+    return sample_seeds(seed * _STEP_STRIDE + step, prompts, samples_per_prompt)
