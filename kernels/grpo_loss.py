@@ -222,12 +222,11 @@ def _linear_grpo_loss_and_grads(
                 max_completion_length=max_completion_length, normalizer=normalizer,
                 rollout_is_ratio=rollout_is_ratio, chunk_tokens=chunk_tokens)
     want_b = want_bias_grad and bias is not None
-    # token_ids contiguous too: with no padding the sweep hands ids.reshape(-1) to the row kernels, which
-    # read it by ``ptr + row`` (a strided view was read wrong: loss 0.131 vs -0.094); the launchers also
-    # guard. The other per-token inputs (mask, advantages, old/ref logps, rollout_is_ratio) reach only
-    # torch ops (index_select, where), which honour any strides.
+    # token_ids may stay strided: the row kernels' launchers make the ids they read by ``ptr + row`` contiguous
+    # (grpo_loss_kernels._flat_rows). The other per-token inputs (mask, advantages, old/ref logps,
+    # rollout_is_ratio) reach only torch ops (index_select, where), which honour any strides.
     loss, metrics, grads = _grpo_loss_and_grads(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), token_ids.contiguous(),
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), token_ids,
         mask, advantages, opts, want_hidden_grad, want_weight_grad, want_b)
     kl = metrics.get("kl", torch.zeros((), dtype=loss.dtype, device=loss.device))
     grads = [g if g is not None else like.new_empty(0) for g, like in zip(grads, (hidden, weight, weight))]
