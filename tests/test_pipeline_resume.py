@@ -10,7 +10,8 @@ import pytest
 from r1fast import pipeline as P
 from r1fast.config_io import ConfigError
 
-RECIPE = """
+# the run and its 1-layer model, shared by both recipes
+HEADER = """
 [pipeline]
 name = "r"
 out_dir = "{out}"
@@ -23,7 +24,9 @@ num_heads = 2
 num_kv_heads = 1
 intermediate_size = 32
 max_seq_len = 64
+"""
 
+RECIPE = HEADER + """
 [eval]
 data = "{eval_data}"
 k = 1
@@ -175,20 +178,7 @@ def test_impossible_data_size_fails_before_any_work(tmp_path):
     assert not (tmp_path / "runs" / "r" / "data").exists()
 
 
-RL_RECIPE = """
-[pipeline]
-name = "r"
-out_dir = "{out}"
-template = "compact"
-
-[models.m]
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 1
-intermediate_size = 32
-max_seq_len = 64
-
+RL_RECIPE = HEADER + """
 [eval]
 k = 1
 max_new_tokens = 4
