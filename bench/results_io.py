@@ -173,6 +173,10 @@ def render_markdown(report: Mapping) -> str:
     title = "Device ceilings" if report["kind"] == "ceilings" else "Benchmark results"
     lines = [f"# {title}: {meta.get('gpu', 'none')}, {meta['date']}, commit {meta['commit']}", ""]
     lines += _md_table(["field", "value"], [[k, v] for k, v in meta.items() if k not in ("argv",)])
+    if report.get("incomplete"):
+        done = report["incomplete"]
+        lines += ["", f"**Incomplete**: the run stopped after {done['done']} of {done['of']} cases (killed or timed "
+                  "out); the tables hold the cases it finished."]
     if meta.get("argv") is not None:
         lines += ["", f"Command: `python bench/run.py {' '.join(meta['argv'])}`"]
     if report.get("ceilings"):
@@ -203,12 +207,22 @@ def render_markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Mapping, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns both paths."""
+def report_stem(report: Mapping, out_dir: Path) -> str:
+    """The unused ``<date>_<gpu>_<commit>[_kind][-n]`` name this report gets under ``out_dir``."""
     meta = report["meta"]
+    return unique_stem(Path(out_dir), results_stem(meta["date"], meta.get("gpu", "none"), meta["commit"],
+                                                   report["kind"]))
+
+
+def write_report(report: Mapping, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns both paths.
+
+    ``stem`` None picks an unused name (``report_stem``); a given stem is overwritten, which is how a
+    run rewrites its own files after every case.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = unique_stem(out_dir, results_stem(meta["date"], meta.get("gpu", "none"), meta["commit"], report["kind"]))
+    stem = stem or report_stem(report, out_dir)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     # default=str: shapes may carry torch.dtype objects; they are recorded by name.
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")

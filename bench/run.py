@@ -101,13 +101,14 @@ def case_record(family: str, case, run, ceilings: dict | None) -> dict:
     }
 
 
-def _save(report: dict, args, console: Console) -> None:
+def _save(report: dict, args, console: Console, stem: str | None = None, quiet: bool = False) -> None:
     if args.no_save:
         return
     from bench.results_io import write_report
 
-    json_path, md_path = write_report(report, args.out)
-    console.print(f"wrote {json_path}\nwrote {md_path}")
+    json_path, md_path = write_report(report, args.out, stem)
+    if not quiet:
+        console.print(f"wrote {json_path}\nwrote {md_path}")
 
 
 def _print_errors(errors: list[dict], console: Console) -> None:
@@ -128,6 +129,7 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
     import torch
 
     from bench.ceilings import measure_ceilings
+    from bench.results_io import report_stem
     from bench.timing import time_case
 
     torch.manual_seed(0)  # fresh random inputs, but the same ones on a rerun
@@ -137,6 +139,10 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
         ceilings = measure_ceilings(quick=args.quick)
         console.print(ceilings_table(ceilings))
     records: list[dict] = []
+    report = {"kind": "quick" if args.quick else "cases", "meta": meta, "ceilings": ceilings, "cases": records}
+    # The files are rewritten after every case: a run killed at a device call's time limit (10 minutes on
+    # the lent machines; --quick is estimated at 5-8) keeps every case it finished.
+    stem = None if args.no_save else report_stem(report, Path(args.out))
     families = list(dict.fromkeys(family for family, _ in selected))
     for family in families:
         family_records = []
@@ -145,16 +151,21 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
                 continue
             console.print(f"[dim]timing {case.name}[/]", highlight=False)
             family_records.append(case_record(family, case, time_case(case, quick=args.quick), ceilings))
+            report.update(incomplete={"done": len(records) + len(family_records), "of": len(selected)},
+                          errors=list(errors))
+            report["cases"] = records + family_records
+            _save(report, args, console, stem, quiet=True)
         console.print(family_table(family, family_records))
         records += family_records
+    report.pop("incomplete", None)
+    report["cases"] = records
     for record in records:
         for row in record["rows"]:
             if row["ours"] and row["status"] == "error":
                 errors.append({"where": record["name"], "error": f"{row['impl']} raised {row['reason']}"})
     _print_errors(errors, console)
-    report = {"kind": "quick" if args.quick else "cases", "meta": meta, "ceilings": ceilings, "cases": records}
     report["errors"] = errors
-    _save(report, args, console)
+    _save(report, args, console, stem)
     return 1 if errors else 0
 
 

@@ -307,3 +307,37 @@ def test_an_unusable_out_fails_before_anything_is_timed(fake_cuda, tmp_path, cap
     assert main(["--only", "grpo_loss.logprobs.A", "--out", str(blocker / "results")]) == 2
     assert "cannot create the results folder" in capsys.readouterr().out
     assert fake_cuda == []  # do_bench never ran
+
+
+def test_a_run_killed_mid_way_keeps_the_cases_it_finished(fake_cuda, monkeypatch, tmp_path):
+    """The lent GPU machines kill a call at 10 minutes: the files are rewritten after every case, and
+    the finished run's files (same name, no ``-2``) drop the ``incomplete`` mark."""
+    import bench.ceilings
+
+    real = bench.ceilings.measure_ceilings
+    monkeypatch.setattr(bench.ceilings, "measure_ceilings",
+                        lambda quick=False: real("cpu", quick=quick, timer=lambda fn: 2.0, matmul_n=64, copy_bytes=MiB))
+
+    def killed(x):
+        raise KeyboardInterrupt  # what the time limit's signal looks like to the harness: not an impl error
+
+    def family(quick):
+        yield make_case(name=f"{FAMILY}.first", make_inputs=lambda: (torch.randn(64),))
+        yield make_case(name=f"{FAMILY}.second", make_inputs=lambda: (torch.randn(64),),
+                        impls=[Impl("r1fast", killed, ours=True)])
+
+    monkeypatch.setitem(registry._REGISTRY, FAMILY, family)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--only", FAMILY, "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    report = json.loads(json_path.read_text())
+    assert [c["name"] for c in report["cases"]] == [f"{FAMILY}.first"]
+    assert report["incomplete"] == {"done": 1, "of": 2}
+    assert "**Incomplete**: the run stopped after 1 of 2 cases" in json_path.with_suffix(".md").read_text()
+
+    monkeypatch.setitem(registry._REGISTRY, FAMILY,
+                        lambda quick: [make_case(name=f"{FAMILY}.first", make_inputs=lambda: (torch.randn(64),))])
+    assert main(["--only", FAMILY, "--out", str(tmp_path)]) == 0
+    (finished,) = tmp_path.glob("*-2.json")  # the killed run's files stay as they were
+    assert "incomplete" not in json.loads(finished.read_text())
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one pair per run, however many cases were saved
