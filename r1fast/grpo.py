@@ -57,6 +57,15 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.reshape(-1, group_size).to(torch.float64)
 
 
+def _valid_grouped(valid: torch.Tensor | None, grouped: torch.Tensor) -> torch.Tensor:
+    """``valid`` as a bool [P, G] like ``grouped`` (all True when None), checked."""
+    if valid is None:
+        return torch.ones(grouped.shape, dtype=torch.bool, device=grouped.device)
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.numel() != grouped.numel():
+        raise ValueError("valid: expected a bool tensor with one entry per reward")
+    return valid.reshape(grouped.shape).to(grouped.device)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group", eps: float = 1e-4,
                      process_group=None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """A = (r - group mean) / (std + eps); fp32, shaped like ``rewards``.
@@ -71,12 +80,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: s
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {scale_rewards!r}")
     grouped = _grouped(rewards, group_size)
-    if valid is None:
-        ok = torch.ones_like(grouped)
-    else:
-        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.numel() != rewards.numel():
-            raise ValueError("valid: expected a bool tensor with one entry per reward")
-        ok = valid.reshape(grouped.shape).to(grouped)
+    ok = _valid_grouped(valid, grouped).to(grouped)
     if bool(ok.all()):  # today's formulas, bit for bit
         centered = grouped - grouped.mean(dim=1, keepdim=True)
         group_std = grouped.std(dim=1, keepdim=True) if scale_rewards == "group" else None
@@ -96,15 +100,24 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: s
     return centered.to(torch.float32).reshape(rewards.shape)
 
 
-def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bool [P]: True for groups whose rewards are all equal (zero advantage, no learning signal)."""
+def equal_reward_groups(rewards: torch.Tensor, group_size: int, *, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [P]: True for groups with no learning signal: their valid rewards are all equal (so all their
+    advantages are 0), or fewer than 2 of their samples are valid (no baseline).
+
+    ``valid`` as in ``group_advantages``: a skipped sample's stand-in reward 0 is not compared, else a
+    group scored 1, 1, (skipped), 1 counted as "not all equal" and was kept with all-zero advantages.
+    """
     grouped = _grouped(rewards, group_size)
-    return (grouped == grouped[:, :1]).all(dim=1)
+    ok = _valid_grouped(valid, grouped)
+    highest = grouped.masked_fill(~ok, -torch.inf).amax(dim=1)
+    lowest = grouped.masked_fill(~ok, torch.inf).amin(dim=1)
+    return (ok.sum(dim=1) < 2) | (highest == lowest)
 
 
-def dynamic_sampling_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bool, shaped like ``rewards``: True for samples of groups to keep (rewards not all equal; DAPO)."""
-    keep = ~equal_reward_groups(rewards, group_size)
+def dynamic_sampling_mask(rewards: torch.Tensor, group_size: int, *, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool, shaped like ``rewards``: True for samples of groups to keep (DAPO's filter): groups whose
+    valid rewards differ (see ``equal_reward_groups``). Groups never straddle ranks, so no collective."""
+    keep = ~equal_reward_groups(rewards, group_size, valid=valid)
     return keep[:, None].expand(-1, group_size).reshape(rewards.shape)
 
 

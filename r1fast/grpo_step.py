@@ -79,8 +79,9 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     valid = torch.tensor([not skipped for skipped in graded.skipped], dtype=torch.bool)
     advantages = group_advantages(rewards, group, scale_rewards=g.scale_rewards, valid=valid)
     keep = valid.tolist()
-    if g.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
-        keep = [k and bool(m) for k, m in zip(keep, dynamic_sampling_mask(rewards, group).tolist(), strict=True)]
+    if g.dynamic_sampling:  # DAPO: a group whose valid rewards are all equal carries no signal
+        signal = dynamic_sampling_mask(rewards, group, valid=valid)  # skipped samples' stand-in 0 not compared
+        keep = [k and bool(m) for k, m in zip(keep, signal.tolist(), strict=True)]
     if g.overlong_filter:
         truncated = torch.tensor([c.finish_reason == "length" for _, _, c in flat], dtype=torch.bool)
         keep = [k and bool(m) for k, m in zip(keep, overlong_filter_mask(truncated).tolist(), strict=True)]

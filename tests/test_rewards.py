@@ -100,12 +100,13 @@ def test_math_accuracy_reads_bare_latex_whole():
 
 
 def test_math_verifier_timeout_kills_and_recovers():
-    verifier = MathVerifier(num_workers=1, timeout_s=0.001)  # too short even to start the worker
+    # too short even to start the worker (start-up has its own budget: it is not charged to the gold "1")
+    verifier = MathVerifier(num_workers=1, timeout_s=0.001, startup_timeout_s=0.001)
     before = STATS["verify_timeout"]
     try:
         assert verifier.check(["1"], ["1"]) == [False]
         assert STATS["verify_timeout"] == before + 1
-        verifier.timeout_s = 30.0
+        verifier.timeout_s = verifier.startup_timeout_s = 30.0
         assert verifier.check(["2", "3"], ["2", "4"]) == [True, False]
     finally:
         verifier.close()

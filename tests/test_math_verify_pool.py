@@ -1,0 +1,57 @@
+"""The math-verify worker pool: a worker's start-up is never charged to a gold's parse budget."""
+
+import sys
+
+import pytest
+
+from r1fast.rewards.math_verify_pool import STATS, MathVerifier, _Worker
+
+# A worker whose start-up takes START_S more than its interpreter and imports (0.3 s idle here), and whose every
+# gold parse takes GOLD_S: GOLD_S fits TIMEOUT_S (0.5 s of slack for a loaded 2-core box), the start-up plus
+# GOLD_S does not. With one deadline for start-up + gold, the gold timed out and was blacklisted (or, when the
+# interpreter took over 0.6 s, the start-up itself timed out and the sample scored 0).
+START_S, GOLD_S, TIMEOUT_S = 0.3, 0.4, 0.9
+_SLOW_WORKER = (
+    f"import time; time.sleep({START_S}); import r1fast.rewards.math_verify_pool as pool; "
+    f"parse_gold = pool._parse_gold; pool._parse_gold = lambda gold: (time.sleep({GOLD_S}), parse_gold(gold))[1]; "
+    "pool._serve()"
+)
+
+
+def _counts():
+    return {key: STATS[key] for key in ("gold_timeout", "gold_unparsable", "verify_timeout", "worker_restarts")}
+
+
+def test_a_slow_worker_start_does_not_blacklist_a_valid_gold(monkeypatch):
+    """A soak with timeout_s=0.3 lost 22 of 50 plain-integer golds this way, for the whole run."""
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", _SLOW_WORKER])
+    verifier = MathVerifier(num_workers=1, timeout_s=TIMEOUT_S)
+    before = _counts()
+    try:
+        assert verifier.check(["17"], ["\\boxed{17}"]) == [True]
+        # An answer that overruns (math-verify's own limit is 5 s) kills the worker; its replacement starts
+        # slowly too, and a new gold on it still gets its whole budget.
+        assert verifier.check(["17"], ["(x+1)^{100000}"]) == [False]
+        assert verifier.check(["18"], ["18"]) == [True]
+    finally:
+        verifier.close()
+    after = _counts()
+    assert after["gold_timeout"] == before["gold_timeout"] and after["gold_unparsable"] == before["gold_unparsable"]
+    assert after["verify_timeout"] == before["verify_timeout"] + 1
+    assert after["worker_restarts"] == before["worker_restarts"] + 1
+
+
+def test_a_worker_that_never_starts_times_out_on_its_own_budget(monkeypatch):
+    """The start-up budget still bounds a stuck start: the sample scores 0 and its gold is not blamed."""
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", "import time; time.sleep(60)"])
+    verifier = MathVerifier(num_workers=1, timeout_s=30.0, startup_timeout_s=0.3)
+    before = _counts()
+    try:
+        assert verifier.check(["5"], ["5"]) == [False]
+        assert verifier._golds == {}  # "5" is not remembered as bad: the next sample tries it again
+    finally:
+        verifier.close()
+    after = _counts()
+    assert after["verify_timeout"] == before["verify_timeout"] + 1 and after["gold_timeout"] == before["gold_timeout"]
+    with pytest.raises(ValueError, match="startup_timeout_s"):
+        MathVerifier(startup_timeout_s=0)
