@@ -3,8 +3,10 @@
 Every reward is a function ``(prompt: str, completion: str, meta: dict) -> float``; ``meta`` is the
 sample (``"answer"``, ``"task"``, ``"tests"``, ``"language"``, ...). Keyword-only parameters of a
 reward are set through ``combine(..., params={name: {...}})``. A reward may also offer
-``fn.batch(prompts, completions, metas, **params) -> list[float | None]`` (math-verify's worker pool,
-the sandbox's thread pool); the registry uses it when present.
+``fn.batch(prompts, completions, metas, **params) -> list[float | None | Exception]`` (math-verify's
+worker pool, the sandbox's thread pool); the registry uses it when present. An exception in that list is
+the one its sample raised: handled like a single call's, for that sample alone (a batch function that
+raises instead makes the registry score every sample again, one at a time, to find the culprit).
 
 ``combine`` validates names, weights and parameter values (a reward's ``fn.check_params(**params)``)
 before any training (unknown name -> ValueError listing the known ones). When scoring, a reward that raises is logged and scores the sample 0, and the run goes
@@ -78,13 +80,21 @@ class Reward:
 
     def score_batch(self, prompts, completions, metas, on_error: Callable[[int, BaseException], None]) -> list[float | None]:
         """Per sample: a float, or None when skipped. ``on_error(i, exc)`` is told of each failure (score 0)."""
-        scores: list[float | None] | None = None
+        scores: list | None = None
         if self.batch_fn is not None:
             try:
-                scores = [None if s is None else float(s) for s in self.batch_fn(prompts, completions, metas)]
+                scores = [s if s is None or isinstance(s, Exception) else float(s)
+                          for s in self.batch_fn(prompts, completions, metas)]
             except Exception:  # find the culprit sample by scoring one at a time
                 pass
-        if scores is None:
+        if scores is not None:
+            for i, s in enumerate(scores):  # a sample's own failure, handed back by the batch function
+                if isinstance(s, SkipSample):
+                    scores[i] = None
+                elif isinstance(s, Exception):
+                    on_error(i, s)
+                    scores[i] = 0.0
+        else:
             scores = []
             for i, (prompt, completion, meta) in enumerate(zip(prompts, completions, metas, strict=True)):
                 try:

@@ -43,8 +43,8 @@ import atexit
 import functools
 import itertools
 import logging
+import math
 import os
-import selectors
 import shutil
 import signal
 import subprocess
@@ -58,6 +58,7 @@ from .sandbox_cgroup import cgroup_create, cgroup_parents
 from .sandbox_cgroup import cgroup_remove as _cgroup_remove
 from .sandbox_launcher import LAUNCHER as _LAUNCHER
 from .sandbox_launcher import PRELUDE as _PRELUDE
+from .sandbox_pipes import collect_output, encode_text, read_status, status_pipe
 
 __all__ = ["SandboxLimits", "SandboxResult", "SandboxError", "capabilities", "run_python"]
 
@@ -73,7 +74,9 @@ _SCRATCH_FILES = 4
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself failed (not the program): e.g. a protection granted by the probe broke."""
+    """The sandbox itself failed (not the program): e.g. a protection granted by the probe broke.
+
+    Only the launcher reports it, on a pipe the program cannot reach (``sandbox_pipes.py``)."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,17 @@ class SandboxLimits:
     max_output_bytes: int = 64 * 2**10
 
     def validate(self) -> None:
-        for name in ("wall_time_s", "cpu_time_s", "memory_bytes", "max_processes", "max_file_bytes",
-                     "max_open_files", "max_output_bytes"):
+        """ValueError naming the field and value unless each limit is positive and of its kind: the
+        integer fields become rlimits and cgroup files (``cpu_time_s=1.5`` made setrlimit fail every run)."""
+        wall = self.wall_time_s
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 < wall < math.inf:
+            raise ValueError(f"limits.wall_time_s: expected a positive finite number, got {wall!r}")
+        for name in ("cpu_time_s", "memory_bytes", "max_processes", "max_file_bytes", "max_open_files",
+                     "max_output_bytes"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"limits.{name}: expected > 0, got {value!r}")
+            # 2**62: every rlimit (the CPU one is set to value + 1) stays below RLIM_INFINITY's 2**63 - 1
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**62:
+                raise ValueError(f"limits.{name}: expected an int in [1, 2**62], got {value!r}")
 
 
 @dataclass
@@ -255,6 +264,9 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) 
 
 
 def _run_isolated(code: str, stdin: str, limits: SandboxLimits, caps: dict) -> SandboxResult:
+    # Text with a lone surrogate has no UTF-8 form: refuse it (a ValueError naming the argument) before
+    # anything is made that needs cleaning up. The code reward decides what such a sample scores.
+    code_bytes, stdin_bytes = encode_text(code, "code"), encode_text(stdin, "stdin")
     uid = _next_uid() if caps["drop_privileges"] else None
     # Without the jail the program's file and working dir live on the host's disk (~8 ms to make and
     # delete on this ext4); the jail gets both on its own tmpfs.
@@ -262,7 +274,7 @@ def _run_isolated(code: str, stdin: str, limits: SandboxLimits, caps: dict) -> S
     cgroups: list[str] = []
     try:
         cgroups = _cgroup_create(caps["cgroups"], f"r1fast-sandbox-{os.getpid()}-{os.urandom(6).hex()}", limits)
-        return _run(code, stdin, limits, caps, uid, host_dir, cgroups)
+        return _run(code_bytes, stdin_bytes, limits, caps, uid, host_dir, cgroups)
     finally:
         if uid is not None and not caps["pidns"]:
             _kill_uid(uid)  # stragglers that left the process group (a PID namespace leaves none)
@@ -271,13 +283,13 @@ def _run_isolated(code: str, stdin: str, limits: SandboxLimits, caps: dict) -> S
             shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _host_files(code: str, uid: int | None, host_dir: str) -> tuple[str, str]:
+def _host_files(code: bytes, uid: int | None, host_dir: str) -> tuple[str, str]:
     """The program file (read-only to the program) and its private working dir, on the host."""
     prog_dir, work_dir = os.path.join(host_dir, "prog"), os.path.join(host_dir, "work")
     os.mkdir(prog_dir)
     os.mkdir(work_dir, 0o700)
     program = os.path.join(prog_dir, "main.py")
-    with open(program, "w", encoding="utf-8") as handle:
+    with open(program, "wb") as handle:
         handle.write(code)
     os.chmod(host_dir, 0o711)
     os.chmod(prog_dir, 0o755)
@@ -287,97 +299,76 @@ def _host_files(code: str, uid: int | None, host_dir: str) -> tuple[str, str]:
     return program, work_dir
 
 
-def _run(code: str, stdin: str, limits: SandboxLimits, caps: dict, uid: int | None, host_dir: str | None,
+def _run(code: bytes, stdin: bytes, limits: SandboxLimits, caps: dict, uid: int | None, host_dir: str | None,
          cgroups: list[str]) -> SandboxResult:
-    jail = host_dir is None
-    if jail:
-        program, work_dir = _JAIL_PROGRAM, _JAIL_WORK
-        code_fd = os.memfd_create("program")  # the launcher copies it into the jail
-        with open(code_fd, "wb", closefd=False) as handle:
-            handle.write(code.encode("utf-8"))
-        os.lseek(code_fd, 0, os.SEEK_SET)
-    else:
-        (program, work_dir), code_fd = _host_files(code, uid, host_dir), -1
-    flags = caps["netns"] | (_CLONE_NEWIPC if caps["ipcns"] else 0) | (_CLONE_NEWPID if caps["pidns"] else 0)
-    flags |= _CLONE_NEWNS if jail else 0
-    if flags and os.geteuid() != 0:
-        flags |= _CLONE_NEWUSER
-    nproc = limits.max_processes if uid is not None else _count_user_tasks(os.getuid()) + limits.max_processes
-    cfg = {
-        # the interpreter the probe found for this set of protections (the trainer's, inside the jail)
-        "unshare": flags, "uid": uid, "python": caps["python"] if jail else caps.get("python_unjailed", caps["python"]),
-        "prelude": _PRELUDE, "program": program,
-        "parent": os.getpid(), "cgroups": [os.path.join(path, "cgroup.procs") for path in cgroups],
-        "env": {"PATH": "/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"},
-        "jail": {"root": caps["jail_root"], "code_fd": code_fd, "program": program, "work": work_dir,
-                 "binds": _jail_binds(caps["python"]),
-                 "scratch_bytes": _SCRATCH_FILES * limits.max_file_bytes + len(code.encode("utf-8")) + 2**16,
-                 } if jail else None,
-        "rlimits": {
-            "RLIMIT_CPU": (limits.cpu_time_s, limits.cpu_time_s + 1),  # SIGXCPU, then SIGKILL
-            "RLIMIT_AS": (limits.memory_bytes,) * 2,
-            "RLIMIT_NPROC": (nproc,) * 2,
-            "RLIMIT_FSIZE": (limits.max_file_bytes,) * 2,
-            "RLIMIT_NOFILE": (limits.max_open_files,) * 2,
-            "RLIMIT_CORE": (0, 0),
-        },
-    }
+    status_read, status_write = status_pipe()
     try:
-        with tempfile.TemporaryFile() as stdin_file:  # unlinked: the program sees only its own input
-            stdin_file.write(stdin.encode("utf-8"))
-            stdin_file.seek(0)
-            proc = _launch(cfg, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           pass_fds=(code_fd,) if jail else (), cwd="/" if jail else work_dir)
+        try:
+            proc = _start(code, stdin, limits, caps, uid, host_dir, cgroups, status_write)
+        finally:
+            os.close(status_write)  # the launcher holds its own copy
+        out, err, timed_out, truncated = collect_output(proc, limits)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        returncode = proc.wait()
+        failure = read_status(status_read)
     finally:
-        if jail:
-            os.close(code_fd)
-    out, err, timed_out, truncated = _collect(proc, limits)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    returncode = proc.wait()
-    if returncode == 125 and err.startswith(b"sandbox:"):
-        raise SandboxError(err.decode(errors="replace").strip())
+        os.close(status_read)
+    if failure:  # from the launcher, never the program: its exit code and stderr are its own
+        raise SandboxError(failure)
     return SandboxResult(
         stdout=out.decode("utf-8", errors="replace"), stderr=err.decode("utf-8", errors="replace"),
         returncode=None if timed_out or truncated else returncode, timed_out=timed_out,
         output_truncated=truncated, network_isolated=bool(caps["netns"]), privileges_dropped=uid is not None,
-        filesystem_isolated=jail, processes_contained=caps["pidns"], memory_limit_per_run=bool(cgroups),
+        filesystem_isolated=host_dir is None, processes_contained=caps["pidns"], memory_limit_per_run=bool(cgroups),
     )
 
 
-def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout/stderr until EOF, the deadline or the output cap; never blocks past the deadline."""
-    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    selector = selectors.DefaultSelector()
-    for stream in buffers:
-        selector.register(stream, selectors.EVENT_READ)
-    deadline = time.monotonic() + limits.wall_time_s
-    timed_out = truncated = False
+def _start(code: bytes, stdin: bytes, limits: SandboxLimits, caps: dict, uid: int | None, host_dir: str | None,
+           cgroups: list[str], status_fd: int) -> subprocess.Popen:
+    """Launch the run: the launcher gets the config, the program (a memfd for the jail), stdin and ``status_fd``."""
+    jail = host_dir is None
+    code_fd = -1
     try:
-        while selector.get_map() and not truncated:
-            now = time.monotonic()
-            if now >= deadline:
-                # Past the deadline with the program still running is a timeout; a finished program
-                # whose orphans still hold the pipes is judged on what it printed (orphans die below).
-                timed_out = proc.poll() is None
-                break
-            if proc.poll() is not None:
-                # The program is gone; give orphans that still hold the pipes a moment, no more.
-                deadline = min(deadline, now + 0.2)
-            for key, _ in selector.select(min(deadline - now, 0.05)):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                    continue
-                buffer = buffers[key.fileobj]
-                buffer += chunk
-                if len(buffer) > limits.max_output_bytes:
-                    del buffer[limits.max_output_bytes:]
-                    truncated = True
+        if jail:
+            program, work_dir = _JAIL_PROGRAM, _JAIL_WORK
+            code_fd = os.memfd_create("program")  # the launcher copies it into the jail
+            with open(code_fd, "wb", closefd=False) as handle:
+                handle.write(code)
+            os.lseek(code_fd, 0, os.SEEK_SET)
+        else:
+            program, work_dir = _host_files(code, uid, host_dir)
+        flags = caps["netns"] | (_CLONE_NEWIPC if caps["ipcns"] else 0) | (_CLONE_NEWPID if caps["pidns"] else 0)
+        flags |= _CLONE_NEWNS if jail else 0
+        if flags and os.geteuid() != 0:
+            flags |= _CLONE_NEWUSER
+        nproc = limits.max_processes if uid is not None else _count_user_tasks(os.getuid()) + limits.max_processes
+        cfg = {
+            # the interpreter the probe found for this set of protections (the trainer's, inside the jail)
+            "unshare": flags, "uid": uid, "python": caps["python"] if jail else caps.get("python_unjailed", caps["python"]),
+            "prelude": _PRELUDE, "program": program, "status": status_fd,
+            "parent": os.getpid(), "cgroups": [os.path.join(path, "cgroup.procs") for path in cgroups],
+            "env": {"PATH": "/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"},
+            "jail": {"root": caps["jail_root"], "code_fd": code_fd, "program": program, "work": work_dir,
+                     "binds": _jail_binds(caps["python"]),
+                     "scratch_bytes": _SCRATCH_FILES * limits.max_file_bytes + len(code) + 2**16,
+                     } if jail else None,
+            "rlimits": {
+                "RLIMIT_CPU": (limits.cpu_time_s, limits.cpu_time_s + 1),  # SIGXCPU, then SIGKILL
+                "RLIMIT_AS": (limits.memory_bytes,) * 2,
+                "RLIMIT_NPROC": (nproc,) * 2,
+                "RLIMIT_FSIZE": (limits.max_file_bytes,) * 2,
+                "RLIMIT_NOFILE": (limits.max_open_files,) * 2,
+                "RLIMIT_CORE": (0, 0),
+            },
+        }
+        with tempfile.TemporaryFile() as stdin_file:  # unlinked: the program sees only its own input
+            stdin_file.write(stdin)
+            stdin_file.seek(0)
+            return _launch(cfg, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           pass_fds=(status_fd, code_fd) if jail else (status_fd,), cwd="/" if jail else work_dir)
     finally:
-        selector.close()
-        for stream in buffers:
-            stream.close()
-    return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), timed_out, truncated
+        if code_fd >= 0:
+            os.close(code_fd)

@@ -9,8 +9,10 @@ PRELUDE = r"""
 def _run():
     import builtins, os, sys, _sitebuiltins
     gate = int(sys.argv[1])
-    if gate >= 0 and os.read(gate, 1) != b"1":  # the init puts us in the run's cgroup before user code runs
-        os.write(2, b"sandbox: joining the run's cgroup failed\n")
+    # The init puts us in the run's cgroup before user code runs. When it cannot, it reports that on the
+    # status pipe (our exit code and stderr are the program's, so they cannot say it) and exits, which
+    # kills this namespace: a shut gate only has to keep the program from starting.
+    if gate >= 0 and os.read(gate, 1) != b"1":
         os._exit(125)
     builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
     builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
@@ -40,16 +42,25 @@ _run()
 # Runs as the caller (a fresh interpreter, so no inherited threads), applies the protections, then
 # execs the program's interpreter. With a PID namespace it forks an init (pid 1) that builds the jail,
 # forks the program, reports its wait status through a pipe and exits, which kills the namespace; the
-# outer process exits as the program did. A protection that fails exits 125 with "sandbox:" on stderr.
+# outer process exits as the program did. A protection that fails is reported on the status pipe
+# (cfg["status"], close-on-exec: the program never holds it; see sandbox_pipes.py), then exits 125.
 LAUNCHER = r"""
 import ctypes, os, resource, signal, sys
 cfg = eval(sys.argv[1], {"__builtins__": {}})  # a literal from the trainer (json's import costs ~3x more)
+os.set_inheritable(cfg["status"], False)  # pass_fds made it inheritable; the program's exec must drop it
 libc = ctypes.CDLL(None, use_errno=True)
 prctl = lambda *args: libc.prctl(*map(ctypes.c_ulong, args))
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 
-def fail(what):
-    os.write(2, b"sandbox: %s failed, errno %d\n" % (what.encode(), ctypes.get_errno())); os._exit(125)
+def abort(message):
+    try:
+        os.write(cfg["status"], b"sandbox: %s\n" % message.encode(errors="replace"))
+    except OSError:
+        pass  # the trainer is gone: nobody to tell
+    os._exit(125)
+
+def fail(what, errno=None):
+    abort("%s failed, errno %d" % (what, ctypes.get_errno() if errno is None else errno))
 
 def mount(src, dst, fstype, flags, data=None, check=True):
     enc = lambda s: s.encode() if s is not None else None
@@ -136,8 +147,8 @@ def main():
                     os.write(fd, b"%d" % program)
                 if cgroups:
                     os.write(opened, b"1")
-            except OSError:
-                pass  # the gate stays shut: the prelude refuses to run the program
+            except OSError as exc:  # the gate stays shut; the init's exit kills the namespace
+                fail("joining the run's cgroup", exc.errno)
             if cgroups:
                 os.close(opened)
             while True:
@@ -170,5 +181,5 @@ def main():
 try:
     main()
 except Exception as exc:
-    os.write(2, b"sandbox: %s\n" % repr(exc).encode()); os._exit(125)
+    abort(repr(exc))
 """
