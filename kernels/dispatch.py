@@ -10,6 +10,10 @@
 The environment is read on every call (it is a dictionary lookup), so tests can flip it.
 ``TRITON_INTERPRET`` itself must be set before Triton is imported: Triton decides at decoration
 time whether a ``@triton.jit`` function is compiled or interpreted.
+
+Before the first interpreted kernel, ``use_triton`` runs ``check_interpreter`` (once per process): a
+one-loop probe kernel that fails fast, with one RuntimeError naming the versions and the way out, on
+stacks whose interpreter cannot run r1fast's kernels (Triton < 3.7 with NumPy >= 2.4).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -90,6 +96,81 @@ def backend(device, op: str | None = None) -> str:
     return "torch"
 
 
+# Triton 3.6's interpreter turns a runtime scalar argument into a Python int with int() of its shape-(1,) NumPy
+# array (``tensor.__index__``, runtime/interpreter.py:888), which NumPy >= 2.4 refuses: every kernel looping
+# ``range(0, V, BLOCK)`` over a runtime V died with InterpreterError(TypeError('only 0-dimensional arrays ...')),
+# 112 kernel tests on Triton 3.6.0 + NumPy 2.4.6. The 3.7.0, 3.8.0 and 3.9.0 wheels squeeze the array first.
+FIRST_FIXED_TRITON = "3.7.0"
+_INDEX_DEFECT_TEXT = "0-dimensional arrays"  # NumPy's words for the refused int(array of shape (1,))
+_probe_lock = threading.Lock()
+_interpreter_verdict: list[str | None] = []  # [] not probed yet; [None] fine; [message] broken (raised again)
+
+
+def _probe_kernel() -> None:
+    """Run a one-program kernel that counts ``range(0, n)`` for a runtime ``n`` = 3 under the interpreter."""
+    import triton  # noqa: PLC0415  (kept out of import time: importing r1fast.kernels must not import Triton)
+    import triton.language as tl  # noqa: PLC0415
+
+    @triton.jit
+    def _count_kernel(out_ptr, n):
+        count = tl.zeros((), dtype=tl.int32)
+        for _ in range(0, n, 1):  # the loop shape of every row kernel: a runtime bound turned into a Python int
+            count += 1
+        tl.store(out_ptr, count)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    _count_kernel[(1,)](out, 3)
+    if int(out[0]) != 3:
+        raise RuntimeError(f"the probe kernel counted {int(out[0])} iterations of range(0, 3)")
+
+
+def interpreter_problem(probe: Callable[[], None], triton_version: str, numpy_version: str) -> str | None:
+    """None when ``probe`` (a tiny interpreted kernel) runs; else the message of the error to raise.
+
+    The known defect (an error whose cause chain names NumPy's refused conversion) gets the way out: Triton
+    >= ``FIRST_FIXED_TRITON`` or NumPy < 2.4. Any other failure is reported as it is.
+    """
+    try:
+        probe()
+    except Exception as err:  # noqa: BLE001  (any failure means no interpreted kernel can be trusted)
+        chain, cause = [], err
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        stack = f"Triton {triton_version} with NumPy {numpy_version}"
+        if any(_INDEX_DEFECT_TEXT in str(e) for e in chain):
+            return (f"Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run r1fast's kernels on {stack}: its "
+                    "tensor __index__ calls int() on a shape-(1,) NumPy array, which NumPy >= 2.4 refuses, so every "
+                    f"kernel that loops over a runtime bound fails. Install triton>={FIRST_FIXED_TRITON} or "
+                    "numpy<2.4, or run the PyTorch reference (unset TRITON_INTERPRET, or R1FAST_KERNELS=torch). "
+                    "Compiled GPU kernels are not affected.")
+        return (f"Triton's CPU interpreter (TRITON_INTERPRET=1) failed r1fast's probe kernel on {stack}: "
+                f"{type(err).__name__}: {err}. Run the PyTorch reference instead (unset TRITON_INTERPRET, or "
+                "R1FAST_KERNELS=torch).")
+    return None
+
+
+def check_interpreter() -> None:
+    """RuntimeError when Triton's interpreter cannot run r1fast's kernels here; probes once per process (72 ms on the CI machine)."""
+    if not _interpreter_verdict:
+        with _probe_lock:  # one probe; other threads wait for it, so no kernel runs beside the interpreter's patching
+            if not _interpreter_verdict:
+                import numpy  # noqa: PLC0415
+                import triton  # noqa: PLC0415
+
+                _interpreter_verdict.append(interpreter_problem(_probe_kernel, triton.__version__, numpy.__version__))
+    if _interpreter_verdict[0] is not None:
+        raise RuntimeError(_interpreter_verdict[0])
+
+
 def use_triton(device, op: str | None = None) -> bool:
-    """True when the Triton kernel (compiled or interpreted) should run for ``device``."""
-    return backend(device, op) in ("triton", "triton-interpret")
+    """True when the Triton kernel (compiled or interpreted) should run for ``device``.
+
+    The first interpreted call checks the interpreter (``check_interpreter``): RuntimeError on a stack where it
+    cannot run the kernels, instead of an InterpreterError deep inside one. Skipped while torch.compile traces
+    (the eager call that precedes or follows it checks).
+    """
+    choice = backend(device, op)
+    if choice == "triton-interpret" and not torch.compiler.is_compiling():
+        check_interpreter()
+    return choice in ("triton", "triton-interpret")

@@ -68,8 +68,10 @@ def _round_to_e4m3_grid(y):
     inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
     steps = mag * inv_ulp  # exact: power-of-two scaling, result < 16
     steps = (steps + 8388608.0) - 8388608.0  # round to integer, ties to even (fp32 add is RTNE)
-    rounded = steps * ulp
-    return tl.where(bits < 0, -rounded, rounded)  # keeps the sign of -0.0 like PyTorch
+    rounded = steps * ulp  # >= 0
+    # y's sign bit set on the magnitude, so a negative value that rounds to zero is -0.0 (E4M3 0x80, as PyTorch
+    # gives). Not ``-rounded``: Triton 3.6's interpreter negates 0.0 to +0.0, which wrote 0x00 (10 byte tests off)
+    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

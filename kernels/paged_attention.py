@@ -117,6 +117,28 @@ def _refuse_grad(op: str, **tensors) -> None:
                              f"{name}.detach()")
 
 
+def _check_max_group_size(max_group_size, group_of_seq, num_groups: int, batch: int) -> None:
+    """ValueError unless ``max_group_size`` is an int covering the largest group.
+
+    It sizes the kernel's query-tile grid: one too small left the largest group's later samples unwritten
+    (uninitialised memory, errors of 8e19) while the reference ignored it. The count is compared where
+    reading it costs no device sync: on CPU tensors with host checks on, for both backends. On CUDA the
+    read would sync once per layer, which is the sync the argument exists to avoid, so there it stays the
+    caller's promise (as append_kv's slots are).
+    """
+    try:
+        size = operator.index(max_group_size) if not isinstance(max_group_size, bool) else None
+    except TypeError:
+        size = None
+    if size is None or size < (1 if batch else 0):
+        raise ValueError(f"max_group_size must be None or an int >= 1, got {max_group_size!r}")
+    if batch and group_of_seq.device.type == "cpu" and host_checks_enabled(group_of_seq):
+        largest = int(group_sizes(group_of_seq, num_groups).max())
+        if size < largest:
+            raise ValueError(f"max_group_size={size} is smaller than the largest group ({largest} samples share one "
+                             "prefix in group_of_seq); pass at least that, or None to count the groups")
+
+
 def _outputs(q, out, return_lse):
     """``out`` (allocated when the caller passed none) and ``lse`` (fp32; fp64 for fp64 inputs) or None."""
     if out is None:
@@ -191,7 +213,9 @@ def paged_attention_cascade(
     prefix block is read once per (group, KV head) for all the group's samples together.
     ``max_group_size`` (host int, at least the largest group's sample count: it sizes the grid) avoids the
     one host sync this function otherwise makes; with it the call is CUDA-graph capturable and traceable
-    by torch.compile, and without it those raise ValueError (the sync cannot run there).
+    by torch.compile, and without it those raise ValueError (the sync cannot run there). A value below the
+    largest group is a ValueError where counting costs no sync (CPU tensors, both backends); on CUDA it is
+    not checked (it would sync once per layer) and must hold.
     ``num_splits`` = (prefix splits, suffix splits) overrides the heuristic.
     Returns out [B, Hq, D] (and lse [B, Hq] fp32). Not differentiable: ValueError when grad mode is on
     and q, a cache or ``out`` requires grad.
@@ -207,6 +231,8 @@ def paged_attention_cascade(
                 "for meta/fake tensors (finding the largest group reads group_of_seq's counts back to the host)"
             )
         max_group_size = int(group_sizes(group_of_seq, prefix_block_table.shape[0]).max()) if q.shape[0] else 1
+    else:
+        _check_max_group_size(max_group_size, group_of_seq, prefix_block_table.shape[0], q.shape[0])
     scale = _scale(softmax_scale, q.shape[2])
     if num_splits is None:
         num_splits = (None, None)

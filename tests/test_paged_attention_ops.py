@@ -203,6 +203,31 @@ def test_cascade_without_max_group_size_refuses_to_sync_when_compiling(monkeypat
     assert paged_attention_cascade(q, k_cache, v_cache, *args, max_group_size=2).shape == q.shape
 
 
+@pytest.mark.parametrize("kernels", ["triton-interpret", "torch"])
+def test_cascade_refuses_a_max_group_size_below_the_largest_group(monkeypatch, kernels):
+    """One too small sized the kernel's grid short: the largest group's later samples came back as uninitialised
+    memory (errors of 8e19) while the reference ignored the argument. Both backends now refuse it."""
+    from r1fast.kernels import backend
+
+    if kernels == "torch":
+        monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    assert backend(torch.device("cpu")) == kernels
+    k_cache, v_cache = _cache(6, 8, 1, 64)
+    table = _table(3, 2, 6)
+    group_of_seq = torch.tensor([0, 1, 0, 0], dtype=torch.int32)  # groups of 3 and 1
+    args = (table[:2].contiguous(), _lens([9, 4]), group_of_seq, table[2:].repeat(4, 1), _lens([2, 5, 1, 3]))
+    q = torch.randn(4, 2, 64)
+    want = paged_attention_cascade(q, k_cache, v_cache, *args)
+    for too_small in (1, 2):
+        with pytest.raises(ValueError, match=rf"max_group_size={too_small} is smaller than the largest group \(3"):
+            paged_attention_cascade(q, k_cache, v_cache, *args, max_group_size=too_small)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_group_size must be None or an int >= 1"):
+            paged_attention_cascade(q, k_cache, v_cache, *args, max_group_size=bad)
+    for enough in (3, 5):
+        assert torch.equal(paged_attention_cascade(q, k_cache, v_cache, *args, max_group_size=enough), want)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the ops inside a captured CUDA graph
 # ---------------------------------------------------------------------------------------------

@@ -143,6 +143,9 @@ def test_bools_and_non_integers_are_rejected_before_any_work():
         (dict(prompts=[[1, 2.0]]), "not an integer token id"),
         (dict(prompts=[np.array([1.0, 2.0])]), "not an integer token id"),
         (dict(prompts=ok), r"prompts\[0\] is 1, not a list"),  # a flat prompt instead of a list of prompts
+        (dict(prompts=[{1: 2}]), r"prompts\[0\] is a dict .*no token order"),  # once read as the prompt [1]
+        (dict(prompts=[{3, 1}]), r"prompts\[0\] is a set .*no token order"),
+        (dict(prompts={0: ok}), "prompts must be a list of token-id lists, got dict"),
         (dict(stop_token_ids=True), "stop_token_ids"),
         (dict(stop_token_ids=[VOCAB]), "stop_token_ids"),
         (dict(seed=True), "seed"),
@@ -214,6 +217,25 @@ def test_model_cast_after_engine_rebuilds_the_cache_and_a_device_move_is_refused
     model.to("meta")
     with pytest.raises(ValueError, match=r"now on meta.*build a new Engine"):
         engine.generate(prompts, max_new_tokens=2, temperature=0)
+
+
+def test_explicit_dtype_holds_and_weights_of_another_dtype_are_refused():
+    """Engine(fp32 model, dtype=bfloat16) silently rebuilt its cache in fp32 with half the blocks (64 -> 32) on
+    the first generate. dtype= is the dtype the weights have when generate runs (FSDP2's gathered bf16)."""
+    model = tiny_model()
+    engine = Engine(model, block_size=8, num_blocks=64, dtype=torch.bfloat16)
+    assert engine.cache.k[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"Engine\(dtype=torch.bfloat16\).*weights are torch.float32"):
+        engine.generate([[1, 2, 3]], max_new_tokens=3, temperature=0)
+    assert engine.cache.k[0].dtype == torch.bfloat16 and engine.stats()["num_blocks"] == 64
+    assert engine.stats()["steps"] == 0
+    model.to(torch.bfloat16)  # the weights as the trainer's gather hands them over: the option holds
+    out = engine.generate([[1, 2, 3]], max_new_tokens=3, temperature=0)
+    assert len(out[0][0].token_ids) == 3
+    assert engine.cache.k[0].dtype == torch.bfloat16 and engine.stats()["num_blocks"] == 64
+    assert_all_blocks_free(engine)
+    with pytest.raises(ValueError, match="dtype must be None or a floating torch.dtype"):
+        Engine(model, block_size=8, num_blocks=4, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton-interpret"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -38,14 +40,23 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _unordered(value) -> bool:
+    """A mapping or a set: iterating one gives its keys / members in no token order ({1: 2} read as [1])."""
+    return isinstance(value, (Mapping, AbstractSet))
+
+
 def prompt_lists(prompts) -> list[list]:
-    """Each prompt as a list (tensors and arrays as lists of their elements); ValueError for a flat list."""
-    if isinstance(prompts, (str, bytes)) or as_int(prompts) is not None:
+    """Each prompt as a list (tensors and arrays as lists of their elements); ValueError for a flat list,
+    a mapping or a set (of prompts or as a prompt)."""
+    if isinstance(prompts, (str, bytes)) or as_int(prompts) is not None or _unordered(prompts):
         raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     lists = []
     for i, p in enumerate(prompts):
         if isinstance(p, torch.Tensor):
             p = p.tolist()
+        if _unordered(p):
+            raise ValueError(f"prompts[{i}] is a {type(p).__name__} ({p!r}), not a list of token ids: a mapping "
+                             "or set has no token order")
         if isinstance(p, (str, bytes)) or as_int(p) is not None:
             raise ValueError(f"prompts[{i}] is {p!r}, not a list of token ids (prompts is a list of prompts)")
         lists.append(list(p))

@@ -68,8 +68,12 @@ class Engine:
         self.model = model
         self.args = model.args
         weight = model.lm_head_weight
-        # dtype: the compute dtype when it differs from the stored weights' (fp32 masters that FSDP2 gathers in bf16)
+        # dtype: the compute dtype when it differs from the stored weights' (fp32 masters that FSDP2 gathers in bf16):
+        # a promise about the weights ``generate`` runs on, so it is checked there, never followed away
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
         self.device, self.dtype = weight.device, dtype or weight.dtype
+        self._pinned_dtype = dtype
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -145,7 +149,8 @@ class Engine:
         greedy. Integers may be numpy/torch ints (never bools); stop_token_ids may be one id. Raises
         ValueError before any work for bad arguments (a prompt + max_new_tokens - 1 beyond the KV cache, a
         prompt + max_new_tokens beyond the model's max_position_embeddings) or a model moved to another
-        device since ``Engine(model)`` (a cast is followed: see ``_follow_weights``), RuntimeError for
+        device since ``Engine(model)`` (a cast is followed: see ``_follow_weights``; with ``Engine(dtype=)``
+        weights of another dtype are a ValueError instead), RuntimeError for
         non-finite logits; an exception mid-generation releases every KV block this call took.
         """
         self._follow_weights()
@@ -204,7 +209,8 @@ class Engine:
         return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
 
     def _follow_weights(self) -> None:
-        """Keep the KV cache in the model's current dtype; ValueError if the model moved to another device.
+        """Keep the KV cache in the model's current dtype; ValueError if the model moved to another device, or
+        when ``Engine(dtype=)`` was given and the weights are not in that dtype.
 
         Without this, a model cast after ``Engine(model)`` failed mid-step inside attention (k/v and cache
         dtypes differ). Between calls no sequence holds a block, so the cache can be rebuilt: it keeps its
@@ -217,6 +223,13 @@ class Engine:
             raise ValueError(f"the model's weights are now on {weight.device}, but this Engine's KV cache is on "
                              f"{self.device} (Engine(model) sizes its cache for one device); build a new Engine "
                              "after model.to(device)")
+        if self._pinned_dtype is not None and weight.dtype != self._pinned_dtype:
+            # following the weights here silently undid the option: an fp32 model with dtype=bfloat16 got an
+            # fp32 cache of half the blocks (64 -> 32) on its first generate
+            raise ValueError(f"Engine(dtype={self._pinned_dtype}) runs on weights of that dtype (FSDP2 gathers fp32 "
+                             f"masters in it: generate inside the gather), but the model's weights are "
+                             f"{weight.dtype}; cast the model, or build the Engine without dtype= to follow its "
+                             "weights' dtype")
         if weight.dtype != self.dtype:
             budget = self.cache.num_blocks * self._bytes_per_block()
             self.cache = self.backend = self.graphs = None  # free the old cache before allocating the new one
