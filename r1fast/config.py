@@ -265,6 +265,9 @@ class ParallelConfig:
     """Run the routed experts of an MoE model in FP8 (DeepSeek-V3 recipe: 1x128 activation tiles,
     128x128 weight blocks, master weights quantized once per optimizer step); hidden and expert
     intermediate sizes must be multiples of 128. Dense models reject it."""
+    timeout_s: float = bounded(1800.0, gt=0)
+    """Seconds a collective may wait for the other ranks before the process group fails the run (a rank
+    that hangs or a node that loses its network); torch's default is 1800 for gloo and 600 for NCCL."""
 
 
 @dataclass
@@ -296,6 +299,10 @@ class TrainConfig:
     """Directory holding one subdirectory per run."""
     checkpoint_every: int = bounded(0, ge=0)
     """Save a checkpoint every N steps (0 = no periodic checkpoints)."""
+    keep_last: int = bounded(0, ge=0)
+    """Keep only the newest N complete checkpoints of the run, deleting older ones after each save; every
+    save counts (periodic, SIGTERM, final, the cold-start SFT's step_0). 0 = keep all; a 7B model's
+    checkpoint with AdamW state is ~112 GB."""
     log_every: int = bounded(1, ge=1)
     """Write metrics every N steps."""
     eval_every: int = bounded(0, ge=0)

@@ -25,10 +25,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistInfo:
     """Join the process group torchrun describes (or run as a single process without one).
 
-    ``backend``: "auto" picks NCCL when CUDA is available and gloo otherwise.
+    ``backend``: "auto" picks NCCL when CUDA is available and gloo otherwise. ``timeout_s``: how long a
+    collective waits for the other ranks (``parallel.timeout_s``). Raises ConfigError on every rank when the
+    nodes run different numbers of processes (see ``check_same_local_world``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -49,7 +51,40 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
+        check_same_local_world(local_world)
     return DistInfo(rank, world_size, local_rank, local_world, device)
+
+
+def check_same_local_world(local_world: int) -> None:
+    """ConfigError on every rank unless every rank has the same LOCAL_WORLD_SIZE (``--nproc_per_node``).
+
+    The HSDP mesh (``parallelize.build_mesh``) is cut from each rank's own local world size: with nodes of 2
+    and 1 processes, node 0 built a 1-D mesh of 3 and node 1 a (3, 1) mesh, and the ranks then ran different
+    collectives and hung until the 1800 s timeout. An error rather than a 1-D mesh on every rank: that mesh
+    shards each parameter across nodes, so every FSDP all-gather and reduce-scatter would cross the
+    inter-node network (~18x less bandwidth than NVLink on H100 nodes: 50 vs 900 GB/s per GPU), and unequal
+    nodes are in practice a launch-command slip. The all-gather runs once, at init, on every rank."""
+    sizes = all_gather_object(local_world)
+    if len(set(sizes)) > 1:
+        from r1fast.config_io import ConfigError
+
+        per_node = []  # ranks are numbered node by node: one entry per run of equal local sizes
+        r = 0
+        while r < len(sizes):
+            per_node.append(sizes[r])
+            r += max(sizes[r], 1)
+        raise ConfigError(f"every node must run the same number of processes (torchrun --nproc_per_node): the "
+                          f"nodes run {', '.join(map(str, per_node))} (LOCAL_WORLD_SIZE of ranks 0..{len(sizes) - 1}: "
+                          f"{sizes})")
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def world_size() -> int:

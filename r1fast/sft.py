@@ -278,7 +278,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
     tokenized = tokenize_sft_records(records, build_tokenizer(cfg.model), cfg.template)  # so does unencodable data
-    dist = D.init_distributed(cfg.parallel.backend)
+    dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.world_size, dist.rank
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")

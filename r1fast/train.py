@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 
 import torch
@@ -52,7 +50,8 @@ from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import resolve_template, stop_token_ids
-from r1fast.train_checks import check_batch_split, fit_lengths
+from r1fast.stop_flag import StopFlag
+from r1fast.train_checks import check_batch_split, check_shared_run_dir, fit_lengths
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 MAX_NONFINITE_IN_A_ROW = 3
@@ -66,20 +65,6 @@ def default_recipe() -> str:
     return str(files("r1fast.recipes") / "tiny_r1_zero.toml")
 
 
-class _StopFlag:
-    """Set by SIGTERM; checked (and agreed on by all ranks) at the end of each step."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(D.all_reduce_sum(flag).item() > 0)
-
-
 class Trainer:
     """Holds the run's pieces; ``run()`` does cold-start SFT (if any), GRPO steps and evaluation."""
 
@@ -87,6 +72,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         t = cfg.train
         self.run_dir = os.path.join(t.out_dir, t.name)
+        check_shared_run_dir(cfg, self.run_dir)  # before any work: a first save on another disk failed at the end
         torch.manual_seed(t.seed)
         self.compute_dtype = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights, gathered in bf16 by FSDP2
         master, param_dtype = master_and_compute_dtypes(self.compute_dtype)
@@ -130,7 +116,7 @@ class Trainer:
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
         self.logger = MetricsLogger(self.run_dir, rank=dist.rank)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.step = 0
         self.loop_state: dict = {}
 
@@ -175,8 +161,9 @@ class Trainer:
                     # torchrun kills the workers a grace period after SIGTERM: a long SFT must not run on
                     self.loop_state["sft_step"] = step + 1
                     path = self._save_checkpoint()
-                    print(f"r1fast.train: SIGTERM during the cold-start SFT: checkpoint written to {path} "
-                          f"(resumes at SFT step {step + 1}); exiting", file=sys.stderr)
+                    if self.dist.is_main:
+                        print(f"r1fast.train: {self.stop.name} during the cold-start SFT: checkpoint written to "
+                              f"{path} (resumes at SFT step {step + 1}); exiting", file=sys.stderr)
                     return False
         self.loop_state.pop("sft_step", None)
         for group in self.optimizer.param_groups:  # GRPO starts from its own schedule
@@ -254,10 +241,13 @@ class Trainer:
                                        f"written under {self.run_dir}/checkpoints")
                 if self.stop.agreed(self.dist.device):
                     path = self._save_checkpoint()
-                    print(f"r1fast.train: SIGTERM: checkpoint written to {path}; exiting", file=sys.stderr)
+                    if self.dist.is_main:
+                        print(f"r1fast.train: {self.stop.name}: checkpoint written to {path}; exiting", file=sys.stderr)
                     return {**summary, "interrupted": True}
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self._save_checkpoint()
+        # a signal from here on is not acted on: the run is finished, writes its final checkpoint and summary and
+        # exits 0 (a resume would have only this evaluation left; torchrun's kill after its grace period is safe)
         summary["eval_after_rl"] = self.evaluate("after_rl")
         self._finish(summary)
         return summary
@@ -303,13 +293,15 @@ class Trainer:
 
     def _save_checkpoint(self) -> str:
         return save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
-                               self.loop_state, self.tokenizer, reference=self.ref_root, hf_dtype=self.compute_dtype)
+                               self.loop_state, self.tokenizer, reference=self.ref_root, hf_dtype=self.compute_dtype,
+                               keep_last=self.cfg.train.keep_last)
 
     def _resume_path(self) -> str | None:
         r = self.cfg.train.resume
         if r is None:
             return None
-        path = latest_checkpoint(self.run_dir) if r == "latest" else r
+        # rank 0's pick for every rank: ranks that judged completeness apart could resume from different steps
+        path = D.broadcast_object(latest_checkpoint(self.run_dir) if D.rank() == 0 else None) if r == "latest" else r
         if path is None:
             raise FileNotFoundError(f"train.resume=latest but {self.run_dir}/checkpoints holds no finished checkpoint")
         if not os.path.isdir(path):
@@ -337,15 +329,16 @@ class Trainer:
 
 def run(cfg: Config) -> dict:
     """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary."""
-    dist = D.init_distributed(cfg.parallel.backend)
+    dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     trainer = Trainer(cfg, dist)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, trainer.stop) if main_thread else None
+    trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
     try:
-        return trainer.run()
+        summary = trainer.run()
+        if summary.get("interrupted"):
+            summary["exit_status"] = trainer.stop.exit_status
+        return summary
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        trainer.stop.uninstall()
         release_one_rank_group()
 
 
@@ -360,9 +353,9 @@ def _main(argv: list[str] | None) -> int:
     if D.rank() == 0 and "eval_after_rl" in summary:
         print(json.dumps({k: summary[k] for k in ("eval_before_rl", "eval_after_rl") if k in summary}, indent=1))
     D.shutdown()
-    # interrupted by SIGTERM (a checkpoint was written): 128 + 15, as a killed process, so a scheduler or
-    # torchrun tells an unfinished run from a finished one
-    return 143 if summary.get("interrupted") else 0
+    # interrupted (a checkpoint was written): 128 + the signal (143 SIGTERM, 130 Ctrl-C), as a killed process,
+    # so a scheduler tells an unfinished run from a finished one
+    return summary.get("exit_status", 143) if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,59 @@
 """Checks ``r1fast.train`` runs once the ranks, the tokenizer and the model are known (config checks that need
-no model live in ``r1fast.config``): batches that split evenly over ranks, prompts and cold-start examples that
-fit the model's positions."""
+no model live in ``r1fast.config``): a run directory every rank sees, batches that split evenly over ranks,
+prompts and cold-start examples that fit the model's positions."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
+import time
 
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError
 from r1fast.data_setup import encode_prompts
+
+SHARED_DIR_WAIT_S = 5.0
+"""How long a rank looks for rank 0's marker before calling the directory not shared: NFS clients may see a
+new file a moment late (attribute caching); on one filesystem it is there at once."""
+
+
+def check_shared_run_dir(cfg: Config, run_dir: str) -> None:
+    """ConfigError naming train.out_dir on every rank unless all ranks see one ``run_dir``.
+
+    Every rank writes its RNG state into the checkpoint rank 0 creates and reads the checkpoint back on resume:
+    with per-node local disks (or a relative out_dir under different working directories) the run trained to
+    the end and then died in its first save. Rank 0 writes a marker with a fresh token, every rank looks for
+    it, and all ranks agree on the outcome; the marker is removed again."""
+    if D.world_size() <= 1:
+        return
+    token = D.broadcast_object(secrets.token_hex(8) if D.rank() == 0 else None)
+    marker = os.path.join(run_dir, f".shared-check-{token}")
+    if D.rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(token)
+    D.barrier()
+    deadline = time.monotonic() + SHARED_DIR_WAIT_S
+    while not (seen := _holds(marker, token)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    blind = [r for r, ok in enumerate(D.all_gather_object(seen)) if not ok]
+    if D.rank() == 0:
+        os.remove(marker)
+    if blind:
+        ranks = ", ".join(map(str, blind))
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} must be a directory all nodes share (one filesystem "
+                          f"at the same path; a relative path resolves against each node's working directory): "
+                          f"rank(s) {ranks} do not see {os.path.abspath(run_dir)} as rank 0 does, and every rank "
+                          f"writes checkpoints there and reads them back on resume")
+
+
+def _holds(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
 
 
 def check_batch_split(cfg: Config, world: int) -> None:

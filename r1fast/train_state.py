@@ -7,14 +7,19 @@ Layout of ``<run>/checkpoints/step_<N>/``:
                         every ``ref_update_steps``, so it is state of its own)
     rng_rank<R>.pt      each rank's torch / python / numpy RNG state
 
-Everything is written into ``step_<N>.tmp`` and renamed into place once complete, so a crash or a
-SIGTERM mid-save never leaves a checkpoint that looks finished. The full state dict is gathered on
+Everything is written into ``step_<N>.tmp``, closed by a manifest (``complete.json``: every file and its
+size) and renamed into place once complete, so a crash or a SIGTERM mid-save never leaves a checkpoint that
+looks finished. A directory is never deleted under its ``step_<N>`` name: it is renamed to ``step_<N>.old``
+first (one atomic rename), then removed, so a kill mid-deletion leaves only a name ``latest_checkpoint``
+ignores, and the next save clears it. ``latest_checkpoint`` also checks the manifest, so a checkpoint cut
+short some other way (a user's ``rm``, a full disk) is passed over for the intact one before it. The full state dict is gathered on
 rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and read by every rank on resume;
 fp32 tensors round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -34,15 +39,96 @@ from torch.distributed.checkpoint.state_dict import (
 from r1fast import distributed as D
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_TRASH = re.compile(r"^step_\d+\.(old|tmp)$")
+
+
+MANIFEST = "complete.json"
+"""Written last into a checkpoint: its step, world size and every file with its size in bytes."""
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """Whether ``path`` holds every file its manifest lists, at the listed sizes (train_state.pt and each
+    rank's rng_rank<R>.pt among them). A checkpoint written before manifests existed counts when it holds
+    train_state.pt and rng_rank0.pt."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return all(os.path.isfile(os.path.join(path, f)) for f in ("train_state.pt", "rng_rank0.pt"))
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+        return all(os.path.getsize(os.path.join(path, name)) == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):  # a torn manifest or a listed file gone
+        return False
+
+
+def _step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the ``step_<N>`` directories under ``root``, newest first (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    steps = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    return sorted(steps, reverse=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest finished ``step_<N>`` directory under ``run_dir/checkpoints``, or None."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
+    """The newest complete ``step_<N>`` directory under ``run_dir/checkpoints``, or None: one cut short
+    (files missing or truncated) is passed over for the intact one before it."""
+    for _, path in _step_dirs(os.path.join(run_dir, "checkpoints")):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def _delete(path: str) -> None:
+    """Remove checkpoint ``path`` crash-safely: rename it to ``<path>.old`` (a name nothing reads), then
+    delete that; a kill in between leaves ``.old`` trash that the next save clears."""
+    aside = path + ".old"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside)
+
+
+def _clear_trash(root: str, current_tmp: str) -> None:
+    """Remove what a kill mid-save or mid-deletion left under ``root``: ``step_<N>.old`` and stale
+    ``step_<N>.tmp`` directories (one run writes a run directory at a time; each can be a full checkpoint)."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if _TRASH.match(name) and path != current_tmp:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: str, keep_last: int, *, keep: str) -> list[str]:
+    """Delete the complete ``step_<N>`` checkpoints of ``run_dir`` beyond the newest ``keep_last`` (by step),
+    never ``keep`` (the one just written); returns the deleted paths. 0 keeps all. Every kind of save counts:
+    periodic, SIGTERM, final, and the cold-start SFT's (step_0, superseded by any later one). Incomplete
+    directories are left alone (``latest_checkpoint`` never picks them). Rank 0 only; a resumed run read its
+    checkpoint before its first save (every rank passed collectives since), so none is being read."""
+    if keep_last <= 0:
+        return []
+    complete = [path for _, path in _step_dirs(os.path.join(run_dir, "checkpoints")) if is_complete_checkpoint(path)]
+    doomed = [path for path in complete[keep_last:] if os.path.normpath(path) != os.path.normpath(keep)]
+    for path in doomed:
+        _delete(path)
+    return doomed
+
+
+def _missing_rank_file(tmp: str, world: int) -> str | None:
+    """Why rank 0 cannot vouch for ``tmp`` (a rank's RNG file it does not see), or None."""
+    missing = [r for r in range(world) if not os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt"))]
+    if not missing:
         return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    return (f"{tmp}: rank 0 does not see rng_rank{missing[0]}.pt that rank {missing[0]} wrote: train.out_dir must "
+            "be a directory all nodes share")
+
+
+def _write_manifest(tmp: str, step: int, world: int) -> None:
+    """List every file of the finished ``tmp`` with its size (``is_complete_checkpoint`` checks them)."""
+    files = {}
+    for dirpath, _, names in os.walk(tmp):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"step": step, "world_size": world, "files": files}, f, indent=1)
 
 
 def _rng_state() -> dict:
@@ -59,9 +145,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optimizer, scheduler, loop_state: dict,
-                    tokenizer=None, reference: torch.nn.Module | None = None, hf_dtype: torch.dtype | None = None) -> str:
+                    tokenizer=None, reference: torch.nn.Module | None = None, hf_dtype: torch.dtype | None = None,
+                    keep_last: int = 0) -> str:
     """Write the checkpoint of ``step`` (with the frozen KL ``reference``, when given; the HF copy in ``hf_dtype``,
-    default the parameters'); every rank must call it. Returns the final directory."""
+    default the parameters'), then keep only the newest ``keep_last`` checkpoints (0 = all; see
+    ``prune_checkpoints``); every rank must call it. Returns the final directory."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if D.rank() == 0:
@@ -82,9 +170,21 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
         if tokenizer is not None:
             tokenizer.save(hf_dir)
     D.barrier()
+    # agreed by every rank: an error on rank 0 alone would leave the others waiting at the next barrier
+    problem = D.broadcast_object(_missing_rank_file(tmp, D.world_size()) if D.rank() == 0 else None)
+    if problem is not None:
+        raise RuntimeError(problem)
     if D.rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        _write_manifest(tmp, step, D.world_size())
+        # step_<N> exists when this step was saved before (the final save after a periodic one at the last
+        # step; every SFT interruption is step_0): moved aside, never deleted in place, so no moment shows a
+        # half-deleted step_<N> (a kill mid-rmtree left one that resume "latest" picked and failed to load)
+        if os.path.exists(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
+        _clear_trash(os.path.dirname(final), tmp)
+        prune_checkpoints(run_dir, keep_last, keep=final)
     D.barrier()
     return final
 

@@ -42,7 +42,10 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum, status):
+    """SIGTERM, or a Ctrl-C (SIGINT: it raised KeyboardInterrupt inside a collective, with no checkpoint)."""
     env = {**os.environ, "R1FAST_KERNELS": "torch", "OMP_NUM_THREADS": "1", "R1FAST_PROGRESS": "0"}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "r1fast.train", *TINY, "--train.out_dir", str(tmp_path), "--train.name", "term",
@@ -54,12 +57,32 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
         if metrics.exists() and '"phase": "rl"' in metrics.read_text():
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]  # an interrupted run, as a killed process: 128 + SIGTERM
+    assert proc.returncode == status, err[-3000:]  # an interrupted run, as a killed process: 128 + the signal
     ckpts = os.listdir(tmp_path / "term" / "checkpoints")
     assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp"), ckpts
-    assert "SIGTERM" in err
+    assert f"{signal.Signals(signum).name}: checkpoint written" in err
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first SIGINT only sets the flag; the handler that was there before is back for the second one."""
+    from r1fast.stop_flag import StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    flag = StopFlag()
+    flag.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler between bytecodes
+        assert flag.requested and flag.name == "SIGINT" and flag.exit_status == 130
+        assert signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is not flag
 
 
 @pytest.mark.dist

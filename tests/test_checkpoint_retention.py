@@ -1,0 +1,97 @@
+"""Checkpoint retention and crash safety: train.keep_last prunes old checkpoints, a checkpoint is never deleted
+or replaced in place, and resume "latest" only ever picks a complete one."""
+
+import json
+import os
+import shutil
+
+import pytest
+from train_testing import tiny_config
+
+from r1fast import train_state
+from r1fast.train_state import MANIFEST, is_complete_checkpoint, latest_checkpoint, prune_checkpoints
+
+
+def _fake_checkpoint(run_dir, step, *, manifest=True, ranks=2):
+    """A step_<step> directory with a model file, train_state.pt, `ranks` RNG files and (optionally) a manifest."""
+    path = run_dir / "checkpoints" / f"step_{step}"
+    (path / "model").mkdir(parents=True)
+    names = ["train_state.pt", "model/model.safetensors", *[f"rng_rank{r}.pt" for r in range(ranks)]]
+    for i, name in enumerate(names):
+        (path / name).write_bytes(b"x" * (i + 1))
+    if manifest:
+        files = {name: i + 1 for i, name in enumerate(names)}
+        (path / MANIFEST).write_text(json.dumps({"step": step, "world_size": ranks, "files": files}))
+    return path
+
+
+def _steps(run_dir):
+    return sorted(os.listdir(run_dir / "checkpoints"))
+
+
+def test_latest_passes_over_partial_checkpoints_and_trash(tmp_path):
+    """A step_<N> missing a rank's RNG file, one with a truncated file, a manifest-less one without
+    train_state.pt (rmtree killed halfway, as the old save did) and a step_<N>.old are all skipped."""
+    _fake_checkpoint(tmp_path, 10)
+    assert latest_checkpoint(str(tmp_path)).endswith("step_10")
+    (_fake_checkpoint(tmp_path, 20) / "rng_rank1.pt").unlink()
+    (_fake_checkpoint(tmp_path, 30) / "model" / "model.safetensors").write_bytes(b"")  # truncated
+    (_fake_checkpoint(tmp_path, 40, manifest=False) / "train_state.pt").unlink()
+    old = _fake_checkpoint(tmp_path, 50)
+    old.rename(str(old) + ".old")
+    assert latest_checkpoint(str(tmp_path)).endswith("step_10")
+    (tmp_path / "checkpoints" / "step_10" / MANIFEST).write_text("{")  # torn manifest
+    assert latest_checkpoint(str(tmp_path)) is None
+    assert is_complete_checkpoint(str(_fake_checkpoint(tmp_path, 60, manifest=False)))  # written before manifests
+
+
+def test_prune_keeps_the_newest_and_the_one_just_written(tmp_path):
+    for step in (0, 5, 10, 20):
+        _fake_checkpoint(tmp_path, step)
+    (_fake_checkpoint(tmp_path, 30) / "train_state.pt").unlink()  # incomplete: not counted, not deleted
+    assert prune_checkpoints(str(tmp_path), 0, keep=str(tmp_path / "checkpoints" / "step_5")) == []
+    # a run resumed from step_5 just wrote it again: kept beside the newest two
+    deleted = prune_checkpoints(str(tmp_path), 2, keep=str(tmp_path / "checkpoints" / "step_5"))
+    assert sorted(os.path.basename(p) for p in deleted) == ["step_0"]
+    assert _steps(tmp_path) == ["step_10", "step_20", "step_30", "step_5"]
+
+
+def test_keep_last_prunes_periodic_checkpoints_and_resume_latest_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast.train import run
+
+    common = ("--train.name", "keep", "--train.checkpoint_every", "1", "--train.keep_last", "2",
+              "--train.sft_steps", "0")
+    run(tiny_config(tmp_path, "--train.steps", "4", *common))
+    run_dir = tmp_path / "keep"
+    assert _steps(run_dir) == ["step_3", "step_4"]
+    manifest = json.loads((run_dir / "checkpoints" / "step_4" / MANIFEST).read_text())
+    assert manifest["world_size"] == 1 and {"train_state.pt", "rng_rank0.pt"} <= manifest["files"].keys()
+    summary = run(tiny_config(tmp_path, "--train.steps", "5", "--train.resume", "latest", *common))
+    assert summary["steps"] == 5 and _steps(run_dir) == ["step_4", "step_5"]
+
+
+def test_a_kill_while_replacing_a_checkpoint_never_exposes_a_partial_one(tmp_path, monkeypatch):
+    """steps = checkpoint_every: the final save rewrites step_2. A kill while the old copy is deleted (here: the
+    deletion raises halfway) leaves step_2 complete and only .old trash, which the next save clears."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast.train import run
+
+    rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):
+        if str(path).endswith("step_2.old") and os.path.exists(path):
+            os.remove(os.path.join(path, "train_state.pt"))
+            raise KeyboardInterrupt  # what a kill leaves behind; the run stops here
+        return rmtree(path, *args, **kwargs)
+
+    common = ("--train.name", "swap", "--train.checkpoint_every", "2", "--train.sft_steps", "0")
+    monkeypatch.setattr(train_state.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tmp_path, "--train.steps", "2", *common))
+    run_dir = tmp_path / "swap"
+    assert _steps(run_dir) == ["step_2", "step_2.old"]
+    assert latest_checkpoint(str(run_dir)).endswith("step_2")
+    monkeypatch.setattr(train_state.shutil, "rmtree", rmtree)
+    summary = run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", "latest", *common))
+    assert summary["steps"] == 3 and _steps(run_dir) == ["step_2", "step_3"]

@@ -1,0 +1,99 @@
+"""Multi-node launch mistakes fail at startup with one clear error on every rank, instead of a hang until the
+collective timeout (nodes with different --nproc_per_node) or a crash in the first save after the whole run
+(a train.out_dir the nodes do not share). Ranks are real gloo processes given the environment torchrun sets."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from r1fast import distributed as D
+
+_RANK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from r1fast import distributed as D, train_checks
+    from r1fast.config import ConfigError, load_config
+    from r1fast.train_checks import check_shared_run_dir
+
+    train_checks.SHARED_DIR_WAIT_S = 0.5  # one filesystem: the marker is there at once
+
+    try:
+        D.init_distributed("gloo", timeout_s=60)
+        out_dir = os.environ["TEST_OUT_DIR"]
+        check_shared_run_dir(load_config(None, ["--train.out_dir", out_dir]), os.path.join(out_dir, "run"))
+    except ConfigError as err:
+        print(f"ConfigError: {err}", file=sys.stderr)
+        sys.exit(2)
+    D.shutdown()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(local_world_sizes, out_dirs):
+    """One process per rank with torchrun's variables; returns [(returncode, stderr)] in rank order."""
+    port, world = _free_port(), len(local_world_sizes)
+    procs = []
+    for rank, (local_world, out_dir) in enumerate(zip(local_world_sizes, out_dirs, strict=True)):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(local_world),
+               "OMP_NUM_THREADS": "1", "TEST_OUT_DIR": str(out_dir)}
+        env.pop("TRITON_INTERPRET", None)
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], env=env, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+
+
+@pytest.mark.dist
+def test_nodes_with_different_process_counts_fail_at_init_on_every_rank(tmp_path):
+    """2 + 1 processes: each rank built its mesh from its own LOCAL_WORLD_SIZE (1-D on node 0, (3, 1) HSDP on
+    node 1) and the ranks hung in different collectives for the 1800 s timeout."""
+    results = _launch([2, 2, 1], [tmp_path] * 3)
+    for rc, err in results:
+        assert rc == 2, err[-2000:]
+        assert "every node must run the same number of processes" in err and "the nodes run 2, 1" in err, err
+
+
+@pytest.mark.dist
+def test_a_run_directory_the_ranks_do_not_share_fails_at_startup(tmp_path):
+    """Per-node local disks: rank 1 does not see what rank 0 writes. One directory for all: no error, and the
+    marker is gone afterwards."""
+    results = _launch([1, 1], [tmp_path / "node0", tmp_path / "node1"])
+    for rc, err in results:
+        assert rc == 2, err[-2000:]
+        assert f"train.out_dir='{tmp_path / 'node0'}'" in err or f"train.out_dir='{tmp_path / 'node1'}'" in err, err
+        assert "must be a directory all nodes share" in err and "rank(s) 1 do not see" in err, err
+    results = _launch([1, 1], [tmp_path / "shared"] * 2)
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert os.listdir(tmp_path / "shared" / "run") == []
+
+
+def test_one_process_skips_both_checks(tmp_path):
+    D.check_same_local_world(1)  # no process group: nothing to compare
+    from r1fast.config import load_config
+    from r1fast.train_checks import check_shared_run_dir
+
+    check_shared_run_dir(load_config(None, ["--train.out_dir", str(tmp_path)]), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_passes_parallel_timeout_to_the_process_group(monkeypatch):
+    from r1fast import train
+    from r1fast.config import load_config
+
+    seen = {}
+
+    def capture(backend, timeout_s):
+        seen.update(backend=backend, timeout_s=timeout_s)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train.D, "init_distributed", capture)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train.run(load_config(None, ["--parallel.timeout_s", "90"]))
+    assert seen == {"backend": "auto", "timeout_s": 90.0}
