@@ -7,7 +7,7 @@ HF's; r1fast's stacked experts (``w_gate_up`` [E, 2I, H], ``w_down`` [E, H, I]) 
 ``experts.down_proj`` are also accepted on load).
 
 Loading checks everything it can from the safetensors headers before allocating any weight (missing,
-unexpected, wrongly shaped tensors; unreadable or truncated files), then allocates the model once on the
+unexpected, wrongly shaped tensors, where a tensor of 0 elements is never unexpected; unreadable or truncated files), then allocates the model once on the
 target device and copies one tensor at a time into it, so no second copy of the weights exists. Every
 problem raises ``CheckpointError`` (a ``ValueError``) naming the file and the tensor; a model is returned
 only when every parameter was filled.
@@ -16,8 +16,10 @@ only when every parameter was filled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +111,19 @@ def _ignorable(hf_name: str, args: ModelArgs) -> bool:
     return args.num_layers <= int(m.group(1)) < args.num_layers + int(mtp)
 
 
+def _warn_semantics(args: ModelArgs, when: str) -> None:
+    """UserWarnings for configs r1fast runs as written but another reader computes differently or ignores."""
+    divergence = args.transformers_divergence()
+    if divergence:
+        warnings.warn(f"{when}: {divergence}", stacklevel=3)
+    alpha = args.hf_config.get("aux_loss_alpha") if args.is_moe else None
+    if when == "load" and isinstance(alpha, (int, float)) and alpha > 0:
+        # real DeepSeek-V2/V3 configs carry 0.001: say once per load that nothing balances the router
+        warnings.warn(f"load: aux_loss_alpha={alpha} is ignored: r1fast computes no load-balancing loss and never "
+                      "updates V3's e_score_correction_bias (RL fine-tuning keeps the router's balance as loaded; see "
+                      "r1fast.moe)", stacklevel=3)
+
+
 def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
     """HF name -> (file, shape, header dtype such as "BF16") from the safetensors headers (no tensor data read)."""
     index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
@@ -168,6 +183,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
     if dtype is not None:
         dtype = resolve_dtype(dtype)
     args = ModelArgs.from_dir(path)
+    _warn_semantics(args, "load")
     if dtype is None:
         dtype = _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.float32)
     device = torch.device(device or "cpu")
@@ -181,7 +197,9 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
     if missing:
         where = os.path.join(path, INDEX_FILE if os.path.isfile(os.path.join(path, INDEX_FILE)) else SINGLE_FILE)
         raise CheckpointError(f"{where}: {len(missing)} missing tensor(s), e.g. {sorted(missing)[:5]}")
-    extra = sorted(n for n in found if n not in expected and not _ignorable(n, args))
+    # A tensor with no elements holds no weights: transformers writes 0-width modules r1fast leaves out
+    # (shared_experts [0, H] and [H, 0] when n_shared_experts=0); they add exactly zero there.
+    extra = sorted(n for n in found if n not in expected and not _ignorable(n, args) and math.prod(found[n][1]))
     if extra:
         raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
     state = dict(model.named_parameters())
@@ -259,6 +277,7 @@ def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
     if dtype is not None:
         dtype = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
+    _warn_semantics(model.args, "save")
     os.makedirs(path, exist_ok=True)
     pieces = _pieces(model)
     state = dict(model.named_parameters())

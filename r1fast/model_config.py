@@ -177,21 +177,13 @@ class ModelArgs:
         rope_theta, rope = read_rope(cfg)
         heads = cfg["num_attention_heads"]
         common = dict(
-            model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope or None,
+            model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope or None,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"),
-            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"), torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             hf_config=copy.deepcopy(cfg),
         )
         if model_type.startswith("deepseek"):
@@ -199,7 +191,7 @@ class ModelArgs:
             v2 = model_type == "deepseek_v2"
             if cfg.get("attention_bias"):
                 raise ValueError("attention_bias=True is not supported for MLA")
-            return cls(
+            args = cls(
                 **common,
                 num_kv_heads=heads,
                 head_dim=nope + rdim,
@@ -223,6 +215,10 @@ class ModelArgs:
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", not v2)),
                 routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             )
+            mismatch = args._deepseek_moe_mismatch()
+            if mismatch:  # refused here, not later as a puzzling missing / unexpected tensor
+                raise ValueError(f"{mismatch[0]} is not supported for model_type={model_type!r}: {mismatch[1]}")
+            return args
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -234,6 +230,37 @@ class ModelArgs:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
         )
+
+    def _deepseek_moe_mismatch(self) -> tuple[str, str] | None:
+        """(field=value, why) when transformers' DeepSeek builds another MoE than asked: it ignores moe_layer_freq,
+        V3's scoring_func / topk_method and V2's scoring_func, so load and save both refuse these (None: fine)."""
+        if not (self.model_type.startswith("deepseek") and self.is_moe):
+            return None
+        if self.moe_layer_freq != 1:
+            return f"moe_layer_freq={self.moe_layer_freq}", "transformers makes every layer from " \
+                "first_k_dense_replace on an MoE layer"
+        v3 = self.model_type == "deepseek_v3"
+        scoring, methods = ("sigmoid", ("noaux_tc",)) if v3 else ("softmax", ("greedy", "group_limited_greedy"))
+        why = "transformers' DeepSeek-V3 router is always sigmoid with bias-corrected top-k (noaux_tc)" if v3 else \
+            "the DeepSeek-V2 router is softmax with greedy or group_limited_greedy top-k"
+        if self.scoring_func != scoring:
+            return f"scoring_func={self.scoring_func!r}", why
+        return (f"topk_method={self.topk_method!r}", why) if self.topk_method not in methods else None
+
+    def transformers_divergence(self) -> str | None:
+        """Why transformers computes these (loadable, saveable) args differently from r1fast; None: it does not.
+
+        DeepSeek-V2, norm_topk_prob, k > 1: DeepSeek's modeling_deepseek.py, which trained such weights, renormalizes
+        the top-k probabilities *instead of* scaling them; transformers 5 ignores norm_topk_prob for V2. r1fast keeps
+        DeepSeek's semantics; checkpoint load and save warn (refusing would strand a fine-tuned model).
+        """
+        if self.model_type == "deepseek_v2" and self.is_moe and self.norm_topk_prob and self.num_experts_per_tok > 1:
+            return (f"deepseek_v2 with norm_topk_prob=True, num_experts_per_tok={self.num_experts_per_tok}: r1fast "
+                    "follows DeepSeek's modeling_deepseek.py (top-k probabilities renormalized, routed_scaling_factor="
+                    f"{self.routed_scaling_factor} unused); transformers ignores norm_topk_prob for deepseek_v2 and "
+                    "scales the raw probabilities: another model (a probe with 8 experts, k=3, scale 1.5: MoE output "
+                    "off by 19.5, logits by 0.51)")
+        return None
 
     def _check_expressible(self) -> None:
         """ValueError when the HF architecture of model_type cannot hold these args.
@@ -252,18 +279,10 @@ class ModelArgs:
                 refuse(f"kv_lora_rank={self.kv_lora_rank}", "DeepSeek checkpoints use latent attention (kv_lora_rank > 0)")
             if self.mlp_bias:
                 refuse("mlp_bias=True", "DeepSeek MLPs have no biases")
-            if self.is_moe and self.moe_layer_freq != 1:
-                refuse(f"moe_layer_freq={self.moe_layer_freq}",
-                       "transformers makes every layer from first_k_dense_replace on an MoE layer")
-            if mt == "deepseek_v3" and self.is_moe and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
-                refuse(f"scoring_func={self.scoring_func!r}, topk_method={self.topk_method!r}",
-                       "transformers' DeepSeek-V3 router is always sigmoid with bias-corrected top-k (noaux_tc)")
-            if mt == "deepseek_v2":
-                if not self.rope_interleave:
-                    refuse("rope_interleave=False", "DeepSeek-V2 always rotates interleaved pairs")
-                if self.is_moe and (self.scoring_func != "softmax" or self.topk_method == "noaux_tc"):
-                    refuse(f"scoring_func={self.scoring_func!r}, topk_method={self.topk_method!r}",
-                           "the DeepSeek-V2 router is softmax with greedy or group_limited_greedy top-k")
+            if self._deepseek_moe_mismatch():
+                refuse(*self._deepseek_moe_mismatch())
+            if mt == "deepseek_v2" and not self.rope_interleave:
+                refuse("rope_interleave=False", "DeepSeek-V2 always rotates interleaved pairs")
             return
         if self.is_mla:
             refuse(f"kv_lora_rank={self.kv_lora_rank}", "latent attention needs model_type deepseek_v3 or deepseek_v2")

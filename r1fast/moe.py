@@ -7,6 +7,12 @@ Routed experts are stored stacked: ``w_gate_up`` [E, 2*I, H] (gate rows first, t
 
 ``grouped_experts`` is the default (bf16/fp32, PyTorch). FP8 runs install their function from outside
 with ``set_fp8_experts_fn`` (the model never imports kernels); models whose args have ``fp8=True`` use it.
+
+Load balancing is not trained: no auxiliary loss is computed (config.json's ``aux_loss_alpha`` / ``seq_aux`` are
+ignored; loading a checkpoint with aux_loss_alpha > 0 warns) and DeepSeek-V3's ``e_score_correction_bias`` is a
+buffer that no step updates. RL fine-tuning keeps the router's balance as loaded; a run that drifts far from it
+would need one of those mechanisms added. The routing itself follows the code each architecture was trained
+with (see ``Router``; ``ModelArgs.transformers_divergence`` names the one config transformers computes otherwise).
 """
 
 from __future__ import annotations
@@ -129,7 +135,8 @@ class Router(nn.Module):
                 masked = scores.masked_fill(~self._group_mask(scores, "max"), 0.0)
             weights, ids = masked.topk(self.top_k, dim=-1, sorted=False)
         if self.scoring_func == "softmax" and self.norm_topk_prob and self.top_k > 1:
-            # DeepSeek-V2's own code renormalizes *instead of* scaling (real V2 configs set norm_topk_prob=False)
+            # DeepSeek-V2's own code renormalizes *instead of* scaling (real V2 configs set norm_topk_prob=False);
+            # transformers 5 ignores norm_topk_prob here, so load and save warn (ModelArgs.transformers_divergence)
             return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
         if self.scoring_func == "sigmoid" and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -66,7 +66,10 @@ def inv_freq_and_attention_factor(dim: int, theta: float, scaling: dict | None, 
             hi += 0.001  # avoid 0/0 in the ramp
         ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
         keep = 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate by `factor`
-        return (inv_freq / factor) * (1 - keep) + inv_freq * keep, float(attention_factor)
+        # 1/(factor*base), not (1/base)/factor: the same value rounded differently; transformers' order keeps
+        # the frequencies bit-identical (DeepSeek-V3's factor 40, rope dim 64: 4 of 32 entries were 1 ulp off)
+        interpolated = 1.0 / (factor * base)
+        return interpolated * (1 - keep) + inv_freq * keep, float(attention_factor)
     raise ValueError(f"rope_scaling rope_type={kind!r} is not supported (default, linear, llama3, yarn)")
 
 
