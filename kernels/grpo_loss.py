@@ -8,10 +8,12 @@ GEMMs) live in ``grpo_loss_kernels.py``; this file holds the sweep, the ops and 
 
 Design (why not one giant Triton kernel). Per token chunk of C rows (C·V·2 bytes near 512 MiB for
 the loss, 256 MiB for log-probs only):
-  1. ``logits = h_c @ W^T`` by cuBLAS into one reused [C, V] buffer (bf16 for bf16 inputs)  2·C·H·V
+  1. ``logits = h_c @ W^T`` by cuBLAS into one reused [C, V] buffer (bf16 for bf16; fp32 for fp16)  2·C·H·V
   2. ``_logit_row_stats_kernel``: online max / sum-exp / sum p·(z − max) per row -> lse, logp, entropy   reads C·V·2 B
   3. dloss/dlogp for the chunk's tokens: autograd through ``grpo_objective`` on O(C) scalars
   4. ``_dlogits_kernel`` overwrites the buffer with dlogits = g·(onehot − softmax)/T            C·V·4 B
+     (fp16: an fp32 buffer cannot feed fp16 GEMMs, so fp16 dlogits go to a second buffer; the reason,
+     65504 < logits, and the cost are in ``grpo_logits_chunk.py``)
   5. ``grad_h_c = dlogits @ W`` and ``grad_W += dlogits^T @ h_c`` by cuBLAS                    4·C·H·V
 Token-level importance runs steps 1–5 in ONE sweep (6·N·H·V: exactly the matmul floor's FLOPs);
 sequence-level (GSPO) needs every token of a sequence before any coefficient is known, so it runs a
@@ -60,12 +62,12 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
+from .grpo_logits_chunk import chunk_rows, dlogits_buffer, logits_dtype, logits_gemm
 from .grpo_loss_kernels import GradAccumulator, dlogits_inplace, objective_coefficient, row_stats
 from .ref_grpo_loss import (
     _check_token_range,
     check_chunk_tokens,
     compute_dtype,
-    default_chunk_tokens,
     finish_metrics,
     token_weights,
     validate_linear,
@@ -89,10 +91,10 @@ def _chunk_bounds(n: int, chunk: int):
 LOSS_CHUNK_BYTES = 512 * 2**20
 
 
-def _logits_buffer(rows, vocab, like, chunk_tokens, chunk_bytes=None):
-    chunk = chunk_tokens or default_chunk_tokens(vocab, like.element_size(), chunk_bytes)
-    chunk = max(1, min(chunk, rows))
-    return torch.empty(chunk, vocab, dtype=like.dtype, device=like.device), chunk
+def _logits_buffer(rows, vocab, like, chunk_tokens, chunk_bytes=None, with_dlogits=False):
+    """(the [chunk, V] logits buffer, chunk): fp32 for fp16 inputs (see grpo_logits_chunk.py)."""
+    chunk = chunk_rows(rows, vocab, like.dtype, chunk_tokens, chunk_bytes, with_dlogits)
+    return torch.empty(chunk, vocab, dtype=logits_dtype(like.dtype), device=like.device), chunk
 
 
 def _logprobs_sweep(h2d, weight, bias, ids, inv_temperature, with_entropy, chunk_tokens):
@@ -105,9 +107,10 @@ def _logprobs_sweep(h2d, weight, bias, ids, inv_temperature, with_entropy, chunk
     if n == 0:
         return lse, logp, entropy
     buf, chunk = _logits_buffer(n, vocab, h2d, chunk_tokens)
+    fill_logits = logits_gemm(weight, buf.dtype)
     for s, e in _chunk_bounds(n, chunk):
         logits = buf[: e - s]
-        torch.mm(h2d[s:e], weight.t(), out=logits)
+        fill_logits(h2d[s:e], logits)
         row_stats(logits, bias, ids[s:e], inv_temperature, lse[s:e], logp[s:e],
                    entropy[s:e] if with_entropy else None)
     return lse, logp, entropy
@@ -142,21 +145,23 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
         tok = dict(mask=torch.ones(n, dtype=torch.bool, device=hidden.device), adv=per_token(adv),
                    weight=per_token(weights), old_logps=per_token(opts["old_logps"]),
                    ref_logps=per_token(opts["ref_logps"]), rollout_is_ratio=per_token(opts["rollout_is_ratio"]))
-        buf, chunk = _logits_buffer(n, weight.shape[0], h_act, chunk_tokens, LOSS_CHUNK_BYTES)
+        buf, chunk = _logits_buffer(n, weight.shape[0], h_act, chunk_tokens, LOSS_CHUNK_BYTES, want_grad)
+        fill_logits, dl_buf = logits_gemm(weight, buf.dtype), dlogits_buffer(buf, hidden.dtype) if want_grad else None
         lse = torch.empty(chunk, dtype=cd, device=hidden.device)
         logp = torch.empty_like(lse)
         entropy = torch.empty_like(lse)
         for s, e in _chunk_bounds(n, chunk):
             logits, c = buf[: e - s], e - s
-            torch.mm(h_act[s:e], weight.t(), out=logits)
+            fill_logits(h_act[s:e], logits)
             row_stats(logits, bias, ids_act[s:e], inv_t, lse[:c], logp[:c], entropy[:c])
             args = {k: (None if v is None else v[s:e]) for k, v in tok.items()}
             l_c, kl_c, clip_c, coef = objective_coefficient(logp[:c], {**args, **common}, want_grad)
             loss, kl_sum, clipped = loss + l_c, kl_sum + kl_c, clipped + clip_c
             entropy_sum = entropy_sum + entropy[:c].sum()
             if want_grad:
-                dlogits_inplace(logits, bias, ids_act[s:e], lse[:c], coef.to(cd).contiguous(), inv_t)
-                grads.add(s, e, logits)
+                dl = logits if dl_buf is buf else dl_buf[:c]  # bf16/fp32: in place, the one-buffer kernel
+                dlogits_inplace(logits, bias, ids_act[s:e], lse[:c], coef.to(cd).contiguous(), inv_t, dl)
+                grads.add(s, e, dl)
     elif n > 0:
         # GSPO: sequence ratios need every token first -> stats sweep, coefficients, grad sweep.
         lse, logp_act, entropy = _logprobs_sweep(h_act, weight, bias, ids_act, inv_t, True, chunk_tokens)
@@ -167,12 +172,14 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
         entropy_sum = entropy.sum()
         if want_grad:
             coef = coef_full.reshape(-1).index_select(0, idx).to(cd)
-            buf, chunk = _logits_buffer(n, weight.shape[0], h_act, chunk_tokens, LOSS_CHUNK_BYTES)
+            buf, chunk = _logits_buffer(n, weight.shape[0], h_act, chunk_tokens, LOSS_CHUNK_BYTES, True)
+            fill_logits, dl_buf = logits_gemm(weight, buf.dtype), dlogits_buffer(buf, hidden.dtype)
             for s, e in _chunk_bounds(n, chunk):
-                logits = buf[: e - s]
-                torch.mm(h_act[s:e], weight.t(), out=logits)
-                dlogits_inplace(logits, bias, ids_act[s:e], lse[s:e], coef[s:e], inv_t)
-                grads.add(s, e, logits)
+                logits, c = buf[: e - s], e - s
+                fill_logits(h_act[s:e], logits)
+                dl = logits if dl_buf is buf else dl_buf[:c]
+                dlogits_inplace(logits, bias, ids_act[s:e], lse[s:e], coef[s:e], inv_t, dl)
+                grads.add(s, e, dl)
     grad_h = None
     if want_h and everyone:
         grad_h = grads.grad_h.view(B, T, H)

@@ -4,6 +4,7 @@ The chunked sweep in ``grpo_loss.py`` fills a [C, V] buffer with ``h_c @ W^T`` (
 two row launchers below on it:
   ``row_stats``        per row, online over V: logsumexp, log p(target) and entropy of softmax(z)
   ``dlogits_inplace``  overwrites each row with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T
+                       (or, for fp32 logits from fp16 inputs, writes them to a separate fp16 buffer)
 where z = (logits + bias) / T. Both follow the dispatch rule (``dispatch.use_triton``): the Triton
 kernel (compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), else a PyTorch version
 of the same arithmetic, so the registered ops built on them run on every device.
@@ -83,15 +84,9 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
 
 
 @triton.jit
-def _dlogits_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr, V, inv_temperature,
-                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Overwrite one row of logits with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T.
-
-    In place: the [C, V] logits buffer becomes the dlogits buffer the grad GEMMs read, so the
-    backward needs no second [C, V] allocation.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+def _dlogits_row(row_ptr, out_row_ptr, bias_ptr, ids_ptr, lse_ptr, coef_ptr, row, V, inv_temperature,
+                 HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Write one row of dloss/dlogits = coef · (onehot(target) − softmax(z)) / T to ``out_row_ptr``."""
     lse = tl.load(lse_ptr + row)
     scale = tl.load(coef_ptr + row) * inv_temperature
     target = tl.load(ids_ptr + row).to(tl.int64)
@@ -102,7 +97,29 @@ def _dlogits_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr
         z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
         p = tl.exp(z - lse)
         d = (tl.where(offs == target, 1.0, 0.0) - p) * scale
-        tl.store(row_ptr + offs, d.to(logits_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_row_ptr + offs, d.to(out_row_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _dlogits_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr, V, inv_temperature,
+                    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Overwrite one row of logits with dloss/dlogits = coef · (onehot(target) − softmax(z)) / T.
+
+    In place: the [C, V] logits buffer becomes the dlogits buffer the grad GEMMs read, so the
+    backward needs no second [C, V] allocation.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    _dlogits_row(row_ptr, row_ptr, bias_ptr, ids_ptr, lse_ptr, coef_ptr, row, V, inv_temperature, HAS_BIAS, BLOCK_V)
+
+
+@triton.jit
+def _dlogits_out_kernel(logits_ptr, stride_row, dlogits_ptr, stride_out_row, bias_ptr, ids_ptr, lse_ptr, coef_ptr,
+                        V, inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``_dlogits_kernel`` into a separate buffer: fp32 logits (fp16 inputs) -> fp16 dlogits for the GEMMs."""
+    row = tl.program_id(0).to(tl.int64)
+    _dlogits_row(logits_ptr + row * stride_row, dlogits_ptr + row * stride_out_row, bias_ptr, ids_ptr, lse_ptr,
+                 coef_ptr, row, V, inv_temperature, HAS_BIAS, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,22 +189,32 @@ def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
             out.copy_(written)
 
 
-def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature):
-    """Overwrite the [C, V] ``logits`` with coef · (onehot(ids) − softmax(z)) / T, row by row."""
+def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature, out=None):
+    """Overwrite the [C, V] ``logits`` with coef · (onehot(ids) − softmax(z)) / T, row by row.
+
+    With ``out`` (a [C, V] buffer of another dtype: fp16 dlogits from fp32 logits) the rows go there
+    and ``logits`` is only read.
+    """
     rows, vocab = logits.shape
+    out = logits if out is None else out
     if rows == 0:
         return
+    if out.shape != logits.shape:
+        raise ValueError(f"out must be shaped like logits {tuple(logits.shape)}, got {tuple(out.shape)}")
     if not use_triton(logits.device):
         z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
         d = -torch.exp(z - lse.unsqueeze(-1))
         d.scatter_add_(-1, ids.long().unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))
-        logits.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
+        out.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
         return
     bias, ids = _flat_rows(logits, bias, ids)
-    _dlogits_kernel[(rows,)](
-        logits, logits.stride(0), bias if bias is not None else logits, ids, lse.contiguous(), coef.contiguous(),
-        vocab, inv_temperature, HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab),
-        num_warps=_num_warps(_block_v(vocab)))
+    _flat_rows(out, None, ids)  # the kernel stores by ``row_ptr + v`` in out too
+    tail = (bias if bias is not None else logits, ids, lse.contiguous(), coef.contiguous(), vocab, inv_temperature)
+    consts = dict(HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab), num_warps=_num_warps(_block_v(vocab)))
+    if out is logits:
+        _dlogits_kernel[(rows,)](logits, logits.stride(0), *tail, **consts)
+    else:
+        _dlogits_out_kernel[(rows,)](logits, logits.stride(0), out, out.stride(0), *tail, **consts)
 
 
 # ----------------------------------------------------------------------------------------------
