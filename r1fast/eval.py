@@ -3,7 +3,8 @@
 Samples ``k`` completions per prompt with the rollout engine (temperature 0.6, top-p 0.95 by default,
 as DeepSeek-R1 evaluated) plus one greedy completion, grades them with the accuracy reward (exact
 match for r1fast's generated tasks, math-verify otherwise) and the R1 format rule, and reports pass@1
-averaged over the k samples, unbiased pass@k, cons@k (majority vote), greedy accuracy, format rate,
+averaged over the k samples, unbiased pass@k, cons@k (majority vote over the grader's equivalence
+classes of the answers: ``_vote_keys``), greedy accuracy, format rate,
 mean response length, reflection-word frequency and bootstrap standard deviations
 (``r1fast.eval_metrics`` defines each). Under torchrun each rank evaluates its shard of the prompts
 and rank 0 aggregates; sample seeds depend only on the prompt's index, so results do not depend on
@@ -129,6 +130,48 @@ def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool) -> t
     return scores, formatted, [extract_answer(t) for t in texts]
 
 
+MAX_VOTE_COMPARISONS = 256
+"""Most math-verify comparisons spent per prompt on grouping wrong answers for cons@k. Distinct wrong
+answers per prompt are few (each is compared with the groups found so far: d(d-1)/2 calls for d), and
+256 covers d = 23 in full; past it an answer keeps its own text as key. Comparisons run in the grading
+pool (about 1-10 ms each), so a prompt costs at most about 2.5 s more, and usually nothing."""
+
+
+def _vote_keys(sample: dict, answers: list, correct: list[bool]) -> list[str | None]:
+    """The grader's vote key of each answer (``eval_metrics.majority_vote``): the task's canonical answer for
+    a generated task; for math, answers math-verify finds equal share the key of the group's first answer.
+
+    Only wrong answers need keys (correct ones share one vote), and they are grouped only when together
+    they could outvote the correct group: otherwise no grouping changes cons@k.
+    """
+    from r1fast.data.tasks import TASKS, canonical_answer
+    from r1fast.eval_metrics import normalize_answer
+    from r1fast.rewards.accuracy import default_verifier
+
+    if sample.get("task") in TASKS:
+        return [canonical_answer(sample, a) for a in answers]
+    # math: case is kept (math-verify tells "X" from "x"), whitespace runs are one space
+    texts = [None if ok or a is None else " ".join(a.split()) or None for a, ok in zip(answers, correct, strict=True)]
+    correct_voters = sum(bool(ok) and normalize_answer(a) is not None for a, ok in zip(answers, correct, strict=True))
+    if sum(t is not None for t in texts) < correct_voters:  # no grouping of the wrong ones can win or tie
+        return texts
+    group: dict[str, str] = {}  # distinct wrong text -> its group's first text
+    reps: list[str] = []
+    budget = MAX_VOTE_COMPARISONS
+    for text in dict.fromkeys(t for t in texts if t is not None):
+        if 0 < len(reps) <= budget:
+            budget -= len(reps)
+            # None (math-verify cannot read the representative as a gold) is not "equal"
+            same = default_verifier().check(reps, [text] * len(reps))
+            match = next((rep for rep, ok in zip(reps, same, strict=True) if ok), None)
+            if match is not None:
+                group[text] = match
+                continue
+        group[text] = text
+        reps.append(text)
+    return [group[t] if t is not None else None for t in texts]
+
+
 def _gather(items: list) -> list:
     """Every rank's list, concatenated on every rank (one process: unchanged)."""
     if D.world_size() == 1:
@@ -168,6 +211,8 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
                    "correct": [bool(s) for s in scores[:cfg.k]], "formatted": formatted[:cfg.k],
                    "answers": answers[:cfg.k], "texts": texts[:cfg.k],
                    "lengths": [len(c.token_ids) for c in group]}
+            if not rec["skipped"]:
+                rec["vote_keys"] = _vote_keys(samples[i], rec["answers"], rec["correct"])
             if g is not None:
                 rec.update(greedy_correct=bool(scores[-1]), greedy_formatted=formatted[-1],
                            greedy_length=len(g[0].token_ids), greedy_text=texts[-1])

@@ -5,11 +5,19 @@ Conventions (DeepSeek-R1, section 3.1 and the Codex paper):
 - **pass@1** is averaged over the k samples of each prompt, then over prompts: mean_i (c_i / n_i).
 - **pass@k** is the unbiased Codex estimator 1 - C(n-c, k) / C(n, k) per prompt (n samples, c correct),
   computed as a product so large n never overflows; it needs n >= k.
-- **cons@k** (majority vote): each sample's answer is the text of its ``<answer>`` block, normalized by
-  ``normalize_answer``; samples without an answer do not vote. The most frequent answer wins; a tie
-  goes to the tied answer that appeared **first** in sample order (so the result is deterministic and
-  does not depend on hashing). The prompt counts as solved when the winning answer's first sample is
-  correct. A prompt where no sample gave an answer is not solved.
+- **cons@k** (majority vote): each sample's answer is the text of its ``<answer>`` block; samples without
+  an answer do not vote. Votes are grouped by the **grader's equivalence**: every answer graded correct
+  equals the gold, so all correct answers share one vote ("7", "07" and "+7" for an addition whose sum
+  is 7), and a correct answer never shares a vote with a wrong one. Wrong answers are grouped by a vote
+  key: the grader's canonical form where the caller supplies one (``r1fast.eval`` does: the task's
+  canonical answer, or math-verify clusters), else ``normalize_answer`` (whitespace runs collapsed to
+  one space, never deleted: "1 3 12" and "13 12" are different sortings). The group with most votes
+  wins; a tie goes to the tied group whose first sample comes **first** in sample order (deterministic,
+  independent of hashing). The prompt is solved when the winning group is the correct one. A prompt
+  where no sample gave an answer is not solved.
+- **Exact sums**: pass@1 and format rate are integer counts divided once (correctly rounded), other means
+  use ``math.fsum``, so a metric does not depend on the order of the prompts and two runs with the
+  same exact score report the same float.
 - **Bootstrap standard deviation**: prompts are resampled with replacement ``num_resamples`` times and
   the metric recomputed as a mean over the resample; the std of those means (ddof 1) is reported.
 - **Reflection words**: case-insensitive whole-word matches ("wait" counts in "Wait," but not in
@@ -18,6 +26,7 @@ Conventions (DeepSeek-R1, section 3.1 and the Codex paper):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -51,29 +60,45 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def normalize_answer(answer: str | None) -> str | None:
-    """The key majority voting groups answers by: whitespace removed, lower case; None/empty -> None."""
+    """The default vote key: whitespace runs collapsed to one space and stripped, lower case; None/empty ->
+    None. Whitespace is collapsed, not deleted: deleting it made "1 3 12" and "13 12" one answer."""
     if answer is None:
         return None
-    key = re.sub(r"\s+", "", answer).lower()
+    key = " ".join(answer.split()).lower()
     return key or None
 
 
-def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:
-    """(winning normalized answer, whether it is correct) under the tie rule of the module docstring."""
+_CORRECT = ("correct",)  # the one vote group of every answer graded correct; wrong keys are ("wrong", key)
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool],
+                  keys: Sequence[str | None] | None = None) -> tuple[str | None, bool]:
+    """(winning answer, normalized, and whether it is correct) under the rules of the module docstring.
+
+    ``keys``: the grader's vote key of each answer, used for the answers graded wrong (correct answers
+    always share one vote); None = ``normalize_answer``. A sample votes only when it has an answer.
+    """
     if len(answers) != len(correct):
         raise ValueError(f"answers and correct differ in length ({len(answers)} vs {len(correct)})")
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
+    if keys is not None and len(keys) != len(answers):
+        raise ValueError(f"keys: expected one per answer ({len(answers)}), got {len(keys)}")
+    counts: dict[tuple, int] = {}
+    first: dict[tuple, int] = {}
     for i, a in enumerate(answers):
-        key = normalize_answer(a)
-        if key is None:
+        shown = normalize_answer(a)
+        if shown is None:
             continue
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, i)
+        if correct[i]:
+            group = _CORRECT
+        else:
+            key = keys[i] if keys is not None and keys[i] is not None else shown
+            group = ("wrong", key)
+        counts[group] = counts.get(group, 0) + 1
+        first.setdefault(group, i)
     if not counts:
         return None, False
-    winner = min(counts, key=lambda key: (-counts[key], first[key]))
-    return winner, bool(correct[first[winner]])
+    winner = min(counts, key=lambda group: (-counts[group], first[group]))
+    return normalize_answer(answers[first[winner]]), winner == _CORRECT
 
 
 _WORD_PATTERNS: dict[str, re.Pattern] = {}
@@ -116,7 +141,8 @@ def summarize(records: Sequence[dict], *, ks: Sequence[int] = (1,), reflection_w
 
     Each record: ``correct`` (list of bools, one per sample), ``answers`` (extracted answers),
     ``formatted`` (bools), ``lengths`` (token counts), ``texts`` (completion texts) and optionally
-    ``greedy_correct`` / ``greedy_formatted`` / ``greedy_length``. Every record needs the same number of
+    ``greedy_correct`` / ``greedy_formatted`` / ``greedy_length`` and ``vote_keys`` (the grader's vote key
+    per answer, see ``majority_vote``). Every record needs the same number of
     samples n. pass@k is reported for each k in ``ks`` with k <= n; cons@n uses all n samples.
     Metrics with a ``_std`` twin carry the bootstrap std over prompts.
     """
@@ -128,16 +154,20 @@ def summarize(records: Sequence[dict], *, ks: Sequence[int] = (1,), reflection_w
     boot = {"num_resamples": num_resamples, "seed": seed}
     out: dict = {"num_prompts": len(records), "samples_per_prompt": n}
 
-    def add(name: str, per_prompt: list[float]) -> None:
-        out[name] = sum(per_prompt) / len(per_prompt)
+    def add(name: str, per_prompt: list[float], count: int | None = None) -> None:
+        # An integer count divided once is the correctly rounded exact mean; fsum is order-independent.
+        # A plain float sum in prompt order put "+0.0 points" between two arms with the same exact pass@1.
+        out[name] = count / (n * len(records)) if count is not None else math.fsum(per_prompt) / len(per_prompt)
         out[f"{name}_std"] = bootstrap_std(per_prompt, **boot)
 
-    add("pass@1", [sum(r["correct"]) / n for r in records])
+    num_correct = [int(sum(map(bool, r["correct"]))) for r in records]
+    add("pass@1", [c / n for c in num_correct], count=sum(num_correct))
     for k in sorted(set(ks)):
         if 1 < k <= n:
-            add(f"pass@{k}", [pass_at_k(n, int(sum(r["correct"])), k) for r in records])
-    add(f"cons@{n}", [float(majority_vote(r["answers"], r["correct"])[1]) for r in records])
-    add("format_rate", [sum(r["formatted"]) / n for r in records])
+            add(f"pass@{k}", [pass_at_k(n, c, k) for c in num_correct])
+    add(f"cons@{n}", [float(majority_vote(r["answers"], r["correct"], r.get("vote_keys"))[1]) for r in records])
+    num_formatted = [int(sum(map(bool, r["formatted"]))) for r in records]
+    add("format_rate", [f / n for f in num_formatted], count=sum(num_formatted))
     out["response_length_mean"] = sum(sum(r["lengths"]) for r in records) / (n * len(records))
     if all("greedy_correct" in r for r in records):
         add("greedy_accuracy", [float(r["greedy_correct"]) for r in records])

@@ -17,13 +17,18 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
              k: int = 1, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0) -> dict:
     """Greedy accuracy and (k > 1 or temperature > 0) pass@1 averaged over k samples, on the held-out set.
 
-    ``score_fn(sample, completion_text) -> (correct: bool, well_formatted: bool)``. Sampling follows R1's
-    evaluation (temperature 0.6, top-p 0.95); seeds depend only on the prompt's global index.
+    ``score_fn(sample, completion_text) -> (correct: bool | None, well_formatted: bool)``; correct None means
+    the sample cannot be graded (an unparsable gold): the prompt is skipped and counted in
+    ``skipped_prompts``, as ``r1fast.eval`` does, so both report the same accuracy for the same checkpoint
+    and data. Sampling follows R1's evaluation (temperature 0.6, top-p 0.95); seeds depend only on the
+    prompt's global index. Counts are integers summed across ranks and divided once, so the numbers do
+    not depend on the rank count or order; with no graded prompt (``num_prompts`` 0) the rates are 0.
     """
     rank, world = D.rank(), D.world_size()
     mine = list(range(rank, len(samples), world))
     stop = stop_token_ids(tokenizer, engine.args)
-    totals = torch.zeros(5, dtype=torch.float64)  # greedy correct, greedy formatted, sampled correct, n, length
+    # greedy correct, greedy formatted, sampled correct (of k each), graded prompts, greedy length, skipped
+    totals = torch.zeros(6, dtype=torch.int64)
     if mine:
         greedy = engine.generate([prompt_ids[i] for i in mine], n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                                  stop_token_ids=stop)
@@ -32,13 +37,17 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
                                   seed=sample_seeds(seed, mine, k))
         for idx, g, s in zip(mine, greedy, sampled, strict=True):
             ok, fmt = score_fn(samples[idx], tokenizer.decode(g[0].token_ids))
-            totals[0] += ok
-            totals[1] += fmt
-            totals[2] += sum(score_fn(samples[idx], tokenizer.decode(c.token_ids))[0] for c in s) / k
+            sampled_ok = [score_fn(samples[idx], tokenizer.decode(c.token_ids))[0] for c in s]
+            if ok is None or any(c is None for c in sampled_ok):  # the gold, not the answer, is ungradable
+                totals[5] += 1
+                continue
+            totals[0] += bool(ok)
+            totals[1] += bool(fmt)
+            totals[2] += sum(map(bool, sampled_ok))
             totals[3] += 1
             totals[4] += len(g[0].token_ids)
     D.all_reduce_sum(totals)
-    n = max(totals[3].item(), 1.0)
-    return {"greedy_accuracy": totals[0].item() / n, "format_rate": totals[1].item() / n,
-            f"pass@1_k{k}": totals[2].item() / n, "num_prompts": int(totals[3].item()),
-            "greedy_length_mean": totals[4].item() / n}
+    greedy_ok, greedy_fmt, sampled_ok, graded, length, skipped = (int(v) for v in totals.tolist())
+    n = max(graded, 1)
+    return {"greedy_accuracy": greedy_ok / n, "format_rate": greedy_fmt / n, f"pass@1_k{k}": sampled_ok / (n * k),
+            "num_prompts": graded, "skipped_prompts": skipped, "greedy_length_mean": length / n}

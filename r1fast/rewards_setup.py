@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from r1fast.config import Config, ConfigError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
-from r1fast.rewards.accuracy import accuracy_reward
+from r1fast.rewards.accuracy import SkipSample, accuracy_reward
 from r1fast.rewards.format import format_score
 
 
@@ -20,11 +20,14 @@ class Scorer:
         return self.combined.score(prompts, completions, metas)
 
     @staticmethod
-    def check(sample: dict, completion: str) -> tuple[bool, bool]:
+    def check(sample: dict, completion: str) -> tuple[bool | None, bool]:
+        """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
+        unparsable gold), so evaluation skips the prompt as ``r1fast.eval`` does rather than count it wrong.
+        Any other error is a bug and propagates."""
         try:
-            correct = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
-        except Exception:  # an ungradable sample counts as wrong in evaluation, never crashes it
-            correct = False
+            correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
+        except SkipSample:
+            correct = None
         return correct, format_score("", completion, sample) >= 1.0
 
 

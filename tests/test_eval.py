@@ -56,9 +56,10 @@ def test_majority_vote_winner_ties_and_missing_answers():
     # missing answers do not vote, even when they are the most common outcome
     assert majority_vote([None, None, None, "3"], [False, False, False, True]) == ("3", True)
     assert majority_vote([None, ""], [False, False]) == (None, False)
-    # whitespace and case do not split votes
-    assert normalize_answer(" 1 2 3 ") == "123" and normalize_answer("X") == "x"
-    assert majority_vote(["1 2", "3", "12"], [True, False, True]) == ("12", True)
+    # whitespace runs become one space (deleting them made "1 3 12" and "13 12" one answer); case is folded
+    assert normalize_answer(" 1  2\t3 ") == "1 2 3" and normalize_answer("X") == "x"
+    # answers graded correct share one vote whatever their text: "1 2" (seen first) and "12" outvote "3"
+    assert majority_vote(["1 2", "3", "12"], [True, False, True]) == ("1 2", True)
     with pytest.raises(ValueError, match="differ in length"):
         majority_vote(["1"], [True, False])
 

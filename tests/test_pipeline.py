@@ -172,6 +172,8 @@ def test_every_stage_runs_resume_skips_and_lineage_is_complete(tmp_path, monkeyp
     saved = json.loads((run / "report.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == STAGES and saved["comparison"]["budget"] == "same total optimizer steps"
     assert saved["comparison"]["distillation_beat_rl"] == (saved["comparison"]["pass@1_gap"] > 0)
+    # both arms were scored on the same 3 prompts: the gap's std pairs them (read from eval/samples.jsonl)
+    assert saved["comparison"]["pass@1_gap_std_method"] == "paired bootstrap over 3 shared prompts"
     md = (run / "report.md").read_text()
     assert "| teacher_final_rl | rl | teacher |" in md and "RL alone for the student" in md
 

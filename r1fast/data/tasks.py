@@ -28,7 +28,7 @@ from fractions import Fraction
 
 __all__ = [
     "TASKS", "UnsafeExpression", "safe_eval", "content_hash", "split_of", "generate_tasks",
-    "verify_answer", "worked_solution",
+    "verify_answer", "canonical_answer", "worked_solution",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,6 +343,33 @@ def verify_answer(sample: dict, answer_text: str) -> bool:
     if not isinstance(answer_text, str):
         return False
     return TASKS[task][1](sample, answer_text)
+
+
+def canonical_answer(sample: dict, answer_text: str | None) -> str | None:
+    """The form the task's verifier compares, so answers it cannot tell apart get one key (majority voting):
+    integers without sign noise, separators or leading zeros ("+07" -> "7"), a sorting as its numbers joined
+    by one space ("1, 3, 12" -> "1 3 12"), a countdown expression as its parsed tree written back ("((2+3))*4"
+    -> "(2 + 3) * 4"). None when the text is not in the task's answer form (callers fall back to the text)."""
+    task = sample.get("task")
+    if task not in TASKS:
+        raise ValueError(f"sample: task {task!r} is not a generated task; known: {sorted(TASKS)}")
+    if not isinstance(answer_text, str):
+        return None
+    text = answer_text.strip()
+    if task in ("addition", "chain_sum"):
+        return _canonical_integer(text) if _INT_RE.fullmatch(text) else None
+    if task == "sorting":
+        tokens = [t for t in re.split(r"[\s,]+", text) if t]
+        return " ".join(tokens) or None
+    expr, *rest = text.split("=")  # countdown: "expr" or "expr = value", as its verifier reads it
+    if len(rest) > 1 or (rest and not _INT_RE.fullmatch(rest[0].strip())):
+        return None
+    try:
+        safe_eval(expr, max_abs=_COUNTDOWN_MAX_ABS, max_len=_COUNTDOWN_MAX_LEN)
+    except UnsafeExpression:
+        return None
+    tree = ast.unparse(ast.parse(expr.strip(), mode="eval"))  # one spacing, no redundant parentheses
+    return tree + (f"={_canonical_integer(rest[0].strip())}" if rest else "")
 
 
 def worked_solution(sample: dict) -> str:
