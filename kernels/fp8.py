@@ -21,6 +21,10 @@ Tilings (scale = max(amax, amax_floor) / 448 per tile, dequant = fp8 * scale):
 ``GRAD_AMAX_FLOOR`` = 1e-20 for gradients, which are routinely far below 1e-4.
 ``power_of_two=True`` rounds each scale up to a power of two (dequant is then exact scaling by 2^e).
 The last tile may be ragged (K or M not a multiple of 128): its scale covers the valid elements only.
+Non-finite input poisons exactly its tile, on the kernels and ``ref_fp8`` alike (bytes bit for bit): a NaN makes
+the tile's scale NaN and every byte E4M3's NaN; a +-inf makes the scale inf, its own byte NaN and the tile's
+finite values +-0, so the whole tile dequantizes to NaN (0 * inf). ``isfinite(scale)`` catches both, also with
+``power_of_two``. The NaN byte is always 0x7F, whatever the NaN's sign (x86's inf / inf is negative).
 
 Rounding. Triton 3.9's interpreter converts fp32 -> fp8 wrongly (round-half-up instead of
 round-half-to-even, and a mantissa carry that overflows into the wrong exponent: 127.99 -> 64,
@@ -103,8 +107,10 @@ def _amax(x, axis: tl.constexpr):
 def _scale_from_amax(amax, amax_floor, POWER_OF_TWO: tl.constexpr):
     scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, amax_floor)), 448.0)  # keep a NaN amax
     if POWER_OF_TWO:
+        # round a finite scale up to 2^e; NaN / inf kept: the trick took NaN to -0.0 (the tile's finite values -> -0)
         bits = scale.to(tl.int32, bitcast=True)
-        bits = tl.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
+        finite_with_mantissa = ((bits & 0x7FFFFF) != 0) & ((bits & 0x7F800000) != 0x7F800000)
+        bits = tl.where(finite_with_mantissa, (bits & 0x7F800000) + 0x800000, bits)
         scale = bits.to(tl.float32, bitcast=True)
     return scale
 
@@ -114,8 +120,8 @@ def _quantize_tile(x, scale):
     """fp32 tile and a broadcastable scale -> e4m3 tile."""
     y = tl.math.div_rn(x, scale)
     q = _round_to_e4m3_grid(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv).to(tl.int8, bitcast=True)
-    # NaN (a NaN input, or inf / inf) becomes E4M3's NaN (0x7F), as PyTorch's cast gives: min/max would turn it
-    # into +-448, and the interpreter's fp8 cast does not keep NaN either
+    # NaN (a NaN input, or inf / inf) becomes E4M3's NaN 0x7F whatever its sign, as ref_fp8._cast writes: min/max
+    # would turn it into +-448, and the interpreter's fp8 cast does not keep NaN either
     q = tl.where(y != y, 0x7F, q).to(tl.int8)
     return q.to(tl.float8e4nv, bitcast=True)
 
@@ -209,19 +215,18 @@ def aligned_tokens(num_tokens: int, num_groups: int) -> int:
     return TILE * (triton.cdiv(num_tokens, TILE) + num_groups)
 
 
-def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_sizes: torch.Tensor | None = None,
-                   zero_padding: bool = False):
+def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_sizes: torch.Tensor | None = None):
     """Outputs of ``_rows_cols_impl``. The 128x1 tiling ``qt`` [K, M] lives in storage padded to whole
-    128-token tiles (row stride ceil(M/128)*128, padding zero), so the weight-gradient GEMM reads whole
-    tiles without a mask along tokens (see ``moe_gemm._grouped_wgrad_kernel``). With ``group_sizes`` it is
-    [K, aligned_tokens(M, E)], already whole tiles."""
+    128-token tiles (row stride ceil(M/128)*128, the padding quantized zero rows: zeros, NaN bytes in a
+    column tile holding a NaN), so the weight-gradient GEMM reads whole tiles without a mask along tokens
+    (see ``moe_gemm._grouped_wgrad_kernel``). With ``group_sizes`` it is [K, aligned_tokens(M, E)], already
+    whole tiles."""
     M, K = x.shape
     tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
     nk, nm = triton.cdiv(K, TILE), triton.cdiv(tokens, TILE)
     fp8 = dict(dtype=torch.float8_e4m3fn, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
-    alloc = torch.zeros if zero_padding else torch.empty  # the kernel writes the padding itself
-    qt = alloc((K, nm * TILE), **fp8)[:, :tokens] if emit_cols else torch.empty((0, 0), **fp8)
+    qt = torch.empty((K, nm * TILE), **fp8)[:, :tokens] if emit_cols else torch.empty((0, 0), **fp8)
     return (torch.empty((M, K) if emit_rows else (0, 0), **fp8), torch.empty((M, nk) if emit_rows else (0, 0), **f32),
             qt, torch.empty((K, nm) if emit_cols else (0, 0), **f32))
 
@@ -234,16 +239,18 @@ def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_
         from .ref_fp8 import group_aligned_rows
         from .ref_fp8 import quantize_fp8_1x128 as ref
 
-        q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, group_sizes, zero_padding=True)
+        q, s, qt, st = _empty_outputs(x, False, False)  # the (0, 0) placeholders of what is not asked
         if emit_rows:
             q, s = ref(x, power_of_two=power_of_two, amax_floor=amax_floor)
         if emit_cols:
-            cols = x
-            if group_sizes is not None:  # each group's rows at their aligned position, zeros between
-                cols = x.new_zeros(qt.shape[1], x.shape[1])
-                cols[group_aligned_rows(group_sizes, x.shape[0])] = x
-            ref_qt, st = ref(cols.t(), power_of_two=power_of_two, amax_floor=amax_floor)
-            qt.copy_(ref_qt)  # into the padded layout the op promises
+            # x's rows (each group's at its aligned position) in whole 128-token tiles, zeros between: the storage's
+            # padding quantized as the kernel does (NaN bytes in a NaN column tile, else zeros), bit for bit
+            M = x.shape[0]
+            tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
+            cols = x.new_zeros(triton.cdiv(tokens, TILE) * TILE, x.shape[1])
+            cols[slice(None, M) if group_sizes is None else group_aligned_rows(group_sizes, M)] = x
+            padded_qt, st = ref(cols.t(), power_of_two=power_of_two, amax_floor=amax_floor)
+            qt = padded_qt[:, :tokens]  # the padded layout the op promises
         return q, s, qt, st
     q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, group_sizes)
     x = x.contiguous()
@@ -315,7 +322,8 @@ def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
     """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile.
 
     scale = max(amax, ``amax_floor``) / 448: the recipe's 1e-4 for activations, ``GRAD_AMAX_FLOOR`` for
-    gradients (which are routinely far below 1e-4)."""
+    gradients (which are routinely far below 1e-4). A NaN (inf) in a tile: scale NaN (inf), tile NaN once
+    dequantized (module docstring)."""
     _check_float("x", x, (2,))
     q, s, _, _ = _rows_cols_op(x, True, False, power_of_two, _check_amax_floor(amax_floor), None)
     return q, s
@@ -342,7 +350,7 @@ def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
                        group_sizes: torch.Tensor | None = None, validate: bool | None = None):
     """x [M, K] -> (xt_fp8 [K, M], scale [K, ceil(M/128)]): 128x1 tiles along M, stored transposed.
 
-    Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision.
+    Equals ``quantize_fp8_1x128(x.T)`` without materializing the transpose in high precision, NaN / inf tiles too.
 
     ``group_sizes`` int32/int64 [E] (x's rows contiguous per group, e.g. per expert): no tile mixes two groups.
     The tiles restart at every group's first row and the result is in the **group-aligned layout**:
@@ -370,7 +378,9 @@ def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax
 
 
 def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):
-    """w [N, K] or stacked [E, N, K] -> (w_fp8 same shape, scale [(E,) ceil(N/128), ceil(K/128)])."""
+    """w [N, K] or stacked [E, N, K] -> (w_fp8 same shape, scale [(E,) ceil(N/128), ceil(K/128)]).
+
+    A NaN (inf) in a block: scale NaN (inf), the block NaN once dequantized (module docstring)."""
     _check_float("w", w, (2, 3))
     if w.dim() == 2:
         q, s = _blocks_op(w.unsqueeze(0), power_of_two)

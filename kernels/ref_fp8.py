@@ -1,7 +1,8 @@
 """PyTorch references of the FP8 quantizers, the grouped FP8 GEMMs and the MoE FFN.
 
 They are the test oracle and the CPU fallback of ``fp8.py`` / ``moe_gemm.py``. Quantizers match the
-Triton kernels byte for byte (same fp32 division, same round-to-nearest-even cast). The GEMM
+Triton kernels byte for byte (same fp32 division, same round-to-nearest-even cast), on NaN / inf tiles too
+(one NaN byte, 0x7F; see ``fp8.py``'s docstring for what a non-finite value does to its tile). The GEMM
 references compute in fp64 from the dequantized operands, which is what the kernels approximate
 with their fp32 accumulators (promoted every 128 of K). ``moe_ffn_fp8`` here is the *unquantized*
 MoE FFN (fp32 math, autograd): the function the FP8 layer approximates, so the CPU fallback is exact.
@@ -20,9 +21,11 @@ TILE = 128
 def _scale_from_amax(amax: torch.Tensor, power_of_two: bool, amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     scale = amax.float().clamp(min=amax_floor) / FP8_MAX
     if power_of_two:
-        # round up to 2^e by bit manipulation (same integer ops as the kernel, exact)
+        # round up to 2^e by bit manipulation (same integer ops as the kernel, exact); only finite scales: the
+        # trick took a NaN (0x7FC00000) to 0x80000000 = -0.0, zeroing the tile's finite values. inf stays inf
         bits = scale.view(torch.int32)
-        bits = torch.where((bits & 0x7FFFFF) != 0, (bits & 0x7F800000) + 0x800000, bits)
+        finite_with_mantissa = ((bits & 0x7FFFFF) != 0) & ((bits & 0x7F800000) != 0x7F800000)
+        bits = torch.where(finite_with_mantissa, (bits & 0x7F800000) + 0x800000, bits)
         scale = bits.view(torch.float32)
     return scale
 
@@ -35,8 +38,16 @@ def _pad_to(x: torch.Tensor, dims: dict[int, int]) -> torch.Tensor:
     return F.pad(x, pad)
 
 
+NAN_BYTE = 0x7F
+"""The one E4M3 NaN byte both paths write (PyTorch's cast of a positive NaN)."""
+
+
 def _cast(y: torch.Tensor) -> torch.Tensor:
-    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    """fp32 -> e4m3 saturating at +-448, every NaN as ``NAN_BYTE``: x86's inf / inf is a negative NaN, which
+    the cast alone makes 0xFF (the kernel wrote 0x7F for it, so an inf tile was not bit-equal)."""
+    q = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q.view(torch.uint8).masked_fill_(y.isnan(), NAN_BYTE)
+    return q
 
 
 def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
