@@ -23,11 +23,12 @@ Outputs under ``<out_dir>/<name>/``: one directory per stage (its trainer's file
 held-out evaluation, ``DONE.json`` written atomically last), ``lineage.json`` and the report
 (``report.md``, ``report.json``, see ``r1fast.pipeline_report``).
 
-Resume: a stage is skipped when its DONE.json and outputs exist and neither its declaration (fingerprint)
-nor what it consumed changed (DONE.json ``consumed``: upstream stages' finished_at and output sha256, file:
-inputs' sha256, external checkpoints' listings); a stage that runs makes its downstream run, now or after an
-interruption. [eval] has its own fingerprint (with the held-out data's identity): changing it re-runs only
-evaluations. An interrupted rl stage continues from its newest checkpoint; SIGTERM stops it after one with
+Resume: a stage is skipped when its DONE.json and outputs exist (data outputs unedited: size and mtime as
+recorded, else the recorded sha256) and neither its declaration (fingerprint) nor what it consumed changed
+(DONE.json ``consumed``: upstream stages' finished_at and output sha256, file: inputs' sha256, external
+checkpoints' listings); a stage that runs makes its downstream run, now or after an interruption. [eval]
+has its own fingerprint (with the held-out data's identity): changing it re-runs only evaluations. An
+interrupted rl stage continues from its newest checkpoint; SIGTERM stops it after one with
 exit status 143. Before any work, the external inputs of stages that will run, a file: [eval] data and the
 sizes data stages ask of their tasks are checked: a missing file or an impossible size stops it at once.
 """
@@ -40,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -48,9 +48,8 @@ import time
 from r1fast import distributed as D
 from r1fast.config import Config
 from r1fast.config_io import ConfigError, DataError
-from r1fast.data import generate_tasks, worked_solution
-from r1fast.data.jsonl import iter_json_objects
 from r1fast.eval import EvalConfig
+from r1fast.pipeline_data import mix_sft_inputs, non_reasoning_examples, run_data_stage  # noqa: F401  (re-exported)
 from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API)
     FORCED_KEYS,
     INTERRUPTED_EXIT_CODE,
@@ -87,48 +86,19 @@ from r1fast.train_state import latest_checkpoint
 # ---------------------------------------------------------------------------------------------------
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
-
-
-def non_reasoning_examples(n: int, *, digits: tuple[int, int], seed: int) -> list[dict]:
-    """'repeat 4821' -> '<answer>4821</answer>': answered directly, without a chain of thought."""
-    rng, rows = random.Random(f"non_reasoning|{seed}"), []
-    for i in range(n):
-        text = "".join(rng.choice("0123456789") for _ in range(rng.randint(*digits)))
-        rows.append({"prompt": f"repeat {text}", "completion": f"<answer>{text}</answer>", "answer": text,
-                     "task": "non_reasoning", "id": f"non_reasoning-{seed}-{i}"})
-    return rows
-
-
-def _run_data(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
-    c: DataGenConfig = stage.config
-    files = {name: generate_tasks(c.task, n, seed=seed, split=split, **params)
-             for name, (n, split, seed, params) in data_files(c).items()}
-    files["cold_start"] = [{**s, "completion": worked_solution(s)} for s in files["cold_start"]]
-    files["non_reasoning"] = non_reasoning_examples(c.non_reasoning_size, digits=c.non_reasoning_digits, seed=c.seed)
-    outputs = {name: os.path.join(stage_dir, f"{name}.jsonl") for name in files}
-    if D.rank() == 0:
-        for name, rows in files.items():
-            _write_jsonl(outputs[name], rows)
-    return outputs, {name: len(rows) for name, rows in files.items()}
-
-
 def _run_sft(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     from r1fast.sft import run_sft
 
     cfg: SFTConfig = stage.config
-    extra = {}
+    extra, sources = {}, None
     if len(stage.inputs["data"]) > 1:  # R1's SFT mixes reasoning traces and non-reasoning data in one set
-        if D.rank() == 0:
-            with data_errors():  # a file: input's bad line names path:line, as r1fast.sft would
-                rows = [rec for path in stage.resolved_inputs["data"] for _, rec in iter_json_objects(path)]
-            _write_jsonl(cfg.data, rows)
-        D.barrier()
+        # the limit applies per input (pipeline_data.split_limit): on the joined file it kept the first alone
+        sources = mix_sft_inputs(stage.resolved_inputs["data"], stage.inputs["data"], cfg.data, cfg.limit)
+        cfg = dataclasses.replace(cfg, limit=None)  # stage.config (recorded in DONE.json) keeps the limit
         extra["train_data"] = cfg.data
     summary = run_sft(cfg)
+    if sources is not None:
+        summary["sources"] = sources
     return {"model": os.path.abspath(summary["model_dir"]), **extra}, summary
 
 
@@ -156,7 +126,7 @@ def _run_rejection(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     return {"kept": os.path.abspath(result["out"])}, result["counts"]
 
 
-RUNNERS = {"data": _run_data, "sft": _run_sft, "rl": _run_rl, "rejection": _run_rejection}
+RUNNERS = {"data": run_data_stage, "sft": _run_sft, "rl": _run_rl, "rejection": _run_rejection}
 
 
 def _evaluate(recipe: Recipe, model_dir: str, heldout: str, out: str) -> dict:
@@ -230,7 +200,7 @@ def plan(recipe: Recipe) -> list[str]:
         done = _marker(recipe, stage)
         upstream = {r.partition(":")[0] for refs in stage.inputs.values() for r in refs}
         fresh = (done is not None and done["fingerprint"] == fingerprint(recipe, stage)
-                 and all(os.path.exists(_abs(recipe, o["path"])) for o in done["outputs"].values())
+                 and all(_output_intact(recipe, o) for o in done["outputs"].values())
                  and not upstream & set(to_run)
                  and done.get("consumed") == consumed(recipe, stage, markers))  # no record (older run): stale
         if fresh:
@@ -238,6 +208,27 @@ def plan(recipe: Recipe) -> list[str]:
         else:
             to_run.append(stage.name)
     return to_run
+
+
+def data_identity(path: str) -> dict:
+    """A data output's identity in DONE.json: its sha256, and size and mtime for ``_output_intact``'s fast check."""
+    st = os.stat(path)
+    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _output_intact(recipe: Recipe, out: dict) -> bool:
+    """Whether a finished stage's output is still what it made: a checkpoint directory exists; a data file
+    has the recorded size and mtime, or else (touched, copied, or a record without them) the recorded sha256.
+    Without it an output edited in place kept its stage, and those trained on it, done."""
+    path = _abs(recipe, out["path"])
+    if out["kind"] != "data" or "sha256" not in out:
+        return os.path.exists(path)
+    if not os.path.isfile(path):
+        return False
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) == (out.get("size"), out.get("mtime_ns")):
+        return True
+    return st.st_size == out.get("size", st.st_size) and sha256_file(path) == out["sha256"]
 
 
 def _abs(recipe: Recipe, path: str) -> str:
@@ -317,7 +308,7 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         "family": _family(recipe, stage.inputs["model"][0]) if "model" in stage.inputs else None,
         "inputs": {role: [_artifact(recipe, r, paths[r], role) for r in refs] for role, refs in stage.inputs.items()},
         "outputs": {name: {"path": _rel(recipe, p), "kind": "checkpoint" if name == "model" else "data",
-                           **({} if name == "model" else {"sha256": sha256_file(p)})} for name, p in outputs.items()},
+                           **({} if name == "model" else data_identity(p))} for name, p in outputs.items()},
         "config": dataclasses.asdict(stage.config), "summary": summary, "eval": metrics,
         "optimizer_steps": optimizer_steps(stage) if stage.kind != "sft" else summary["steps"],
         "train_s": train_s, "wall_s": time.perf_counter() - start, "finished_at": time.time(),

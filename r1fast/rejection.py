@@ -8,8 +8,9 @@ order and each reports how many samples it removed (``r1fast.rejection_filters``
     incorrect        accuracy reward below 1 (or, with require_format, not in the R1 template)
     length           truncated at max_new_tokens, or outside [min_tokens, max_tokens]
     mixed_language   under min_language_share of the chain of thought's words in the target language
+    unreadable       the chain of thought holds a code block, or a paragraph over max_paragraph_words words
     repetition       more than max_repeated_fraction of the word n-grams are repeats
-    contaminated     shares a word n-gram with (or equals) a prompt of a decontamination set
+    contaminated     shares a word n-gram with (equals, or contains a shorter) prompt of a decontamination set
     exact_duplicate  same prompt and completion (case and whitespace runs ignored) as a kept trace
     near_duplicate   word-shingle Jaccard >= near_duplicate_threshold with a kept trace of the same prompt
     per_prompt_cap   beyond max_per_prompt kept traces for one prompt
@@ -60,8 +61,8 @@ from r1fast.stage_io import (
     warn_dropped_too_long,
 )
 
-FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "repetition", "contaminated",
-                 "exact_duplicate", "near_duplicate", "per_prompt_cap")
+FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "unreadable", "repetition",
+                 "contaminated", "exact_duplicate", "near_duplicate", "per_prompt_cap")
 """Filter names, in the order they run; each is a key of the counts."""
 
 
@@ -108,6 +109,12 @@ class RejectionConfig:
     """Target language of the chain of thought (en or zh)."""
     min_language_share: float = bounded(0.95, ge=0, le=1)
     """Least share of chain-of-thought words in the target language."""
+    filter_code_blocks: bool = True
+    """Drop traces whose chain of thought holds a code block (``` / ~~~ fence or indented block): R1 filtered
+    them out of its SFT data for readability (section 2.3.3)."""
+    max_paragraph_words: int | None = bounded(300, ge=1)
+    """Drop traces with a chain-of-thought paragraph (between blank lines) over this many words; none = off.
+    300 is about twice a long prose paragraph; the tiny recipe's worked solutions are about 10 words."""
     repetition_ngram: int = bounded(4, ge=1)
     """Word n-gram size of the repetition filter."""
     max_repeated_fraction: float = bounded(0.5, ge=0, le=1)
@@ -140,6 +147,9 @@ class RejectionConfig:
         check_template(self.template, "template")
         if self.language not in ("en", "zh"):
             raise ConfigError(f"language: expected en or zh, got {self.language!r}")
+        for key, path in [("data", self.data), *(("decontaminate", p) for p in self.decontaminate)]:
+            if os.path.abspath(path) == os.path.abspath(self.out):  # run_rejection removes out before sampling
+                raise ConfigError(f"out: {self.out!r} is also the {key} input; it would be deleted")
         return self
 
 
@@ -179,6 +189,8 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
             stage = "length"
         elif F.mixed_language(text, language=cfg.language, min_share=cfg.min_language_share):
             stage = "mixed_language"
+        elif F.unreadable(text, code_blocks=cfg.filter_code_blocks, max_paragraph_words=cfg.max_paragraph_words):
+            stage = "unreadable"
         elif F.too_repetitive(text, n=cfg.repetition_ngram, max_fraction=cfg.max_repeated_fraction):
             stage = "repetition"
         elif index is not None and index.contaminated(t["prompt"], text):
@@ -271,13 +283,19 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     """Sample, filter and write the kept traces; returns {"out", "stats", "counts"}. All ranks call it.
 
     ``score(samples, texts)`` gives each text's reward dict (needs "accuracy": float or None, and "format"
-    when require_format). Raises EmptyKeptSetError when no trace survives (nothing is written then).
+    when require_format). Raises EmptyKeptSetError when no trace survives (nothing is written then; an earlier
+    run's ``out`` and stats file are removed before sampling, so none is left behind by a failed run).
     """
     cfg.validate()
     check_checkpoint(cfg.checkpoint, "checkpoint")
     check_file(cfg.data, "data")
     for path in cfg.decontaminate:
         check_file(path, "decontaminate")
+    stats = cfg.out + ".stats.json"
+    if D.rank() == 0:  # a run that fails must not leave an earlier run's traces for the next step to train on
+        for path in (cfg.out, stats):
+            if os.path.exists(path):
+                os.remove(path)
     from r1fast.rollout import Engine
 
     with data_errors():  # a bad line (named path:line) is the user's data, reported before the model loads
@@ -302,7 +320,6 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     if not kept:
         raise EmptyKeptSetError(f"rejection sampling from {cfg.checkpoint!r}: no trace survived the filters "
                                 f"(counts: {json.dumps(counts)})")
-    stats = cfg.out + ".stats.json"
     if D.rank() == 0:
         _write_jsonl(cfg.out, kept, cfg, resolve_template(tokenizer, cfg.template))  # what 'auto' became
         with open(stats, "w") as f:

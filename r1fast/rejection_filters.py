@@ -20,7 +20,7 @@ from r1fast.rewards.format import extract_think
 from r1fast.rewards.language import count_words_by_language
 
 __all__ = [
-    "words", "ngrams", "mixed_language", "bad_length", "repeated_ngram_fraction", "too_repetitive",
+    "words", "ngrams", "mixed_language", "unreadable", "bad_length", "repeated_ngram_fraction", "too_repetitive",
     "exact_key", "jaccard", "near_duplicate_of", "NgramIndex",
 ]
 
@@ -55,6 +55,28 @@ def mixed_language(completion: str, *, language: str = "en", min_share: float = 
         raise ValueError(f"language: expected one of {sorted(k for k in counts if k != 'other')}, got {language!r}")
     total = sum(counts.values())
     return total > 0 and counts[language] / total < min_share
+
+
+_FENCE_RE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+_INDENTED_RE = re.compile(r"(?:\A(?:[ \t]*\n)*|\n[ \t]*\n)(?: {4}|\t)[ \t]*\S")  # markdown: after a blank line
+_PARAGRAPH_BREAK_RE = re.compile(r"\n[ \t]*\n")
+
+
+def unreadable(completion: str, *, code_blocks: bool = True, max_paragraph_words: int | None = 300) -> bool:
+    """True when the chain of thought holds a code block (a ``` or ~~~ fence, or a markdown indented block)
+    when ``code_blocks``, or a paragraph (text between blank lines) of more than ``max_paragraph_words``
+    whitespace-separated words (None: no limit): R1's readability filter (section 2.3.3).
+
+    The chain of thought is the ``<think>`` block (the whole completion when there is none).
+    """
+    if max_paragraph_words is not None and max_paragraph_words < 1:
+        raise ValueError(f"max_paragraph_words: expected >= 1 or None, got {max_paragraph_words}")
+    think = extract_think(completion)
+    text = think if think is not None else completion
+    if code_blocks and (_FENCE_RE.search(text) or _INDENTED_RE.search(text)):
+        return True
+    return max_paragraph_words is not None and any(
+        len(p.split()) > max_paragraph_words for p in _PARAGRAPH_BREAK_RE.split(text))
 
 
 def bad_length(num_tokens: int, finish_reason: str, *, min_tokens: int = 1, max_tokens: int | None = None) -> bool:
@@ -105,9 +127,15 @@ def near_duplicate_of(shingles: set, kept: Iterable[set], *, threshold: float = 
 class NgramIndex:
     """Word n-grams of evaluation texts, for decontamination (n-gram overlap, as GPT-3 / OpenThoughts).
 
-    A training text is contaminated when any of its word n-grams occurs in an evaluation text, or when
-    it equals an evaluation text after normalization (which catches texts shorter than n words).
+    A training text is contaminated when any of its word n-grams occurs in an evaluation text, when it
+    equals an evaluation text after normalization, or when it contains an evaluation text shorter than n
+    words as a contiguous run of words (every 2-digit addition prompt, ``74+91``, is 3 words < the default
+    8: without this, "What is 74+91?" passed). A one-word evaluation text is matched by equality only:
+    one word (a number, "hello") occurs in unrelated text by chance.
     """
+
+    MIN_EMBEDDED_WORDS = 2
+    """Shortest evaluation text (in words) searched for inside training texts."""
 
     def __init__(self, texts: Iterable[str], *, n: int = 8):
         if n < 1:
@@ -115,6 +143,7 @@ class NgramIndex:
         self.n = n
         self.grams: set[tuple[str, ...]] = set()
         self.whole: set[tuple[str, ...]] = set()
+        self.short: dict[int, set[tuple[str, ...]]] = {}  # length -> evaluation texts of that many words (< n)
         for text in texts:
             tokens = words(text)
             if not tokens:  # an empty evaluation text would otherwise match every empty training text
@@ -122,16 +151,22 @@ class NgramIndex:
             self.whole.add(tuple(tokens))
             if len(tokens) >= n:
                 self.grams |= ngrams(tokens, n)
+            elif len(tokens) >= self.MIN_EMBEDDED_WORDS:
+                self.short.setdefault(len(tokens), set()).add(tuple(tokens))
 
     def __len__(self) -> int:
         return len(self.whole)
 
     def contaminated(self, *texts: str) -> bool:
-        """True when any of ``texts`` shares an n-gram with, or equals, an indexed evaluation text."""
+        """True when any of ``texts`` shares an n-gram with, equals, or contains (shorter than n words) an
+        indexed evaluation text. Linear in the text's length: one set lookup per window and short length."""
         for text in texts:
             tokens = words(text)
             if tokens and tuple(tokens) in self.whole:
                 return True
             if len(tokens) >= self.n and not self.grams.isdisjoint(ngrams(tokens, self.n)):
                 return True
+            for length, seqs in self.short.items():
+                if any(tuple(tokens[i:i + length]) in seqs for i in range(len(tokens) - length + 1)):
+                    return True
         return False

@@ -113,7 +113,7 @@ def test_filter_traces_counts_each_stage():
     kept, counts = filter_traces(traces, cfg, eval_texts=["sort 97 93 1 7"])
     assert [(t["prompt_index"], t["completion"]) for t in kept] == [(0, GOOD), (3, long_think), (4, GOOD)]
     assert counts == {"samples": 14, "ungradable": 1, "incorrect": 2, "length": 2, "mixed_language": 1,
-                      "repetition": 1, "contaminated": 1, "exact_duplicate": 1, "near_duplicate": 1,
+                      "unreadable": 0, "repetition": 1, "contaminated": 1, "exact_duplicate": 1, "near_duplicate": 1,
                       "per_prompt_cap": 1, "kept": 3}
     assert set(FILTER_STAGES) | {"samples", "kept"} == set(counts)
     # without require_format the template-less correct trace survives
