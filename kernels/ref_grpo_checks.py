@@ -2,7 +2,8 @@
 
 Shapes, dtypes and options are always checked. Checks that read device values (non-finite hidden,
 token range, a tensor normalizer, a mask that is not 0/1) take ``host_checks=False`` when the caller's
-``host_checks_enabled()`` says they cannot run (compile, CUDA-graph capture, meta or fake tensors).
+``host_checks_enabled()`` says they cannot run (compile, CUDA-graph capture, meta or fake tensors),
+and are skipped inside ``registration.trusted_inputs()`` (the trainer's own inputs; see there).
 Split from ``ref_grpo_loss.py`` when it reached the 400-line limit.
 """
 
@@ -12,6 +13,8 @@ import math
 import numbers
 
 import torch
+
+from .registration import value_checks_enabled
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -58,7 +61,7 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden's last dim (H) must be > 0, got shape {tuple(hidden.shape)}")
     check_real("temperature", temperature, host_checks=host_checks, low=0.0, low_inclusive=False)
-    if host_checks and hidden.numel() and not bool(torch.isfinite(hidden).all()):
+    if host_checks and value_checks_enabled() and hidden.numel() and not bool(torch.isfinite(hidden).all()):
         raise ValueError("hidden contains NaN or Inf")
     return token_ids.numel(), hidden.shape[-1], vocab
 
@@ -136,6 +139,8 @@ def _check_no_grad_inputs(tensors):
 
 
 def _check_token_range(token_ids, vocab, active=None):
+    if not value_checks_enabled():  # the trainer's own ids (registration.trusted_inputs)
+        return
     ids = token_ids if active is None else token_ids[active]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"token_ids must lie in [0, {vocab}) (masked-out positions are not checked)")
@@ -183,7 +188,7 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
     _check_no_grad_inputs((("mask", mask), ("advantages", advantages), ("old_logps", old_logps),
                            ("ref_logps", ref_logps), ("rollout_is_ratio", rollout_is_ratio),
                            ("normalizer", normalizer)))
-    if host_checks:
+    if host_checks and value_checks_enabled():  # registration.trusted_inputs: the trainer's own mask and ids
         if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0 and 1 (or be bool): per-token weights are not supported")
         _check_token_range(token_ids, weight.shape[0], active=mask.bool())

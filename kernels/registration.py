@@ -23,6 +23,8 @@ Rules for ops registered here (what ``torch.library.opcheck`` checks):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import threading
 
@@ -40,6 +42,7 @@ _FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
 # every op body runs under this lock (reentrant: an op may call another); compiled Triton (GPU) takes
 # no lock, the choice is made once at registration.
 _INTERPRETER_LOCK = threading.RLock()
+_TRUSTED_INPUTS = contextvars.ContextVar("r1fast_trusted_inputs", default=False)
 
 
 def _serialized(impl):
@@ -101,3 +104,27 @@ def host_checks_enabled(tensor: torch.Tensor | None = None) -> bool:
         if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
     return True
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Inside: the GRPO ops skip the validation that reads device *values* (non-finite hidden, token
+    range, a mask that is not 0/1); shapes, dtypes and options are still checked.
+
+    Internal, for r1fast's own trainer, whose inputs hold these by construction: ``pack()`` builds a 0/1
+    mask, the completion ids were sampled from the same vocabulary, and a non-finite hidden state shows
+    up as a non-finite loss or entropy, which the trainer detects on the device (skipping the update;
+    ``clip_and_step`` also refuses a non-finite gradient norm). The checks cost 4 host syncs and one
+    extra pass over hidden per micro-batch; a sync stops the CPU from queueing the next micro-batch and
+    breaks FSDP2's prefetch overlap. Every other caller keeps the full validation.
+    """
+    token = _TRUSTED_INPUTS.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED_INPUTS.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """False inside ``trusted_inputs()`` (see there); the host-sync rules of ``host_checks_enabled`` still apply."""
+    return not _TRUSTED_INPUTS.get()

@@ -8,6 +8,7 @@ forward would see a sharded parameter.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -38,35 +39,56 @@ class PackedBatch:
                              else getattr(self, f) for f in self.__dataclass_fields__))
 
 
+def _host_tensor(values: list, typecode: str, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D CPU tensor from a flat list through ``array.array``: 10 ms for 390k ints against 47 ms for
+    ``torch.tensor`` (which inspects every element). ``frombuffer`` keeps the array alive."""
+    return torch.frombuffer(array(typecode, values), dtype=dtype) if values else torch.zeros(0, dtype=dtype)
+
+
 def pack(prompts: list[list[int]], completions: list[list[int]], device=None) -> PackedBatch:
-    """Pack sequences prompt + completion; completion token j is predicted by position len(prompt)+j-1."""
+    """Pack sequences prompt + completion; completion token j is predicted by position len(prompt)+j-1.
+
+    Built from the lengths with whole-tensor ops: one flat list of the tokens (``list.extend`` runs in C)
+    converted once, and the [B, C] index/ids/mask from broadcasts. The per-token Python loop it replaces
+    cost ~512 ns/token (173 ms per micro-batch at B = 64, completions up to 8k tokens); this ~60 ns.
+    """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
         raise ValueError("cannot pack an empty micro-batch")
-    lens = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the first completion token is predicted from it)")
-    width = max(1, max(len(c) for c in completions))
-    ids, index, comp, mask = [], [], [], []
-    start = 0
-    for p, c, n in zip(prompts, completions, lens, strict=True):
-        ids.extend(p)
-        ids.extend(c)
-        pad = width - len(c)
-        index.append([start + len(p) - 1 + j for j in range(len(c))] + [start] * pad)
-        comp.append(list(c) + [0] * pad)
-        mask.append([1.0] * len(c) + [0.0] * pad)
-        start += n
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    batch = PackedBatch(torch.tensor(ids, dtype=torch.long), cu, max(lens), torch.tensor(index, dtype=torch.long),
-                        torch.tensor(comp, dtype=torch.long), torch.tensor(mask, dtype=torch.float32))
+    flat: list[int] = []
+    for p, c in zip(prompts, completions, strict=True):
+        flat.extend(p)
+        flat.extend(c)
+    comp_sizes = [len(c) for c in completions]  # host ints: max() below reads no tensor
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    comp_lens = torch.tensor(comp_sizes, dtype=torch.long)
+    lens = prompt_lens + comp_lens
+    starts = lens.cumsum(0) - lens
+    ids = _host_tensor(flat, "q", torch.long)
+    width = max(1, *comp_sizes)
+    offsets = torch.arange(width)
+    real = offsets[None, :] < comp_lens[:, None]
+    predicting = (starts + prompt_lens - 1)[:, None] + offsets  # padded slots run past the sequence
+    comp = ids[(predicting + 1).clamp_(max=ids.numel() - 1)].masked_fill_(~real, 0)  # the token predicted
+    index = torch.where(real, predicting, starts[:, None])
+    cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    batch = PackedBatch(ids, cu, max(len(p) + n for p, n in zip(prompts, comp_sizes, strict=True)), index, comp, real.float())
     return batch.to(device) if device is not None else batch
 
 
 def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     """[B, width] float32 from ragged rows (right-padded with 0)."""
-    return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+    flat: list[float] = []
+    for r in rows:
+        flat.extend(r)
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    out[torch.arange(width)[None, :] < lens[:, None]] = _host_tensor(flat, "f", torch.float32)
+    return out
 
 
 class PolicyHead(nn.Module):
