@@ -72,25 +72,27 @@ class _Graph:
                        max_seqlen=1)
         return model.logits(hidden)
 
-    def replay(self, ids, positions, slots, table_rows, lens, groups=None, prefix_rows=None, prefix_lens=None):
-        b = len(ids)
-        put = lambda buf, values, dt: buf[: len(values)].copy_(torch.tensor(values, dtype=dt), non_blocking=True)  # noqa: E731
-        put(self.input_ids, ids, torch.int64)
-        put(self.positions, positions, torch.int64)
-        put(self.slots, slots, torch.int64)
+    def replay(self, step):
+        """Copy ``step``'s device inputs (``step_inputs.StepInputs``) into the static buffers and replay.
+
+        Device-to-device copies only: the step's one host->device copy and its block-table gathers were
+        made by ``prepare_step`` (the rows were rebuilt from Python lists here before: 29-32 ms per step
+        at B = 256, 16k context).
+        """
+        b = step.batch
+        self.input_ids[:b].copy_(step.input_ids)
+        self.positions[:b].copy_(step.positions)
+        self.slots[:b].copy_(step.slots)
         self.slots[b:].fill_(-1)
         self.lens[b:].zero_()
-        width = max(1, max(len(r) for r in table_rows))
-        self.table[:b, :width].copy_(torch.tensor([r + [0] * (width - len(r)) for r in table_rows], dtype=torch.int32),
-                                     non_blocking=True)
-        put(self.lens, lens, torch.int32)
-        if groups is not None:
-            put(self.group_of_seq, groups, torch.int32)
+        self.table[:b, : step.width].copy_(step.block_table)
+        self.lens[:b].copy_(step.seq_lens)
+        if step.group_of_seq is not None:
+            self.group_of_seq[:b].copy_(step.group_of_seq)
             self.group_of_seq[b:].zero_()  # group 0: the empty prefix
-            pw = max(1, max(len(r) for r in prefix_rows))
-            self.prefix_table[: len(prefix_rows), :pw].copy_(
-                torch.tensor([r + [0] * (pw - len(r)) for r in prefix_rows], dtype=torch.int32), non_blocking=True)
-            put(self.prefix_lens, prefix_lens, torch.int32)
+            groups = step.prefix_block_table.shape[0]
+            self.prefix_table[:groups, : step.prefix_width].copy_(step.prefix_block_table)
+            self.prefix_lens[:groups].copy_(step.prefix_lens)
         self.engine.backend.set_step(self.meta)
         self.graph.replay()
         return self.logits[:b]
@@ -114,41 +116,26 @@ class DecodeGraphs:
             self.graphs.clear()
             self._weight_ptrs = ptrs
 
-    def run(self, chunks, ids, positions, slots, lens, cascade):
-        """Logits [B, V] of a decode step, or None when graphs are off or the batch is too large.
+    def run(self, step):
+        """Logits [B, V] of a decode step (``step_inputs.StepInputs``), or None when graphs are off or the
+        batch is too large.
 
         When a cascade graph cannot be captured, sharing samples replay the plain decode graph instead
-        (each sample then reads the shared blocks itself: correct, only more traffic).
+        (each sample then reads the shared blocks itself: correct, only more traffic): ``step.plain()``.
         """
-        cascade = cascade and self.cascade_enabled
-        batch = len(chunks)
-        bucket = next((b for b in BATCH_BUCKETS if b >= batch), None)
+        cascade = step.mode == "cascade"
+        if cascade and not self.cascade_enabled:
+            step = step.plain()
+            cascade = False
+        bucket = next((b for b in BATCH_BUCKETS if b >= step.batch), None)
         if not self.enabled or bucket is None:
             return None
-        bs = self.engine.block_size
-        groups = prefix_rows = prefix_lens = None
         if cascade:
-            group_index: dict[int, int] = {}
-            prefix_rows, groups, table_rows, suffix_lens = [[]], [], [], []
-            for c, length in zip(chunks, lens, strict=False):
-                shared = c.seq.num_shared_blocks
-                g = 0
-                if shared:
-                    g = group_index.setdefault(id(c.seq.prefix_job), len(prefix_rows))
-                    if g == len(prefix_rows):
-                        prefix_rows.append(c.seq.blocks[:shared])
-                groups.append(g)
-                table_rows.append(c.seq.blocks[shared:])
-                suffix_lens.append(length - shared * bs)
-            prefix_lens = [len(r) * bs for r in prefix_rows]
-            row_lens = suffix_lens
-            width = _round_width(max(max(len(r) for r in table_rows), max(len(r) for r in prefix_rows)))
+            width = _round_width(max(step.width, step.prefix_width))
             # the tile height is captured, so the bound is the largest group a generate call can form
-            max_group = _round_width(max(groups.count(g) for g in set(groups)))
+            max_group = _round_width(step.max_group_size)
         else:
-            table_rows = [c.seq.blocks for c in chunks]
-            row_lens = lens
-            width = _round_width(max(len(r) for r in table_rows))
+            width = _round_width(step.width)
             max_group = 1
         key = (bucket, width, cascade, max_group)
         graph = self.graphs.get(key)
@@ -166,9 +153,9 @@ class DecodeGraphs:
                     warnings.warn(f"cascade decode graph capture failed ({exc!r}); using plain decode graphs",
                                   stacklevel=2)
                     self.cascade_enabled = False
-                    return self.run(chunks, ids, positions, slots, lens, False)
+                    return self.run(step)
                 warnings.warn(f"CUDA graph capture failed ({exc!r}); decode steps run eagerly", stacklevel=2)
                 self.enabled = False
                 return None
             self.graphs[key] = graph
-        return graph.replay(ids, positions, slots, table_rows, row_lens, groups, prefix_rows, prefix_lens)
+        return graph.replay(step)

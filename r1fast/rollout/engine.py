@@ -10,7 +10,9 @@ the prompt's n samples (``kv_cache.py`` explains the partially filled last block
 samples share prefixes run the cascade kernel, which reads each shared block once per group.
 
 On CUDA, pure-decode steps replay CUDA graphs captured per (batch bucket, block-table width, kernel
-form); every other step, and every step on CPU, runs eagerly.
+form); every other step, and every step on CPU, runs eagerly. Both paths take their inputs from
+``step_inputs.prepare_step``: one host->device copy per step, block tables gathered on the device from the
+engine's persistent ``BlockTable`` (host work independent of the context length).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from . import arguments
+from .block_table import BlockTable
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
-from .paged_backend import PagedAttentionBackend, StepMetadata, cache_head_dim
+from .paged_backend import PagedAttentionBackend, cache_head_dim
 from .sampler import SamplingParams, SequenceRandom, sample
 from .scheduler import Chunk, Scheduler, Sequence
+from .step_inputs import HostStaging, prepare_step
 
 CPU_CACHE_TOKENS = 65536
 """CPU default cache size in tokens (capped at 1 GiB): tests and small models, not production."""
@@ -84,6 +88,7 @@ class Engine:
         elif not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         self._build_cache(num_blocks)
+        self._params = SamplingParams()  # the sampling settings of the step being run (set by _step)
         self._stats = {"preemptions": 0, "generated_tokens": 0, "generate_seconds": 0.0, "steps": 0,
                        "max_blocks_used": 0, "max_blocks_shared": 0, "last_tokens_per_s": 0.0}
 
@@ -100,6 +105,8 @@ class Engine:
                                   num_kv_heads=kv_heads, head_dim=cache_head_dim(qk_dim, v_dim), dtype=self.dtype,
                                   device=self.device)
         self.backend = PagedAttentionBackend(self.cache)
+        self.block_table = BlockTable(self.max_num_seqs, self.device)
+        self.staging = HostStaging(self.device)
         use_graphs = self.use_cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self) if use_graphs else None
 
@@ -159,8 +166,11 @@ class Engine:
         n, params = arguments.validate(self.args, self.cache.capacity_tokens, capacity, prompts, n, max_new_tokens,
                                        temperature, top_p, top_k, stop_token_ids)
         seeds = arguments.seeds(seed, len(prompts) * n)
+        # every row holds at most the blocks of its longest prompt + max_new_tokens
+        self.block_table.reset(self.cache.blocks_for(max(len(p) for p in prompts) + params.max_new_tokens))
         scheduler = Scheduler(self.cache.allocator, block_size=self.block_size,
-                              max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs)
+                              max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
+                              block_table=self.block_table)
         outputs: list[list[Sequence]] = []
         arrival = 0
         for i, prompt in enumerate(prompts):
@@ -239,101 +249,47 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------
     def _step(self, scheduler: Scheduler, chunks: list[Chunk], params: SamplingParams) -> int:
         """Run the chunks' forward, sample due tokens, update sequences; returns tokens generated."""
-        logits, rows = self._forward(chunks)
         due = [c.seq for c in chunks if c.samples_next_token]
+        self._params = params
+        logits, step = self._forward(chunks)
         for chunk in chunks:
             scheduler.advance(chunk)
             if chunk.seq.is_prefix_job and chunk.seq.num_remaining == 0:
                 scheduler.finish_prefix(chunk.seq)
         if not due:
             return 0
-        tokens, logprobs = sample(logits[rows] if rows is not None else logits, params, [s.random for s in due],
-                                  [s.name for s in due])
-        for seq, token, logprob in zip(due, tokens.tolist(), logprobs.tolist(), strict=False):
+        tokens, logprobs = sample(logits, params, [s.random for s in due], [s.name for s in due],
+                                  uniforms=step.uniforms)
+        stop = params.stop_token_ids
+        for seq, token, logprob in zip(due, tokens.tolist(), logprobs.tolist(), strict=True):
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
-            if token in params.stop_token_ids:
+            if token in stop:
                 scheduler.finish(seq, "stop")
             elif len(seq.token_ids) - seq.prompt_len >= params.max_new_tokens:
                 scheduler.finish(seq, "length")
         return len(due)
 
     def _forward(self, chunks: list[Chunk]):
-        """Logits of the chunks' sampling rows; returns (logits, row selector or None for all rows)."""
-        bs = self.block_size
+        """Logits [S, V] of the chunks' sampling rows (None when no chunk samples) and the step's inputs."""
+        # drawn before the forward so that they travel with the step's other inputs; a sequence draws once
+        # per token it samples, exactly as when sample() drew them (the seed contract: see sampler.py)
+        due = [c.seq for c in chunks if c.samples_next_token]
+        uniforms = None if self._params.greedy or not due else [s.random.uniform() for s in due]
         decode = all(c.length == 1 for c in chunks)
-        ids, positions, slots, lens = [], [], [], []
-        for c in chunks:
-            ids.extend(c.seq.token_ids[c.start : c.start + c.length])
-            for p in range(c.start, c.start + c.length):
-                positions.append(p)
-                slots.append(c.seq.blocks[p // bs] * bs + p % bs)
-            lens.append(c.start + c.length)
         cascade = decode and any(c.seq.num_shared_blocks for c in chunks)
+        step = prepare_step(chunks, self.block_table, self.block_size, self.staging, cascade=cascade,
+                            uniforms=uniforms)
         if decode and self.graphs is not None:
-            logits = self.graphs.run(chunks, ids, positions, slots, lens, cascade)
+            logits = self.graphs.run(step)
             if logits is not None:
-                return logits, torch.tensor([c.samples_next_token for c in chunks], device=logits.device)
-        dev = self.device
-        as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(dev, non_blocking=True)  # noqa: E731
-        input_ids = as_dev(ids, torch.int64)
-        if cascade:
-            meta = self.cascade_metadata(chunks, slots, lens, as_dev)
-        else:
-            width = max(len(c.seq.blocks) for c in chunks)
-            table = [c.seq.blocks + [0] * (width - len(c.seq.blocks)) for c in chunks]
-            cu = [0]
-            for c in chunks:
-                cu.append(cu[-1] + c.length)
-            meta = StepMetadata("decode" if decode else "varlen", as_dev(slots, torch.int64),
-                                block_table=as_dev(table, torch.int32), seq_lens=as_dev(lens, torch.int32),
-                                cu_seqlens_q=None if decode else as_dev(cu, torch.int32),
-                                max_seqlen_q=max(c.length for c in chunks))
+                return (logits if step.sample_rows is None else logits[step.sample_rows]), step
+        meta = step.metadata()
         self.backend.set_step(meta)
-        cu_q = meta.cu_seqlens_q if meta.cu_seqlens_q is not None else torch.arange(len(chunks) + 1, dtype=torch.int32, device=dev)
-        hidden = self.model(input_ids, position_ids=as_dev(positions, torch.int64), cu_seqlens=cu_q,
+        hidden = self.model(step.input_ids, position_ids=step.positions, cu_seqlens=step.cu_seqlens,
                             attn=self.backend, max_seqlen=meta.max_seqlen_q)
-        ends, cu_end = [], 0
-        for c in chunks:
-            cu_end += c.length
-            if c.samples_next_token:
-                ends.append(cu_end - 1)
-        if not ends:
-            return None, None
-        return self.model.logits(hidden[as_dev(ends, torch.int64)]), None
-
-    def cascade_metadata(self, chunks: list[Chunk], slots, lens, as_dev) -> StepMetadata:
-        """Decode metadata where samples read their group's shared prompt blocks through the cascade kernel.
-
-        Group 0 is the empty prefix (sequences that share nothing); group g > 0 is one prefix job's blocks.
-        """
-        bs = self.block_size
-        group_index: dict[int, int] = {}
-        prefix_rows: list[list[int]] = [[]]
-        group_of_seq, suffix_rows, suffix_lens = [], [], []
-        for c, length in zip(chunks, lens, strict=False):
-            seq, shared = c.seq, c.seq.num_shared_blocks
-            g = 0
-            if shared:
-                key = id(seq.prefix_job)
-                if key not in group_index:
-                    group_index[key] = len(prefix_rows)
-                    prefix_rows.append(seq.blocks[:shared])
-                g = group_index[key]
-            group_of_seq.append(g)
-            suffix_rows.append(seq.blocks[shared:])
-            suffix_lens.append(length - shared * bs)
-        counts = [0] * len(prefix_rows)
-        for g in group_of_seq:
-            counts[g] += 1
-        pw = max(1, max(len(r) for r in prefix_rows))
-        sw = max(1, max(len(r) for r in suffix_rows))
-        return StepMetadata(
-            "cascade", as_dev(slots, torch.int64),
-            prefix_block_table=as_dev([r + [0] * (pw - len(r)) for r in prefix_rows], torch.int32),
-            prefix_lens=as_dev([len(r) * bs for r in prefix_rows], torch.int32),
-            group_of_seq=as_dev(group_of_seq, torch.int32),
-            suffix_block_table=as_dev([r + [0] * (sw - len(r)) for r in suffix_rows], torch.int32),
-            suffix_lens=as_dev(suffix_lens, torch.int32), max_group_size=max(counts),
-        )
-
+        if step.sample_rows is None:  # every token samples (a decode step without a prefix job): no gather
+            return self.model.logits(hidden), step
+        if step.sample_rows.numel() == 0:
+            return None, step
+        return self.model.logits(hidden[step.sample_rows]), step

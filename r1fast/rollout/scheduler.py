@@ -16,6 +16,10 @@ Group-shared prompts: a ``Sequence`` with ``is_prefix_job`` computes the full bl
 when it is done its blocks are shared by the group's samples (``finish_prefix``), which then start with
 those tokens already computed. A sample that is preempted later gives up its share and recomputes its
 whole context alone.
+
+Block table: with a ``BlockTable`` (``block_table.py``) every running sequence owns a row; admission
+acquires it (writing the blocks a sample already shares), each allocated block writes one entry, and
+leaving the running set (finish, preemption, a finished prefix job) frees it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from .block_table import BlockTable
 from .kv_cache import BlockAllocator
 from .sampler import SequenceRandom
 
@@ -51,6 +56,8 @@ class Sequence:
     finish_reason: str | None = None
     name: str = ""
     """How errors name it (``generate`` sets "prompts[i] sample j")."""
+    row: int = -1
+    """Its row of the engine's ``BlockTable`` while it runs (-1: none)."""
 
     @property
     def num_remaining(self) -> int:
@@ -82,8 +89,13 @@ class Chunk:
 class Scheduler:
     """Decides each step's chunks under a token budget and owns the block bookkeeping of sequences."""
 
-    def __init__(self, allocator: BlockAllocator, *, block_size: int, max_batch_tokens: int, max_num_seqs: int):
+    def __init__(self, allocator: BlockAllocator, *, block_size: int, max_batch_tokens: int, max_num_seqs: int,
+                 block_table: BlockTable | None = None):
+        if block_table is not None and block_table.num_rows < max_num_seqs:
+            raise ValueError(f"block_table has {block_table.num_rows} rows but max_num_seqs={max_num_seqs} "
+                             "sequences can run at once")
         self.allocator = allocator
+        self.block_table = block_table
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -103,7 +115,17 @@ class Scheduler:
         total = -(-(seq.num_computed + num_tokens) // self.block_size)
         return max(0, total - len(seq.blocks))
 
+    def _grow(self, seq: Sequence, need: int) -> None:
+        """Allocate ``need`` blocks at the end of ``seq``'s list (and of its block-table row)."""
+        for _ in range(need):
+            block = self.allocator.allocate()
+            if self.block_table is not None and seq.row >= 0:
+                self.block_table.write(seq.row, len(seq.blocks), block)
+            seq.blocks.append(block)
+
     def _release(self, seq: Sequence) -> None:
+        if self.block_table is not None:
+            self.block_table.release(seq)
         self.allocator.release_all(seq.blocks)
         seq.blocks = []
         seq.num_shared_blocks = 0
@@ -148,8 +170,7 @@ class Scheduler:
                 self._preempt(seq)
                 preempted = True
                 break
-            for _ in range(need):
-                seq.blocks.append(self.allocator.allocate())
+            self._grow(seq, need)
             chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
             index += 1
@@ -177,8 +198,9 @@ class Scheduler:
                 need = self._blocks_needed(seq, length)
             if need + reserve > self.allocator.num_free:
                 break
-            for _ in range(need):
-                seq.blocks.append(self.allocator.allocate())
+            if self.block_table is not None:
+                self.block_table.acquire(seq)
+            self._grow(seq, need)
             chunks.append(Chunk(seq, seq.num_computed, length))
             admitted.append(seq)
             budget -= length
