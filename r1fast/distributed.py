@@ -95,11 +95,34 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (no-op on one process); returns it."""
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: NCCL reduces CUDA tensors only ("No backend type associated with
+    device type cpu"), so a host tensor goes through the rank's current CUDA device; gloo takes it as it is."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        device = collective_device(t)
+        if device == t.device:
+            dist.all_reduce(t, op=op)
+        else:  # host bookkeeping (reward means, lengths, eval counts) under NCCL: a round trip, in place
+            staged = t.to(device)
+            dist.all_reduce(staged, op=op)
+            t.copy_(staged)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op on one process; a CPU tensor under NCCL goes through the GPU)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of ``t`` over ranks in place, as ``all_reduce_sum``."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj, src: int = 0):

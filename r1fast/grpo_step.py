@@ -94,8 +94,7 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
                            "kept_fraction": [float(k) for k in keep],
                            "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]})
     longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
-    if D.world_size() > 1:
-        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    D.all_reduce_max(longest)
     reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))
     for key in per_reward:  # population std over the global batch, per reward function
         means[f"{key}_std"] = math.sqrt(max(means.pop(f"{key}_sq") - means[key] ** 2, 0.0))

@@ -97,3 +97,48 @@ def test_train_passes_parallel_timeout_to_the_process_group(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         train.run(load_config(None, ["--parallel.timeout_s", "90"]))
     assert seen == {"backend": "auto", "timeout_s": 90.0}
+
+
+class _FakeNcclGroup:
+    """``torch.distributed`` as a 2-rank NCCL group sees it, recording the tensors the collectives get."""
+
+    ReduceOp = __import__("torch").distributed.ReduceOp
+
+    def __init__(self):
+        self.seen = []
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def get_backend(self):
+        return "nccl"
+
+    def all_reduce(self, t, op):
+        self.seen.append(t)
+        if op == self.ReduceOp.SUM:
+            t.mul_(2)  # the other rank holds the same values; their max is the values themselves
+
+
+def test_host_tensors_under_nccl_go_through_the_gpu(monkeypatch):
+    """NCCL refuses CPU tensors ("No backend type associated with device type cpu"): the reward means, response
+    lengths, eval counts and generated-token totals are host tensors, so a multi-GPU run died at its first
+    rollout. They are staged on the rank's CUDA device and copied back in place."""
+    import torch
+
+    fake = _FakeNcclGroup()
+    monkeypatch.setattr(D, "dist", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    host = torch.tensor([1.0, 2.0])
+    assert D.collective_device(host) == torch.device("cuda", 3)  # only a device object: no GPU needed here
+    staged = torch.device("cpu", 0)  # a device unequal to host.device that this CPU machine can allocate on
+    monkeypatch.setattr(D, "collective_device", lambda t: staged)
+    assert D.all_reduce_sum(host) is host and host.tolist() == [2.0, 4.0]
+    assert fake.seen[0] is not host  # reduced on the staged copy, then copied back
+    D.all_reduce_max(host)
+    assert host.tolist() == [2.0, 4.0] and len(fake.seen) == 2 and fake.seen[1] is not host
+    monkeypatch.setattr(D, "collective_device", lambda t: t.device)  # gloo, or a CUDA tensor: in place
+    D.all_reduce_sum(host)
+    assert fake.seen[-1] is host
