@@ -41,6 +41,7 @@ def check_shared_run_dir(cfg: Config, run_dir: str) -> None:
     if D.rank() == 0:
         os.remove(marker)
     if blind:
+        D.shutdown()  # every rank is here: leave the group together (gloo's teardown at exit aborted some ranks)
         ranks = ", ".join(map(str, blind))
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} must be a directory all nodes share (one filesystem "
                           f"at the same path; a relative path resolves against each node's working directory): "
