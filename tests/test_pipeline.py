@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from pipeline_testing import MICRO_MODEL
 
 from r1fast import pipeline as P
 from r1fast.config_io import ConfigError
@@ -30,13 +31,7 @@ max_seq_len = 64
 tie_word_embeddings = true
 
 [models.student]
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 1
-intermediate_size = 32
-max_seq_len = 64
-
+""" + MICRO_MODEL + """
 [eval]
 k = 2
 max_new_tokens = 24

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from pipeline_testing import pipeline_header
 
 from r1fast import pipeline as P
 from r1fast import rejection_filters as F
@@ -35,18 +36,7 @@ def test_split_limit_is_proportional_and_keeps_every_input():
         split_limit([3], 0)
 
 
-RECIPE = """
-[pipeline]
-name = "t"
-out_dir = "{out}"
-template = "compact"
-[models.student]
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 1
-intermediate_size = 32
-max_seq_len = 64
+RECIPE = pipeline_header("t", "student") + """
 [eval]
 data = "data:heldout"
 k = 1

@@ -6,25 +6,13 @@ pipeline before any work; SIGTERM inside an rl stage ends with one line and resu
 import json
 
 import pytest
+from pipeline_testing import pipeline_header
 
 from r1fast import pipeline as P
 from r1fast.config_io import ConfigError
 
 # the run and its 1-layer model, shared by both recipes
-HEADER = """
-[pipeline]
-name = "r"
-out_dir = "{out}"
-template = "compact"
-
-[models.m]
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 1
-intermediate_size = 32
-max_seq_len = 64
-"""
+HEADER = pipeline_header("r", "m")
 
 RECIPE = HEADER + """
 [eval]
