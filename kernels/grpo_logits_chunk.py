@@ -43,9 +43,9 @@ def chunk_rows(rows: int, vocab: int, dtype: torch.dtype, chunk_tokens: int | No
                with_dlogits: bool) -> int:
     """Rows per chunk: ``chunk_tokens`` when given, else what fits the logits (+ dlogits) buffers in budget."""
     if not chunk_tokens:
-        logit_bytes = torch.empty((), dtype=logits_dtype(dtype)).element_size()
+        logit_bytes = logits_dtype(dtype).itemsize
         if with_dlogits and logits_dtype(dtype) != dtype:  # the separate dlogits buffer (fp16)
-            logit_bytes += torch.empty((), dtype=dtype).element_size()
+            logit_bytes += dtype.itemsize
         chunk_tokens = default_chunk_tokens(vocab, logit_bytes, chunk_bytes)
     return max(1, min(chunk_tokens, rows))
 

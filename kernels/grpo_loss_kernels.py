@@ -208,7 +208,8 @@ def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature, out=None):
         out.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
         return
     bias, ids = _flat_rows(logits, bias, ids)
-    _flat_rows(out, None, ids)  # the kernel stores by ``row_ptr + v`` in out too
+    if out.stride(1) != 1 and out.shape[1] > 1:  # the kernel stores by ``row_ptr + v`` in out too
+        raise ValueError(f"logits must have unit stride along the vocabulary, got strides {tuple(out.stride())}")
     tail = (bias if bias is not None else logits, ids, lse.contiguous(), coef.contiguous(), vocab, inv_temperature)
     consts = dict(HAS_BIAS=bias is not None, BLOCK_V=_block_v(vocab), num_warps=_num_warps(_block_v(vocab)))
     if out is logits:

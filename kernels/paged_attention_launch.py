@@ -360,11 +360,10 @@ def run_append_kv(
         return
     if k.shape[0] == 0:
         return
-    capacity = k_cache.shape[0] * k_cache.shape[1]
-    if slot_mapping.device.type == "cpu" and int(slot_mapping.max()) >= capacity:
+    if slot_mapping.device.type == "cpu":
         # Triton's interpreter writes out of bounds ("corrupted size vs. prev_size" heap aborts). On the CPU
         # this check is free; on CUDA it would be a host sync per layer, so device slots stay unchecked.
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())} beyond the cache's {capacity} slots")
+        ref.check_slot_range(slot_mapping, k_cache)
     num_kv_heads = k.shape[1]
     _append_kv_kernel[(k.shape[0],)](
         k,

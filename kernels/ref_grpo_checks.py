@@ -30,9 +30,10 @@ def _check_float(name, t):
 def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims=(2, 3), host_checks=True):
     """Checks shared by both ops. Returns (tokens, H, V).
 
-    ``host_checks=False`` skips the checks that read device values (non-finite hidden, token range,
-    a tensor normalizer): torch.compile and CUDA-graph capture cannot run them. Shapes and dtypes are
-    always checked.
+    ``host_checks=False`` skips the checks here that read device values (non-finite hidden, a tensor
+    temperature's value): torch.compile and CUDA-graph capture cannot run them. Shapes and dtypes are
+    always checked. The token range and the normalizer are checked by the callers (``validate_loss``,
+    the log-prob ops).
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)

@@ -23,7 +23,6 @@ from .ref_grpo_checks import (  # noqa: F401 (re-exported: grpo_loss.py and the 
     LOSS_TYPES,
     _check_token_range,
     check_chunk_tokens,
-    check_real,
     validate_linear,
     validate_loss,
 )
@@ -123,8 +122,7 @@ def finish_metrics(mask, beta, kl_sum, clipped_count, entropy_sum):
 
 def ref_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     """Tokens per reference chunk: REF_LIVE_CHUNK_BUFFERS [chunk, V] ``dtype`` buffers within REF_CHUNK_BYTES."""
-    per_token = REF_LIVE_CHUNK_BUFFERS * max(1, vocab) * torch.finfo(dtype).bits // 8
-    return max(16, REF_CHUNK_BYTES // per_token // 16 * 16)
+    return default_chunk_tokens(vocab, REF_LIVE_CHUNK_BUFFERS * torch.finfo(dtype).bits // 8, REF_CHUNK_BYTES)
 
 
 def _chunk_logits(hidden, weight, bias, inv_temperature, cd):

@@ -268,15 +268,21 @@ def paged_attention_cascade(
     return _finish(out_c, lse_c, q, out, return_lse)
 
 
+def check_slot_range(slot_mapping, k_cache):
+    """Refuse a slot past the cache's num_blocks * block_size slots (negative slots mean "skip")."""
+    capacity = k_cache.shape[0] * k_cache.shape[1]
+    top = int(slot_mapping.max()) if slot_mapping.numel() else -1
+    if top >= capacity:
+        raise ValueError(f"slot_mapping holds slot {top} beyond the cache's {capacity} slots")
+
+
 def append_kv(k, v, k_cache, v_cache, slot_mapping):
     """Reference of ``append_kv``: ``cache[slot // block_size, slot % block_size] = k[t]``; slot < 0 skips t."""
     check_append_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    check_slot_range(slot_mapping, k_cache)
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    capacity = k_cache.shape[0] * block_size
-    if slots.numel() and int(slots.max()) >= capacity:
-        raise ValueError(f"slot_mapping holds slot {int(slots.max())} beyond the cache's {capacity} slots")
     blocks, offsets = slots // block_size, slots % block_size
     k_cache[blocks, offsets] = k[keep]
     v_cache[blocks, offsets] = v[keep]
