@@ -8,6 +8,7 @@ Extra keys are kept (e.g. ``"tests"`` for code tasks, ``"language"``); ``"task"`
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -59,9 +60,8 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
         raise FileNotFoundError(f"dataset file not found: {path!r}")
     name = os.path.basename(path)
     samples: list[dict] = []
-    if limit == 0:  # checked before the first read: a line past the limit is never parsed, so it cannot fail the load
-        return samples
-    for line_number, record in iter_json_objects(path):
+    # islice stops before reading past the limit: a line past it is never parsed, so it cannot fail the load
+    for line_number, record in itertools.islice(iter_json_objects(path), limit):
         for key in ("prompt", "answer"):
             value = record.get(key)
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -73,6 +73,4 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
         record.setdefault("task", default_task)
         record.setdefault("id", f"{name}:{line_number}")
         samples.append(record)
-        if limit is not None and len(samples) >= limit:
-            break
     return samples

@@ -194,11 +194,25 @@ def _verify_integer(sample: dict, text: str) -> bool:
     return _is_integer_text(text.strip(), sample["answer"])
 
 
+def _split_equation(text: str) -> tuple[str, str | None] | None:
+    """A countdown answer "expr" or "expr = value" as (expr, stripped value or None); None for two "="."""
+    expr, *rest = text.split("=")
+    if len(rest) > 1:
+        return None
+    return expr, (rest[0].strip() if rest else None)
+
+
+def _sort_tokens(text: str) -> list[str]:
+    """A sorting answer's numbers, split on whitespace and commas: "1, 3 12" -> ["1", "3", "12"]."""
+    return [t for t in re.split(r"[\s,]+", text) if t]
+
+
 def _verify_countdown(sample: dict, text: str) -> bool:
     # "expr" or "expr = target"; a right side that is not the target makes a false equation
-    expr, *rest = text.strip().split("=")
-    if len(rest) > 1 or (rest and not _is_integer_text(rest[0].strip(), str(sample["target"]))):
+    parts = _split_equation(text.strip())
+    if parts is None or (parts[1] is not None and not _is_integer_text(parts[1], str(sample["target"]))):
         return False
+    expr = parts[0]
     used: list[int] = []
     try:
         value = safe_eval(expr, literals=used, max_abs=_COUNTDOWN_MAX_ABS, max_len=_COUNTDOWN_MAX_LEN)
@@ -208,8 +222,7 @@ def _verify_countdown(sample: dict, text: str) -> bool:
 
 
 def _verify_sorting(sample: dict, text: str) -> bool:
-    tokens = [t for t in re.split(r"[\s,]+", text.strip()) if t]
-    return tokens == sample["answer"].split()
+    return _sort_tokens(text.strip()) == sample["answer"].split()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,11 +348,17 @@ def generate_tasks(task: str, n: int, *, seed: int = 0, split: str = "train", he
     return list(samples.values())
 
 
-def verify_answer(sample: dict, answer_text: str) -> bool:
-    """Exact check of a model's answer text (the contents of <answer>) against a generated sample."""
+def _generated_task(sample: dict) -> str:
+    """The sample's task name; ValueError when it is not a generated task."""
     task = sample.get("task")
     if task not in TASKS:
         raise ValueError(f"sample: task {task!r} is not a generated task; known: {sorted(TASKS)}")
+    return task
+
+
+def verify_answer(sample: dict, answer_text: str) -> bool:
+    """Exact check of a model's answer text (the contents of <answer>) against a generated sample."""
+    task = _generated_task(sample)
     if not isinstance(answer_text, str):
         return False
     return TASKS[task][1](sample, answer_text)
@@ -350,31 +369,27 @@ def canonical_answer(sample: dict, answer_text: str | None) -> str | None:
     integers without sign noise, separators or leading zeros ("+07" -> "7"), a sorting as its numbers joined
     by one space ("1, 3, 12" -> "1 3 12"), a countdown expression as its parsed tree written back ("((2+3))*4"
     -> "(2 + 3) * 4"). None when the text is not in the task's answer form (callers fall back to the text)."""
-    task = sample.get("task")
-    if task not in TASKS:
-        raise ValueError(f"sample: task {task!r} is not a generated task; known: {sorted(TASKS)}")
+    task = _generated_task(sample)
     if not isinstance(answer_text, str):
         return None
     text = answer_text.strip()
     if task in ("addition", "chain_sum"):
         return _canonical_integer(text) if _INT_RE.fullmatch(text) else None
     if task == "sorting":
-        tokens = [t for t in re.split(r"[\s,]+", text) if t]
-        return " ".join(tokens) or None
-    expr, *rest = text.split("=")  # countdown: "expr" or "expr = value", as its verifier reads it
-    if len(rest) > 1 or (rest and not _INT_RE.fullmatch(rest[0].strip())):
+        return " ".join(_sort_tokens(text)) or None
+    parts = _split_equation(text)  # countdown: "expr" or "expr = value", as its verifier reads it
+    if parts is None or (parts[1] is not None and not _INT_RE.fullmatch(parts[1])):
         return None
+    expr, value = parts
     try:
         safe_eval(expr, max_abs=_COUNTDOWN_MAX_ABS, max_len=_COUNTDOWN_MAX_LEN)
     except UnsafeExpression:
         return None
     tree = ast.unparse(ast.parse(expr.strip(), mode="eval"))  # one spacing, no redundant parentheses
-    return tree + (f"={_canonical_integer(rest[0].strip())}" if rest else "")
+    return tree + (f"={_canonical_integer(value)}" if value is not None else "")
 
 
 def worked_solution(sample: dict) -> str:
     """The cold-start SFT target: '<think>steps</think><answer>answer</answer>' for a generated sample."""
-    task = sample.get("task")
-    if task not in TASKS:
-        raise ValueError(f"sample: task {task!r} is not a generated task; known: {sorted(TASKS)}")
+    task = _generated_task(sample)
     return TASKS[task][2](sample)

@@ -49,6 +49,11 @@ logger = logging.getLogger("r1fast.rewards")
 _MAX_LOGGED_ERRORS = 20  # per reward and CombinedReward; later ones are only counted
 
 
+def _sample_id(metas, i: int):
+    """How a log line names sample ``i``: its ``"id"`` when it has one, else its index."""
+    return metas[i].get("id", i) if isinstance(metas[i], dict) else i
+
+
 def _unknown(name: str) -> ValueError:
     return ValueError(f"reward: unknown reward name {name!r}; known: {sorted(REWARDS)}")
 
@@ -87,23 +92,20 @@ class Reward:
                           for s in self.batch_fn(prompts, completions, metas)]
             except Exception:  # find the culprit sample by scoring one at a time
                 pass
-        if scores is not None:
-            for i, s in enumerate(scores):  # a sample's own failure, handed back by the batch function
-                if isinstance(s, SkipSample):
-                    scores[i] = None
-                elif isinstance(s, Exception):
-                    on_error(i, s)
-                    scores[i] = 0.0
-        else:
+        if scores is None:
             scores = []
-            for i, (prompt, completion, meta) in enumerate(zip(prompts, completions, metas, strict=True)):
+            for prompt, completion, meta in zip(prompts, completions, metas, strict=True):
                 try:
-                    scores.append(self(prompt, completion, meta))
-                except SkipSample:
-                    scores.append(None)
-                except Exception as exc:
-                    on_error(i, exc)
-                    scores.append(0.0)
+                    s = self(prompt, completion, meta)
+                except Exception as exc:  # collected, then handled below like a batch function's
+                    s = exc
+                scores.append(s)
+        for i, s in enumerate(scores):  # a sample's own failure: skipped, or reported and scored 0
+            if isinstance(s, SkipSample):
+                scores[i] = None
+            elif isinstance(s, Exception):
+                on_error(i, s)
+                scores[i] = 0.0
         for i, s in enumerate(scores):  # one NaN would poison its whole group's advantages
             if s is not None and not math.isfinite(s):
                 on_error(i, ValueError(f"reward {self.name!r} returned a non-finite score {s}"))
@@ -144,8 +146,7 @@ class CombinedReward:
         def report(i: int, exc: BaseException) -> None:
             self.error_counts[name] += 1
             if self.error_counts[name] <= _MAX_LOGGED_ERRORS:
-                logger.warning("reward %r raised on sample %r (scored 0): %r", name,
-                               metas[i].get("id", i) if isinstance(metas[i], dict) else i, exc)
+                logger.warning("reward %r raised on sample %r (scored 0): %r", name, _sample_id(metas, i), exc)
         return report
 
     def score(self, prompts: list[str], completions: list[str], metas: list[dict]) -> RewardBatch:
@@ -164,8 +165,7 @@ class CombinedReward:
         for i, value in enumerate(total):
             if not math.isfinite(value):  # each score is finite, their weighted sum overflowed (1e308 x 10)
                 errors["total"] = errors.get("total", 0) + 1
-                logger.warning("the weighted reward total of sample %r is %r (scored 0)",
-                               metas[i].get("id", i) if isinstance(metas[i], dict) else i, value)
+                logger.warning("the weighted reward total of sample %r is %r (scored 0)", _sample_id(metas, i), value)
                 total[i] = 0.0
         return RewardBatch(total=total, per_reward=per_reward, skipped=skipped, errors=errors)
 

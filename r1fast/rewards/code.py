@@ -20,20 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .code_extract import extract_code
 from .sandbox import SandboxLimits, run_python
+from .sandbox_pipes import is_utf8
 
 __all__ = ["extract_code", "normalize_output", "parse_tests", "code_reward", "code_batch"]
 
 
 def normalize_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).rstrip()
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse_tests(tests) -> list[dict]:
@@ -51,7 +44,7 @@ def parse_tests(tests) -> list[dict]:
         if not normalize_output(test["output"]):
             raise ValueError(f"meta['tests'][{k}]: empty expected output cannot tell a silent program from a correct one")
         for key in ("input", "output"):  # a lone surrogate (JSON "\udcff") can be neither fed nor printed
-            if not _is_utf8(test[key]):
+            if not is_utf8(test[key]):
                 raise ValueError(f"meta['tests'][{k}]['{key}']: not valid UTF-8 text (a lone surrogate)")
     return tests
 
@@ -88,7 +81,7 @@ def code_reward(prompt: str, completion: str, meta: dict, *, limits: SandboxLimi
     code = extract_code(completion)
     # A program with a lone surrogate has no UTF-8 form: no file could hold it, so it fails like one that
     # does not compile (the sandbox refuses such text with a ValueError; mapping it to 0 is this layer's call).
-    if code is None or not _is_utf8(code):
+    if code is None or not is_utf8(code):
         return 0.0
     passed = 0
     for test in tests:

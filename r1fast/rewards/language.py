@@ -40,21 +40,22 @@ def _is_latin_letter(letter: str) -> bool:
 
 
 def _words(text: str):
-    """Each word of ``text``: a CJK ideograph alone, or a run of letters with their combining marks."""
+    """``(word, is_cjk)`` for each word of ``text``: a CJK ideograph alone, or a run of letters with their
+    combining marks."""
     word: list[str] = []
     for c in text:
         if _CJK_RE.match(c):
             if word:
-                yield "".join(word)
+                yield "".join(word), False
                 word = []
-            yield c
+            yield c, True
         elif c.isalpha() or (word and unicodedata.category(c) in ("Mn", "Mc")):
             word.append(c)  # a combining accent continues its word ("cafe\u0301" is one word)
         elif word:
-            yield "".join(word)
+            yield "".join(word), False
             word = []
     if word:
-        yield "".join(word)
+        yield "".join(word), False
 
 
 def count_words_by_language(text: str) -> dict[str, int]:
@@ -62,8 +63,8 @@ def count_words_by_language(text: str) -> dict[str, int]:
     if text.isascii():
         return {"en": len(_ASCII_WORD_RE.findall(text)), "zh": 0, "other": 0}
     counts = {"en": 0, "zh": 0, "other": 0}
-    for word in _words(text):
-        if _CJK_RE.match(word):
+    for word, is_cjk in _words(text):
+        if is_cjk:
             counts["zh"] += 1
         else:
             latin = all(_is_latin_letter(c) for c in word if c.isalpha())

@@ -126,18 +126,16 @@ def _serve() -> None:
         request = json.loads(line)
         try:
             gold_parsed = _parse_gold(request["gold"])
-        except Exception as exc:  # a gold that makes the parser fail cannot be graded either
-            gold_parsed, error = (), repr(exc)
-        else:
-            error = None
-        out.write(json.dumps({"gold_ok": bool(gold_parsed), **({"error": error} if error else {})}) + "\n")
+        except Exception:  # a gold that makes the parser fail cannot be graded either
+            gold_parsed = ()
+        out.write(json.dumps({"gold_ok": bool(gold_parsed)}) + "\n")
         if not gold_parsed:
             continue
         try:
-            result = {"correct": _grade_pred(gold_parsed, request["pred"])}
-        except Exception as exc:  # a grading failure is a wrong answer, never a dead worker
-            result = {"correct": False, "error": repr(exc)}
-        out.write(json.dumps(result) + "\n")
+            correct = _grade_pred(gold_parsed, request["pred"])
+        except Exception:  # a grading failure is a wrong answer, never a dead worker
+            correct = False
+        out.write(json.dumps({"correct": correct}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,10 +172,10 @@ class _Worker:
         return json.loads(line)
 
     def request(self, gold: str, pred: str, timeout_s: float, on_gold=None, startup_timeout_s: float = 120.0) -> dict:
-        """``{"gold_ok", "correct"}`` from the worker; ``on_gold(gold_ok)`` is called as soon as the gold
-        is parsed. When the worker does not answer in time it is killed and the result is
-        ``{"timeout": stage}``: "start" (sending, interpreter, imports: ``startup_timeout_s``), "gold" or
-        "pred" (the answer: ``timeout_s``, counted from the worker's "ready")."""
+        """``{"gold_ok"}`` from the worker, with ``"correct"`` when the gold parsed; ``on_gold(gold_ok)`` is
+        called as soon as the gold is parsed. When the worker does not answer in time it is killed and the
+        result is ``{"timeout": stage}``: "start" (sending, interpreter, imports: ``startup_timeout_s``),
+        "gold" or "pred" (the answer: ``timeout_s``, counted from the worker's "ready")."""
         stage = "start"
         try:
             self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
@@ -196,7 +194,7 @@ class _Worker:
             if on_gold is not None:
                 on_gold(gold_line["gold_ok"])
             if not gold_line["gold_ok"]:
-                return {"gold_ok": False, "correct": False}
+                return {"gold_ok": False}
             stage = "pred"
             result = self._read_line(deadline)
         except (BrokenPipeError, OSError):

@@ -18,9 +18,18 @@ import selectors
 import subprocess
 import time
 
-__all__ = ["encode_text", "status_pipe", "read_status", "collect_output"]
+__all__ = ["is_utf8", "encode_text", "status_pipe", "read_status", "collect_output"]
 
 _STATUS_MAX = 4096  # the launcher writes one short line; more is never read
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (a lone surrogate has none); ``encode_text`` says why not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_text(text: str, name: str) -> bytes:
