@@ -145,20 +145,16 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
     stem = None if args.no_save else report_stem(report, Path(args.out))
     families = list(dict.fromkeys(family for family, _ in selected))
     for family in families:
-        family_records = []
+        start = len(records)
         for fam, case in selected:
             if fam != family:
                 continue
             console.print(f"[dim]timing {case.name}[/]", highlight=False)
-            family_records.append(case_record(family, case, time_case(case, quick=args.quick), ceilings))
-            report.update(incomplete={"done": len(records) + len(family_records), "of": len(selected)},
-                          errors=list(errors))
-            report["cases"] = records + family_records
+            records.append(case_record(family, case, time_case(case, quick=args.quick), ceilings))
+            report.update(incomplete={"done": len(records), "of": len(selected)}, errors=list(errors))
             _save(report, args, console, stem, quiet=True)
-        console.print(family_table(family, family_records))
-        records += family_records
+        console.print(family_table(family, records[start:]))
     report.pop("incomplete", None)
-    report["cases"] = records
     for record in records:
         for row in record["rows"]:
             if row["ours"] and row["status"] == "error":

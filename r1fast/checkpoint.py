@@ -116,12 +116,6 @@ def _warn_semantics(args: ModelArgs, when: str) -> None:
     divergence = args.transformers_divergence()
     if divergence:
         warnings.warn(f"{when}: {divergence}", stacklevel=3)
-    alpha = args.hf_config.get("aux_loss_alpha") if args.is_moe else None
-    if when == "load" and isinstance(alpha, (int, float)) and alpha > 0:
-        # real DeepSeek-V2/V3 configs carry 0.001: say once per load that nothing balances the router
-        warnings.warn(f"load: aux_loss_alpha={alpha} is ignored: r1fast computes no load-balancing loss and never "
-                      "updates V3's e_score_correction_bias (RL fine-tuning keeps the router's balance as loaded; see "
-                      "r1fast.moe)", stacklevel=3)
 
 
 def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
@@ -184,6 +178,12 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
         dtype = resolve_dtype(dtype)
     args = ModelArgs.from_dir(path)
     _warn_semantics(args, "load")
+    alpha = args.hf_config.get("aux_loss_alpha") if args.is_moe else None
+    if isinstance(alpha, (int, float)) and alpha > 0:
+        # real DeepSeek-V2/V3 configs carry 0.001: say once per load that nothing balances the router
+        warnings.warn(f"load: aux_loss_alpha={alpha} is ignored: r1fast computes no load-balancing loss and never "
+                      "updates V3's e_score_correction_bias (RL fine-tuning keeps the router's balance as loaded; see "
+                      "r1fast.moe)", stacklevel=2)
     if dtype is None:
         dtype = _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.float32)
     device = torch.device(device or "cpu")

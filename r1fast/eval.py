@@ -32,7 +32,7 @@ import torch
 from r1fast import distributed as D
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
-from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, summarize
+from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, normalize_answer, summarize
 from r1fast.seeding import sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
@@ -42,13 +42,11 @@ from r1fast.stage_io import (
     check_template,
     data_errors,
     empty_data_error,
-    encode_fitting_prompts,
-    generation_limit,
+    encode_prompts_that_fit,
     load_policy,
     pick_device_dtype,
     resolve_template,
     stop_token_ids,
-    warn_dropped_too_long,
 )
 
 DEFAULT_PASS_K = (1, 2, 4, 8, 16, 32, 64)
@@ -145,7 +143,6 @@ def _vote_keys(sample: dict, answers: list, correct: list[bool]) -> list[str | N
     they could outvote the correct group: otherwise no grouping changes cons@k.
     """
     from r1fast.data.tasks import TASKS, canonical_answer
-    from r1fast.eval_metrics import normalize_answer
     from r1fast.rewards.accuracy import default_verifier
 
     if sample.get("task") in TASKS:
@@ -172,26 +169,14 @@ def _vote_keys(sample: dict, answers: list, correct: list[bool]) -> list[str | N
     return [group[t] if t is not None else None for t in texts]
 
 
-def _gather(items: list) -> list:
-    """Every rank's list, concatenated on every rank (one process: unchanged)."""
-    if D.world_size() == 1:
-        return items
-    parts = [None] * D.world_size()
-    torch.distributed.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
 def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """(metrics, per-prompt records) of the model behind ``engine`` on ``samples`` (all ranks call it).
 
     Prompts too long for the model (prompt + max_new_tokens past its positions or KV cache) are dropped
     and counted (``dropped_too_long``); every rank encodes every prompt (cheap next to sampling), so all
     agree on which are kept without a collective, and a kept prompt keeps its index (and sample seeds)."""
-    limit = generation_limit(engine)
-    fitting, dropped = encode_fitting_prompts(tokenizer, samples, cfg.template, max_new_tokens=cfg.max_new_tokens,
-                                              limit=limit, path=cfg.data)
-    warn_dropped_too_long("r1fast.eval", dropped, len(samples), max_new_tokens=cfg.max_new_tokens, limit=limit,
-                          path=cfg.data)
+    fitting, dropped = encode_prompts_that_fit("r1fast.eval", engine, tokenizer, samples, cfg.template,
+                                               max_new_tokens=cfg.max_new_tokens, path=cfg.data)
     mine = sorted(fitting)[D.rank()::D.world_size()]
     prompts = [fitting[i] for i in mine]
     stop = stop_token_ids(tokenizer, engine.args)
@@ -217,7 +202,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
                 rec.update(greedy_correct=bool(scores[-1]), greedy_formatted=formatted[-1],
                            greedy_length=len(g[0].token_ids), greedy_text=texts[-1])
             records.append(rec)
-    records = sorted(_gather(records), key=lambda r: r["index"])
+    records = sorted((r for part in D.all_gather_object(records) for r in part), key=lambda r: r["index"])
     graded = [r for r in records if not r["skipped"]]
     if not graded:
         raise DataError(f"data: none of the {len(records)} prompts of {cfg.data!r} could be graded (math-verify "

@@ -26,6 +26,15 @@ MODEL_TYPE_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def _read_json(file: str):
+    """The JSON value in ``file``; ValueError naming the file when it is not valid JSON."""
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
 @dataclass
 class ModelArgs:
     """Shapes and options of one decoder-only transformer (field names follow HF where they exist)."""
@@ -179,7 +188,7 @@ class ModelArgs:
         common = dict(
             model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope or None,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
@@ -279,8 +288,8 @@ class ModelArgs:
                 refuse(f"kv_lora_rank={self.kv_lora_rank}", "DeepSeek checkpoints use latent attention (kv_lora_rank > 0)")
             if self.mlp_bias:
                 refuse("mlp_bias=True", "DeepSeek MLPs have no biases")
-            if self._deepseek_moe_mismatch():
-                refuse(*self._deepseek_moe_mismatch())
+            if mismatch := self._deepseek_moe_mismatch():
+                refuse(*mismatch)
             if mt == "deepseek_v2" and not self.rope_interleave:
                 refuse("rope_interleave=False", "DeepSeek-V2 always rotates interleaved pairs")
             return
@@ -369,22 +378,14 @@ class ModelArgs:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise ValueError(f"{file}: not found (from_pretrained needs an HF model directory)")
-        with open(file, encoding="utf-8") as f:
-            try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}: not valid JSON ({e})") from e
+        cfg = _read_json(file)
         try:
             args = cls.from_hf_config(cfg)
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{file}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from e
         generation = os.path.join(path, "generation_config.json")
         if os.path.isfile(generation):
-            with open(generation, encoding="utf-8") as f:
-                try:
-                    args.generation_config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{generation}: not valid JSON ({e})") from e
+            args.generation_config = _read_json(generation)
         return args
 
     def replace(self, **changes) -> ModelArgs:

@@ -49,7 +49,7 @@ from r1fast import distributed as D
 from r1fast.config import Config
 from r1fast.config_io import ConfigError, DataError
 from r1fast.eval import EvalConfig
-from r1fast.pipeline_data import mix_sft_inputs, non_reasoning_examples, run_data_stage  # noqa: F401  (re-exported)
+from r1fast.pipeline_data import mix_sft_inputs, run_data_stage
 from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API)
     FORCED_KEYS,
     INTERRUPTED_EXIT_CODE,
@@ -78,7 +78,7 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
 from r1fast.rejection import EmptyKeptSetError
 from r1fast.run_dir import lock_run_dir, read_json
 from r1fast.sft import SFTConfig
-from r1fast.stage_io import checkpoint_identity, data_errors, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from r1fast.stage_io import checkpoint_identity, sha256_file
 from r1fast.train_state import latest_checkpoint
 
 # ---------------------------------------------------------------------------------------------------

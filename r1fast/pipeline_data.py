@@ -9,7 +9,6 @@ many records it had and how many were used (``sources``).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -17,16 +16,9 @@ from r1fast import distributed as D
 from r1fast.data import generate_tasks, worked_solution
 from r1fast.data.jsonl import iter_json_objects
 from r1fast.pipeline_recipe import DataGenConfig, Stage, data_files
-from r1fast.stage_io import data_errors
+from r1fast.stage_io import data_errors, write_jsonl
 
-__all__ = ["write_jsonl", "non_reasoning_examples", "run_data_stage", "split_limit", "mix_sft_inputs"]
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """``rows`` as JSONL, written to ``path + '.tmp'`` and renamed (an existing file is complete)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+__all__ = ["non_reasoning_examples", "run_data_stage", "split_limit", "mix_sft_inputs"]
 
 
 def non_reasoning_examples(n: int, *, digits: tuple[int, int], seed: int) -> list[dict]:

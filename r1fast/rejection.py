@@ -50,15 +50,14 @@ from r1fast.stage_io import (
     check_template,
     data_errors,
     empty_data_error,
-    encode_fitting_prompts,
     encode_prompt,
-    generation_limit,
+    encode_prompts_that_fit,
     load_policy,
     pick_device_dtype,
     render_prompt,
     resolve_template,
     stop_token_ids,
-    warn_dropped_too_long,
+    write_jsonl,
 )
 
 FILTER_STAGES = ("ungradable", "incorrect", "length", "mixed_language", "unreadable", "repetition",
@@ -222,22 +221,15 @@ def trace_tokens(completion) -> int:
     return len(ids) - int(completion.finish_reason == "stop" and len(ids) > 0)
 
 
-def fitting_prompts(engine, tokenizer, samples: list[dict], cfg: RejectionConfig) -> tuple[dict[int, list[int]], int]:
-    """({sample index: prompt ids} of the prompts that fit the model with max_new_tokens, how many did not):
-    ``stage_io``'s length rule, shared with r1fast.eval; a DataError naming the data file when none fits."""
-    return encode_fitting_prompts(tokenizer, samples, cfg.template, max_new_tokens=cfg.max_new_tokens,
-                                  limit=generation_limit(engine), path=cfg.data)
-
-
 def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                   score: Callable[[list[dict], list[str]], list[dict]] = default_score, *,
                   prompt_ids: dict[int, list[int]] | None = None) -> list[dict]:
     """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank.
 
-    ``prompt_ids``: the encoded prompts to sample, by sample index (``fitting_prompts``, as run_rejection
-    passes them; None: every sample encoded here, and a too-long one is the engine's ValueError). Every
-    rank holds them all, so the shards agree without a collective and a prompt's seeds depend only on
-    its index."""
+    ``prompt_ids``: the encoded prompts to sample, by sample index (``stage_io.encode_prompts_that_fit``,
+    as run_rejection passes them; None: every sample encoded here, and a too-long one is the engine's
+    ValueError). Every rank holds them all, so the shards agree without a collective and a prompt's seeds
+    depend only on its index."""
     world = D.world_size()
     if prompt_ids is None:
         prompt_ids = {i: encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=s["prompt"]),
@@ -258,25 +250,22 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                            "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
                            "seed": seed, "num_tokens": trace_tokens(c),
                            "finish_reason": c.finish_reason})
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, traces)
-        traces = [t for part in parts for t in part]
+    traces = [t for part in D.all_gather_object(traces) for t in part]
     return sorted(traces, key=lambda t: (t["prompt_index"], t["sample_index"]))
 
 
 def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_used: str) -> None:
     sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
-    tmp = path + ".tmp"
+
+    def record(t: dict) -> dict:
+        provenance = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
+                      "template": template_used, "sampling": sampling, "sample_index": t["sample_index"],
+                      "seed": t["seed"], "num_tokens": t["num_tokens"], "finish_reason": t["finish_reason"]}
+        rec = {k: t[k] for k in ("prompt", "completion", "answer", "task", "id", "rewards")}
+        return {**rec, "provenance": provenance}
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in kept:
-            provenance = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
-                          "template": template_used, "sampling": sampling, "sample_index": t["sample_index"],
-                          "seed": t["seed"], "num_tokens": t["num_tokens"], "finish_reason": t["finish_reason"]}
-            rec = {k: t[k] for k in ("prompt", "completion", "answer", "task", "id", "rewards")}
-            f.write(json.dumps({**rec, "provenance": provenance}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, (record(t) for t in kept))
 
 
 def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> dict:
@@ -308,9 +297,8 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
-    prompt_ids, dropped = fitting_prompts(engine, tokenizer, samples, cfg)
-    warn_dropped_too_long("r1fast.rejection", dropped, len(samples), max_new_tokens=cfg.max_new_tokens,
-                          limit=generation_limit(engine), path=cfg.data)
+    prompt_ids, dropped = encode_prompts_that_fit("r1fast.rejection", engine, tokenizer, samples, cfg.template,
+                                                  max_new_tokens=cfg.max_new_tokens, path=cfg.data)
     with torch.no_grad():
         traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids)
     kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts)

@@ -41,6 +41,12 @@ def ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def _chain_of_thought(completion: str) -> str:
+    """The ``<think>`` block of ``completion``, or the whole completion when there is none."""
+    think = extract_think(completion)
+    return think if think is not None else completion
+
+
 def mixed_language(completion: str, *, language: str = "en", min_share: float = 0.95) -> bool:
     """True when fewer than ``min_share`` of the chain of thought's words are in ``language``.
 
@@ -49,8 +55,7 @@ def mixed_language(completion: str, *, language: str = "en", min_share: float = 
     """
     if not 0.0 <= min_share <= 1.0:
         raise ValueError(f"min_share: expected a value in [0, 1], got {min_share}")
-    think = extract_think(completion)
-    counts = count_words_by_language(think if think is not None else completion)
+    counts = count_words_by_language(_chain_of_thought(completion))
     if language not in counts:
         raise ValueError(f"language: expected one of {sorted(k for k in counts if k != 'other')}, got {language!r}")
     total = sum(counts.values())
@@ -71,8 +76,7 @@ def unreadable(completion: str, *, code_blocks: bool = True, max_paragraph_words
     """
     if max_paragraph_words is not None and max_paragraph_words < 1:
         raise ValueError(f"max_paragraph_words: expected >= 1 or None, got {max_paragraph_words}")
-    think = extract_think(completion)
-    text = think if think is not None else completion
+    text = _chain_of_thought(completion)
     if code_blocks and (_FENCE_RE.search(text) or _INDENTED_RE.search(text)):
         return True
     return max_paragraph_words is not None and any(
@@ -167,6 +171,6 @@ class NgramIndex:
             if len(tokens) >= self.n and not self.grams.isdisjoint(ngrams(tokens, self.n)):
                 return True
             for length, seqs in self.short.items():
-                if any(tuple(tokens[i:i + length]) in seqs for i in range(len(tokens) - length + 1)):
+                if not seqs.isdisjoint(ngrams(tokens, length)):
                     return True
         return False

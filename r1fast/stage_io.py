@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sys
+from collections.abc import Iterable
 
 import torch
 
@@ -194,6 +196,24 @@ def warn_dropped_too_long(stage: str, dropped: int, total: int, *, max_new_token
     if dropped and D.rank() == 0:
         print(f"{stage}: dropped {dropped} of {total} prompts of {path!r}: prompt + max_new_tokens={max_new_tokens} "
               f"exceeds the {limit} tokens the model holds (dropped_too_long={dropped})", file=sys.stderr)
+
+
+def encode_prompts_that_fit(stage: str, engine, tokenizer, samples: list[dict], template: str, *,
+                            max_new_tokens: int, path: str) -> tuple[dict[int, list[int]], int]:
+    """``encode_fitting_prompts`` against ``generation_limit(engine)``, with the dropped prompts said on stderr
+    (``warn_dropped_too_long``, naming ``stage``): the length rule as eval and rejection apply it."""
+    limit = generation_limit(engine)
+    fitting, dropped = encode_fitting_prompts(tokenizer, samples, template, max_new_tokens=max_new_tokens,
+                                              limit=limit, path=path)
+    warn_dropped_too_long(stage, dropped, len(samples), max_new_tokens=max_new_tokens, limit=limit, path=path)
+    return fitting, dropped
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    """``rows`` as JSONL, written to ``path + '.tmp'`` and renamed (an existing file is complete)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
 
 
 def stop_token_ids(tokenizer, args) -> list[int]:
