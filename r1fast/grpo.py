@@ -87,7 +87,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: s
     else:
         count = ok.sum(dim=1, keepdim=True)
         centered = (grouped - (grouped * ok).sum(dim=1, keepdim=True) / count.clamp_min(1)) * ok
-        group_std = ((centered * centered).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        group_std = (((centered * centered).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+                     if scale_rewards == "group" else None)
     if scale_rewards == "group":
         centered = centered / (group_std + eps)
     elif scale_rewards == "batch":

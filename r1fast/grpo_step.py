@@ -76,9 +76,10 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if g.soft_overlong_penalty:  # DAPO: linear penalty over the last overlong_cache_len tokens
         rewards += soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
     # groups never straddle ranks; "batch" scaling all-reduces its statistics inside
-    valid = torch.tensor([not skipped for skipped in graded.skipped], dtype=torch.bool)
+    ok = [not skipped for skipped in graded.skipped]
+    valid = torch.tensor(ok, dtype=torch.bool)
     advantages = group_advantages(rewards, group, scale_rewards=g.scale_rewards, valid=valid)
-    keep = valid.tolist()
+    keep = ok
     if g.dynamic_sampling:  # DAPO: a group whose valid rewards are all equal carries no signal
         signal = dynamic_sampling_mask(rewards, group, valid=valid)  # skipped samples' stand-in 0 not compared
         keep = [k and bool(m) for k, m in zip(keep, signal.tolist(), strict=True)]
@@ -144,7 +145,7 @@ def _train_on_batch(cfg: Config, root, ref_root, batch: RolloutBatch, clip_and_s
     b_rank = len(batch.completions)
     local_tokens = float(sum(tokens for _, _, tokens in micro))
     # the all-reduce of a host count: the same fp64 sum as global_active_tokens over the masks
-    global_tokens = D.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=device)).item()
+    global_tokens = D.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item()
     if global_tokens == 0:
         # Every group dropped (dynamic sampling) or filtered: nothing to learn from, and an optimizer step on
         # a zero gradient still moves the weights (AdamW's momentum: 6.8e-4 in the probe). The same on every

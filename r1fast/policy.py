@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from operator import add
 
 import torch
 from torch import nn
@@ -62,11 +63,12 @@ def pack(prompts: list[list[int]], completions: list[list[int]], device=None) ->
     for p, c in zip(prompts, completions, strict=True):
         flat.extend(p)
         flat.extend(c)
-    comp_sizes = [len(c) for c in completions]  # host ints: max() below reads no tensor
-    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    prompt_sizes, comp_sizes = [len(p) for p in prompts], [len(c) for c in completions]  # host ints: max() reads no tensor
+    prompt_lens = torch.tensor(prompt_sizes, dtype=torch.long)
     comp_lens = torch.tensor(comp_sizes, dtype=torch.long)
     lens = prompt_lens + comp_lens
-    starts = lens.cumsum(0) - lens
+    ends = lens.cumsum(0)
+    starts = ends - lens
     ids = _host_tensor(flat, "q", torch.long)
     width = max(1, *comp_sizes)
     offsets = torch.arange(width)
@@ -75,8 +77,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], device=None) ->
     comp = ids[(predicting + 1).clamp_(max=ids.numel() - 1)].masked_fill_(~real, 0)  # the token predicted
     index = torch.where(real, predicting, starts[:, None])
     cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
-    cu[1:] = lens.cumsum(0)
-    batch = PackedBatch(ids, cu, max(len(p) + n for p, n in zip(prompts, comp_sizes, strict=True)), index, comp, real.float())
+    cu[1:] = ends
+    batch = PackedBatch(ids, cu, max(map(add, prompt_sizes, comp_sizes)), index, comp, real.float())
     return batch.to(device) if device is not None else batch
 
 

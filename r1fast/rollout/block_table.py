@@ -18,6 +18,15 @@ from __future__ import annotations
 import torch
 
 
+def _round_width(blocks: int) -> int:
+    """A table width for ``blocks`` blocks: the next power of two >= 16, so that few sizes are ever allocated
+    (device tables here, captured decode graphs in ``cuda_graphs.py``)."""
+    width = 16
+    while width < blocks:
+        width *= 2
+    return width
+
+
 class BlockTable:
     """A [num_rows, width] int32 device table plus the host bookkeeping of which sequence owns which row."""
 
@@ -43,10 +52,7 @@ class BlockTable:
         reallocates the device table (zeros), which is fine because no row is owned between calls.
         """
         if width > self.width:
-            new = 16
-            while new < width:
-                new *= 2
-            self.table = torch.zeros(self.num_rows, new, dtype=torch.int32, device=self.device)
+            self.table = torch.zeros(self.num_rows, _round_width(width), dtype=torch.int32, device=self.device)
         self._free_rows = list(range(self.num_rows - 1, -1, -1))
         self._rows.clear()
         self._cols.clear()
@@ -78,14 +84,14 @@ class BlockTable:
         self._vals.append(block)
 
     def take_updates(self) -> tuple[list[int], list[int], list[int]]:
-        """(rows, cols, values) recorded since the last call, one per entry (the last write wins); clears them.
+        """(rows, cols, values) recorded since the last call; clears them.
 
-        A device scatter with a repeated index keeps an unspecified one of its values, so repeats are
-        resolved here (none arise today: a row freed by preemption is not re-acquired in the same step).
+        No (row, col) repeats between two calls (a device scatter with a repeated index would keep an
+        unspecified one of its values): a running sequence writes each of its columns once; a row freed
+        since the last call had no entries pending (a sequence finishes after its step's inputs were
+        taken, and a victim of preemption had not grown yet in that schedule); and a step that preempts
+        admits nobody, so a freed row is re-acquired no earlier than the next schedule.
         """
         rows, cols, vals = self._rows, self._cols, self._vals
         self._rows, self._cols, self._vals = [], [], []
-        if len(set(zip(rows, cols, strict=True))) != len(rows):
-            last = {(r, c): v for r, c, v in zip(rows, cols, vals, strict=True)}
-            rows, cols, vals = [k[0] for k in last], [k[1] for k in last], list(last.values())
         return rows, cols, vals

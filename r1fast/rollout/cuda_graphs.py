@@ -17,17 +17,10 @@ import warnings
 
 import torch
 
+from .block_table import _round_width
 from .paged_backend import StepMetadata
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-
-
-def _round_width(blocks: int) -> int:
-    """Block-table widths are rounded up to a power of two (>= 16) so that few graphs are captured."""
-    width = 16
-    while width < blocks:
-        width *= 2
-    return width
 
 
 class _Graph:

@@ -88,7 +88,9 @@ class Engine:
         elif not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         self._build_cache(num_blocks)
-        self._params = SamplingParams()  # the sampling settings of the step being run (set by _step)
+        # independent of the cache (a cast rebuilds only that); every generate resets the table before use
+        self.block_table = BlockTable(max_num_seqs, self.device)
+        self.staging = HostStaging(self.device)
         self._stats = {"preemptions": 0, "generated_tokens": 0, "generate_seconds": 0.0, "steps": 0,
                        "max_blocks_used": 0, "max_blocks_shared": 0, "last_tokens_per_s": 0.0}
 
@@ -105,8 +107,6 @@ class Engine:
                                   num_kv_heads=kv_heads, head_dim=cache_head_dim(qk_dim, v_dim), dtype=self.dtype,
                                   device=self.device)
         self.backend = PagedAttentionBackend(self.cache)
-        self.block_table = BlockTable(self.max_num_seqs, self.device)
-        self.staging = HostStaging(self.device)
         use_graphs = self.use_cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self) if use_graphs else None
 
@@ -245,13 +245,13 @@ class Engine:
             self.cache = self.backend = self.graphs = None  # free the old cache before allocating the new one
             self.dtype = weight.dtype
             self._build_cache(max(1, budget // self._bytes_per_block()))
+            self.block_table.table.zero_()  # stale entries must stay block ids of the new (maybe smaller) cache
 
     # -- one step -----------------------------------------------------------------------------------
     def _step(self, scheduler: Scheduler, chunks: list[Chunk], params: SamplingParams) -> int:
         """Run the chunks' forward, sample due tokens, update sequences; returns tokens generated."""
         due = [c.seq for c in chunks if c.samples_next_token]
-        self._params = params
-        logits, step = self._forward(chunks)
+        logits, step = self._forward(chunks, due, params)
         for chunk in chunks:
             scheduler.advance(chunk)
             if chunk.seq.is_prefix_job and chunk.seq.num_remaining == 0:
@@ -270,17 +270,17 @@ class Engine:
                 scheduler.finish(seq, "length")
         return len(due)
 
-    def _forward(self, chunks: list[Chunk]):
-        """Logits [S, V] of the chunks' sampling rows (None when no chunk samples) and the step's inputs."""
+    def _forward(self, chunks: list[Chunk], due: list[Sequence], params: SamplingParams):
+        """Logits [S, V] of the sampling rows of ``due`` (the chunks' sequences that sample; None when none
+        does) and the step's inputs."""
         # drawn before the forward so that they travel with the step's other inputs; a sequence draws once
         # per token it samples, exactly as when sample() drew them (the seed contract: see sampler.py)
-        due = [c.seq for c in chunks if c.samples_next_token]
-        uniforms = None if self._params.greedy or not due else [s.random.uniform() for s in due]
-        decode = all(c.length == 1 for c in chunks)
-        cascade = decode and any(c.seq.num_shared_blocks for c in chunks)
+        uniforms = None if params.greedy or not due else [s.random.uniform() for s in due]
+        # prepare_step runs a pure-decode step with shared prompt blocks as a cascade step
+        cascade = any(c.seq.num_shared_blocks for c in chunks)
         step = prepare_step(chunks, self.block_table, self.block_size, self.staging, cascade=cascade,
                             uniforms=uniforms)
-        if decode and self.graphs is not None:
+        if step.mode != "varlen" and self.graphs is not None:
             logits = self.graphs.run(step)
             if logits is not None:
                 return (logits if step.sample_rows is None else logits[step.sample_rows]), step

@@ -129,12 +129,14 @@ def prepare_step(chunks, table: BlockTable, block_size: int, staging: HostStagin
                  uniforms: list[float] | None) -> StepInputs:
     """The device inputs of the step computing ``chunks`` (each sequence owns a row of ``table``).
 
-    ``cascade`` (decode steps only): sequences read their group's shared prompt blocks through the
-    cascade kernel. ``uniforms``: one draw per sampling chunk, in chunk order (None for greedy).
+    ``cascade``: sequences read their group's shared prompt blocks through the cascade kernel; it applies
+    to pure decode steps only (ignored when a chunk has more than one token). ``uniforms``: one draw per
+    sampling chunk, in chunk order (None for greedy).
     """
     bs = block_size
     batch = len(chunks)
     decode = all(c.length == 1 for c in chunks)
+    cascade = cascade and decode
     ids, positions, lens, rows, cu, ends = [], [], [], [], [0], []
     for c in chunks:
         end = c.start + c.length
