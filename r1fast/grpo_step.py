@@ -88,7 +88,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
         keep = [k and bool(m) for k, m in zip(keep, overlong_filter_mask(truncated).tolist(), strict=True)]
     per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
     per_reward_sq = {f"{key}_sq": [v * v for v in values] for key, values in per_reward.items()}
-    scored = [float(x) if ok else math.nan for x, ok in zip(rewards.tolist(), keep, strict=True)]  # NaN: not counted
+    # NaN: not counted. Skipped samples only: samples the loss filters drop still count, as in reward_<name>
+    scored = [float(x) if v else math.nan for x, v in zip(rewards.tolist(), ok, strict=True)]
     means = _global_means({"reward_mean": scored, "reward_sq": [x * x for x in scored],
                            **per_reward, **per_reward_sq,
                            "response_length_mean": lengths.tolist(),
