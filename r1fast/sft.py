@@ -272,6 +272,13 @@ def _save_model(root, model, tokenizer, final: str, dtype: torch.dtype | None = 
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Train with ``cfg``; returns the summary (also written to summary.json). Bad paths fail before any work."""
+    try:
+        return _run_sft(cfg)
+    finally:  # on an error too: a programmatic (pipeline) run leaves no 1-rank process group behind
+        release_one_rank_group()
+
+
+def _run_sft(cfg: SFTConfig) -> dict:
     cfg.validate()
     check_file(cfg.data, "data")
     if cfg.model.name_or_path != "tiny":
@@ -355,7 +362,6 @@ def run_sft(cfg: SFTConfig) -> dict:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logger.close()
-    release_one_rank_group()  # a programmatic (pipeline) run leaves no 1-rank process group behind
     return summary
 
 

@@ -330,15 +330,17 @@ class Trainer:
 def run(cfg: Config) -> dict:
     """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary."""
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
-    trainer = Trainer(cfg, dist)
-    trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
-    try:
-        summary = trainer.run()
-        if summary.get("interrupted"):
-            summary["exit_status"] = trainer.stop.exit_status
-        return summary
+    try:  # from before Trainer(): its constructor can fail after build_mesh made the 1-rank group
+        trainer = Trainer(cfg, dist)
+        trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
+        try:
+            summary = trainer.run()
+            if summary.get("interrupted"):
+                summary["exit_status"] = trainer.stop.exit_status
+            return summary
+        finally:
+            trainer.stop.uninstall()
     finally:
-        trainer.stop.uninstall()
         release_one_rank_group()
 
 
