@@ -38,8 +38,9 @@ __all__ = [
 ]
 
 DATA_TEMPLATES = (*TEMPLATES, "chat", "auto")
-"""Values of data.template: the named templates of r1fast.data, plus 'chat' and 'auto' (the tokenizer's chat template;
-auto falls back to r1_zero without one)."""
+"""Values of data.template: the named templates of r1fast.data, plus 'chat' (the tokenizer's chat template) and
+'auto' (the template the checkpoint was trained with when r1fast recorded it, else 'chat' when the tokenizer has a
+chat template, else 'r1_zero'; see ``r1fast.stage_io.resolve_template``)."""
 
 
 def check_dir_name(value: str, key: str) -> None:
@@ -54,14 +55,14 @@ def check_dir_name(value: str, key: str) -> None:
                           "without '/' that is not '.' or '..'")
 
 
-def check_master_weights(dtype: str, fsdp: bool, dtype_key: str, fsdp_key: str) -> None:
+def check_master_weights(dtype: str, fsdp: bool) -> None:
     """Training in bf16/fp16 keeps fp32 master weights through FSDP2's mixed precision: refuse it without FSDP.
 
     With bf16 parameters AdamW's updates below bf16's resolution round away: at lr 1e-6 two GRPO steps moved 77
     of 28,320 weights (fp32: 28,319)."""
     if dtype in ("bfloat16", "float16") and not fsdp:
-        raise ConfigError(f"{dtype_key}={dtype} trains with fp32 master weights, which FSDP2's mixed precision "
-                          f"keeps: set {fsdp_key}=true (one rank works too)")
+        raise ConfigError(f"model.dtype={dtype} trains with fp32 master weights, which FSDP2's mixed precision "
+                          "keeps: set parallel.fsdp=true (one rank works too)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,6 +221,8 @@ class RewardsConfig:
     can make a cgroup (root, or delegated cgroup v2), the memory of all of them together."""
 
     def validate(self) -> None:
+        if not self.weights:
+            raise ConfigError("rewards.weights: expected a non-empty dict of reward name -> weight")
         for name, weight in self.weights.items():
             if not math.isfinite(weight):
                 raise ConfigError(f"rewards.weights.{name}: expected a finite float, got {weight!r}")
@@ -347,7 +350,7 @@ class Config:
         """Check every field's type and range, each section's own rules, then cross-section rules."""
         _check_tree(self, "")
         g, r = self.grpo, self.rollout
-        check_master_weights(self.model.dtype, self.parallel.fsdp, "model.dtype", "parallel.fsdp")
+        check_master_weights(self.model.dtype, self.parallel.fsdp)
         if g.dynamic_sampling and g.loss_type in ("grpo", "dr_grpo") and g.beta == 0:
             # the dropped groups' advantages are 0 and these losses keep their rows in the per-sequence mean:
             # a probe's gradient was bit-identical with and without the filter (dapo: 0.48 relative change)

@@ -75,7 +75,7 @@ def check_same_local_world(local_world: int) -> None:
             r += max(sizes[r], 1)
         # every rank is here (after the all-gather): leave the group together, else gloo's teardown at exit
         # aborted some ranks (SIGABRT, "terminate called without an active exception") after the message
-        dist.destroy_process_group()
+        shutdown()
         raise ConfigError(f"every node must run the same number of processes (torchrun --nproc_per_node): the "
                           f"nodes run {', '.join(map(str, per_node))} (LOCAL_WORLD_SIZE of ranks 0..{len(sizes) - 1}: "
                           f"{sizes})")

@@ -175,9 +175,9 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
     from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
     from r1fast.moe import MoE
 
-    moes = {id(m): [mod for mod in m.modules() if isinstance(mod, MoE)] for m in (model, *frozen)}
-    for m in (model, *frozen):
-        if not moes[id(m)]:
+    models = (model, *frozen)
+    for m in models:
+        if not any(isinstance(mod, MoE) for mod in m.modules()):
             raise ValueError(f"enable_fp8_experts: {type(m).__name__} has no MoE layers (FP8 applies to routed "
                              "experts)")
     cache = Fp8WeightCache()
@@ -187,8 +187,6 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
     # r1fast.moe: a second model's enable_fp8_experts moved the first model onto the second's cache, which
     # the first model's optimizer steps never invalidate).
     fn = functools.partial(moe_ffn_fp8, cache=cache, validate=False)  # router ids: in range
-    for layers in moes.values():
-        for moe in layers:
-            moe.fp8 = True
-            moe.experts_fn = fn
+    for m in models:
+        m.set_experts_fn(fn)
     return cache

@@ -48,6 +48,5 @@ def build_scorer(cfg: Config) -> Scorer:
         params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens}
     try:
         return Scorer(combine(dict(r.weights), params))
-    except ValueError as exc:  # one line naming the config key, not a traceback naming combine()'s argument
-        message = str(exc).replace("names_to_weights", "rewards.weights")
-        raise ConfigError(message if message.startswith("rewards.") else f"rewards: {message}") from None
+    except ValueError as exc:  # one line naming the config section, not a traceback (empty weights: validate())
+        raise ConfigError(f"rewards: {exc}") from None

@@ -129,7 +129,7 @@ class SFTConfig:
         if not self.data:
             raise ConfigError("data: a JSONL file of training records is required (--data FILE)")
         check_dir_name(self.name, "name")  # out_dir/name ('.' or '..' escaped or replaced out_dir)
-        check_master_weights(self.model.dtype, self.parallel.fsdp, "model.dtype", "parallel.fsdp")
+        check_master_weights(self.model.dtype, self.parallel.fsdp)
         check_template(self.template, "template")
         return self
 

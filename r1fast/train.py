@@ -218,7 +218,7 @@ class Trainer:
         if sft_from is not None:
             self.loop_state["summary"] = summary
             if not self.cold_start_sft(sft_from):
-                return {**summary, "interrupted": True}
+                return {**summary, "exit_status": self.stop.exit_status}
             self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
         if resume_from is None or sft_from is not None:
             summary["eval_before_rl"] = self.evaluate("before_rl")
@@ -243,7 +243,7 @@ class Trainer:
                     path = self._save_checkpoint()
                     if self.dist.is_main:
                         print(f"r1fast.train: {self.stop.name}: checkpoint written to {path}; exiting", file=sys.stderr)
-                    return {**summary, "interrupted": True}
+                    return {**summary, "exit_status": self.stop.exit_status}
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self._save_checkpoint()
         # a signal from here on is not acted on: the run is finished, writes its final checkpoint and summary and
@@ -328,16 +328,14 @@ class Trainer:
 
 
 def run(cfg: Config) -> dict:
-    """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary."""
+    """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary (with
+    ``exit_status``, 128 + the signal, when a signal stopped the run after a checkpoint)."""
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     try:  # from before Trainer(): its constructor can fail after build_mesh made the 1-rank group
         trainer = Trainer(cfg, dist)
         trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
         try:
-            summary = trainer.run()
-            if summary.get("interrupted"):
-                summary["exit_status"] = trainer.stop.exit_status
-            return summary
+            return trainer.run()
         finally:
             trainer.stop.uninstall()
     finally:
@@ -357,7 +355,7 @@ def _main(argv: list[str] | None) -> int:
     D.shutdown()
     # interrupted (a checkpoint was written): 128 + the signal (143 SIGTERM, 130 Ctrl-C), as a killed process,
     # so a scheduler tells an unfinished run from a finished one
-    return summary.get("exit_status", 143) if summary.get("interrupted") else 0
+    return summary.get("exit_status", 0)
 
 
 if __name__ == "__main__":

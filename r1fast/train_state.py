@@ -87,13 +87,12 @@ def _delete(path: str) -> None:
     shutil.rmtree(aside)
 
 
-def _clear_trash(root: str, current_tmp: str) -> None:
+def _clear_trash(root: str) -> None:
     """Remove what a kill mid-save or mid-deletion left under ``root``: ``step_<N>.old`` and stale
     ``step_<N>.tmp`` directories (one run writes a run directory at a time; each can be a full checkpoint)."""
     for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if _TRASH.match(name) and path != current_tmp:
-            shutil.rmtree(path, ignore_errors=True)
+        if _TRASH.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: str, keep_last: int, *, keep: str) -> list[str]:
@@ -183,7 +182,7 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
         os.replace(tmp, final)
-        _clear_trash(os.path.dirname(final), tmp)
+        _clear_trash(os.path.dirname(final))
         prune_checkpoints(run_dir, keep_last, keep=final)
     D.barrier()
     return final
