@@ -50,13 +50,15 @@ def _stage_summary(record: dict) -> str:
     return f"{s.get('steps')} GRPO steps"
 
 
-def _gap_std(d: dict, r: dict, per_prompt: dict | None, num_resamples: int) -> tuple[float, str]:
-    """(bootstrap std of the pass@1 gap, how it was measured). Paired over the prompts both arms graded
-    when their per-prompt pass@1 is known: the arms share prompts, so easy and hard prompts move both and
-    the independent-arms sum of variances overstates the spread of the difference."""
+def _gap_std(d: dict, r: dict, per_prompt: dict | None, num_resamples: int) -> tuple[float | None, str]:
+    """(bootstrap std of the pass@1 gap, None when unknown; how it was measured). Paired over the prompts
+    both arms graded when their per-prompt pass@1 is known: the arms share prompts, so easy and hard
+    prompts move both and the independent-arms sum of variances overstates the spread of the difference."""
     a, b = (per_prompt or {}).get(d["final_stage"]), (per_prompt or {}).get(r["final_stage"])
     if a and b:
         common = sorted(set(a) & set(b))
+        if len(common) == 1:  # one difference has no spread to resample: 0 would make any gap "significant"
+            return None, "one shared prompt: the spread of the gap is unknown"
         if common:
             return bootstrap_std([a[i] - b[i] for i in common], num_resamples=num_resamples), \
                 f"paired bootstrap over {len(common)} shared prompts"
@@ -83,13 +85,17 @@ def _compare(rows: dict[str, dict], comparison: dict, per_prompt: dict | None = 
     return {**arms, "budget": "same total optimizer steps", "pass@1_gap": gap, "pass@1_gap_std": std,
             "pass@1_gap_std_method": method,
             "greedy_gap": d["greedy_accuracy"] - r["greedy_accuracy"], "distillation_beat_rl": gap > 0,
-            "significant_2sigma": abs(gap) > 2 * std,
+            "significant_2sigma": std is not None and abs(gap) > 2 * std,
             "sentence": (f"Distillation {verdict} RL alone for the student: pass@1 {100 * d['pass@1']:.1f}% vs "
                          f"{100 * r['pass@1']:.1f}% ({100 * gap:+.1f} points, bootstrap std of the gap "
-                         f"{100 * std:.1f} ({method}); {'beyond' if abs(gap) > 2 * std else 'within'} 2 sigma), "
+                         f"{_pct(std)} ({method}); {_sigma_word(gap, std)} 2 sigma), "
                          f"greedy {100 * d['greedy_accuracy']:.1f}% vs {100 * r['greedy_accuracy']:.1f}%, at "
                          f"{d['optimizer_steps']} optimizer steps each ({d['train_s']:.0f} s vs {r['train_s']:.0f} s "
                          "of training on this machine).")}
+
+
+def _sigma_word(gap: float, std: float | None) -> str:
+    return "not known to be beyond" if std is None else "beyond" if abs(gap) > 2 * std else "within"
 
 
 def _pct(value, std=None) -> str:

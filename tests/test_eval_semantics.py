@@ -213,3 +213,15 @@ def test_report_notes_prompts_a_stage_did_not_score():
     assert "scored 150 of 200 prompts (50 skipped: gold answer ungradable)" in rows["skips"]
     assert "scored 185 of 200 prompts (10 too long for the model, 5 skipped: gold answer ungradable)" in rows["both"]
     assert "different subsets" in md
+
+
+def test_report_gap_over_one_shared_prompt_has_no_known_spread():
+    # one paired difference has nothing to resample: a std of 0 would call any gap "beyond 2 sigma"
+    d = summarize(_records([3, 0], 3), num_resamples=50)
+    r = summarize(_records([0, 0], 3), num_resamples=50)
+    records, arms = [_stage("d", d), _stage("r", r)], {"distilled": ["d"], "rl_only": ["r"]}
+    out = build_report(records, comparison=arms, heldout=HELDOUT, eval_settings={"k": 3}, ran=[],
+                       per_prompt={"d": {0: 1.0, 1: 0.0}, "r": {0: 0.0, 5: 0.0}})["comparison"]
+    assert out["pass@1_gap"] > 0 and out["pass@1_gap_std"] is None and not out["significant_2sigma"]
+    assert "one shared prompt" in out["pass@1_gap_std_method"]
+    assert "not known to be beyond 2 sigma" in out["sentence"] and "gap - (" in out["sentence"]
