@@ -40,6 +40,7 @@ from r1fast.stage_io import (
     check_file,
     check_sampling_temperature,
     check_template,
+    completion_prefix,
     data_errors,
     empty_data_error,
     encode_prompts_that_fit,
@@ -118,11 +119,13 @@ class EvalConfig:
         return self.pass_k if self.pass_k is not None else tuple(k for k in DEFAULT_PASS_K if k <= self.k)
 
 
-def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool) -> tuple[list, list, list]:
-    """(accuracy or None per text, format flag per text, extracted answer per text)."""
+def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix: str = "") -> tuple[list, list, list]:
+    """(accuracy or None per text, format flag per text, extracted answer per text), each text graded with
+    ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``) in front."""
     from r1fast.rewards.accuracy import accuracy_batch
     from r1fast.rewards.format import extract_answer, format_reward
 
+    texts = [prefix + t for t in texts]
     scores = accuracy_batch([s["prompt"] for s in samples], texts, samples, require_answer_tag=require_answer_tag)
     formatted = [format_reward("", t, {}) == 1.0 for t in texts]
     return scores, formatted, [extract_answer(t) for t in texts]
@@ -179,6 +182,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
                                                max_new_tokens=cfg.max_new_tokens, path=cfg.data)
     mine = sorted(fitting)[D.rank()::D.world_size()]
     prompts = [fitting[i] for i in mine]
+    prefix = completion_prefix(tokenizer, cfg.template)
     stop = stop_token_ids(tokenizer, engine.args)
     records = []
     if mine:
@@ -190,7 +194,7 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
         for i, group, g in zip(mine, sampled, greedy, strict=True):
             completions = list(group) + ([g[0]] if g is not None else [])
             texts = [tokenizer.decode(c.token_ids) for c in completions]
-            scores, formatted, answers = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag)
+            scores, formatted, answers = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag, prefix)
             rec = {"index": i, "id": samples[i].get("id"), "prompt": samples[i]["prompt"],
                    "answer": samples[i]["answer"], "skipped": any(s is None for s in scores),
                    "correct": [bool(s) for s in scores[:cfg.k]], "formatted": formatted[:cfg.k],

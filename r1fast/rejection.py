@@ -48,6 +48,7 @@ from r1fast.stage_io import (
     check_file,
     check_sampling_temperature,
     check_template,
+    completion_prefix,
     data_errors,
     empty_data_error,
     encode_prompt,
@@ -164,8 +165,10 @@ def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float
             for a, t, s in zip(acc, texts, samples, strict=True)]
 
 
-def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = ()) -> tuple[list[dict], dict]:
+def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = (),
+                  completion_prefix: str = "") -> tuple[list[dict], dict]:
     """(kept traces, counts) after the filters of the module docstring, in order; traces come in prompt order.
+    The text filters read ``completion_prefix`` (the prompt's open ``<think>``) + each completion, as rewards do.
 
     A trace: ``prompt``, ``completion``, ``prompt_index``, ``rewards`` ({"accuracy": float | None,
     "format": float, ...}), ``num_tokens`` (without the stop token), ``finish_reason``.
@@ -178,7 +181,7 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
     per_prompt: dict[int, int] = {}
     kept = []
     for t in traces:
-        text, r = t["completion"], t["rewards"]
+        text, r = completion_prefix + t["completion"], t["rewards"]
         shingles = None
         if r["accuracy"] is None:
             stage = "ungradable"
@@ -243,7 +246,8 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
-        rewards = score([samples[i] for i, _, _ in flat], texts)
+        prefix = completion_prefix(tokenizer, cfg.template)  # the prompt's open <think>: graded, not written
+        rewards = score([samples[i] for i, _, _ in flat], [prefix + t for t in texts])
         for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
@@ -301,7 +305,8 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
                                                   max_new_tokens=cfg.max_new_tokens, path=cfg.data)
     with torch.no_grad():
         traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids)
-    kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts)
+    kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts,
+                                 completion_prefix=completion_prefix(tokenizer, cfg.template))
     counts["prompts"] = len(samples)
     counts["dropped_too_long"] = dropped
     counts["prompts_with_kept"] = len({t["prompt_index"] for t in kept})

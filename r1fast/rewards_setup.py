@@ -12,18 +12,21 @@ from r1fast.rewards.format import format_score
 
 @dataclass
 class Scorer:
-    """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation."""
+    """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation.
+    Both grade ``completion_prefix`` + the completion (``stage_io.completion_prefix``: a prompt's open
+    ``<think>``)."""
 
     combined: CombinedReward
+    completion_prefix: str = ""
 
     def score(self, prompts: list[str], completions: list[str], metas: list[dict]) -> RewardBatch:
-        return self.combined.score(prompts, completions, metas)
+        return self.combined.score(prompts, [self.completion_prefix + c for c in completions], metas)
 
-    @staticmethod
-    def check(sample: dict, completion: str) -> tuple[bool | None, bool]:
+    def check(self, sample: dict, completion: str) -> tuple[bool | None, bool]:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
         unparsable gold), so evaluation skips the prompt as ``r1fast.eval`` does rather than count it wrong.
         Any other error is a bug and propagates."""
+        completion = self.completion_prefix + completion
         try:
             correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
         except SkipSample:
@@ -31,7 +34,7 @@ class Scorer:
         return correct, format_score("", completion, sample) >= 1.0
 
 
-def build_scorer(cfg: Config) -> Scorer:
+def build_scorer(cfg: Config, *, completion_prefix: str = "") -> Scorer:
     """Validate reward names and parameters before any training starts."""
     r = cfg.rewards
     unknown = [name for name in r.weights if name not in REWARDS]
@@ -47,6 +50,6 @@ def build_scorer(cfg: Config) -> Scorer:
     if "length_cosine" in r.weights:
         params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens}
     try:
-        return Scorer(combine(dict(r.weights), params))
+        return Scorer(combine(dict(r.weights), params), completion_prefix)
     except ValueError as exc:  # one line naming the config section, not a traceback (empty weights: validate())
         raise ConfigError(f"rewards: {exc}") from None

@@ -154,6 +154,14 @@ def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messag
     return apply_template(messages[0]["content"], name)
 
 
+def completion_prefix(tokenizer, template: str) -> str:
+    """What rewards put before each completion: the think tag the rendered prompt leaves open
+    (``rewards.format.open_think_tail``). The template decides it, not the question, so one render does."""
+    from r1fast.rewards.format import open_think_tail
+
+    return open_think_tail(render_prompt(tokenizer, template, prompt="x"))
+
+
 def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
     """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``),
     chat templates write their own."""

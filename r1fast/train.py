@@ -49,7 +49,7 @@ from r1fast.rollout import Engine
 from r1fast.run_dir import set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
-from r1fast.stage_io import resolve_template, stop_token_ids
+from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
 from r1fast.stop_flag import StopFlag
 from r1fast.train_checks import check_batch_split, check_shared_run_dir, fit_lengths
 from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -82,7 +82,7 @@ class Trainer:
         self.tokenizer.prompt_template = resolve_template(self.tokenizer, cfg.data.template)  # saved: eval's 'auto'
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
-        self.score = build_scorer(cfg)
+        self.score = build_scorer(cfg, completion_prefix=completion_prefix(self.tokenizer, cfg.data.template))
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         check_batch_split(cfg, dist.world_size)
         self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,

@@ -66,3 +66,34 @@ def test_pipeline_report_says_when_stages_scored_different_subsets():
     assert "scored 3 of 6 prompts (3 too long for the model)" in report["markdown"]
     assert "different subsets" in report["markdown"]
     assert [r["dropped_too_long"] for r in report["stages"]] == [0, 3]
+
+
+R1_DISTILL_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+
+
+def test_a_prompt_that_opens_think_is_graded_with_its_open_tag():
+    """R1-Distill-style chat templates end the prompt with '<think>\\n': the model writes only
+    '...</think><answer>...</answer>', which scored format 0 (and language 0) on every sample."""
+    from r1fast.eval import _grade
+    from r1fast.rewards import combine
+    from r1fast.rewards.format import open_think_tail
+    from r1fast.rewards_setup import Scorer
+    from r1fast.stage_io import completion_prefix
+
+    assert open_think_tail("<|assistant|><think>\n") == "<think>\n"
+    assert open_think_tail("<think>x</think><think>  \n") == "<think>  \n"
+    for closed in ("<|assistant|>", "<think>\n</think>\n", "<think>\nreasoning", "think>"):
+        assert open_think_tail(closed) == ""
+    chat = CharTokenizer(chat_template=R1_DISTILL_LIKE)
+    assert completion_prefix(chat, "chat") == "<think>\n"
+    assert completion_prefix(chat, "r1_zero") == "" and completion_prefix(CharTokenizer(), "auto") == ""
+    completion = "1 plus 2 is 3</think>\n<answer>3</answer>"
+    sample = {"prompt": "1+2", "answer": "3", "task": "addition"}
+    weights = {"format": 1.0, "task_accuracy": 1.0, "language": 1.0}
+    opened, plain = Scorer(combine(weights, {}), "<think>\n"), Scorer(combine(weights, {}))
+    assert opened.score(["1+2"], [completion], [sample]).total == [3.0]
+    assert plain.score(["1+2"], [completion], [sample]).total[0] < 2.0  # format and language both 0 unopened
+    assert opened.check(sample, completion) == (True, True) and plain.check(sample, completion)[1] is False
+    assert _grade([sample], [completion], True, "<think>\n")[1] == [True]
+    assert _grade([sample], [completion], True)[1] == [False]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_reward", "format_reward_partial", "format_score", "extract_answer", "extract_think", "block_well_formed"]
+__all__ = ["format_reward", "format_reward_partial", "format_score", "extract_answer", "extract_think",
+           "block_well_formed", "open_think_tail"]
 
 _ANY_TAG = r"</?(?:think|answer)>"
 _BODY = rf"(?:(?!{_ANY_TAG}).)*"  # any text without a think/answer tag in it
@@ -63,3 +64,14 @@ def format_reward_partial(prompt: str, completion: str, meta: dict) -> float:
 def format_score(prompt: str, completion: str, meta: dict, *, partial: bool = False) -> float:
     """The registry's 'format' reward: strict by default, partial credit with ``partial=True``."""
     return (format_reward_partial if partial else format_reward)(prompt, completion, meta)
+
+
+def open_think_tail(rendered_prompt: str) -> str:
+    """The part of a rendered prompt that opens the completion's think block: ``"<think>\\n"`` for a chat
+    template that ends the generation prompt with it (DeepSeek-R1-Distill, QwQ), else ``""``. The model then
+    writes only ``…</think><answer>…</answer>``, so rewards score this tail + the completion: without it a
+    completion that follows such a template exactly scored format 0 and language 0."""
+    start = rendered_prompt.rfind("<think>")
+    if start < 0 or rendered_prompt[start + len("<think>"):].strip():
+        return ""
+    return rendered_prompt[start:]
