@@ -21,6 +21,15 @@ def test_escaped_dollar_is_currency_not_a_math_delimiter():
     assert scores == [c[2] for c in cases]
 
 
+def test_digit_group_separators_join_the_number():
+    """math-verify reads "1\\,000" as 1 * 000 = 0 and "12\\,345" as 12 + 345: gold 1\\,000 accepted "0"."""
+    cases = [("1\\,000", "1000", 1.0), ("1\\,000", "0", 0.0), ("12\\,345", "12345", 1.0), ("12\\,345", "357", 0.0),
+             ("1000", "\\boxed{1\\,000}", 1.0), ("1 000", "1000", 1.0), ("1\\ 000", "1000", 1.0),
+             ("1{,}000", "1~000", 1.0), ("0.123\\,456", "0.123456", 1.0)]
+    scores = math_accuracy_batch([""] * len(cases), [_answer(p) for _, p, _ in cases], [{"answer": g} for g, _, _ in cases])
+    assert scores == [c[2] for c in cases]
+
+
 @pytest.mark.parametrize("think", ["x² + y² = z²", "so 3² = 9", "half is ½", "x₁ plus x₂", "step ① done",
                                    "ＡＢＣ is the name", "let 𝑥 be ５"])
 def test_numbers_of_any_kind_are_not_words(think):

@@ -49,6 +49,12 @@ _DELIMITED_RE = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
 _SCIENTIFIC_RE = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)[eE]([+-]?\d+)\s*")
 
 
+# A digit-group separator: a LaTeX space (\, \; \: \! "\ " ~), "{,}" or whitespace between a digit and a group
+# of exactly three digits ("1\,000", "12 345", "0.123\,456"). math-verify reads "1\,000" as the product
+# 1 * 000 = 0 and "12\,345" as 12 + 345: gold 1\,000 accepted "0" and rejected "1000".
+_DIGIT_GROUP_RE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\{,\}|\s)(?=\d{3}(?!\d))")
+
+
 def _expand_scientific(text: str) -> str:
     """"1e-05" -> "0.00001": math-verify reads E-notation as arithmetic with Euler's e (1e-05 -> e - 5,
     1e+16 -> 1 + 16). Exponents beyond 100 stay as written rather than become hundred-digit strings."""
@@ -65,7 +71,7 @@ def _parse(text: str) -> list:
     # only between math delimiters: parsed as it stands, "2\pi" gives the number 2 and "3\sqrt{2}" gives
     # 3, so a wrong "2" would match a gold "2\pi". Such text is parsed as "$text$" first. Prose is not
     # (its words would parse as products of letters); it and delimited text take math-verify's own search.
-    text = _expand_scientific(text)
+    text = _DIGIT_GROUP_RE.sub("", _expand_scientific(text))
     parsed = []
     if text.strip() and not _DELIMITED_RE.search(text) and not _PROSE_RE.search(text):
         parsed = parse(f"${text.strip()}$")
