@@ -134,20 +134,24 @@ def test_language_consistency():
 
 def test_cosine_length_reward():
     r = get_reward("length_cosine", max_len=100)
-    assert r("", "", {"correct": True, "completion_tokens": 0}) == pytest.approx(1.0)
-    assert r("", "", {"correct": True, "completion_tokens": 50}) == pytest.approx(0.75)
-    assert r("", "", {"correct": True, "completion_tokens": 100}) == pytest.approx(0.5)
-    assert r("", "", {"correct": True, "completion_tokens": 500}) == pytest.approx(0.5)
-    assert r("", "", {"correct": False, "completion_tokens": 0}) == pytest.approx(-1.0)
-    assert r("", "", {"correct": False, "completion_tokens": 100}) == pytest.approx(-0.5)
+    assert r("", "", {"_correct": True, "completion_tokens": 0}) == pytest.approx(1.0)
+    assert r("", "", {"_correct": True, "completion_tokens": 50}) == pytest.approx(0.75)
+    assert r("", "", {"_correct": True, "completion_tokens": 100}) == pytest.approx(0.5)
+    assert r("", "", {"_correct": True, "completion_tokens": 500}) == pytest.approx(0.5)
+    assert r("", "", {"_correct": False, "completion_tokens": 0}) == pytest.approx(-1.0)
+    assert r("", "", {"_correct": False, "completion_tokens": 100}) == pytest.approx(-0.5)
     x = 30 / 100
-    assert r("", "", {"correct": False, "completion_tokens": 30}) == pytest.approx(-0.5 - 0.25 * (1 + math.cos(math.pi * x)))
+    assert r("", "", {"_correct": False, "completion_tokens": 30}) == pytest.approx(-0.5 - 0.25 * (1 + math.cos(math.pi * x)))
     # Without "correct" and token counts: accuracy computed, length in characters.
     meta = {"prompt": "1+2", "answer": "3", "task": "addition", "id": "a"}
     good = "<think>1+2=3</think><answer>3</answer>"
     assert r("", good, meta) == pytest.approx(0.5 + 0.25 * (1 + math.cos(math.pi * len(good) / 100)))
     with pytest.raises(ValueError, match="max_len"):
-        get_reward("length_cosine", max_len=0)("", "", {"correct": True})
+        get_reward("length_cosine", max_len=0)("", "", {"_correct": True})
+    # a data column named "correct" ("no" is truthy) is no grade: a wrong answer stays wrong
+    wrong = "<think>1+2=4</think><answer>4</answer>"
+    for column in ({"correct": "no"}, {"correct": True}, {"_correct": "yes"}):
+        assert r("", wrong, {**meta, **column}) < -0.5
 
 
 def test_repetition_penalty():

@@ -9,8 +9,10 @@ wrong model is pushed to think longer and a right one to stop early:
     wrong:   lo, hi = max_value_wrong, min_value_wrong       (-1.0 at L = 0 up to -0.5 at max_len)
 
 L is ``meta['completion_tokens']`` when the trainer provides it, else the completion's characters
-(= tokens for the character-level tiny model). Correctness is ``meta['correct']`` when given, else
-the accuracy reward is computed (its SkipSample propagates).
+(= tokens for the character-level tiny model). Correctness is ``meta['_correct']`` when it is a bool
+(a caller that graded the sample already), else the accuracy reward is computed (its SkipSample
+propagates). Not ``meta['correct']``: data rows keep their extra keys, and a dataset column of that name
+("no" is truthy) made every wrong answer pay as correct (+0.997 instead of -0.997).
 
 The repetition penalty is ``max_penalty * (1 - distinct n-grams / n-grams)`` over words (or
 characters with ``unit="char"``): 0 for no repeats, approaching ``max_penalty`` for a loop.
@@ -32,7 +34,8 @@ def cosine_length_reward(prompt: str, completion: str, meta: dict, *, max_len: i
     _check_cosine(max_len=max_len, min_value_wrong=min_value_wrong, max_value_wrong=max_value_wrong,
                   min_value_correct=min_value_correct, max_value_correct=max_value_correct)
     length = meta.get("completion_tokens", len(completion))
-    correct = meta["correct"] if "correct" in meta else accuracy_reward(prompt, completion, meta) >= 1.0
+    given = meta.get("_correct")
+    correct = given if isinstance(given, bool) else accuracy_reward(prompt, completion, meta) >= 1.0
     lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
     progress = min(length / max_len, 1.0)
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
