@@ -214,6 +214,13 @@ class RewardsConfig:
     """Give partial format reward per well-formed tag instead of all-or-nothing."""
     language: Literal["en", "zh"] = "en"
     """Target language of the language-consistency reward (the scripts it can count: en, zh)."""
+    repetition_unit: Literal["word", "char"] = "word"
+    """What the repetition penalty's n-grams are made of: words (split at whitespace), or characters for text
+    without spaces (Chinese, or '7+5=12,' loops), whose word n-grams never repeat."""
+    repetition_ngram_size: int = bounded(3, ge=1)
+    """n of the repetition penalty's n-grams (its weight scales the penalty)."""
+    length_cosine_values: tuple[float, float, float, float] = (-1.0, -0.5, 0.5, 1.0)
+    """The cosine length reward's (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)."""
     sandbox_timeout_s: float = bounded(5.0, gt=0)
     """Wall-clock limit for running one generated program."""
     sandbox_memory_mb: int = bounded(512, ge=16)

@@ -73,8 +73,13 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     reward_seconds = time.perf_counter() - t0
     rewards = torch.tensor(graded.total, dtype=torch.float64)
     lengths = torch.tensor([len(c.token_ids) for _, _, c in flat], dtype=torch.float64)
+    per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
     if g.soft_overlong_penalty:  # DAPO: linear penalty over the last overlong_cache_len tokens
-        rewards += soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
+        penalty = soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
+        rewards += penalty
+        # logged like a reward (skipped samples not counted), so reward_mean is the sum of the logged parts
+        per_reward["reward_overlong_penalty"] = [p if not skip else math.nan
+                                                 for p, skip in zip(penalty.tolist(), graded.skipped, strict=True)]
     # groups never straddle ranks; "batch" scaling all-reduces its statistics inside
     ok = [not skipped for skipped in graded.skipped]
     valid = torch.tensor(ok, dtype=torch.bool)
@@ -86,7 +91,6 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     if g.overlong_filter:
         truncated = torch.tensor([c.finish_reason == "length" for _, _, c in flat], dtype=torch.bool)
         keep = [k and bool(m) for k, m in zip(keep, overlong_filter_mask(truncated).tolist(), strict=True)]
-    per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
     per_reward_sq = {f"{key}_sq": [v * v for v in values] for key, values in per_reward.items()}
     # NaN: not counted. Skipped samples only: samples the loss filters drop still count, as in reward_<name>
     scored = [float(x) if v else math.nan for x, v in zip(rewards.tolist(), ok, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from r1fast.config import Config, ConfigError
+from r1fast.config_io import DataError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
 from r1fast.rewards.accuracy import SkipSample, accuracy_reward
 from r1fast.rewards.format import format_score
@@ -21,6 +22,14 @@ class Scorer:
 
     def score(self, prompts: list[str], completions: list[str], metas: list[dict]) -> RewardBatch:
         return self.combined.score(prompts, [self.completion_prefix + c for c in completions], metas)
+
+    def check_samples(self, samples: list[dict]) -> None:
+        """DataError naming the first sample a configured reward cannot grade (e.g. an unsupported
+        ``language`` column), before any training."""
+        try:
+            self.combined.check_metas(samples)
+        except ValueError as exc:
+            raise DataError(f"data: {exc}") from None
 
     def check(self, sample: dict, completion: str) -> tuple[bool | None, bool]:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
@@ -48,7 +57,11 @@ def build_scorer(cfg: Config, *, completion_prefix: str = "") -> Scorer:
     if "code" in r.weights:
         params["code"] = {"timeout_s": r.sandbox_timeout_s, "memory_mb": r.sandbox_memory_mb}
     if "length_cosine" in r.weights:
-        params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens}
+        names = ("min_value_wrong", "max_value_wrong", "min_value_correct", "max_value_correct")
+        params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens,
+                                   **dict(zip(names, r.length_cosine_values, strict=True))}
+    if "repetition" in r.weights:
+        params["repetition"] = {"unit": r.repetition_unit, "ngram_size": r.repetition_ngram_size}
     try:
         return Scorer(combine(dict(r.weights), params), completion_prefix)
     except ValueError as exc:  # one line naming the config section, not a traceback (empty weights: validate())

@@ -83,6 +83,7 @@ class Trainer:
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg, completion_prefix=completion_prefix(self.tokenizer, cfg.data.template))
+        self.score.check_samples(self.train_samples + self.eval_samples)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         check_batch_split(cfg, dist.world_size)
         self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,

@@ -169,6 +169,17 @@ class CombinedReward:
                 total[i] = 0.0
         return RewardBatch(total=total, per_reward=per_reward, skipped=skipped, errors=errors)
 
+    def check_metas(self, metas: list[dict]) -> None:
+        """ValueError naming the first sample whose metadata a reward cannot use (a reward's ``check_meta``),
+        so bad data fails when it loads rather than scoring 0 at every step."""
+        for name in self.rewards:
+            check = getattr(REWARDS[name], "check_meta", None)
+            for i, meta in enumerate(metas if check is not None else ()):
+                try:
+                    check(meta)
+                except ValueError as exc:
+                    raise ValueError(f"sample {_sample_id(metas, i)!r}: reward {name!r}: {exc}") from None
+
     def __call__(self, prompt: str, completion: str, meta: dict) -> float:
         """Weighted total for one sample (0.0 when it is skipped; use ``score`` to see skips)."""
         return self.score([prompt], [completion], [meta]).total[0]

@@ -89,4 +89,12 @@ def _check_params(*, language: str = "en") -> None:
         raise ValueError(f"language: unsupported target {language!r}; supported: {list(SUPPORTED_LANGUAGES)}")
 
 
+def _check_meta(meta: dict) -> None:
+    """A sample's own ``language`` (a data column overrides the configured target) must be a supported one:
+    "English" or null scored 0 on every sample of the row, with only warnings, instead of failing at load."""
+    if "language" in meta:
+        _check_params(language=meta["language"])
+
+
 language_consistency_reward.check_params = _check_params  # checked when a run is configured
+language_consistency_reward.check_meta = _check_meta  # checked on every sample when the data loads

@@ -1,0 +1,63 @@
+"""Reward options reach the rewards from the config; per-sample reward data fails at load; every part of the
+training reward is logged."""
+
+import pytest
+
+from r1fast.config import Config
+from r1fast.config_io import DataError
+from r1fast.grpo_step import build_rollout_batch
+from r1fast.rewards_setup import build_scorer
+from r1fast.rollout.engine import Completion
+
+
+def _config(**weights) -> Config:
+    cfg = Config()
+    cfg.rewards.weights = weights
+    return cfg
+
+
+def test_repetition_unit_and_cosine_values_come_from_the_config():
+    """A loop without spaces ('7+5=12,' x 50) has no repeated WORD n-gram: only unit 'char' can see it, and
+    build_scorer bound no repetition parameter at all, so the option existed only for direct callers."""
+    loop = "<think>" + "7+5=12," * 50 + "</think><answer>12</answer>"
+    cfg = _config(repetition=1.0)
+    assert build_scorer(cfg).score([""], [loop], [{}]).total == [0.0]
+    cfg.rewards.repetition_unit = "char"
+    assert build_scorer(cfg).score([""], [loop], [{}]).total[0] < -0.9
+    cfg = _config(length_cosine=1.0)
+    cfg.rewards.length_cosine_values = (-2.0, -1.0, 1.0, 3.0)
+    wrong, right = {"_correct": False, "completion_tokens": 0}, {"_correct": True, "completion_tokens": 0}
+    assert build_scorer(cfg).score(["", ""], ["", ""], [wrong, right]).total == [-2.0, 3.0]
+
+
+def test_a_sample_language_the_reward_cannot_count_fails_when_the_data_loads():
+    samples = [{"id": "a", "prompt": "1+1", "answer": "2"}, {"id": "b", "prompt": "1+2", "answer": "3", "language": "English"}]
+    build_scorer(_config(accuracy=1.0)).check_samples(samples)  # no language reward: the column is unused
+    with pytest.raises(DataError, match="sample 'b': reward 'language': language: unsupported target 'English'"):
+        build_scorer(_config(accuracy=1.0, language=0.1)).check_samples(samples)
+    build_scorer(_config(language=0.1)).check_samples([{**samples[1], "language": "zh"}])
+
+
+class _Bytes:
+    chat_template = prompt_template = None
+
+    def encode(self, s):
+        return list(s.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode()
+
+
+def test_the_soft_overlong_penalty_is_logged_with_the_rewards():
+    """The DAPO penalty moved reward_mean (1.125) away from the weighted sum of the logged rewards (1.5)."""
+    cfg = _config(accuracy=1.0, format=0.5)
+    cfg.grpo.samples_per_prompt, cfg.rollout.max_new_tokens = 2, 64
+    cfg.grpo.soft_overlong_penalty, cfg.grpo.overlong_cache_len = True, 16
+    short = "<think>2+3=5</think><answer>5</answer>"
+    long_ = "<think>" + "2+3=5 " * 4 + "ok.</think><answer>5</answer>"  # 60 tokens: 12 into the 16-token ramp
+    comps = [[Completion(list(t.encode()), [0.0] * len(t), "stop") for t in (short, long_)]]
+    sample = {"task": "addition", "prompt": "2+3", "answer": "5"}
+    m = build_rollout_batch(cfg, _Bytes(), build_scorer(cfg), [sample], [[1]], comps, "cpu").metrics
+    assert m["reward_overlong_penalty"] == pytest.approx((0.0 + -12 / 16) / 2)
+    parts = m["reward_accuracy"] + 0.5 * m["reward_format"] + m["reward_overlong_penalty"]
+    assert m["reward_mean"] == pytest.approx(parts) and m["reward_overlong_penalty_std"] == pytest.approx(0.375)
