@@ -353,7 +353,9 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
     whose clipped branch is taken), "entropy" (masked mean). Gradients reach hidden, weight, bias
     only: any other tensor argument that requires grad is a ValueError (pass it detached), and the
     kernel path has no double backward (a backward with create_graph=True raises; the reference,
-    ``R1FAST_KERNELS=torch``, supports it). ``normalizer`` must be finite and > 0.
+    ``R1FAST_KERNELS=torch``, supports it). ``normalizer`` must be finite and > 0. hidden, weight and
+    bias share one dtype: bf16 hidden states with an fp32 master weight (autocast) is a ValueError; pass
+    ``weight.to(hidden.dtype)`` (what autocast's matmul would use; its gradient flows back in fp32).
 
     Differences from TRL's GRPOTrainer, and why:
       * masked positions never influence anything: their log-ratio, k3 and rollout_is_ratio are
