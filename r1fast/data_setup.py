@@ -27,16 +27,20 @@ def build_tokenizer(m: ModelConfig):
     """The tokenizer of a model section alone: the character tokenizer for 'tiny', else the checkpoint's (or
     ``model.tokenizer``'s). Under a second even for a 150k-token tokenizer.json, so stages check their data with
     it before loading a model (a 7B load takes minutes)."""
-    return CharTokenizer() if m.name_or_path == "tiny" else load_tokenizer(m.tokenizer or m.name_or_path)
+    if m.name_or_path == "tiny":
+        return CharTokenizer()
+    if not os.path.isdir(m.name_or_path):
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
+    return load_tokenizer(m.tokenizer or m.name_or_path)
 
 
-def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dtype | None = None):
-    """('tiny') the character tokenizer and a small Qwen2-style model built in code, or a local HF directory;
-    parameters in ``dtype`` (default: model.dtype; training passes its fp32 master dtype)."""
+def build_model(cfg: Config, tok, device: torch.device, dtype: torch.dtype | None = None) -> Transformer:
+    """('tiny') a small Qwen2-style model built in code for the character tokenizer ``tok``, or the local HF
+    directory (``tok`` checked against it: ``stage_io.check_tokenizer_fits``); parameters in ``dtype``
+    (default: model.dtype; training passes its fp32 master dtype)."""
     m = cfg.model
     dtype = dtype or resolve_dtype(m.dtype)
     if m.name_or_path == "tiny":
-        tok = build_tokenizer(m)
         if m.vocab_size is not None and m.vocab_size != tok.vocab_size:
             raise ConfigError(f"model.vocab_size={m.vocab_size} must equal the character tokenizer's "
                               f"{tok.vocab_size} ids (or be none)")
@@ -46,13 +50,16 @@ def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dt
                          rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len,
                          qkv_bias=True, tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                          pad_token_id=tok.pad_id, torch_dtype=m.dtype)
-        model = Transformer.from_config(args, dtype=dtype, device=device, seed=cfg.train.seed)
-        return tok, model
-    if not os.path.isdir(m.name_or_path):
-        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
-    tok = build_tokenizer(m)
+        return Transformer.from_config(args, dtype=dtype, device=device, seed=cfg.train.seed)
     model = Transformer.from_pretrained(m.name_or_path, dtype=dtype, device=device)
-    return check_tokenizer_fits(tok, model, "model.tokenizer" if m.tokenizer else "model.name_or_path"), model
+    check_tokenizer_fits(tok, model, "model.tokenizer" if m.tokenizer else "model.name_or_path")
+    return model
+
+
+def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dtype | None = None):
+    """(``build_tokenizer``, ``build_model``) of the config's model section."""
+    tok = build_tokenizer(cfg.model)
+    return tok, build_model(cfg, tok, device, dtype)
 
 
 def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:

@@ -27,7 +27,7 @@ from r1fast.checkpoint import resolve_dtype
 from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
 from r1fast.config_io import run_cli
 from r1fast.data.order import batch_indices
-from r1fast.data_setup import build_datasets, build_tokenizer_and_model, encode_prompts
+from r1fast.data_setup import build_datasets, build_model, build_tokenizer, encode_prompts
 from r1fast.evaluation import evaluate
 from r1fast.grpo import global_active_tokens
 from r1fast.grpo_step import RolloutBatch, build_rollout_batch, train_on_batch
@@ -76,16 +76,20 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.compute_dtype = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights, gathered in bf16 by FSDP2
         master, param_dtype = master_and_compute_dtypes(self.compute_dtype)
-        self.tokenizer, model = build_tokenizer_and_model(cfg, dist.device, master)
-        self.model = model
+        # data, template, reward and batch mistakes fail before the model loads (minutes for a 7B; the tiny
+        # recipe's data and tokenizer take ~0.1 s)
+        self.tokenizer = build_tokenizer(cfg.model)
         self.sft_samples, self.train_samples, self.eval_samples = build_datasets(cfg)
         self.tokenizer.prompt_template = resolve_template(self.tokenizer, cfg.data.template)  # saved: eval's 'auto'
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg, completion_prefix=completion_prefix(self.tokenizer, cfg.data.template))
         self.score.check_samples(self.train_samples + self.eval_samples)
-        self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         check_batch_split(cfg, dist.world_size)
+        if cfg.parallel.fp8_experts and cfg.model.name_or_path == "tiny":
+            raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")
+        self.model = model = build_model(cfg, self.tokenizer, dist.device, master)
+        self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
                                         self.sft_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
@@ -122,8 +126,12 @@ class Trainer:
         self.loop_state: dict = {}
 
     # -- phases -------------------------------------------------------------------------------------
-    def evaluate(self, tag: str) -> dict:
+    def evaluate(self, tag: str) -> dict | None:
+        """Held-out accuracy, logged under ``tag``; None with data.eval_size = 0 (accuracy 0.0 of 0 prompts
+        read as a model that got everything wrong)."""
         cfg = self.cfg
+        if not self.eval_samples:
+            return None
         with unsharded_for_rollout(self.root):
             result = evaluate(self.engine, self.tokenizer, self.eval_samples, self.eval_prompt_ids, self.score.check,
                               max_new_tokens=cfg.rollout.max_new_tokens, k=cfg.train.eval_samples,
