@@ -365,6 +365,9 @@ class Config:
                               "grpo.beta=0 (dropped groups have zero advantage and still count in the "
                               "per-sequence mean); use grpo.loss_type=dapo or bnpo, whose token normalizer "
                               "counts only kept groups, or set grpo.beta > 0 (the KL term then skips them)")
+        if g.ref_update_steps and g.beta == 0:  # accepted and silently a no-op before
+            raise ConfigError(f"grpo.ref_update_steps={g.ref_update_steps} has no effect with grpo.beta=0: no "
+                              "reference model is kept (set grpo.beta > 0, or ref_update_steps = 0)")
         if g.soft_overlong_penalty and g.overlong_cache_len >= r.max_new_tokens:
             raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
                               f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")

@@ -141,7 +141,7 @@ def print_help(schema: type, shown: str | None, overrides: list[str]) -> None:
     if overrides:
         header += (" with " if shown else "\nValues shown are the defaults with ") + "the overrides given"
     header += "." if shown or overrides else ""
-    resolved = load_config(shown, overrides, schema=schema) if shown or overrides else None
+    resolved = load_config(shown, overrides, schema=schema, whole=False) if shown or overrides else None
     try:
         sys.stdout.write(header + "\n\n" + describe(schema, defaults=resolved) + "\n")
         sys.stdout.flush()

@@ -335,18 +335,18 @@ def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
 
 
-def load_config(path: str | None, overrides: list[str] | None, *, schema: type) -> Any:
+def load_config(path: str | None, overrides: list[str] | None, *, schema: type, whole: bool = True) -> Any:
     """Defaults, then the TOML file at ``path`` (if any), then ``--section.field value`` overrides.
 
-    ``schema`` is the root dataclass (``Config``; tests and tools may pass another). The result is
-    checked by the root's ``validate()`` when it has one, else field by field.
+    ``schema`` is the root dataclass (``Config``; tests and tools may pass another). The result is checked by
+    its ``validate()`` if any and ``whole``, else field by field (--help, before required fields are given).
     """
     cfg = schema()
     if path is not None:
         _apply_table(cfg, read_toml(path), "", f" (in {path})")
     for key, text in _split_overrides(list(overrides or [])):
         _apply_override(cfg, key, text)
-    if hasattr(cfg, "validate"):
+    if whole and hasattr(cfg, "validate"):
         cfg.validate()
     else:
         _check_tree(cfg, "")

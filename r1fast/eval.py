@@ -33,7 +33,7 @@ from r1fast import distributed as D
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, normalize_answer, summarize
-from r1fast.seeding import sample_seeds
+from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
@@ -88,7 +88,7 @@ class EvalConfig:
     """Words counted as reflection (whole-word, case-insensitive)."""
     bootstrap_resamples: int = bounded(1000, ge=2)
     """Bootstrap resamples of the prompts for the standard deviations."""
-    seed: int = 0
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
     """Seed of sampling and of the bootstrap."""
     out: str | None = None
     """Directory for eval.json, eval.md and samples.jsonl; none = print only."""

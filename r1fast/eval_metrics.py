@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from r1fast.seeding import generator_seed
+
 __all__ = [
     "REFLECTION_WORDS", "pass_at_k", "normalize_answer", "majority_vote", "reflection_stats", "bootstrap_std",
     "summarize", "markdown_table",
@@ -131,7 +133,7 @@ def bootstrap_std(values: Sequence[float], *, num_resamples: int = 1000, seed: i
     if n < 2:
         return 0.0
     vals = np.asarray(values, dtype=np.float64)
-    picks = np.random.default_rng(seed).integers(0, n, size=(num_resamples, n))
+    picks = np.random.default_rng(generator_seed(seed)).integers(0, n, size=(num_resamples, n))
     return float(vals[picks].mean(axis=1).std(ddof=1))
 
 

@@ -14,8 +14,9 @@ from r1fast.config import Config, ModelConfig, check_dir_name
 from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded, read_toml
 from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
+from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.sft import SFTConfig
-from r1fast.stage_io import check_checkpoint, check_file
+from r1fast.stage_io import check_checkpoint, check_file, check_template
 
 KINDS = {  # kind -> (input roles: True = a list of refs, outputs)
     "data": ({}, ("cold_start", "prompts", "heldout", "non_reasoning")),
@@ -76,7 +77,7 @@ class DataGenConfig:
     """Non-reasoning examples: 'repeat <digits>' answered directly, without <think> (R1 mixes such data in)."""
     non_reasoning_digits: tuple[int, int] = bounded((2, 6), ge=1)
     """Shortest and longest digit string of the non-reasoning examples."""
-    seed: int = 0
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
     """Seed of every generated file."""
 
 
@@ -160,6 +161,7 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
                           "comparison, stages")
     pipe = _section(PipelineSection, raw.get("pipeline", {}), "pipeline", where)
     check_dir_name(pipe.name, "pipeline.name")  # out_dir/name: '.' would make out_dir itself the run directory
+    check_template(pipe.template, "pipeline.template")  # else named as the first stage's forced config key
     if out_dir is not None:
         pipe.out_dir = out_dir
     models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}

@@ -41,7 +41,7 @@ from r1fast import distributed as D
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
-from r1fast.seeding import sample_seeds
+from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
     check_checkpoint,
@@ -96,7 +96,7 @@ class RejectionConfig:
     """Top-k truncation (0 = off)."""
     max_new_tokens: int = bounded(256, ge=1)
     """Longest completion; a trace cut here is dropped by the length filter."""
-    seed: int = 0
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
     """Sampling seed; completion j of prompt i gets seed * 1000003 + i * k + j."""
     require_format: bool = True
     """Keep only traces in the R1 template <think>...</think><answer>...</answer>."""

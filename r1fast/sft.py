@@ -54,6 +54,7 @@ from r1fast.parallelize import (
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.schedule import build_scheduler
+from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
     build_model,
     check_chat_template,
@@ -115,7 +116,7 @@ class SFTConfig:
     """Learning-rate schedule after warmup."""
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     """Final learning rate of the cosine schedule, as a fraction of lr."""
-    seed: int = 0
+    seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
     """Seed of model init (tiny) and data order."""
     log_every: int = bounded(1, ge=1)
     """Write metrics every N steps."""

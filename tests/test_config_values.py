@@ -11,6 +11,7 @@ import torch
 
 from r1fast import seeding
 from r1fast.config import Config, ConfigError, load_config
+from r1fast.config_io import load_config as load_stage_config
 from r1fast.config_io import parse_cli
 
 
@@ -217,3 +218,38 @@ def test_a_run_with_a_64_bit_seed_gets_through_evaluation_and_rollout(tmp_path, 
                       "--data.eval_size", "1", "--train.eval_samples", "1", "--train.name", "big_seed")
     summary = run(cfg)
     assert summary["steps"] == 1 and "eval_before_rl" in summary
+
+
+@pytest.mark.parametrize("stage", ["eval", "sft", "rejection", "datagen"])
+def test_every_stage_seed_is_bounded_like_train_seed(stage):
+    """r1fast.sft --seed 2**64 crashed in torch.manual_seed after loading; eval's negative seed crashed the
+    bootstrap after the whole generation (np.random.default_rng(-5))."""
+    from r1fast.eval import EvalConfig
+    from r1fast.pipeline_recipe import DataGenConfig
+    from r1fast.rejection import RejectionConfig
+    from r1fast.sft import SFTConfig
+
+    schema = {"eval": EvalConfig, "sft": SFTConfig, "rejection": RejectionConfig, "datagen": DataGenConfig}[stage]
+    with pytest.raises(ConfigError, match=r"seed: 18446744073709551616 is out of range"):
+        load_stage_config(None, ["--seed", str(2**64)], schema=schema, whole=False)
+    assert load_stage_config(None, ["--seed", "-5"], schema=schema, whole=False).seed == -5
+
+
+def test_bootstrap_takes_any_config_seed():
+    from r1fast.eval_metrics import bootstrap_std
+
+    assert bootstrap_std([0.0, 1.0, 1.0], seed=-5) == bootstrap_std([0.0, 1.0, 1.0], seed=2**64 - 5) > 0
+
+
+def test_help_of_a_stage_with_required_fields_applies_overrides(capsys):
+    """`r1fast.eval --help --k 8` exited 2 with 'model is required' instead of printing the options."""
+    from r1fast.eval import EvalConfig
+
+    with pytest.raises(SystemExit) as info:
+        parse_cli(["--help", "--k", "8"], schema=EvalConfig)
+    assert info.value.code == 0 and "--k int = 8" in capsys.readouterr().out
+
+
+def test_ref_update_steps_without_a_reference_is_refused():
+    assert "grpo.ref_update_steps=5 has no effect with grpo.beta=0" in _error(overrides=["--grpo.ref_update_steps", "5", "--grpo.beta", "0"])
+    assert load_config(None, ["--grpo.ref_update_steps", "5", "--grpo.beta", "0.01"]).grpo.ref_update_steps == 5
