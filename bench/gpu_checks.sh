@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks a session with a lent H100/H200 owes, in as few device calls as possible.
 # Each part fits one 10-minute device call; logs and results go under $OUT (default bench/results/gpu_logs).
+# Estimates from bench/plan.py (ANCHORS.md times where known, stated guesses otherwise; each run prints
+# its own plan first): the three bench parts ~16 minutes together; tests and train are not estimated yet:
 #
-#   bash bench/gpu_checks.sh tests     # editable install, then `pytest -m gpu`
-#   bash bench/gpu_checks.sh bench     # ceilings, then every quick case, results (json + md) into $OUT
-#   bash bench/gpu_checks.sh train     # the main job on CUDA (1 GPU): step-time split and tokens/s
+#   bash bench/gpu_checks.sh tests          # editable install, then `pytest -m gpu` (not estimated yet)
+#   bash bench/gpu_checks.sh bench          # ceilings + every quick case                   (~5 min)
+#   bash bench/gpu_checks.sh bench-full     # grpo B, moe dgrad/wgrad/ragged, model 4x4096,
+#                                           # rollout 64x16x1024                             (~6 min)
+#   bash bench/gpu_checks.sh bench-rollout  # rollout 16x16x512 vs transformers (issue 5)    (~5 min)
+#   bash bench/gpu_checks.sh train          # the main job on CUDA (1 GPU): step-time split and tokens/s
 #
-# Copy what comes back under bench/results/ and commit it.
+# The device machine gets no .git: pass the commit, resolved on this side, e.g.
+#   R1FAST_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_checks.sh bench
+# (without it the results are named and marked "unknown-commit"). Copy what comes back under
+# bench/results/ and commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in tests|bench|train) ;; *) echo "usage: bash bench/gpu_checks.sh tests|bench|train" >&2; exit 2 ;; esac
+PARTS="tests|bench|bench-full|bench-rollout|train"
+case "${1:-}" in tests|bench|bench-full|bench-rollout|train) ;;
+    *) echo "usage: [R1FAST_COMMIT=<commit>] bash bench/gpu_checks.sh $PARTS" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/gpu_logs}
+if [ -z "${R1FAST_COMMIT:-}" ] && ! git rev-parse --verify -q HEAD >/dev/null 2>&1; then
+    echo "gpu_checks.sh: no .git here and R1FAST_COMMIT unset: results will be marked unknown-commit" >&2
+fi
 PY=${PYTHON:-python3}  # the GPU image's python3 is the one that holds torch
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,9 +34,9 @@ rc=0  # every step's own exit status counts (a pipe into tee would otherwise rep
 case "${1:-}" in
     tests)
         $PY -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log"; rc=$((rc | PIPESTATUS[0])) ;;
-    bench)
-        $PY bench/run.py --ceilings --out "$OUT" 2>&1 | tee "$OUT/ceilings.log"; rc=$((rc | PIPESTATUS[0]))
-        $PY bench/run.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log"; rc=$((rc | PIPESTATUS[0])) ;;
+    bench|bench-full|bench-rollout)
+        # one run per part: it measures the ceilings itself (a separate ceilings-only run timed them twice)
+        $PY bench/run.py --part "$1" --out "$OUT" 2>&1 | tee "$OUT/$1.log"; rc=$((rc | PIPESTATUS[0])) ;;
     train)
         # the whole log goes under $OUT as it is written (a run killed at the time limit keeps it); the run
         # directory stays in /tmp (its checkpoints are too deep and too many to come back) and only the

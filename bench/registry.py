@@ -74,21 +74,44 @@ class Case:
     rates: dict = field(default_factory=dict)
     """Amounts one call produces, printed per second beside the timing: ``{"tokens": 131072}`` gives
     tokens/s, ``{"effective GB": 1.6}`` effective GB/s (what the issues' targets are stated in)."""
+    est_call_s: dict = field(default_factory=dict)
+    """Estimated seconds of one call per implementation name, for the run's time plan (bench/plan.py);
+    an implementation not named here is estimated from the case's floor. Say where numbers come from
+    in ``est_source`` (ANCHORS.md rows, or "guess")."""
+    est_setup_s: float = 0.0
+    """Estimated seconds to build the case's first input set (e.g. building a 1.5B model)."""
+    est_source: str = ""
+    """Where ``est_call_s`` / ``est_setup_s`` come from."""
 
 
 _REGISTRY: dict[str, Callable[[bool], Iterable[Case]]] = {}
+_RELEASE: dict[str, Callable[[], None]] = {}
 
 
-def register(family: str):
-    """Register a case generator under ``family`` (one per kernel file)."""
+def register(family: str, release: Callable[[], None] | None = None):
+    """Register a case generator under ``family`` (one per kernel file).
+
+    ``release`` drops what the family's cases cache between cases (built models): ``bench/run.py``
+    calls it after the family's last case, so e.g. two bf16 1.5B models (~6.2 GB) do not stay
+    resident through the families timed after it.
+    """
 
     def deco(fn):
         if family in _REGISTRY:
             raise ValueError(f"benchmark family {family!r} registered twice")
         _REGISTRY[family] = fn
+        if release is not None:
+            _RELEASE[family] = release
         return fn
 
     return deco
+
+
+def release(family: str) -> None:
+    """Call ``family``'s release hook, if it registered one."""
+    hook = _RELEASE.get(family)
+    if hook is not None:
+        hook()
 
 
 def families(errors: list[dict] | None = None) -> dict[str, Callable[[bool], Iterable[Case]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import subprocess
@@ -51,6 +52,27 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     if not head:
         return "nocommit"
     return head + ("+dirty" if status else "")
+
+
+COMMIT_ENV = "R1FAST_COMMIT"
+UNKNOWN_COMMIT = "unknown-commit"
+
+
+def run_commit(repo: Path = REPO_ROOT) -> tuple[str, str]:
+    """(commit, where it came from) for a run's metadata and file names.
+
+    The lent GPU machines receive the working tree without ``.git`` (the device README: tracked and
+    untracked-not-ignored files travel), so ``git`` says nothing there: the session passes the commit
+    in ``R1FAST_COMMIT`` (``R1FAST_COMMIT=$(git rev-parse --short HEAD)`` resolved on its own side).
+    Without either the commit is ``unknown-commit`` and the source says why, never a silent default.
+    """
+    commit = git_commit(repo)
+    if commit != "nocommit":
+        return commit, "git"
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:
+        return given, f"{COMMIT_ENV} (no git checkout here; uncommitted changes unknown)"
+    return UNKNOWN_COMMIT, f"unknown: no git checkout here and {COMMIT_ENV} unset"
 
 
 def slug(text: str) -> str:
@@ -99,10 +121,12 @@ def environment_metadata(now: _dt.datetime | None = None) -> dict:
     import torch
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
+    commit, commit_source = run_commit()
     meta = {
         "date": now.strftime("%Y-%m-%d"),
         "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": git_commit(),
+        "commit": commit,
+        "commit_source": commit_source,
         "gpu": "none",
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -208,10 +232,17 @@ def render_markdown(report: Mapping) -> str:
 
 
 def report_stem(report: Mapping, out_dir: Path) -> str:
-    """The unused ``<date>_<gpu>_<commit>[_kind][-n]`` name this report gets under ``out_dir``."""
+    """The unused ``<date>_<gpu>_<commit>[_kind][_part][-n]`` name this report gets under ``out_dir``.
+
+    A ``--part`` run other than the quick one adds its part (``_bench-full``), so the parts of one GPU
+    session, each written on a fresh machine, keep distinct names once copied into one folder.
+    """
     meta = report["meta"]
-    return unique_stem(Path(out_dir), results_stem(meta["date"], meta.get("gpu", "none"), meta["commit"],
-                                                   report["kind"]))
+    stem = results_stem(meta["date"], meta.get("gpu", "none"), meta["commit"], report["kind"])
+    part = meta.get("part")
+    if part and report["kind"] == "cases":
+        stem += f"_{slug(part)}"
+    return unique_stem(Path(out_dir), stem)
 
 
 def write_report(report: Mapping, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:

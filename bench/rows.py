@@ -23,13 +23,16 @@ class ImplResult:
     name: str
     ours: bool
     status: str
-    """"ok" (timed), "skipped" (unavailable, ImportError, OOM, NotImplementedError) or "error"."""
+    """"ok" (timed), "skipped" (a peer unavailable or raising ImportError, OOM, NotImplementedError) or
+    "error" (anything else, and every exception of r1fast's own implementation)."""
     ms: float | None = None
     """Median time of one call in milliseconds (status "ok" only)."""
     extra_bytes: int | None = None
     """Peak memory one call allocated beyond what existed before it (inputs included in the base)."""
     reason: str = ""
     """Why it was skipped or what it raised."""
+    timing: str = ""
+    """How ``ms`` was taken, e.g. "median of 3 direct calls" (see bench/timing.py ``timing_plan``)."""
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -61,6 +64,9 @@ def validate_case(case) -> None:
         raise ValueError(f"case {case.name!r}: ceiling must be one of {CEILINGS}, got {case.ceiling!r}")
     if case.ceiling == "copy" and case.bytes is None:
         raise ValueError(f"case {case.name!r}: ceiling='copy' needs bytes= (the bytes one call must move)")
+    unknown = set(getattr(case, "est_call_s", {}) or {}) - set(names)
+    if unknown:
+        raise ValueError(f"case {case.name!r}: est_call_s names no implementation: {sorted(unknown)}")
     for field in ("flops", "bytes", "input_bytes"):
         value = getattr(case, field)
         if value is not None and not value > 0:
@@ -111,6 +117,7 @@ def impl_rows(
                 "ours": r.ours,
                 "status": r.status,
                 "reason": r.reason,
+                "timing": r.timing if timed else "",
                 "ms": r.ms if timed else None,
                 "tflops": flops / (r.ms * 1e-3) / 1e12 if timed and flops is not None else None,
                 "gbps": bytes_ / (r.ms * 1e-3) / 1e9 if timed and bytes_ is not None else None,

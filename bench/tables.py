@@ -29,14 +29,15 @@ def floor_label(case) -> str:
     return " + ".join(parts) if parts else DASH
 
 
-def list_table(entries: list[tuple[str, object]]) -> Table:
-    """``--list``: every selected case with its shape, implementations and floor."""
+def list_table(entries: list[tuple[str, object]], seconds: list[float] | None = None) -> Table:
+    """``--list``: every selected case with its shape, implementations, floor and estimated seconds."""
     table = Table(title="Registered benchmark cases", show_lines=False)
-    for column in ("family", "case", "quick", "shape", "impls", "floor"):
+    for column in ("family", "case", "quick", "shape", "impls", "floor", "est. s"):
         table.add_column(column, overflow="fold")
-    for family, case in entries:
+    for i, (family, case) in enumerate(entries):
         impls = ", ".join(f"{i.name}*" if i.ours else i.name for i in case.impls)
-        cells = (family, case.name, "yes" if case.quick else "no", fmt_shape(case.shape), impls, floor_label(case))
+        est = f"{seconds[i]:.0f}" if seconds is not None else DASH
+        cells = (family, case.name, "yes" if case.quick else "no", fmt_shape(case.shape), impls, floor_label(case), est)
         table.add_row(*(escape(c) for c in cells))
     table.caption = "* = r1fast's own implementation"
     return table

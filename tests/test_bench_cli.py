@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from bench_testing import FAMILY, REPO, MiB, make_case
+from bench_testing import FAMILY, REPO, MiB, install_fake_cuda, make_case
 
 from bench import registry
 from bench.registry import Case, Impl
@@ -109,36 +109,7 @@ def test_script_list_shows_a_registered_case():
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """CPU stand-ins for the torch.cuda calls the harness makes, and a do_bench that runs fn 16 times."""
-    import triton.testing
-
-    props = dict(L2_cache_size=50 * MiB, name="NVIDIA H100 80GB HBM3", major=9, minor=0)
-    props |= dict(multi_processor_count=132, total_memory=80 * GIB)
-    fakes = dict(
-        is_available=lambda: True,
-        synchronize=lambda *a, **k: None,
-        empty_cache=lambda: None,
-        memory_allocated=lambda *a: 0,
-        max_memory_allocated=lambda *a: 3 * MiB,
-        reset_peak_memory_stats=lambda *a: None,
-        current_device=lambda: 0,
-        mem_get_info=lambda *a: (80 * GIB, 80 * GIB),
-        get_device_properties=lambda *a: type("Props", (), props)(),
-    )
-    for name, fake in fakes.items():
-        monkeypatch.setattr(torch.cuda, name, fake)
-    benched = []
-
-    def do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
-        assert return_mode == "median" and rep > warmup > 0
-        for _ in range(16):
-            for t in grad_to_none or []:
-                t.grad = None
-            fn()
-        benched.append(grad_to_none)
-        return 1.5
-
-    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
-    return benched
+    return install_fake_cuda(monkeypatch)
 
 
 def test_time_case_rotates_sets_and_classifies_failures(fake_cuda):

@@ -26,6 +26,11 @@ SHAPES = {
 }
 BETA = 0.04
 LOSS_TYPE = "bnpo"
+# ANCHORS.md's H100 times (s) per shape, for the run's time plan; r1fast is estimated from its floor.
+ANCHOR_FWD_BWD_S = {
+    "A": {"torch-eager": 0.1276, "trl-selective": 0.1452, "liger-fused-linear": 1.094, "liger-triton": 0.0952},
+    "B": {"torch-eager": 0.1758, "trl-selective": 0.2128, "liger-fused-linear": 0.954, "liger-triton": 0.0916},
+}
 
 
 def _liger_available():
@@ -146,6 +151,8 @@ def cases(quick):
             quick=tag == "A",
             input_bytes=input_bytes,
             notes="extra peak includes the weight gradient (V·H bf16) and the hidden gradient",
+            est_call_s=ANCHOR_FWD_BWD_S[tag],
+            est_source="ANCHORS.md GRPO loss table",
         )
         yield Case(
             name=f"grpo_loss.logprobs.{tag}",

@@ -27,6 +27,13 @@ PROMPT_LEN = 256
 # (prompts, samples per prompt, new tokens, time transformers too, in --quick)
 SHAPES = ((16, 16, 512, True, False), (64, 16, 1024, False, False), (4, 16, 128, True, True))
 _STATE = {}
+# Time-plan estimates (bench/plan.py). transformers: ANCHORS' seconds per decode step, 55.5 s / 512 at
+# 16 prompts, 32,768 tokens / 645 tokens/s / 512 at 4 (host-bound: ~0.1 s per step whatever the batch).
+HF_STEP_S = {16: 55.5 / 512, 4: 32768 / 645 / 512}
+R1FAST_HOST_STEP_S = 0.02
+"""A guess until a GPU run measures it: 20 ms of Python scheduling per decode step, on top of 3x the roofline."""
+SETUP_S = {True: 60.0, False: 20.0}
+"""A guess: building a random 1.5B transformers model on the host (with the peer) and the engine's model."""
 
 
 def _param_bytes() -> int:
@@ -103,7 +110,20 @@ def _transformers_available():
     return None if importlib.util.find_spec("transformers") else "transformers not installed"
 
 
-@register("rollout")
+def release() -> None:
+    """Drop the cached engine and transformers model (~3.1 GB each plus the engine's KV cache)."""
+    _STATE.clear()
+
+
+def _estimates(prompts: int, samples: int, new_tokens: int, with_hf: bool) -> dict:
+    floor_s = roofline_bytes(prompts, samples, new_tokens) / 3018e9  # ANCHORS' copy ceiling
+    est = {"r1fast": 3 * floor_s + R1FAST_HOST_STEP_S * new_tokens}
+    if with_hf:
+        est["transformers-generate"] = HF_STEP_S.get(prompts, max(HF_STEP_S.values())) * new_tokens
+    return est
+
+
+@register("rollout", release=release)
 def cases(quick):
     for prompts, samples, new_tokens, with_hf, in_quick in SHAPES:
         impls = [Impl("r1fast", _r1fast, ours=True)]
@@ -119,10 +139,13 @@ def cases(quick):
             ceiling="copy",
             quick=in_quick,
             notes="tokens/s = generated_tokens / time; roofline ratio = floor / time (weights + KV bytes per "
-                  "decode step at the copy ceiling). One call is a whole rollout (seconds), so do_bench "
-                  "repeats it only a few times.",
+                  "decode step at the copy ceiling). One call is a whole rollout (seconds): its median comes "
+                  "from 1-3 directly timed calls (bench/timing.py).",
             input_bytes=float(_param_bytes()),
             rates={"tokens": prompts * samples * new_tokens},
+            est_call_s=_estimates(prompts, samples, new_tokens, with_hf),
+            est_setup_s=SETUP_S[with_hf],
+            est_source="transformers: ANCHORS.md generate times; r1fast and setup: guesses (bench/cases/rollout.py)",
             extra={"generated_tokens": prompts * samples * new_tokens, "param_bytes": _param_bytes(),
                    "kv_bytes_per_token": _kv_bytes_per_token()},
         )
