@@ -7,8 +7,8 @@ the same model / FSDP2 / HF-checkpoint path as GRPO, AdamW with warmup + cosine,
 
 Data: JSONL, one object per line, either ``{"prompt": ..., "completion": ...}`` or chat
 ``{"messages": [..., {"role": "assistant", "content": ...}]}`` (the last message is the target).
-Prompts are rendered by ``render_prompt``: ``template = "auto"`` uses the tokenizer's chat template
-when it has one and the R1-Zero template otherwise. Each target ends with the tokenizer's EOS.
+Prompts are rendered by ``render_prompt``: ``template = "auto"`` uses the template the checkpoint was
+trained with, else the tokenizer's chat template, else R1-Zero's. Each target ends with the tokenizer's EOS.
 
 Loss normalization: every optimizer step takes ``batch_size`` sequences from a seeded stream of epoch
 permutations (full batches only, so every rank runs the same number of forward passes under FSDP); the
