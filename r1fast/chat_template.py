@@ -14,7 +14,7 @@ import json
 import re
 from datetime import datetime
 
-__all__ = ["named_templates", "stored_templates", "render"]
+__all__ = ["named_templates", "stored_templates", "check_syntax", "render"]
 
 # jinja2 < 3.1.6 has known sandbox escapes (transformers refuses it for the same reason).
 _MIN_JINJA = (3, 1, 6)
@@ -146,6 +146,26 @@ def _environment():
 @functools.lru_cache(maxsize=16)
 def _compile(template: str):
     return _environment().from_string(template)
+
+
+def check_syntax(chat_template) -> None:
+    """Compile every template of ``chat_template`` (as ``named_templates`` returns it; cached for ``render``), so a
+    loader can report a Jinja syntax error with its file: it surfaced at the first render, after a model had
+    loaded, as jinja's bare ``TemplateSyntaxError: unexpected '}'``. ValueError naming the template's line."""
+    if chat_template is None:
+        return
+    import jinja2  # noqa: PLC0415
+
+    try:
+        _environment()
+    except ImportError:
+        return  # too old a jinja2: rendering refuses it with its own message; loading need not
+    for name, template in (chat_template.items() if isinstance(chat_template, dict) else [(None, chat_template)]):
+        try:
+            _compile(template)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            which = "chat_template" if name is None else f"chat_template {name!r}"
+            raise ValueError(f"{which} line {e.lineno}: Jinja syntax error: {' '.join(str(e.message).split())}") from None
 
 
 def render(chat_template, messages, add_generation_prompt: bool, special_tokens: dict) -> str:

@@ -9,8 +9,14 @@ HF's; r1fast's stacked experts (``w_gate_up`` [E, 2I, H], ``w_down`` [E, H, I]) 
 Loading checks everything it can from the safetensors headers before allocating any weight (missing,
 unexpected, wrongly shaped tensors, where a tensor of 0 elements is never unexpected; unreadable or truncated files), then allocates the model once on the
 target device and copies one tensor at a time into it, so no second copy of the weights exists. Every
-problem raises ``CheckpointError`` (a ``ValueError``) naming the file and the tensor; a model is returned
-only when every parameter was filled.
+problem raises ``CheckpointError`` (a ``ConfigError``, so a ``ValueError``) naming the file and the tensor; a
+model is returned only when every parameter was filled.
+
+Tied embeddings follow transformers 5 (``PreTrainedModel.tie_weights`` during ``from_pretrained``): config.json's
+``tie_word_embeddings=true`` with a stored ``lm_head.weight`` that differs from ``model.embed_tokens.weight``
+(compared exactly, in the load dtype) loads untied with a warning, so the stored head is used and a later save
+writes ``tie_word_embeddings=false``; an equal one is dropped (tied); a stored head without an embedding fills
+the embedding.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config_io import ConfigError
 from .model_config import ModelArgs
 
 SINGLE_FILE = "model.safetensors"
@@ -35,13 +42,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 """The weight dtypes every op runs in (float64 for oracle runs); FP8 weights need scales and are refused."""
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32",
                   "fp64": "float64", "double": "float64"}
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+_COMPARE_BLOCK_BYTES = 64 << 20
+"""Rows of the head and the embedding compared at a time: 64 MiB of fp32 per side is ~4.6k rows of a 3584-wide
+Qwen2.5-7B vocabulary (152k rows), so the check never holds a second [V, H] copy (1.1 GB in bf16)."""
 _FLOAT_HEADER_DTYPES = ("F64", "F32", "F16", "BF16")
 """safetensors header dtypes that copy into a float parameter as the same numbers (FP8 needs its scales;
 quantized configs are refused in ModelArgs)."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded as asked (missing, corrupt or mismatched files); the message is one line
+    naming the file and the tensor. A ``ConfigError``: the checkpoint is the user's input (model.name_or_path),
+    so the CLIs print it as ``<prog>: error: ...`` instead of a traceback."""
 
 
 @dataclass
@@ -111,6 +124,43 @@ def _ignorable(hf_name: str, args: ModelArgs) -> bool:
     return args.num_layers <= int(m.group(1)) < args.num_layers + int(mtp)
 
 
+def _stored_equal(found: dict, a: str, b: str, dtype: torch.dtype) -> bool:
+    """Whether stored tensors ``a`` and ``b`` hold the same numbers once cast to ``dtype`` (``torch.equal``, as
+    transformers compares the loaded parameters), read in row blocks so neither is held whole."""
+    (file_a, shape, _), (file_b, shape_b, _) = found[a], found[b]
+    if shape != shape_b or len(shape) != 2:
+        return False
+    rows = max(1, _COMPARE_BLOCK_BYTES // max(1, shape[1] * 4))
+    try:
+        with safe_open(file_a, framework="pt") as fa, safe_open(file_b, framework="pt") as fb:
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for start in range(0, shape[0], rows):
+                if not torch.equal(sa[start:start + rows].to(dtype), sb[start:start + rows].to(dtype)):
+                    return False
+    except Exception as e:  # safetensors raises its own error types for truncated data
+        raise CheckpointError(f"{file_a}: {a} or {b} cannot be read ({e})") from e
+    return True
+
+
+def _tie_as_stored(path: str, args: ModelArgs, found: dict, dtype: torch.dtype) -> tuple[ModelArgs, dict]:
+    """(args, {HF name: stored name}) after transformers 5's tying rules for a tied config (module docstring).
+
+    A head that differs from the embedding is a checkpoint untied by another trainer without updating its
+    config.json; dropping it changed the logits by up to 1.39 (a probe's tiny Llama) and a later save wrote the
+    changed model as tied.
+    """
+    if not (args.tie_word_embeddings and HEAD in found):
+        return args, {}
+    if EMBED not in found:
+        return args, {EMBED: HEAD}  # transformers ties the embedding to the head that exists
+    if _stored_equal(found, HEAD, EMBED, dtype):
+        return args, {}
+    warnings.warn(f"{found[HEAD][0]}: {HEAD} differs from {EMBED} although {os.path.join(path, 'config.json')} sets "
+                  "tie_word_embeddings=true; loading them untied as transformers does (the stored head is used and a "
+                  "save writes tie_word_embeddings=false)", stacklevel=4)
+    return args.replace(tie_word_embeddings=False), {}
+
+
 def _warn_semantics(args: ModelArgs, when: str) -> None:
     """UserWarnings for configs r1fast runs as written but another reader computes differently or ignores."""
     divergence = args.transformers_divergence()
@@ -131,7 +181,7 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
     elif os.path.isfile(single):
         weight_map, files = None, [SINGLE_FILE]
     else:
-        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+        raise CheckpointError(f"{path}: no weights: neither {single} nor {index_file} exists")
     found = {}
     for file in files:
         full = os.path.join(path, file)
@@ -188,6 +238,8 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
         dtype = _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.float32)
     device = torch.device(device or "cpu")
     found = _read_headers(path)
+    args, stored_as = _tie_as_stored(path, args, found, dtype)
+    found.update({name: found[source] for name, source in stored_as.items()})
     with torch.device("meta"):
         model = cls(args).to(dtype)
     fused = {n[: -len("gate_up_proj")] for n in found if n.endswith("experts.gate_up_proj")}
@@ -224,7 +276,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
                 with safe_open(file, framework="pt") as f:
                     for p in file_pieces:
                         try:
-                            tensor = f.get_tensor(p.hf_name)
+                            tensor = f.get_tensor(stored_as.get(p.hf_name, p.hf_name))
                         except Exception as e:
                             raise CheckpointError(f"{file}: tensor {p.hf_name} cannot be read ({e})") from e
                         state[p.ours][p.index].copy_(tensor)

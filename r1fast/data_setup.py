@@ -13,6 +13,7 @@ from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
 from r1fast.stage_io import (
     check_chat_template,
+    check_checkpoint,
     check_tokenizer_fits,
     data_errors,
     empty_data_error,
@@ -26,11 +27,15 @@ from r1fast.tokenizer import load as load_tokenizer
 def build_tokenizer(m: ModelConfig):
     """The tokenizer of a model section alone: the character tokenizer for 'tiny', else the checkpoint's (or
     ``model.tokenizer``'s). Under a second even for a 150k-token tokenizer.json, so stages check their data with
-    it before loading a model (a 7B load takes minutes)."""
+    it before loading a model (a 7B load takes minutes). The model directory is checked first
+    (``stage_io.check_checkpoint``: config.json and weights present), so a broken one fails before any work."""
     if m.name_or_path == "tiny":
         return CharTokenizer()
     if not os.path.isdir(m.name_or_path):
         raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is neither 'tiny' nor a local model directory")
+    check_checkpoint(m.name_or_path, "model.name_or_path")
+    if m.tokenizer and not os.path.isdir(m.tokenizer):
+        raise ConfigError(f"model.tokenizer: {m.tokenizer!r} is not a directory (it names the tokenizer's files)")
     return load_tokenizer(m.tokenizer or m.name_or_path)
 
 

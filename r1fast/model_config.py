@@ -1,9 +1,8 @@
 """``ModelArgs``: the one configuration object of r1fast's transformer, read from and written to HF config.json.
 
-Covers the dense Llama / Qwen2 / Qwen3 family and DeepSeek-V3 / V2 (multi-head latent attention + MoE).
-Anything a config asks for that the model does not implement (sliding windows, partial rotary, dynamic or
-longrope scaling, activations other than SiLU, unknown architectures) is refused with a ``ValueError``
-naming the field, never silently ignored.
+Covers the dense Llama / Qwen2 / Qwen3 family and DeepSeek-V3 / V2 (multi-head latent attention + MoE). Anything
+a config asks for that the model does not implement (sliding windows, partial rotary, dynamic or longrope scaling,
+activations other than SiLU, unknown architectures) is refused with a ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from .config_io import ConfigError
 from .rope_config import read_rope, rope_fields
 
 ARCHITECTURES = {
@@ -27,12 +27,12 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _read_json(file: str):
-    """The JSON value in ``file``; ValueError naming the file when it is not valid JSON."""
+    """The JSON value in ``file``; a one-line ConfigError naming the file when it is not valid UTF-8 JSON."""
     with open(file, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from e
 
 
 @dataclass
@@ -375,17 +375,17 @@ class ModelArgs:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ModelArgs:
+        """An HF directory's config.json; a one-line ConfigError naming the file (user input: no CLI traceback)."""
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
-            raise ValueError(f"{file}: not found (from_pretrained needs an HF model directory)")
+            raise ConfigError(f"{file}: not found (from_pretrained needs an HF model directory)")
         cfg = _read_json(file)
         try:
             args = cls.from_hf_config(cfg)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{file}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from e
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a JSON list, not a dict
+            raise ConfigError(f"{file}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from e
         generation = os.path.join(path, "generation_config.json")
-        if os.path.isfile(generation):
-            args.generation_config = _read_json(generation)
+        args.generation_config = _read_json(generation) if os.path.isfile(generation) else None
         return args
 
     def replace(self, **changes) -> ModelArgs:

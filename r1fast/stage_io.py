@@ -36,11 +36,20 @@ def check_chat_template(tokenizer, template: str, key: str) -> None:
 
 
 def check_checkpoint(path: str, key: str) -> None:
-    """FileNotFoundError naming ``key`` unless ``path`` is an HF model directory (has config.json)."""
+    """FileNotFoundError naming ``key`` and the missing file unless ``path`` is an HF model directory: config.json
+    and its weights (model.safetensors or model.safetensors.index.json). Reads no tensor, so every stage runs it
+    before any work: missing weights otherwise surfaced after data and tokenizer were prepared, as a traceback."""
+    from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{key}: checkpoint directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{key}: {path!r} is not a model checkpoint (no config.json in it)")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{key}: {path!r} is not a model checkpoint (no config.json in it: {config} does "
+                                "not exist)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (SINGLE_FILE, INDEX_FILE)):
+        raise FileNotFoundError(f"{key}: {path!r} holds no weights: neither {os.path.join(path, SINGLE_FILE)} nor "
+                                f"{os.path.join(path, INDEX_FILE)} exists")
 
 
 def check_file(path: str, key: str) -> None:

@@ -18,7 +18,8 @@ import json
 import os
 import string
 
-from r1fast.chat_template import named_templates, render, stored_templates
+from r1fast.chat_template import check_syntax, named_templates, render, stored_templates
+from r1fast.config_io import ConfigError
 
 CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>")
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -124,8 +125,11 @@ class CharTokenizer:
 class HFTokenizer:
     """An HF ``tokenizers.Tokenizer`` plus the special tokens and chat template of tokenizer_config.json."""
 
-    def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None):
+    def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None,
+                 source: str = "tokenizer_config.json"):
+        """``source``: the config's file, named in errors (``load`` passes its full path)."""
         self.tok = tokenizer
+        self.source = source
         self._skip_ids: frozenset[int] | None = None
         config = config or {}
         # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
@@ -145,7 +149,7 @@ class HFTokenizer:
             return None
         tid = self.tok.token_to_id(token)
         if tid is None:
-            raise ValueError(f"tokenizer_config.json: {field}={token!r} is not in the vocabulary")
+            raise ConfigError(f"{self.source}: {field}={token!r} is not in the vocabulary of tokenizer.json")
         return tid
 
     @property
@@ -233,6 +237,8 @@ def load(path):
 
 
 def _load(path):
+    """The tokenizer of ``path``; every problem with its files is a one-line ConfigError naming the file (the
+    directory is the user's input, so the CLIs print it without a traceback)."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "tokenizer_config.json")
     config = {}
@@ -240,22 +246,27 @@ def _load(path):
         with open(cfg_file, encoding="utf-8") as f:
             try:
                 config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from e
     template_file = os.path.join(path, "chat_template.jinja")  # newer transformers store the template apart
     template = None
     if os.path.isfile(template_file):
         with open(template_file, encoding="utf-8") as f:
             template = f.read()
+    try:  # compiled once here: a syntax error is named with its file before any model loads
+        template = named_templates(template or config.get("chat_template"))
+        check_syntax(template)
+    except ValueError as e:
+        raise ConfigError(f"{template_file if os.path.isfile(template_file) else cfg_file}: {e}") from None
     if config.get("r1fast_tokenizer") == _MARKER:
-        return CharTokenizer(config["alphabet"], chat_template=template or config.get("chat_template"))
+        return CharTokenizer(config["alphabet"], chat_template=template)
     tok_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_file):
-        raise ValueError(f"{tok_file}: not found (load needs an HF tokenizer.json or an r1fast CharTokenizer)")
+        raise ConfigError(f"{tok_file}: not found (load needs an HF tokenizer.json or an r1fast CharTokenizer)")
     from tokenizers import Tokenizer  # noqa: PLC0415
 
     try:
         tokenizer = Tokenizer.from_file(tok_file)
     except Exception as e:
-        raise ValueError(f"{tok_file}: cannot be read ({e})") from e
-    return HFTokenizer(tokenizer, config, template)
+        raise ConfigError(f"{tok_file}: cannot be read ({' '.join(str(e).split())})") from e
+    return HFTokenizer(tokenizer, config, template, source=cfg_file)

@@ -147,3 +147,56 @@ def test_llama3_rope_without_original_length_uses_the_models_own(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(ids, position_ids=pos)),
                                    hf(input_ids=ids, position_ids=pos).logits, atol=1e-12, rtol=0)
+
+
+# --- tie_word_embeddings=true with a stored lm_head.weight: transformers 5's tie_weights rules -------------------
+
+
+def _tied_llama(path, head: str):
+    """A tiny tied Llama saved by transformers; ``head``: "distinct" stores a different lm_head.weight, "equal" a
+    copy of the embedding, "only" the head in place of the embedding (transformers then ties the embedding to it)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    state = load_file(path / SINGLE_FILE)
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = torch.randn_like(embed) if head == "distinct" else embed.clone()
+    if head == "only":
+        del state["model.embed_tokens.weight"]
+    save_file(state, path / SINGLE_FILE, metadata={"format": "pt"})
+    return state["lm_head.weight"]
+
+
+def _logits_error(path, ours) -> float:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, V, (1, 7))
+    with torch.no_grad():
+        return (ours.logits(ours(ids[0])) - hf(input_ids=ids).logits[0]).abs().max().item()
+
+
+def test_tied_config_with_a_distinct_stored_head_loads_untied_like_transformers(tmp_path):
+    """The stored head was dropped silently (logits off by up to 1.39 in a probe) and a save wrote the changed
+    model as tied; transformers 5 warns and uses the stored head. So must we, saving tie_word_embeddings=false."""
+    stored_head = _tied_llama(tmp_path / "in", "distinct")
+    with pytest.warns(UserWarning, match=rf"{tmp_path / 'in' / SINGLE_FILE}: lm_head.weight differs from "
+                                         r"model.embed_tokens.weight .* loading them untied"):
+        ours = Transformer.from_pretrained(tmp_path / "in", dtype=torch.float32)
+    assert ours.lm_head is not None and not ours.args.tie_word_embeddings
+    assert _logits_error(tmp_path / "in", ours) < 1e-5  # fp32, same weights: only summation-order noise
+    ours.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(tmp_path / "out" / SINGLE_FILE, framework="pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), stored_head)
+
+
+@pytest.mark.parametrize("head", ["equal", "only"])
+def test_tied_config_with_an_equal_or_lone_stored_head_stays_tied(tmp_path, head, recwarn):
+    """An lm_head.weight equal to the embedding is dropped (tied, no warning); one stored without the embedding
+    fills it (transformers swaps the tie's source), instead of a missing-tensor error."""
+    _tied_llama(tmp_path, head)
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.lm_head is None and ours.args.tie_word_embeddings
+    assert not [w for w in recwarn if "lm_head" in str(w.message)]
+    assert _logits_error(tmp_path, ours) < 1e-5
