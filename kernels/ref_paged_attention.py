@@ -191,16 +191,15 @@ def _attend(q, k, v, scale, causal):
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
-def _gather_chunk(cache, rows: dict, start: int):
-    """Positions [start, start + DECODE_CHUNK) of each row's sequence, [B, DECODE_CHUNK, Hkv, D], and valid
-    [B, DECODE_CHUNK]: position < the row's length. A row's sequence is its ``prefix_len`` tokens read
-    through ``prefix_table`` followed by its ``own_len`` tokens read through ``own_table`` (plain paged
-    attention: no prefix), so cascade and plain tables of one sequence read the same positions in the same
-    chunks. Table entries past a row's last used block are never read (they may hold any value)."""
-    block_size = cache.shape[1]
-    pos = torch.arange(start, start + DECODE_CHUNK, device=cache.device)[None, :]
-    prefix_len, own_len = rows["prefix_len"][:, None], rows["own_len"][:, None]
-    valid = pos < prefix_len + own_len
+def _chunk_slots(rows: dict, start: int, block_size: int):
+    """(block [B, DECODE_CHUNK], offset, valid) of positions [start, start + DECODE_CHUNK) of each row's
+    sequence; valid: position < the row's length. A row's sequence is its ``prefix_len`` tokens read through
+    ``prefix_table`` followed by its ``own_len`` tokens read through ``own_table`` (plain paged attention: no
+    prefix), so cascade and plain tables of one sequence read the same positions in the same chunks. Table
+    entries past a row's last used block are never read (they may hold any value); invalid slots are (0, 0)."""
+    pos = torch.arange(start, start + DECODE_CHUNK, device=rows["own_len"].device)[None, :]
+    prefix_len = rows["prefix_len"][:, None]
+    valid = pos < prefix_len + rows["own_len"][:, None]
     in_prefix = pos < prefix_len
     at = torch.where(in_prefix, pos, pos - prefix_len).clamp(min=0)
     block = torch.zeros_like(at)
@@ -208,9 +207,7 @@ def _gather_chunk(cache, rows: dict, start: int):
         if table.shape[1]:
             picked = table.long().gather(1, (at // block_size).clamp(max=table.shape[1] - 1))
             block = torch.where(mine, picked, block)
-    tokens = cache[block, torch.where(valid, at % block_size, 0)]
-    # masked out below, but 0 * NaN is NaN: a slot past a row's length may hold anything (poisoned in tests)
-    return torch.where(valid[..., None, None], tokens, 0), valid
+    return block, torch.where(valid, at % block_size, 0), valid
 
 
 def _attend_rows(q, k, v, valid, scale):
@@ -245,7 +242,7 @@ def _merge(out, lse, rows, part_out, part_lse):
 
 
 def _decode(q, k_cache, v_cache, rows: dict, scale, out, return_lse):
-    """One query per row over its sequence (``_gather_chunk``), DECODE_CHUNK positions at a time from position
+    """One query per row over its sequence (``_chunk_slots``), DECODE_CHUNK positions at a time from position
     0 with a log-sum-exp merge; only rows that reach a chunk take part (module docstring)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_c = torch.zeros(q.shape, dtype=compute, device=q.device)
@@ -253,10 +250,12 @@ def _decode(q, k_cache, v_cache, rows: dict, scale, out, return_lse):
     lengths = rows["prefix_len"] + rows["own_len"]
     for start in range(0, int(lengths.max()) if lengths.numel() else 0, DECODE_CHUNK):
         live = (lengths > start).nonzero().squeeze(1)
-        mine = {name: value[live] for name, value in rows.items()}
-        k, valid = _gather_chunk(k_cache, mine, start)
-        v, _ = _gather_chunk(v_cache, mine, start)
-        _merge(out_c, lse_c, live, *_attend_rows(q[live], k, v, valid, scale))
+        block, offset, valid = _chunk_slots({name: value[live] for name, value in rows.items()}, start,
+                                            k_cache.shape[1])
+        # invalid slots read slot (0, 0), which may hold anything (NaN-poisoned in tests): their scores are
+        # masked, but 0 * NaN is NaN, so their values are zeroed
+        v = torch.where(valid[..., None, None], v_cache[block, offset], 0)
+        _merge(out_c, lse_c, live, *_attend_rows(q[live], k_cache[block, offset], v, valid, scale))
     return _finish(out_c, lse_c, q, out, return_lse)
 
 
