@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import Any
 
-__all__ = ["MetricsLogger", "read_metrics", "current_rank", "METRICS_FILE"]
+__all__ = ["MetricsLogger", "read_metrics", "trim_metrics", "current_rank", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 _warned_no_tensorboard = False
@@ -177,3 +177,52 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{number}: not a JSON object: {err}") from err
     return records
+
+
+def _logged_after(record: dict, step: int, sft_step: int | None) -> bool:
+    """Whether ``r1fast.train`` logged ``record`` after its checkpoint at GRPO ``step`` (or mid-SFT at
+    ``sft_step``). Train logs: sft rows (step = SFT step index), eval 'initial' before the SFT, eval 'before_rl'
+    after it, rl rows (step = steps done), eval 'step_<N>' (before checkpoint N), eval 'after_rl' (the run's
+    end: the resumed run evaluates again, so an earlier one is always past the restored position)."""
+    phase, at = record.get("phase"), record.get("step", 0)
+    if sft_step is not None:  # everything but the initial evaluation and the SFT steps already taken
+        return not ((phase == "sft" and at < sft_step) or (phase == "eval" and record.get("tag") == "initial"))
+    if phase == "eval" and record.get("tag") == "after_rl":
+        return True
+    return phase in ("rl", "eval") and at > step
+
+
+def trim_metrics(out_dir: str, step: int, sft_step: int | None = None) -> int:
+    """Drop the records of ``<out_dir>/metrics.jsonl`` logged after a checkpoint at GRPO ``step`` (mid-SFT:
+    ``sft_step``), and a final line cut short by a crash; returns how many records went. Rank 0, before a
+    resumed run's logger opens the file: the resumed run logs those steps again, and the file then reads as
+    if the run had never stopped. Written to a temporary file and renamed over the original (a kill mid-way
+    leaves the old file whole); kept lines are copied byte for byte. A missing file is left missing."""
+    path = os.path.join(out_dir, METRICS_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except FileNotFoundError:
+        return 0
+    kept, dropped = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a crash: the logger would drop it too
+                continue
+            kept.append(line)  # not ours to judge: read_metrics names its line number
+            continue
+        if isinstance(record, dict) and _logged_after(record, step, sft_step):
+            dropped += 1
+        else:
+            kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return dropped

@@ -51,8 +51,15 @@ from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
 from r1fast.stop_flag import StopFlag
-from r1fast.train_checks import check_batch_split, check_shared_run_dir, fit_lengths
-from r1fast.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1fast.train_checks import (
+    check_batch_split,
+    check_data_order,
+    check_shared_run_dir,
+    data_order_fingerprint,
+    fit_lengths,
+    resolve_resume,
+)
+from r1fast.train_state import load_checkpoint, rewind_run_dir, save_checkpoint
 
 MAX_NONFINITE_IN_A_ROW = 3
 """Consecutive non-finite losses after which the run checkpoints and aborts (one is skipped and logged)."""
@@ -118,9 +125,10 @@ class Trainer:
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
+        self.resume_from = resolve_resume(t.resume, self.run_dir)  # before anything is written into the run dir
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
-        self.logger = MetricsLogger(self.run_dir, rank=dist.rank)
+        self.logger: MetricsLogger | None = None  # opened by run(), once a resume has trimmed metrics.jsonl
         self.stop = StopFlag()
         self.step = 0
         self.loop_state: dict = {}
@@ -207,23 +215,27 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        if self.dist.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.toml"))
-        resume_from = self._resume_path()
+        resume_from = self.resume_from
         summary: dict = {}
         sft_from = 0 if resume_from is None and t.sft_steps else None  # the SFT step to run from, if any
-        if resume_from is None:
-            if t.sft_steps:
-                summary["eval_initial"] = self.evaluate("initial")
-        else:
+        data_order = data_order_fingerprint(cfg, self.sft_samples, self.train_samples)
+        if resume_from is not None:
             self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler,
                                                          reference=self.ref_root)
+            check_data_order(resume_from, self.loop_state, data_order)
             self._apply_optimizer_config()
             if self.fp8_cache is not None:
                 self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
             sft_from = self.loop_state.get("sft_step")  # a checkpoint written mid-SFT
+            rewind_run_dir(self.run_dir, resume_from, self.step, sft_from)  # later checkpoints and metrics
+        self.loop_state["data_order"] = data_order
+        if self.dist.is_main:  # only now: a failed resume left config.toml and an empty metrics.jsonl behind
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.toml"))
+        self.logger = MetricsLogger(self.run_dir, rank=self.dist.rank)
+        if resume_from is None and t.sft_steps:
+            summary["eval_initial"] = self.evaluate("initial")
         if sft_from is not None:
             self.loop_state["summary"] = summary
             if not self.cold_start_sft(sft_from):
@@ -231,7 +243,7 @@ class Trainer:
             self._refresh_reference()  # KL is measured from where RL starts, not from the untrained model
         if resume_from is None or sft_from is not None:
             summary["eval_before_rl"] = self.evaluate("before_rl")
-        nonfinite = 0
+        nonfinite = self.loop_state.get("nonfinite_in_a_row", 0)  # "N in a row, then abort" spans a resume
         with progress(t.steps, "GRPO", enabled=None if self.dist.is_main else False) as bar:
             bar.advance(self.step)
             while self.step < t.steps:
@@ -244,6 +256,7 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     self.evaluate(f"step_{self.step}")
                 self.loop_state["summary"] = summary
+                self.loop_state["nonfinite_in_a_row"] = nonfinite
                 if nonfinite >= MAX_NONFINITE_IN_A_ROW:
                     self._save_checkpoint()
                     raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {self.step}; checkpoint "
@@ -304,18 +317,6 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,
                                self.loop_state, self.tokenizer, reference=self.ref_root, hf_dtype=self.compute_dtype,
                                keep_last=self.cfg.train.keep_last)
-
-    def _resume_path(self) -> str | None:
-        r = self.cfg.train.resume
-        if r is None:
-            return None
-        # rank 0's pick for every rank: ranks that judged completeness apart could resume from different steps
-        path = D.broadcast_object(latest_checkpoint(self.run_dir) if D.rank() == 0 else None) if r == "latest" else r
-        if path is None:
-            raise FileNotFoundError(f"train.resume=latest but {self.run_dir}/checkpoints holds no finished checkpoint")
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"train.resume: checkpoint directory {path!r} does not exist")
-        return path
 
     def _finish(self, summary: dict) -> None:
         final = self._save_checkpoint()

@@ -1,9 +1,12 @@
 """Checks ``r1fast.train`` runs once the ranks, the tokenizer and the model are known (config checks that need
 no model live in ``r1fast.config``): a run directory every rank sees, batches that split evenly over ranks,
-prompts and cold-start examples that fit the model's positions."""
+prompts and cold-start examples that fit the model's positions, a resume path that names a finished checkpoint,
+and a resumed run whose data order is the checkpoint's."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import sys
@@ -87,3 +90,108 @@ def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_
         print(f"r1fast.train: {len(sft_samples) - len(kept)} of {len(sft_samples)} cold-start examples are longer "
               f"than {limit} tokens and are left out", file=sys.stderr)
     return kept
+
+
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    """The checkpoint directory ``train.resume`` names ('latest': this run's newest complete one), or None.
+
+    Checked before the run writes anything (config.toml, metrics.jsonl): a failed resume left both behind, and
+    the next fresh run moved the directory aside as an "earlier run". Rank 0 decides for every rank, so all
+    ranks raise the same error (FileNotFoundError for a path that is not there, else ConfigError) before any
+    collective could wait on a rank that died alone."""
+    if resume is None:
+        return None
+    verdict = D.broadcast_object(_resume_verdict(resume, run_dir) if D.rank() == 0 else None)
+    kind, text = verdict
+    if kind == "ok":
+        return text
+    raise (FileNotFoundError if kind == "missing" else ConfigError)(text)
+
+
+def _resume_verdict(resume: str, run_dir: str) -> tuple[str, str]:
+    """("ok", path), ("missing", message) or ("bad", message) for ``train.resume=resume``."""
+    from r1fast.train_state import MANIFEST, is_complete_checkpoint, latest_checkpoint
+
+    if resume == "latest":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return "missing", f"train.resume=latest but {run_dir}/checkpoints holds no finished checkpoint"
+        return "ok", path
+    if os.path.isfile(resume):
+        parent = os.path.dirname(os.path.abspath(resume))
+        hint = (f"pass its checkpoint directory {parent!r}"
+                if os.path.isfile(os.path.join(parent, "train_state.pt")) else "pass a checkpoint directory")
+        return "bad", f"train.resume: {resume!r} is a file, not a checkpoint directory; {hint}"
+    if not os.path.isdir(resume):
+        return "missing", f"train.resume: checkpoint directory {resume!r} does not exist"
+    if not os.path.isfile(os.path.join(resume, "train_state.pt")):
+        found = _checkpoint_names(os.path.join(resume, "checkpoints"))
+        if found:  # a run directory, e.g. the run's own out_dir/name
+            return "bad", (f"train.resume: {resume!r} is a run directory, not a checkpoint: pass 'latest' (to "
+                           f"continue the run named by train.out_dir/train.name) or one of its checkpoints "
+                           f"({', '.join(found)}) under {os.path.join(resume, 'checkpoints')}")
+        return "bad", f"train.resume: {resume!r} is not an r1fast checkpoint (train_state.pt missing)"
+    if not is_complete_checkpoint(resume):
+        return "bad", (f"train.resume: {resume!r} is incomplete (a file its {MANIFEST} lists is missing or cut "
+                       "short: a save killed or a disk that filled up); resume from an earlier checkpoint")
+    return "ok", resume
+
+
+def _checkpoint_names(root: str) -> list[str]:
+    """The ``step_<N>`` names under ``root``, by step (at most 5 shown: a long run keeps hundreds)."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    return names if len(names) <= 5 else [*names[:2], "...", *names[-2:]]
+
+
+def data_order_fingerprint(cfg: Config, sft_samples: list[dict], train_samples: list[dict]) -> dict:
+    """What the order of the examples depends on, saved in the checkpoint's loop state (``data_order``).
+
+    GRPO step ``s`` draws positions ``s*P .. (s+1)*P`` of a stream of ``data.seed``-permuted epochs over the
+    n training prompts, and SFT step ``s`` the same with ``train.sft_batch_size`` and ``train.seed`` over the
+    cold-start examples (``r1fast.data.order``). A resume with another P, n, seed or set of prompts drew from
+    another position (P 4 -> 8 at step 2 skipped 8 of 16 prompts of epoch 0 and repeated others), so these are
+    compared on resume. The prompts' content is hashed too: a JSONL file edited in place keeps every key."""
+    d, t = cfg.data, cfg.train
+    rl = {"data.task": d.task, "data.params": dict(d.params), "data.train_size": d.train_size, "data.seed": d.seed,
+          "grpo.prompts_per_step": cfg.grpo.prompts_per_step, "training prompts": _content_hash(train_samples)}
+    sft = {"data.sft_params": dict(d.sft_params), "data.sft_size": d.sft_size,
+           "train.sft_batch_size": t.sft_batch_size, "train.seed": t.seed,
+           "cold-start examples": _content_hash(sft_samples)}
+    return {"rl": rl, "sft": sft}
+
+
+_CONTENT_KEYS = ("training prompts", "cold-start examples")
+"""The fingerprint's content hashes (reported only when no config key explains the difference)."""
+
+
+def _content_hash(samples: list[dict]) -> str:
+    """sha256 of the samples as sorted-key JSON (1000 arithmetic prompts: about 5 ms)."""
+    text = json.dumps(samples, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_data_order(path: str, loop_state: dict, current: dict) -> None:
+    """ConfigError naming every data-order key that differs between the checkpoint at ``path`` and this run
+    (its saved and new value); the SFT's keys only for a checkpoint written mid-SFT (after the SFT they no
+    longer decide anything). Everything else (lr, steps, schedule, ...) may change: a user extends a run.
+    A checkpoint from before fingerprints existed is accepted with one warning. Same outcome on every rank."""
+    saved = loop_state.get("data_order")
+    if saved is None:
+        if D.rank() == 0:
+            print(f"r1fast.train: {path} predates data-order fingerprints: resuming without checking that data.*, "
+                  "grpo.prompts_per_step and train.sft_batch_size are the ones it was trained with",
+                  file=sys.stderr)
+        return
+    phases = ("rl", "sft") if loop_state.get("sft_step") is not None else ("rl",)
+    differ = [(key, old, current[phase].get(key)) for phase in phases for key, old in saved.get(phase, {}).items()
+              if current[phase].get(key) != old]
+    if any(key not in _CONTENT_KEYS for key, _, _ in differ):  # the content hash then differs as a consequence
+        differ = [d for d in differ if d[0] not in _CONTENT_KEYS]
+    changed = [f"{key}: {old!r} in the checkpoint, {new!r} now" + (" (the data itself changed)" if key in
+               _CONTENT_KEYS else "") for key, old, new in differ]
+    if changed:
+        raise ConfigError(f"train.resume: {path} was trained on another data order ({'; '.join(changed)}); the "
+                          "resumed run would skip or repeat examples. Resume with the checkpoint's values, or start "
+                          "a fresh run (train.resume=none, or another train.name)")

@@ -5,7 +5,8 @@ Layout of ``<run>/checkpoints/step_<N>/``:
     train_state.pt      full (unsharded) model and optimizer state, scheduler, step, loop state, and the
                         KL reference's weights when the run has one (it is refreshed from the policy only
                         every ``ref_update_steps``, so it is state of its own)
-    rng_rank<R>.pt      each rank's torch / python / numpy RNG state
+    rng_rank<R>.pt      each rank's torch / python / numpy RNG state (a rank the saving run lacked starts
+                        from rank 0's, re-seeded: see ``_restore_rng``)
 
 Everything is written into ``step_<N>.tmp``, closed by a manifest (``complete.json``: every file and its
 size) and renamed into place once complete, so a crash or a SIGTERM mid-save never leaves a checkpoint that
@@ -25,6 +26,7 @@ import random
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -246,8 +248,77 @@ def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler,
         set_model_state_dict(reference, ref_sd, options=StateDictOptions(full_state_dict=True))
     meta = state
     scheduler.load_state_dict(meta["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{D.rank()}.pt")
-    if not os.path.isfile(rng_file):
-        raise FileNotFoundError(f"{rng_file}: checkpoint was written by a run with fewer ranks")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    _restore_rng(path)
     return meta["step"], meta["loop"]
+
+
+def saved_world_size(path: str) -> int:
+    """How many ranks wrote checkpoint ``path``: its manifest's world_size, or (a checkpoint from before
+    manifests) how many consecutive rng_rank<R>.pt files it holds."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return int(json.load(f)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        world = 0
+        while os.path.isfile(os.path.join(path, f"rng_rank{world}.pt")):
+            world += 1
+        return world
+
+
+def _restore_rng(path: str) -> None:
+    """This rank's RNG state from ``path``; a rank the saving run did not have starts from rank 0's state
+    re-seeded with (a number drawn from it) + rank, the same on every resume.
+
+    Why a fallback and not an error: training draws nothing from the global RNGs that shapes its trajectory.
+    Rollout sampling uses one generator per sample seeded from (train.seed, step, prompt, sample)
+    (``r1fast.seeding.rollout_seeds``), evaluation passes train.seed, the data order is seeded by
+    ``r1fast.data.order``, and the model has no dropout; a 2-rank checkpoint resumed on 1 rank was already
+    bit-exact. Raising on the new ranks alone left rank 0 dying in gloo ("Connection closed by peer")."""
+    saved = saved_world_size(path)
+    if D.rank() < saved:
+        _set_rng_state(torch.load(os.path.join(path, f"rng_rank{D.rank()}.pt"), weights_only=False))
+        return
+    if D.rank() == saved and D.rank() > 0:  # one line for all new ranks; rank 0 may not be a new rank
+        print(f"r1fast: {path} was written by {saved} rank(s), resumed on {D.world_size()}: ranks {saved}.."
+              f"{D.world_size() - 1} start from rank 0's RNG state re-seeded per rank (training draws its "
+              "randomness from per-sample seeds, so the trajectory does not depend on it)", file=sys.stderr)
+    _set_rng_state(torch.load(os.path.join(path, "rng_rank0.pt"), weights_only=False))
+    seed = int(torch.randint(0, 2**62, (1,))) + D.rank()  # deterministic: drawn from rank 0's restored state
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
+
+
+def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> None:
+    """After resuming ``run_dir`` from checkpoint ``path`` (at GRPO ``step``, or mid-SFT at ``sft_step``), make
+    the run directory read as if the run had stopped there (every rank calls it; rank 0 writes):
+
+    - its checkpoints newer than ``step`` move to ``checkpoints/abandoned-<UTC time>/`` (renamed, never
+      deleted), with one stderr line: a resume from an older checkpoint (a fork) with keep_last 1 kept the
+      abandoned run's step_6 and pruned the fork's own, so a later ``resume latest`` continued the old run;
+    - metrics.jsonl loses the records logged after the checkpoint (``trim_metrics``): a crash between
+      checkpoints logged steps that the resumed run logs again (rl steps read 1, 2, 3, 3, 4)."""
+    from r1fast.metrics import trim_metrics
+
+    if D.rank() == 0:
+        root = os.path.join(run_dir, "checkpoints")
+        if os.path.normpath(os.path.dirname(os.path.abspath(path))) == os.path.normpath(os.path.abspath(root)):
+            _set_aside_newer(root, step)
+        trim_metrics(run_dir, step, sft_step)
+    D.barrier()
+
+
+def _set_aside_newer(root: str, step: int) -> None:
+    """Move the ``step_<N>`` directories of ``root`` with N > ``step`` into ``root/abandoned-<UTC time>``."""
+    newer = sorted((s, p) for s, p in _step_dirs(root) if s > step)
+    if not newer:
+        return
+    aside = os.path.join(root, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    while os.path.exists(aside):  # two forks within one second
+        aside += "+"
+    os.makedirs(aside)
+    for _, src in newer:
+        os.replace(src, os.path.join(aside, os.path.basename(src)))
+    names = ", ".join(os.path.basename(p) for _, p in newer)
+    print(f"r1fast.train: resumed from step {step} of this run: moved its later checkpoints ({names}) to {aside} "
+          "(nothing deleted; 'resume latest' now continues this run)", file=sys.stderr)
