@@ -98,7 +98,7 @@ class Trainer:
         self.model = model = build_model(cfg, self.tokenizer, dist.device, master)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
-                                        self.sft_samples)
+                                        self.sft_samples, self.train_samples + self.eval_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
                                one_rank=param_dtype is not None) if cfg.parallel.fsdp else None
         self.ref_root, ref = None, None

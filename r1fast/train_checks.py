@@ -68,17 +68,23 @@ def check_batch_split(cfg: Config, world: int) -> None:
             raise ConfigError(f"{key}={value} must be divisible by the {world} ranks")
 
 
-def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict]) -> list[dict]:
-    """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not);
+def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict],
+                prompt_samples: list[dict] | None = None) -> list[dict]:
+    """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not,
+    naming the first too-long prompts by their sample ``id`` from ``prompt_samples``: a JSONL file's path:line);
     return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
     ``r1fast.sft`` drops them; ConfigError when none is left)."""
     limit = model.args.max_position_embeddings
     source = "model.max_seq_len" if cfg.model.name_or_path == "tiny" else "max_position_embeddings in its config.json"
     where = f"the model holds {limit} positions ({source})"
-    longest = max((len(p) for p in prompt_ids), default=0)
-    if longest + cfg.rollout.max_new_tokens > limit:
-        raise ConfigError(f"{where}, fewer than the longest prompt ({longest} tokens) plus "
-                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+    budget = limit - cfg.rollout.max_new_tokens
+    too_long = [(i, len(p)) for i, p in enumerate(prompt_ids) if len(p) > budget]
+    if too_long:
+        named = ", ".join(f"{(prompt_samples or [{}] * len(prompt_ids))[i].get('id', f'prompt {i}')} ({n} tokens)"
+                          for i, n in too_long[:3])
+        raise ConfigError(f"{where}, fewer than {len(too_long)} prompt(s) plus rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens} need: {named}{', ...' if len(too_long) > 3 else ''} "
+                          f"(longest {max(n for _, n in too_long)} tokens)")
     if not (cfg.train.sft_steps and sft_samples):
         return sft_samples
     prompts = encode_prompts(tokenizer, sft_samples, cfg.data.template)

@@ -37,3 +37,20 @@ def test_no_evaluation_set_reports_no_accuracy(tmp_path, monkeypatch):
     summary = T.run(tiny_config(tmp_path, "--data.eval_size", "0", "--train.steps", "1", "--train.sft_steps", "0"))
     assert summary["eval_before_rl"] is None and summary["eval_after_rl"] is None
     assert "greedy_accuracy_gain_points" not in summary
+
+
+def test_too_long_prompts_are_named_by_file_line():
+    """One 809-token prompt in a 7.5k-line MATH export stopped the run without saying which line it was."""
+    from types import SimpleNamespace
+
+    from r1fast.train_checks import fit_lengths
+
+    cfg = tiny_config("/tmp", "--rollout.max_new_tokens", "8")
+    model = SimpleNamespace(args=SimpleNamespace(max_position_embeddings=64))
+    samples = [{"id": f"math.jsonl:{i + 1}"} for i in range(6)]
+    prompts = [[1] * n for n in (10, 57, 56, 80, 60, 90)]
+    with pytest.raises(ConfigError, match=r"64 positions .*fewer than 4 prompt\(s\) plus rollout.max_new_tokens=8 need: "
+                                          r"math.jsonl:2 \(57 tokens\), math.jsonl:4 \(80 tokens\), math.jsonl:5 "
+                                          r"\(60 tokens\), \.\.\. \(longest 90 tokens\)"):
+        fit_lengths(cfg, None, model, prompts, [], samples)
+    assert fit_lengths(cfg, None, model, prompts[:1] + prompts[2:3], [], samples[:2]) == []
