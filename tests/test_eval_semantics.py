@@ -134,7 +134,7 @@ def test_training_evaluation_skips_ungradable_prompts_like_r1fast_eval():
     text = "<think>t</think><answer>3</answer>"
     scores = accuracy.accuracy_batch([s["prompt"] for s in samples], [text, text], samples)
     assert scores == [1.0, None]  # r1fast.eval grades prompt 0 and skips prompt 1
-    out = evaluate(_FakeEngine(tok, text), tok, samples, [tok.encode(s["prompt"]) for s in samples], Scorer.check,
+    out = evaluate(_FakeEngine(tok, text), tok, samples, [tok.encode(s["prompt"]) for s in samples], Scorer(None).check,
                    max_new_tokens=8, k=3)
     assert out["num_prompts"] == 1 and out["skipped_prompts"] == 1
     assert out["greedy_accuracy"] == out["pass@1_k3"] == out["format_rate"] == 1.0
@@ -142,14 +142,14 @@ def test_training_evaluation_skips_ungradable_prompts_like_r1fast_eval():
 
 def test_scorer_check_raises_errors_other_than_skip(monkeypatch):
     sample = {"prompt": "p", "answer": "ornithopter"}
-    assert Scorer.check(sample, "<think>t</think><answer>3</answer>") == (None, True)
+    assert Scorer(None).check(sample, "<think>t</think><answer>3</answer>") == (None, True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("grader bug")
 
     monkeypatch.setattr("r1fast.rewards_setup.accuracy_reward", broken)
     with pytest.raises(RuntimeError, match="grader bug"):
-        Scorer.check({"prompt": "p", "answer": "3"}, "<answer>3</answer>")
+        Scorer(None).check({"prompt": "p", "answer": "3"}, "<answer>3</answer>")
 
 
 # ---------------------------------------------------------------------------------------------------
