@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from .ref_grpo_loss import default_chunk_tokens
+from .dispatch import use_triton
+from .ref_grpo_loss import _chunk_logits, compute_dtype, default_chunk_tokens
 
 
 def logits_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,3 +65,17 @@ def logits_gemm(weight: torch.Tensor, out_dtype: torch.dtype):
     # fp16 products are exact in fp32 (11 + 11 bits < 24), so this equals an fp32-accumulating GEMM
     w_up = weight.to(out_dtype)
     return lambda h, out: torch.mm(h.to(out_dtype), w_up.t(), out=out)
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[S, V] logits of ``hidden`` [S, H] computed as the fused log-prob / loss sweeps compute them on this
+    device, for the rollout to sample from: its log-probs then agree with the trainer's to rounding and the
+    GRPO ratio starts at 1. The kernel path's buffer dtype (``logits_dtype``: bf16 stays bf16, fp16 becomes
+    fp32, written by ``logits_gemm``), the reference's fp32 (fp64 for fp64 inputs). The rollout's own bf16
+    ``F.linear`` rounded logits to bf16 where the CPU reference kept fp32: max |r - 1| 0.135 on the first
+    update (probe, logit std ~7); its fp16 logits could overflow (see the module docstring)."""
+    if hidden.dtype == torch.float64 or not use_triton(hidden.device):
+        return _chunk_logits(hidden, weight, None, 1.0, compute_dtype(hidden.dtype))
+    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=logits_dtype(hidden.dtype), device=hidden.device)
+    logits_gemm(weight, out.dtype)(hidden, out)
+    return out

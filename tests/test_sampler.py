@@ -66,3 +66,13 @@ def test_greedy_is_argmax_even_where_a_tail_token_ties_in_fp32():
     logits = _peaked_logits()
     tokens, _ = sample(logits, SamplingParams(temperature=0.0), [FixedUniform(0.999999)])
     assert tokens.tolist() == [int(logits.argmax())]
+
+
+def test_top_p_drops_the_token_whose_mass_before_equals_top_p():
+    """[0.4, 0.2, 0.2, 0.1, 0.1] at top_p 0.6: the smallest set reaching 0.6 is the first two tokens (as HF's
+    TopPLogitsWarper keeps); cumsum - p gave 0.59999996 before the third and kept it too."""
+    from r1fast.rollout.sampler import _truncate
+
+    logits = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]).log()
+    kept = torch.isfinite(_truncate(logits, 0, 0.6))
+    assert kept.tolist() == [[True, True, False, False, False]]

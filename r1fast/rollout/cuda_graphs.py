@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from r1fast.kernels.grpo_logits_chunk import lm_head_logits
+
 from .block_table import _round_width
 from .paged_backend import StepMetadata
 
@@ -63,7 +65,7 @@ class _Graph:
         model = self.engine.model
         hidden = model(self.input_ids, position_ids=self.positions, cu_seqlens=self.cu, attn=self.engine.backend,
                        max_seqlen=1)
-        return model.logits(hidden)
+        return lm_head_logits(hidden, model.lm_head_weight)  # as the trainer's loss computes them
 
     def replay(self, step):
         """Copy ``step``'s device inputs (``step_inputs.StepInputs``) into the static buffers and replay.

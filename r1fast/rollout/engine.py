@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1fast.kernels.grpo_logits_chunk import lm_head_logits
+
 from . import arguments
 from .block_table import BlockTable
 from .cuda_graphs import DecodeGraphs
@@ -289,7 +291,7 @@ class Engine:
         hidden = self.model(step.input_ids, position_ids=step.positions, cu_seqlens=step.cu_seqlens,
                             attn=self.backend, max_seqlen=meta.max_seqlen_q)
         if step.sample_rows is None:  # every token samples (a decode step without a prefix job): no gather
-            return self.model.logits(hidden), step
+            return lm_head_logits(hidden, self.model.lm_head_weight), step
         if step.sample_rows.numel() == 0:
             return None, step
-        return self.model.logits(hidden[step.sample_rows]), step
+        return lm_head_logits(hidden[step.sample_rows], self.model.lm_head_weight), step

@@ -78,8 +78,9 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # mass strictly before each token; a token is kept while that mass is below top_p, so the most
-        # likely token is always kept
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        # likely token is always kept. The inclusive sum shifted by one, not cumsum - p: that subtraction
+        # turned 0.4 + 0.2 into 0.59999996 < 0.6 and kept a third token of [0.4, 0.2, 0.2, 0.1, 0.1]
+        mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0))
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
