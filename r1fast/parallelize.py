@@ -177,9 +177,15 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
     models = (model, *frozen)
     for m in models:
-        if not any(isinstance(mod, MoE) for mod in m.modules()):
+        layers = [mod for mod in m.modules() if isinstance(mod, MoE)]
+        if not layers:
             raise ValueError(f"enable_fp8_experts: {type(m).__name__} has no MoE layers (FP8 applies to routed "
                              "experts)")
+        # the recipe's 1x128 / 128x128 tiles: checked here, before training, not at the first forward's kernel
+        _, two_i, hidden = layers[0].experts.w_gate_up.shape
+        if hidden % 128 or (two_i // 2) % 128:
+            raise ValueError(f"enable_fp8_experts: the FP8 recipe needs hidden_size and moe_intermediate_size to "
+                             f"be multiples of 128, got {hidden} and {two_i // 2}")
     cache = Fp8WeightCache()
     if optimizer is not None:
         cache.attach(optimizer)

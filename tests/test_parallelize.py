@@ -1,5 +1,6 @@
 """Parallelism and kernel choices applied from outside the model."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -125,6 +126,11 @@ def test_enable_fp8_experts_switches_moe_layers_and_rejects_dense_models():
                                               num_kv_heads=1, head_dim=16, intermediate_size=64))
     with pytest.raises(ValueError, match="has no MoE layers"):
         enable_fp8_experts(dense)
+    # refused here, before training: the kernel's own check ran at the first forward, after the run had set the
+    # previous run aside and written its config
+    small = dataclasses.replace(_moe_args(fp8=False), moe_intermediate_size=96)
+    with pytest.raises(ValueError, match="multiples of 128, got 128 and 96"):
+        enable_fp8_experts(Transformer.from_config(small))
     model = Transformer.from_config(_moe_args(fp8=False), seed=3)  # args say bf16; the switch comes from outside
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cache = enable_fp8_experts(model, optimizer)
