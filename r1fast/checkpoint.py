@@ -254,6 +254,11 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
     extra = sorted(n for n in found if n not in expected and not _ignorable(n, args) and math.prod(found[n][1]))
     if extra:
         raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
+    mtp = [n for n in found if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= args.num_layers]
+    if mtp:  # said once: a save writes no MTP layer (and num_nextn_predict_layers = 0, see save_hf)
+        warnings.warn(f"load: {len(mtp)} multi-token-prediction tensors of {path} (layers past num_hidden_layers="
+                      f"{args.num_layers}) are not loaded: r1fast trains next-token prediction only, and saves none",
+                      stacklevel=3)
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
     for p in pieces:
@@ -363,7 +368,10 @@ def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
         index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         _atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_text(tmp, index))
     saved_dtype = dtype or model.embed_tokens.weight.dtype
-    config = json.dumps(model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", "")), indent=2)
+    hf_config = model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", ""))
+    if model.args.model_type.startswith("deepseek"):  # no MTP layer is kept (see load): declare none, or a reader
+        hf_config["num_nextn_predict_layers"] = 0  # such as vLLM's MTP speculation looks for missing weights
+    config = json.dumps(hf_config, indent=2)
     _atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_text(tmp, config))
     if model.args.generation_config is not None:  # the loaded one, verbatim (stop ids, sampling defaults)
         generation = json.dumps(model.args.generation_config, indent=2)

@@ -207,7 +207,11 @@ def test_surplus_layers_load_only_as_deepseek_v3_mtp_layers(tmp_path, tmp_path_f
     v3 = _copy("deepseek_v3", tmp_path, tmp_path_factory)  # 3 layers, num_nextn_predict_layers=1
     assert json.load(open(v3 / "config.json"))["num_nextn_predict_layers"] == 1
     _rewrite(str(v3 / SINGLE_FILE), lambda t: t.update({"model.layers.3.eh_proj.weight": torch.zeros(2, 2)}))
-    assert len(Transformer.from_pretrained(v3).layers) == 3
+    with pytest.warns(UserWarning, match="1 multi-token-prediction tensors .* are not loaded"):
+        loaded = Transformer.from_pretrained(v3)
+    assert len(loaded.layers) == 3
+    loaded.save_pretrained(tmp_path / "saved")  # declares none of the MTP layers it does not write
+    assert json.load(open(tmp_path / "saved" / "config.json"))["num_nextn_predict_layers"] == 0
     _rewrite(str(v3 / SINGLE_FILE), lambda t: t.update({"model.layers.4.eh_proj.weight": torch.zeros(2, 2)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.4\.eh_proj"):
         Transformer.from_pretrained(v3)
