@@ -41,6 +41,7 @@ from r1fast import distributed as D
 from r1fast import rejection_filters as F
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
+from r1fast.rewards import combine
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
@@ -293,6 +294,8 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
 
     with data_errors():  # a bad line (named path:line) is the user's data, reported before the model loads
         samples = load_jsonl(cfg.data, limit=cfg.limit)
+        # default_score grades language consistency: an unsupported "language" column fails here, not after sampling
+        combine({"language": 1.0}).check_metas(samples)
         eval_texts = [s["prompt"] for path in cfg.decontaminate for s in load_jsonl(path)]
     if not samples:
         raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')

@@ -259,6 +259,16 @@ def test_chat_template_missing_is_one_config_error(tmp_path, tiny_checkpoint):
         run_rejection(cfg)  # was a bare ValueError from the first prompt's render
 
 
+def test_an_unsupported_language_column_fails_before_sampling(tmp_path, tiny_checkpoint, monkeypatch):
+    """The default score grades language consistency: a row's "language": "English" raised a bare ValueError
+    after every prompt was sampled (train refuses the same data at load)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "1+2", "answer": "3", "language": "English"}) + "\n")
+    monkeypatch.setattr("r1fast.rejection.load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(DataError, match="p.jsonl:1'?: reward 'language': language: unsupported target 'English'"):
+        run_rejection(_cfg("--checkpoint", tiny_checkpoint, "--data", str(data), "--out", str(tmp_path / "o")))
+
+
 def test_too_long_prompts_are_dropped_counted_and_reported(tmp_path, capsys):
     """One prompt past the model's 40 positions was a raw ValueError from the engine; now it is dropped,
     counted in the stats and on stderr, and the others keep their indices (and so their seeds)."""
