@@ -18,8 +18,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PARTS="tests|bench|bench-full|bench-rollout|train"
-case "${1:-}" in tests|bench|bench-full|bench-rollout|train) ;;
-    *) echo "usage: [R1FAST_COMMIT=<commit>] bash bench/gpu_checks.sh $PARTS" >&2; exit 2 ;; esac
+# [[ == ]] takes @(a|b) without `shopt -s extglob` (a case pattern needs it at parse time: `bash -n` fails)
+[[ "${1:-}" == @($PARTS) ]] || { echo "usage: [R1FAST_COMMIT=<commit>] bash bench/gpu_checks.sh $PARTS" >&2; exit 2; }
 OUT=${OUT:-bench/results/gpu_logs}
 if [ -z "${R1FAST_COMMIT:-}" ] && ! git rev-parse --verify -q HEAD >/dev/null 2>&1; then
     echo "gpu_checks.sh: no .git here and R1FAST_COMMIT unset: results will be marked unknown-commit" >&2

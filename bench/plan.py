@@ -6,7 +6,7 @@ itself (``bench.timing.timing_plan``: warmup + memory call + do_bench, or a few 
 ones) applied to an estimated time per call:
 
 - the case's ``est_call_s`` where it names the implementation (ANCHORS.md's H100 measurements, or a
-  stated guess: ``est_source`` says which);
+  stated guess: the case file says which);
 - otherwise ``FLOOR_FACTOR`` x the case's floor at ANCHORS' measured H100 ceilings.
 
 Plus ``CASE_OVERHEAD_S`` per case and the case's ``est_setup_s``. Nothing here touches a GPU.
@@ -47,14 +47,14 @@ PART_LIMIT_S (tests/test_bench_plan.py checks both). Issue 5's 16 x 16 x 512 com
 alone ~170 s) gets a call of its own; 64 x 16 x 1024 (r1fast only) rides with the kernel cases."""
 
 
-def call_seconds(case, impl) -> tuple[float, str]:
-    """(estimated seconds of one call of ``impl`` in ``case``, where the number comes from)."""
+def call_seconds(case, impl) -> float:
+    """Estimated seconds of one call of ``impl`` in ``case``: its ``est_call_s``, else from the floor."""
     if impl.name in case.est_call_s:
-        return float(case.est_call_s[impl.name]), case.est_source or "case estimate"
+        return float(case.est_call_s[impl.name])
     floor = floor_ms(case.flops, case.bytes, case.ceiling, ANCHOR_CEILINGS)
     if floor:
-        return FLOOR_FACTOR * floor / 1e3, f"{FLOOR_FACTOR:g}x floor at ANCHORS ceilings"
-    return DEFAULT_CALL_S, "default"
+        return FLOOR_FACTOR * floor / 1e3
+    return DEFAULT_CALL_S
 
 
 def impl_seconds(call_s: float, quick: bool) -> float:
@@ -67,10 +67,15 @@ def case_seconds(case, quick: bool) -> float:
     """Estimated seconds to time every implementation of ``case`` (setup and overhead included)."""
     total = CASE_OVERHEAD_S + float(case.est_setup_s)
     for impl in case.impls:
-        total += impl_seconds(call_seconds(case, impl)[0], quick)
+        total += impl_seconds(call_seconds(case, impl), quick)
     return total
 
 
-def run_seconds(cases, quick: bool) -> float:
-    """Estimated seconds of a run over ``cases`` (each a ``Case``), the per-run overhead included."""
-    return RUN_OVERHEAD_S + sum(case_seconds(case, quick) for case in cases)
+def run_seconds(cases, quick: bool, case_s: list[float] | None = None) -> float:
+    """Estimated seconds of a run over ``cases`` (each a ``Case``), the per-run overhead included.
+
+    ``case_s``: the cases' ``case_seconds`` when the caller has them already (``--list`` prints them).
+    """
+    if case_s is None:
+        case_s = [case_seconds(case, quick) for case in cases]
+    return RUN_OVERHEAD_S + sum(case_s)

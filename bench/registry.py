@@ -76,12 +76,10 @@ class Case:
     tokens/s, ``{"effective GB": 1.6}`` effective GB/s (what the issues' targets are stated in)."""
     est_call_s: dict = field(default_factory=dict)
     """Estimated seconds of one call per implementation name, for the run's time plan (bench/plan.py);
-    an implementation not named here is estimated from the case's floor. Say where numbers come from
-    in ``est_source`` (ANCHORS.md rows, or "guess")."""
+    an implementation not named here is estimated from the case's floor. Say in the case file where the
+    numbers come from (ANCHORS.md rows, or "a guess")."""
     est_setup_s: float = 0.0
     """Estimated seconds to build the case's first input set (e.g. building a 1.5B model)."""
-    est_source: str = ""
-    """Where ``est_call_s`` / ``est_setup_s`` come from."""
 
 
 _REGISTRY: dict[str, Callable[[bool], Iterable[Case]]] = {}

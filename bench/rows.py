@@ -64,7 +64,7 @@ def validate_case(case) -> None:
         raise ValueError(f"case {case.name!r}: ceiling must be one of {CEILINGS}, got {case.ceiling!r}")
     if case.ceiling == "copy" and case.bytes is None:
         raise ValueError(f"case {case.name!r}: ceiling='copy' needs bytes= (the bytes one call must move)")
-    unknown = set(getattr(case, "est_call_s", {}) or {}) - set(names)
+    unknown = set(case.est_call_s) - set(names)
     if unknown:
         raise ValueError(f"case {case.name!r}: est_call_s names no implementation: {sorted(unknown)}")
     for field in ("flops", "bytes", "input_bytes"):

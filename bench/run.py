@@ -136,9 +136,9 @@ def _print_errors(errors: list[dict], console: Console) -> None:
         console.print(f"[red]error[/] in {escape(e['where'])}: {escape(e['error'])}", markup=True, highlight=False)
 
 
-def _print_plan(selected, quick: bool, console: Console) -> None:
+def _print_plan(selected, quick: bool, console: Console, case_s: list[float] | None = None) -> None:
     """One line: how many cases and the estimated minutes, so a run that cannot fit a device call shows it."""
-    total = run_seconds([case for _, case in selected], quick)
+    total = run_seconds([case for _, case in selected], quick, case_s)
     console.print(f"plan: {len(selected)} case(s), estimated {total / 60:.1f} min on an H100 "
                   "(bench/plan.py: ANCHORS.md times where known, else 3x the floor; a device call ends at 10 min)",
                   highlight=False)
@@ -155,22 +155,22 @@ def run_ceilings_only(args, meta: dict, console: Console) -> int:
 
 def _crash_run(case, exc: BaseException, reason: str | None = None):
     """A CaseRun whose every row is an error: ``time_case`` itself raised (or never ran)."""
-    from bench.rows import ImplResult
-    from bench.timing import CaseRun
+    from bench.timing import CaseRun, _skip_all, failure_text
 
-    reason = reason or f"case aborted: {type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-    return CaseRun([ImplResult(impl.name, impl.ours, "error", reason=reason) for impl in case.impls])
+    return CaseRun(_skip_all(case, "error", reason or failure_text(exc, "case aborted: ")))
 
 
 def cuda_unusable() -> str | None:
     """Why the CUDA context can no longer run anything (a sticky error such as an illegal address), or None."""
     import torch
 
+    from bench.timing import failure_text
+
     try:  # a sticky error (cudaErrorIllegalAddress, ...) makes every later synchronize raise it again
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        return failure_text(exc)
     return None
 
 
@@ -208,6 +208,7 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
     stem = None if args.no_save else report_stem(report, Path(args.out))
     families = list(dict.fromkeys(family for family, _ in selected))
     dead = None  # why CUDA became unusable: every later case is recorded as not run
+    aborted = set()  # cases whose rows _crash_run built: already in errors once (crash or "CUDA unusable")
     for family in families:
         start = len(records)
         for fam, case in selected:
@@ -219,6 +220,7 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
                     run = time_case(case, quick=args.quick)
                 except Exception as exc:  # one case's crash must not lose the cases after it
                     run = _crash_run(case, exc)
+                    aborted.add(case.name)
                     errors.append({"where": case.name, "error": run.results[0].reason})
                     dead = cuda_unusable()
                     if dead:
@@ -226,6 +228,7 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
                                        "the later cases were not run: rerun them with --only"})
             else:
                 run = _crash_run(case, None, reason=f"not run: CUDA unusable after an earlier case ({dead})")
+                aborted.add(case.name)
             records.append(case_record(family, case, run, ceilings))
             report.update(incomplete={"done": len(records), "of": len(selected)}, errors=list(errors))
             _save(report, args, console, stem, quiet=True)
@@ -236,11 +239,9 @@ def run_cases(selected, errors: list[dict], args, meta: dict, console: Console) 
             except Exception as exc:
                 errors.append({"where": f"family {family}", "error": f"release raised {type(exc).__name__}: {exc}"})
     report.pop("incomplete", None)
-    crashed = {e["where"] for e in errors}
     for record in records:
         for row in record["rows"]:
-            not_run = row["reason"].startswith("not run:")  # already in errors once, as "CUDA unusable"
-            if row["ours"] and row["status"] == "error" and record["name"] not in crashed and not not_run:
+            if row["ours"] and row["status"] == "error" and record["name"] not in aborted:
                 errors.append({"where": record["name"], "error": f"{row['impl']} raised {row['reason']}"})
     _print_errors(errors, console)
     report["errors"] = errors
@@ -259,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                                          left_out=left_out)
     errors += gen_errors
     if args.list:
-        console.print(list_table(selected, [case_seconds(case, args.quick) for _, case in selected]))
-        _print_plan(selected, args.quick, console)
+        case_s = [case_seconds(case, args.quick) for _, case in selected]
+        console.print(list_table(selected, case_s))
+        _print_plan(selected, args.quick, console, case_s)
     if not selected and not args.ceilings:  # an --only typo is an error with or without a GPU
         _print_errors(errors, console)
         if left_out:

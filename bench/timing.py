@@ -12,8 +12,8 @@ that cost picks the timer (``timing_plan``):
 When one input set fits in L2, several fresh sets are built and the calls rotate through them so
 the inputs are not served from a warm cache between do_bench's own flushes.
 
-The pure helpers (``rotation_count``, ``classify_failure``, ``tensors_in``) run anywhere; the rest
-needs a CUDA device.
+The pure helpers (``rotation_count``, ``classify_failure``, ``failure_text``, ``tensors_in``) run
+anywhere; the rest needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ def rotation_count(
     return max(1, min(wanted, max_sets, affordable))
 
 
+def failure_text(exc: BaseException, prefix: str = "") -> str:
+    """``prefix`` + "Type: message", first line only, at most 300 characters: how a failure reads in a row."""
+    return f"{prefix}{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+
+
 def classify_failure(exc: BaseException, ours: bool = False) -> tuple[str, str]:
     """("skipped" | "error", reason) for an exception raised by make_inputs or an implementation.
 
@@ -100,7 +105,7 @@ def classify_failure(exc: BaseException, ours: bool = False) -> tuple[str, str]:
     error (and a non-zero exit): its ImportError is a broken package and its OOM a missed target
     (issue 4: "4 x 4,096 fits").
     """
-    reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    reason = failure_text(exc)
     if not ours and isinstance(exc, ImportError | NotImplementedError | torch.OutOfMemoryError):
         return "skipped", reason
     return "error", reason
@@ -116,8 +121,8 @@ def long_call_samples(call_ms: float, budget: dict) -> int:
 def timing_plan(call_ms: float, budget: dict) -> dict:
     """How an implementation whose one call takes ``call_ms`` is timed, and the calls that costs.
 
-    ``{"method": "do_bench" | "direct", "rep": ms (do_bench), "samples": timed calls (direct; a lower
-    bound for do_bench), "calls": every call including the warmup and the memory call}``. Used by
+    ``{"method": "do_bench" | "direct", "rep": ms (do_bench), "samples": timed calls (direct only),
+    "calls": every call including the warmup and the memory call}``. Used by
     ``_time_impl`` and by ``bench/plan.py``'s estimates, so the estimate follows the same rule.
     """
     if not call_ms > 0:
@@ -130,7 +135,7 @@ def timing_plan(call_ms: float, budget: dict) -> dict:
     rep = max(float(budget["rep"]), MIN_SAMPLES * 1.5 * call_ms)
     warmup_calls = max(1, int(budget["warmup"] / call_ms))
     repeat = max(MIN_SAMPLES, int(rep / call_ms))
-    return {"method": "do_bench", "rep": rep, "samples": MIN_SAMPLES, "calls": 2 + 1 + 5 + warmup_calls + repeat}
+    return {"method": "do_bench", "rep": rep, "calls": 2 + 1 + 5 + warmup_calls + repeat}
 
 
 def tensors_in(obj) -> list[torch.Tensor]:

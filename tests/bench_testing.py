@@ -10,10 +10,10 @@ if str(REPO) not in sys.path:  # `bench` is a folder of the repository, not an i
     sys.path.insert(0, str(REPO))
 
 from bench.registry import Case, Impl  # noqa: E402
+from bench.rows import GIB  # noqa: E402
 
 FAMILY = "zz_bench_selftest"
 MiB = 2**20
-GIB = 2**30
 
 
 def never_make_inputs():

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from bench_testing import FAMILY, REPO, MiB, install_fake_cuda, make_case
+from bench_testing import FAMILY, REPO, MiB, install_fake_cuda, make_case, tiny_ceilings
 
 from bench import registry
 from bench.registry import Case, Impl
@@ -141,11 +141,7 @@ def test_time_case_rotates_sets_and_classifies_failures(fake_cuda):
 
 
 def test_main_runs_and_saves_with_faked_cuda(fake_cuda, monkeypatch, tmp_path, capsys):
-    import bench.ceilings
-
-    real = bench.ceilings.measure_ceilings
-    tiny = lambda quick=False: real("cpu", quick=quick, timer=lambda fn: 2.0, matmul_n=64, copy_bytes=MiB)
-    monkeypatch.setattr(bench.ceilings, "measure_ceilings", tiny)
+    tiny_ceilings(monkeypatch)
 
     def family(quick):
         yield make_case(make_inputs=lambda: (torch.randn(64),))
@@ -283,11 +279,7 @@ def test_an_unusable_out_fails_before_anything_is_timed(fake_cuda, tmp_path, cap
 def test_a_run_killed_mid_way_keeps_the_cases_it_finished(fake_cuda, monkeypatch, tmp_path):
     """The lent GPU machines kill a call at 10 minutes: the files are rewritten after every case, and
     the finished run's files (same name, no ``-2``) drop the ``incomplete`` mark."""
-    import bench.ceilings
-
-    real = bench.ceilings.measure_ceilings
-    monkeypatch.setattr(bench.ceilings, "measure_ceilings",
-                        lambda quick=False: real("cpu", quick=quick, timer=lambda fn: 2.0, matmul_n=64, copy_bytes=MiB))
+    tiny_ceilings(monkeypatch)
 
     def killed(x):
         raise KeyboardInterrupt  # what the time limit's signal looks like to the harness: not an impl error

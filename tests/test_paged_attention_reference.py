@@ -10,7 +10,7 @@ from r1fast.kernels import ref_paged_attention as R
 from r1fast.kernels.ref_paged_attention import gather_kv
 
 
-def _row_by_row(q, k_cache, v_cache, rows_kv):
+def _row_by_row(q, rows_kv):
     """fp64 softmax attention of q[b] over the [L, Hkv, D] keys/values rows_kv[b] (out 0 when L = 0)."""
     outs = []
     for b, (k, v) in enumerate(rows_kv):
@@ -27,7 +27,7 @@ def test_decode_reference_matches_row_by_row_and_ignores_other_rows(lens):
     q = torch.randn(len(lens), 4, 64)
     out, lse = R.paged_attention(q, k_cache, v_cache, table, seq_lens, return_lse=True)
     rows = [(gather_kv(k_cache, table[b], n), gather_kv(v_cache, table[b], n)) for b, n in enumerate(lens)]
-    torch.testing.assert_close(out.double(), _row_by_row(q, k_cache, v_cache, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _row_by_row(q, rows), rtol=1e-5, atol=1e-5)
     assert torch.isinf(lse[seq_lens == 0]).all() and (out[seq_lens == 0] == 0).all()
     for b in range(len(lens)):  # alone, and padded with empty rows (the CUDA-graph buckets)
         alone = R.paged_attention(q[b:b + 1], k_cache, v_cache, table[b:b + 1], seq_lens[b:b + 1])
@@ -52,4 +52,4 @@ def test_cascade_reference_equals_plain_tables_bit_for_bit():
     rows = [(torch.cat([gather_kv(k_cache, prefix_table[g], int(prefix[g])), gather_kv(k_cache, suffix_table[b], int(suffix[b]))]),
              torch.cat([gather_kv(v_cache, prefix_table[g], int(prefix[g])), gather_kv(v_cache, suffix_table[b], int(suffix[b]))]))
             for b, g in enumerate(group_of_seq.tolist())]
-    torch.testing.assert_close(out.double(), _row_by_row(q, k_cache, v_cache, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _row_by_row(q, rows), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,12 @@ from r1fast.metrics import read_metrics, trim_metrics
 BASE = ("--train.name", "r", "--train.sft_steps", "0", "--train.log_every", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    """Every test trains (or reads a checkpoint) with the PyTorch kernels."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """One 4-step run with checkpoints step_2 and step_4, copied by the tests that change it (2 s on one core)."""
@@ -38,7 +44,6 @@ def _copy(base_run, tmp_path):
 def test_a_crash_between_checkpoints_logs_every_step_once(tmp_path, monkeypatch):
     """Killed in step 4 after step_2's checkpoint, resumed: rl rows read 1, 2, 3, 3, 4 and eval step_3 twice;
     resuming the finished run again logged a second after_rl row."""
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast import train
 
     cfg = ("--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "1", *BASE)
@@ -76,10 +81,9 @@ def test_trim_metrics_for_a_mid_sft_checkpoint_and_a_torn_tail(tmp_path):
     assert trim_metrics(str(tmp_path / "absent"), 3) == 0 and not (tmp_path / "absent").exists()
 
 
-def test_resume_with_another_data_order_is_one_config_error(base_run, tmp_path, monkeypatch):
+def test_resume_with_another_data_order_is_one_config_error(base_run, tmp_path):
     """P 4 -> 8 at step 4 made the position 4*8 = 32 of the 64-prompt stream instead of 16: 16 prompts of
     epoch 0 were never drawn. Changing lr and steps stays allowed (a user extends a run)."""
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast.train import run
 
     run_dir = _copy(base_run, tmp_path)
@@ -106,10 +110,9 @@ def test_check_data_order_compares_the_sft_keys_only_mid_sft_and_accepts_old_che
     assert capsys.readouterr().err.count("predates data-order fingerprints") == 1
 
 
-def test_a_fork_sets_the_abandoned_checkpoints_aside(base_run, tmp_path, monkeypatch, capsys):
+def test_a_fork_sets_the_abandoned_checkpoints_aside(base_run, tmp_path, capsys):
     """Resumed from step_2 with keep_last 1: pruning kept the abandoned run's step_4 beside the fork's step_3,
     and 'resume latest' then continued the abandoned run."""
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast.train import run
     from r1fast.train_state import latest_checkpoint
 
@@ -150,8 +153,7 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(base_run, tmp_path):
     assert [m["step"] for m in rl_metrics(tmp_path / "two")] == [3]
 
 
-def test_a_bad_resume_path_is_refused_before_anything_is_written(base_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+def test_a_bad_resume_path_is_refused_before_anything_is_written(base_run, tmp_path):
     from r1fast.train import run
     from r1fast.train_checks import resolve_resume
 
@@ -174,7 +176,6 @@ def test_a_bad_resume_path_is_refused_before_anything_is_written(base_run, tmp_p
 
 def test_the_non_finite_counter_survives_a_resume(tmp_path, monkeypatch):
     """Two non-finite steps, SIGTERM, resume, a third one: "3 in a row, then abort" restarted from 0."""
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
     from r1fast import train
 
     original = train.Trainer.grpo_step

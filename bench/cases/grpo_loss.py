@@ -152,7 +152,6 @@ def cases(quick):
             input_bytes=input_bytes,
             notes="extra peak includes the weight gradient (V·H bf16) and the hidden gradient",
             est_call_s=ANCHOR_FWD_BWD_S[tag],
-            est_source="ANCHORS.md GRPO loss table",
         )
         yield Case(
             name=f"grpo_loss.logprobs.{tag}",

@@ -138,6 +138,5 @@ def cases(quick):
             # 4 x 4,096: transformers runs out of memory (ANCHORS), which its first call finds in ~1 s
             est_call_s={"r1fast": batch * seq / HF_TOKENS_PER_S,
                         "transformers-sdpa": batch * seq / HF_TOKENS_PER_S if batch == 2 else 1.0},
-            est_setup_s=60.0,
-            est_source="ANCHORS.md transformers tokens/s (r1fast assumed the same); setup 60 s: a guess",
+            est_setup_s=60.0,  # a guess
         )

@@ -16,7 +16,9 @@ is built first) and hands prompts as inputs. Nothing touches CUDA before ``make_
 
 from __future__ import annotations
 
+from bench.plan import ANCHOR_CEILINGS, FLOOR_FACTOR
 from bench.registry import Case, Impl, register
+from bench.rows import floor_ms
 
 QWEN25_15B = dict(
     model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -116,10 +118,10 @@ def release() -> None:
 
 
 def _estimates(prompts: int, samples: int, new_tokens: int, with_hf: bool) -> dict:
-    floor_s = roofline_bytes(prompts, samples, new_tokens) / 3018e9  # ANCHORS' copy ceiling
-    est = {"r1fast": 3 * floor_s + R1FAST_HOST_STEP_S * new_tokens}
+    floor_s = floor_ms(None, roofline_bytes(prompts, samples, new_tokens), "copy", ANCHOR_CEILINGS) / 1e3
+    est = {"r1fast": FLOOR_FACTOR * floor_s + R1FAST_HOST_STEP_S * new_tokens}  # plan.py's floor estimate + host
     if with_hf:
-        est["transformers-generate"] = HF_STEP_S.get(prompts, max(HF_STEP_S.values())) * new_tokens
+        est["transformers-generate"] = HF_STEP_S[prompts] * new_tokens
     return est
 
 
@@ -145,7 +147,6 @@ def cases(quick):
             rates={"tokens": prompts * samples * new_tokens},
             est_call_s=_estimates(prompts, samples, new_tokens, with_hf),
             est_setup_s=SETUP_S[with_hf],
-            est_source="transformers: ANCHORS.md generate times; r1fast and setup: guesses (bench/cases/rollout.py)",
             extra={"generated_tokens": prompts * samples * new_tokens, "param_bytes": _param_bytes(),
                    "kv_bytes_per_token": _kv_bytes_per_token()},
         )
