@@ -67,6 +67,13 @@ def logits_gemm(weight: torch.Tensor, out_dtype: torch.dtype):
     return lambda h, out: torch.mm(h.to(out_dtype), w_up.t(), out=out)
 
 
+def _kernel_applies(hidden) -> bool:
+    """The dispatch rule, except fp64 (the oracle dtype): that always runs the reference."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype == torch.float64:
+        return False
+    return use_triton(hidden.device)
+
+
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[S, V] logits of ``hidden`` [S, H] computed as the fused log-prob / loss sweeps compute them on this
     device, for the rollout to sample from: its log-probs then agree with the trainer's to rounding and the
@@ -74,7 +81,7 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     fp32, written by ``logits_gemm``), the reference's fp32 (fp64 for fp64 inputs). The rollout's own bf16
     ``F.linear`` rounded logits to bf16 where the CPU reference kept fp32: max |r - 1| 0.135 on the first
     update (probe, logit std ~7); its fp16 logits could overflow (see the module docstring)."""
-    if hidden.dtype == torch.float64 or not use_triton(hidden.device):
+    if not _kernel_applies(hidden):
         return _chunk_logits(hidden, weight, None, 1.0, compute_dtype(hidden.dtype))
     out = torch.empty(hidden.shape[0], weight.shape[0], dtype=logits_dtype(hidden.dtype), device=hidden.device)
     logits_gemm(weight, out.dtype)(hidden, out)

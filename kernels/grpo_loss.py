@@ -61,8 +61,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
-from .grpo_logits_chunk import chunk_rows, dlogits_buffer, logits_dtype, logits_gemm
+from .grpo_logits_chunk import _kernel_applies, chunk_rows, dlogits_buffer, logits_dtype, logits_gemm
 from .grpo_loss_kernels import GradAccumulator, dlogits_inplace, objective_coefficient, row_stats
 from .ref_grpo_loss import (
     _check_token_range,
@@ -300,13 +299,6 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
-
-
-def _kernel_applies(hidden) -> bool:
-    """The dispatch rule, except fp64 (the oracle dtype): that always runs the reference."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dtype == torch.float64:
-        return False
-    return use_triton(hidden.device)
 
 
 def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, return_entropy=False,

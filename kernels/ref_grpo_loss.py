@@ -132,7 +132,8 @@ def _chunk_logits(hidden, weight, bias, inv_temperature, cd):
     """(hidden · Wᵀ + bias) / T for one chunk in ``cd``: [C, V], the only full-chunk buffer it leaves.
 
     A bf16/fp16 weight is upcast WEIGHT_SLICE_BYTES of vocab rows at a time (fp32 matmul, no full copy).
-    Bias and temperature go in place: neither add nor a scalar mul saves its input for backward.
+    Bias and temperature go in place: neither add nor a scalar mul saves its input for backward. A Python 1.0
+    (``lm_head_logits``, temperature 1) skips the mul: one pass over [C, V] less, the same numbers.
     """
     h = hidden.to(cd)
     if weight.dtype == cd:
@@ -145,6 +146,8 @@ def _chunk_logits(hidden, weight, bias, inv_temperature, cd):
             z[:, v0:v0 + rows] = h @ weight[v0:v0 + rows].to(cd).t()
     if bias is not None:
         z.add_(bias.to(cd))
+    if isinstance(inv_temperature, float) and inv_temperature == 1.0:  # a tensor (compiled runs) always multiplies
+        return z
     return z.mul_(inv_temperature)
 
 

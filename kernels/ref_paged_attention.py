@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from .ref_grpo_loss import compute_dtype
+
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 DECODE_CHUNK = 64  # key positions per decode step of the reference: 1-2 chunks for the tiny recipe's <= 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -173,7 +175,7 @@ def gather_kv(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torc
 
 def _attend(q, k, v, scale, causal):
     """q [Lq, Hq, D], k/v [L, Hkv, D] -> out [Lq, Hq, D], lse [Lq, Hq]; queries aligned to the end."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     num_q, num_heads, _ = q.shape
     length = k.shape[0]
     group = num_heads // k.shape[1]
@@ -213,7 +215,7 @@ def _chunk_slots(rows: dict, start: int, block_size: int):
 def _attend_rows(q, k, v, valid, scale):
     """One query per row: q [B, Hq, D], k/v [B, L, Hkv, D], valid [B, L] -> out [B, Hq, D], lse [B, Hq];
     a row without a valid key gets out 0 and lse -inf, as ``_attend``."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     rows, num_heads, dim = q.shape
     kv_heads = k.shape[2]
     qc = q.to(compute).reshape(rows, kv_heads, num_heads // kv_heads, 1, dim)  # query head h reads KV head h // G
@@ -241,12 +243,17 @@ def _merge(out, lse, rows, part_out, part_lse):
     lse[rows] = torch.where(total == 0, float("-inf"), top + torch.log(total))
 
 
+def _accumulators(q):
+    """(out [Lq, Hq, D] zeros, lse [Lq, Hq] -inf) in ``q``'s compute dtype: the merge's starting point."""
+    compute = compute_dtype(q.dtype)
+    return (torch.zeros(q.shape, dtype=compute, device=q.device),
+            torch.full(q.shape[:2], float("-inf"), dtype=compute, device=q.device))
+
+
 def _decode(q, k_cache, v_cache, rows: dict, scale, out, return_lse):
     """One query per row over its sequence (``_chunk_slots``), DECODE_CHUNK positions at a time from position
     0 with a log-sum-exp merge; only rows that reach a chunk take part (module docstring)."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out_c = torch.zeros(q.shape, dtype=compute, device=q.device)
-    lse_c = torch.full(q.shape[:2], float("-inf"), dtype=compute, device=q.device)
+    out_c, lse_c = _accumulators(q)
     lengths = rows["prefix_len"] + rows["own_len"]
     for start in range(0, int(lengths.max()) if lengths.numel() else 0, DECODE_CHUNK):
         live = (lengths > start).nonzero().squeeze(1)
@@ -264,7 +271,7 @@ def _finish(out_c, lse_c, q, out, return_lse):
         out = torch.empty_like(q)
     out.copy_(out_c)
     if return_lse:
-        return out, lse_c.to(torch.float32 if q.dtype != torch.float64 else torch.float64)
+        return out, lse_c.to(compute_dtype(q.dtype))
     return out
 
 
@@ -293,9 +300,7 @@ def paged_attention(
         rows = {"prefix_table": block_table[:, :0], "prefix_len": torch.zeros_like(seq_lens, dtype=torch.long),
                 "own_table": block_table, "own_len": seq_lens.long()}
         return _decode(q, k_cache, v_cache, rows, scale, out, return_lse)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out_c = torch.zeros(q.shape, dtype=compute, device=q.device)
-    lse_c = torch.full(q.shape[:2], float("-inf"), dtype=compute, device=q.device)
+    out_c, lse_c = _accumulators(q)
     lens = seq_lens.tolist()
     starts = cu_seqlens_q.tolist()
     for b, length in enumerate(lens):

@@ -110,10 +110,15 @@ def _pieces(model, fused_expert_layers=frozenset()) -> list[Piece]:
 
 def _ignorable(hf_name: str, args: ModelArgs) -> bool:
     """Tensors HF checkpoints may carry that r1fast deliberately does not load."""
-    if args.tie_word_embeddings and hf_name == "lm_head.weight":
+    if args.tie_word_embeddings and hf_name == HEAD:
         return True  # tied: the head is the embedding
     if hf_name.endswith("rotary_emb.inv_freq"):
         return True  # derived from the config
+    return _is_mtp(hf_name, args)
+
+
+def _is_mtp(hf_name: str, args: ModelArgs) -> bool:
+    """A tensor of a DeepSeek multi-token-prediction layer (a layer past the last decoder layer)."""
     m = re.match(r"model\.layers\.(\d+)\.", hf_name)
     if not (m and args.model_type.startswith("deepseek")):
         return False
@@ -168,17 +173,26 @@ def _warn_semantics(args: ModelArgs, when: str) -> None:
         warnings.warn(f"{when}: {divergence}", stacklevel=3)
 
 
+def weights_file(path: str) -> str | None:
+    """The weight file of the HF directory ``path``: its index if present, else its single file, else None."""
+    for name in (INDEX_FILE, SINGLE_FILE):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
+
+
 def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
     """HF name -> (file, shape, header dtype such as "BF16") from the safetensors headers (no tensor data read)."""
     index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
-    if os.path.isfile(index_file):
+    where = weights_file(path)
+    if where == index_file:
         try:
             with open(index_file, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{index_file}: unreadable index ({e})") from e
         files = sorted(set(weight_map.values()))
-    elif os.path.isfile(single):
+    elif where == single:
         weight_map, files = None, [SINGLE_FILE]
     else:
         raise CheckpointError(f"{path}: no weights: neither {single} nor {index_file} exists")
@@ -247,15 +261,14 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
     expected = {p.hf_name for p in pieces}
     missing = [n for n in expected if n not in found]
     if missing:
-        where = os.path.join(path, INDEX_FILE if os.path.isfile(os.path.join(path, INDEX_FILE)) else SINGLE_FILE)
-        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s), e.g. {sorted(missing)[:5]}")
+        raise CheckpointError(f"{weights_file(path)}: {len(missing)} missing tensor(s), e.g. {sorted(missing)[:5]}")
     # A tensor with no elements holds no weights: transformers writes 0-width modules r1fast leaves out
     # (shared_experts [0, H] and [H, 0] when n_shared_experts=0); they add exactly zero there.
     extra = sorted(n for n in found if n not in expected and not _ignorable(n, args) and math.prod(found[n][1]))
     if extra:
         raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
-    mtp = [n for n in found if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= args.num_layers]
-    if mtp:  # said once: a save writes no MTP layer (and num_nextn_predict_layers = 0, see save_hf)
+    mtp = [n for n in found if _is_mtp(n, args) and math.prod(found[n][1])]
+    if mtp:  # said once: a save writes no MTP layer (and num_nextn_predict_layers = 0, see save_pretrained)
         warnings.warn(f"load: {len(mtp)} multi-token-prediction tensors of {path} (layers past num_hidden_layers="
                       f"{args.num_layers}) are not loaded: r1fast trains next-token prediction only, and saves none",
                       stacklevel=3)

@@ -61,12 +61,6 @@ def build_model(cfg: Config, tok, device: torch.device, dtype: torch.dtype | Non
     return model
 
 
-def build_tokenizer_and_model(cfg: Config, device: torch.device, dtype: torch.dtype | None = None):
-    """(``build_tokenizer``, ``build_model``) of the config's model section."""
-    tok = build_tokenizer(cfg.model)
-    return tok, build_model(cfg, tok, device, dtype)
-
-
 def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """(cold-start SFT samples with a 'solution', GRPO training prompts, held-out prompts).
 

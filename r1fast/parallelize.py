@@ -172,7 +172,7 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
     """
     import functools
 
-    from r1fast.kernels.moe_layer import Fp8WeightCache, moe_ffn_fp8
+    from r1fast.kernels.moe_layer import TILE, Fp8WeightCache, moe_ffn_fp8
     from r1fast.moe import MoE
 
     models = (model, *frozen)
@@ -181,11 +181,11 @@ def enable_fp8_experts(model: nn.Module, optimizer: torch.optim.Optimizer | None
         if not layers:
             raise ValueError(f"enable_fp8_experts: {type(m).__name__} has no MoE layers (FP8 applies to routed "
                              "experts)")
-        # the recipe's 1x128 / 128x128 tiles: checked here, before training, not at the first forward's kernel
+        # the recipe's 1xTILE / TILExTILE tiles: checked here, before training, not at the first forward's kernel
         _, two_i, hidden = layers[0].experts.w_gate_up.shape
-        if hidden % 128 or (two_i // 2) % 128:
+        if hidden % TILE or (two_i // 2) % TILE:
             raise ValueError(f"enable_fp8_experts: the FP8 recipe needs hidden_size and moe_intermediate_size to "
-                             f"be multiples of 128, got {hidden} and {two_i // 2}")
+                             f"be multiples of {TILE}, got {hidden} and {two_i // 2}")
     cache = Fp8WeightCache()
     if optimizer is not None:
         cache.attach(optimizer)

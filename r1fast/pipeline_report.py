@@ -82,20 +82,18 @@ def _compare(rows: dict[str, dict], comparison: dict, per_prompt: dict | None = 
     gap = d["pass@1"] - r["pass@1"]
     std, method = _gap_std(d, r, per_prompt, num_resamples)
     verdict = "beat" if gap > 0 else "tied with" if gap == 0 else "did not beat"
+    significant = std is not None and abs(gap) > 2 * std
+    sigma = "not known to be beyond" if std is None else "beyond" if significant else "within"
     return {**arms, "budget": "same total optimizer steps", "pass@1_gap": gap, "pass@1_gap_std": std,
             "pass@1_gap_std_method": method,
             "greedy_gap": d["greedy_accuracy"] - r["greedy_accuracy"], "distillation_beat_rl": gap > 0,
-            "significant_2sigma": std is not None and abs(gap) > 2 * std,
+            "significant_2sigma": significant,
             "sentence": (f"Distillation {verdict} RL alone for the student: pass@1 {100 * d['pass@1']:.1f}% vs "
                          f"{100 * r['pass@1']:.1f}% ({100 * gap:+.1f} points, bootstrap std of the gap "
-                         f"{_pct(std)} ({method}); {_sigma_word(gap, std)} 2 sigma), "
+                         f"{_pct(std)} ({method}); {sigma} 2 sigma), "
                          f"greedy {100 * d['greedy_accuracy']:.1f}% vs {100 * r['greedy_accuracy']:.1f}%, at "
                          f"{d['optimizer_steps']} optimizer steps each ({d['train_s']:.0f} s vs {r['train_s']:.0f} s "
                          "of training on this machine).")}
-
-
-def _sigma_word(gap: float, std: float | None) -> str:
-    return "not known to be beyond" if std is None else "beyond" if abs(gap) > 2 * std else "within"
 
 
 def _pct(value, std=None) -> str:

@@ -39,6 +39,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast import rejection_filters as F
+from r1fast import stage_io
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.rewards import combine
@@ -227,13 +228,14 @@ def trace_tokens(completion) -> int:
 
 def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                   score: Callable[[list[dict], list[str]], list[dict]] = default_score, *,
-                  prompt_ids: dict[int, list[int]] | None = None) -> list[dict]:
+                  prompt_ids: dict[int, list[int]] | None = None, completion_prefix: str | None = None) -> list[dict]:
     """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank.
 
     ``prompt_ids``: the encoded prompts to sample, by sample index (``stage_io.encode_prompts_that_fit``,
     as run_rejection passes them; None: every sample encoded here, and a too-long one is the engine's
     ValueError). Every rank holds them all, so the shards agree without a collective and a prompt's seeds
-    depend only on its index."""
+    depend only on its index. ``completion_prefix``: ``stage_io.completion_prefix`` of the template, as
+    run_rejection passes it (None: computed here)."""
     world = D.world_size()
     if prompt_ids is None:
         prompt_ids = {i: encode_prompt(tokenizer, render_prompt(tokenizer, cfg.template, prompt=s["prompt"]),
@@ -247,8 +249,9 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
-        prefix = completion_prefix(tokenizer, cfg.template)  # the prompt's open <think>: graded, not written
-        rewards = score([samples[i] for i, _, _ in flat], [prefix + t for t in texts])
+        if completion_prefix is None:  # the prompt's open <think>: graded, not written
+            completion_prefix = stage_io.completion_prefix(tokenizer, cfg.template)
+        rewards = score([samples[i] for i, _, _ in flat], [completion_prefix + t for t in texts])
         for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
@@ -306,10 +309,10 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     prompt_ids, dropped = encode_prompts_that_fit("r1fast.rejection", engine, tokenizer, samples, cfg.template,
                                                   max_new_tokens=cfg.max_new_tokens, path=cfg.data)
+    prefix = completion_prefix(tokenizer, cfg.template)  # the prompt's open <think>: graded, not written
     with torch.no_grad():
-        traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids)
-    kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts,
-                                 completion_prefix=completion_prefix(tokenizer, cfg.template))
+        traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids, completion_prefix=prefix)
+    kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts, completion_prefix=prefix)
     counts["prompts"] = len(samples)
     counts["dropped_too_long"] = dropped
     counts["prompts_with_kept"] = len({t["prompt_index"] for t in kept})

@@ -285,7 +285,8 @@ def _run_sft(cfg: SFTConfig) -> dict:
     if cfg.model.name_or_path != "tiny":
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
-    tokenized = tokenize_sft_records(records, build_tokenizer(cfg.model), cfg.template)  # so does unencodable data
+    tokenizer = build_tokenizer(cfg.model)
+    tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.world_size, dist.rank
     if cfg.batch_size % world:
@@ -293,7 +294,7 @@ def _run_sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     compute = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights that FSDP2 gathers in bf16
     master, param_dtype = master_and_compute_dtypes(compute)
-    tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed, dtype=master)
+    tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed, dtype=master, tokenizer=tokenizer)
     positions = model.args.max_position_embeddings
     if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "

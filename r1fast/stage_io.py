@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from r1fast import distributed as D
-from r1fast.checkpoint import resolve_dtype
+from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE, resolve_dtype, weights_file
 from r1fast.config import DATA_TEMPLATES, ModelConfig
 from r1fast.config_io import ConfigError, DataError
 from r1fast.data import apply_template
@@ -39,15 +39,13 @@ def check_checkpoint(path: str, key: str) -> None:
     """FileNotFoundError naming ``key`` and the missing file unless ``path`` is an HF model directory: config.json
     and its weights (model.safetensors or model.safetensors.index.json). Reads no tensor, so every stage runs it
     before any work: missing weights otherwise surfaced after data and tokenizer were prepared, as a traceback."""
-    from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{key}: checkpoint directory {path!r} does not exist")
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{key}: {path!r} is not a model checkpoint (no config.json in it: {config} does "
                                 "not exist)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in (SINGLE_FILE, INDEX_FILE)):
+    if weights_file(path) is None:
         raise FileNotFoundError(f"{key}: {path!r} holds no weights: neither {os.path.join(path, SINGLE_FILE)} nor "
                                 f"{os.path.join(path, INDEX_FILE)} exists")
 
@@ -120,16 +118,17 @@ def load_policy(path: str, *, device, dtype, key: str = "model"):
     return check_tokenizer_fits(tokenizer, model, key), model
 
 
-def build_model(m: ModelConfig, device, *, seed: int, dtype: torch.dtype | None = None):
+def build_model(m: ModelConfig, device, *, seed: int, dtype: torch.dtype | None = None, tokenizer=None):
     """(tokenizer, Transformer) of a model section: 'tiny' built in code (seeded) or a local HF directory, its
     parameters in ``dtype`` (default model.dtype). The same builder as the GRPO trainer's, so every stage's
-    checkpoints share one architecture."""
+    checkpoints share one architecture. ``tokenizer``: the one ``data_setup.build_tokenizer`` already built
+    (None: build it here, which checks the model directory first); its eos/pad may be set in place."""
     from r1fast.config import Config, TrainConfig
-    from r1fast.data_setup import build_tokenizer_and_model
+    from r1fast.data_setup import build_model as build_policy
+    from r1fast.data_setup import build_tokenizer
 
-    if m.name_or_path != "tiny":
-        check_checkpoint(m.name_or_path, "model.name_or_path")
-    return build_tokenizer_and_model(Config(model=m, train=TrainConfig(seed=seed)), device, dtype)
+    tokenizer = build_tokenizer(m) if tokenizer is None else tokenizer
+    return tokenizer, build_policy(Config(model=m, train=TrainConfig(seed=seed)), tokenizer, device, dtype)
 
 
 def resolve_template(tokenizer, template: str) -> str:

@@ -69,7 +69,7 @@ def check_batch_split(cfg: Config, world: int) -> None:
 
 
 def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict],
-                prompt_samples: list[dict] | None = None) -> list[dict]:
+                prompt_samples: list[dict]) -> list[dict]:
     """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not,
     naming the first too-long prompts by their sample ``id`` from ``prompt_samples``: a JSONL file's path:line);
     return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
@@ -80,7 +80,7 @@ def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_
     budget = limit - cfg.rollout.max_new_tokens
     too_long = [(i, len(p)) for i, p in enumerate(prompt_ids) if len(p) > budget]
     if too_long:
-        named = ", ".join(f"{(prompt_samples or [{}] * len(prompt_ids))[i].get('id', f'prompt {i}')} ({n} tokens)"
+        named = ", ".join(f"{prompt_samples[i].get('id', f'prompt {i}')} ({n} tokens)"
                           for i, n in too_long[:3])
         raise ConfigError(f"{where}, fewer than {len(too_long)} prompt(s) plus rollout.max_new_tokens="
                           f"{cfg.rollout.max_new_tokens} need: {named}{', ...' if len(too_long) > 3 else ''} "
@@ -145,9 +145,9 @@ def _resume_verdict(resume: str, run_dir: str) -> tuple[str, str]:
 
 def _checkpoint_names(root: str) -> list[str]:
     """The ``step_<N>`` names under ``root``, by step (at most 5 shown: a long run keeps hundreds)."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    from r1fast.train_state import _step_dirs
+
+    names = [os.path.basename(path) for _, path in reversed(_step_dirs(root))]
     return names if len(names) <= 5 else [*names[:2], "...", *names[-2:]]
 
 

@@ -302,7 +302,7 @@ def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> 
 
     if D.rank() == 0:
         root = os.path.join(run_dir, "checkpoints")
-        if os.path.normpath(os.path.dirname(os.path.abspath(path))) == os.path.normpath(os.path.abspath(root)):
+        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(root):
             _set_aside_newer(root, step)
         trim_metrics(run_dir, step, sft_step)
     D.barrier()

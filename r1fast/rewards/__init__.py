@@ -174,7 +174,9 @@ class CombinedReward:
         so bad data fails when it loads rather than scoring 0 at every step."""
         for name in self.rewards:
             check = getattr(REWARDS[name], "check_meta", None)
-            for i, meta in enumerate(metas if check is not None else ()):
+            if check is None:
+                continue
+            for i, meta in enumerate(metas):
                 try:
                     check(meta)
                 except ValueError as exc:

@@ -290,8 +290,8 @@ class Engine:
         self.backend.set_step(meta)
         hidden = self.model(step.input_ids, position_ids=step.positions, cu_seqlens=step.cu_seqlens,
                             attn=self.backend, max_seqlen=meta.max_seqlen_q)
-        if step.sample_rows is None:  # every token samples (a decode step without a prefix job): no gather
-            return lm_head_logits(hidden, self.model.lm_head_weight), step
-        if step.sample_rows.numel() == 0:
+        if step.sample_rows is not None and step.sample_rows.numel() == 0:
             return None, step
-        return lm_head_logits(hidden[step.sample_rows], self.model.lm_head_weight), step
+        # sample_rows None: every token samples (a decode step without a prefix job), so no gather
+        rows = hidden if step.sample_rows is None else hidden[step.sample_rows]
+        return lm_head_logits(rows, self.model.lm_head_weight), step
