@@ -95,6 +95,8 @@ class Trainer:
         check_batch_split(cfg, dist.world_size)
         if cfg.parallel.fp8_experts and cfg.model.name_or_path == "tiny":
             raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")
+        # before the model loads, and before anything is written into the run dir
+        self.resume_from = resolve_resume(t.resume, self.run_dir)
         self.model = model = build_model(cfg, self.tokenizer, dist.device, master)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
         self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
@@ -125,7 +127,6 @@ class Trainer:
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
-        self.resume_from = resolve_resume(t.resume, self.run_dir)  # before anything is written into the run dir
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
         self.logger: MetricsLogger | None = None  # opened by run(), once a resume has trimmed metrics.jsonl

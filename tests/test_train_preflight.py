@@ -54,3 +54,19 @@ def test_too_long_prompts_are_named_by_file_line():
                                           r"\(60 tokens\), \.\.\. \(longest 90 tokens\)"):
         fit_lengths(cfg, None, model, prompts, [], samples)
     assert fit_lengths(cfg, None, model, prompts[:1] + prompts[2:3], [], samples[:2]) == []
+
+
+def test_a_bad_resume_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    """A wrong --train.resume was found only after the model and the rollout engine were built (minutes for a 7B)."""
+    def build_model(*args, **kwargs):
+        pytest.fail("model built before train.resume was checked")
+
+    monkeypatch.setattr(T, "build_model", build_model)
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    (tmp_path / "state.pt").write_text("x")
+    for resume, error in ((str(tmp_path / "missing"), FileNotFoundError), ("latest", FileNotFoundError),
+                          (str(tmp_path / "state.pt"), ConfigError)):
+        cfg = tiny_config(tmp_path, "--train.resume", resume)
+        with pytest.raises(error, match="train.resume"):
+            T.run(cfg)
+        assert not (tmp_path / cfg.train.name).exists()
