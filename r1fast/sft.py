@@ -53,6 +53,7 @@ from r1fast.parallelize import (
 )
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
+from r1fast.rewards.format import continue_open_think, open_think_tail
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
@@ -224,6 +225,7 @@ def tokenize_sft_records(records, tokenizer, template: str) -> list[tuple[list[i
         if not prompt_ids:  # the first target token would have no position to be predicted from
             raise DataError(f"{where}: the prompt encodes to no tokens (template {template!r}, tokenizer without "
                             "<bos>); give a non-empty prompt or a template that adds text")
+        completion = continue_open_think(completion, open_think_tail(text))  # one think block, not two
         try:
             completion_ids = tokenizer.encode(completion)
         except ValueError as err:

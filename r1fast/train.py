@@ -44,6 +44,7 @@ from r1fast.parallelize import (
 )
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
+from r1fast.rewards.format import continue_open_think
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.run_dir import set_aside_earlier_run
@@ -164,7 +165,8 @@ class Trainer:
                 idx = batch_indices(step, batch, len(self.sft_samples), t.seed)[rank::world]
                 samples = [self.sft_samples[i] for i in idx]
                 prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
-                targets = [self.tokenizer.encode(s["solution"]) + eos for s in samples]
+                targets = [self.tokenizer.encode(continue_open_think(s["solution"], self.score.completion_prefix)) + eos
+                           for s in samples]  # a template that opens <think> gets no second one
                 packed = pack(prompts, targets, device=self.dist.device)
                 tokens = float(global_active_tokens(packed.mask))
                 loss = self.root(packed, mode="nll", normalizer=tokens / world)

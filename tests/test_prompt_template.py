@@ -97,3 +97,21 @@ def test_a_prompt_that_opens_think_is_graded_with_its_open_tag():
     assert opened.check(sample, completion) == (True, True) and plain.check(sample, completion)[1] is False
     assert _grade([sample], [completion], True, "<think>\n")[1] == [True]
     assert _grade([sample], [completion], True)[1] == [False]
+
+
+def test_training_targets_continue_the_think_block_a_template_opened():
+    """r1fast's worked solutions and R1-Distill data start with '<think>'; after a prompt that opened one, the
+    cold start and r1fast.sft trained '<think>\\n<think>...' and every stage then graded the model format 0."""
+    from r1fast.rewards.format import continue_open_think, format_reward
+    from r1fast.sft import tokenize_sft_records
+
+    assert continue_open_think("<think>\n33+4=37</think><answer>37</answer>", "<think>\n") == "33+4=37</think><answer>37</answer>"
+    assert continue_open_think("<think>x</think><answer>1</answer>", "<think>\n") == "x</think><answer>1</answer>"
+    assert continue_open_think("x</think><answer>1</answer>", "<think>\n") == "x</think><answer>1</answer>"
+    assert continue_open_think("<answer>207</answer>", "<think>\n") == "\n</think>\n\n<answer>207</answer>"
+    assert continue_open_think("<think>x</think><answer>1</answer>", "") == "<think>x</think><answer>1</answer>"
+    chat = CharTokenizer(chat_template=R1_DISTILL_LIKE)
+    records = [({"prompt": "33+4"}, "<think>\n33+4=37</think>\n<answer>37</answer>"), ({"prompt": "hi"}, "<answer>207</answer>")]
+    for prompt_ids, target_ids in tokenize_sft_records(records, chat, "chat"):
+        text = chat.decode(prompt_ids) + chat.decode(target_ids)
+        assert text.count("<think>") == 1 and format_reward("", text[text.index("<think>"):], {}) == 1.0, text

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["format_reward", "format_reward_partial", "format_score", "extract_answer", "extract_think",
-           "block_well_formed", "open_think_tail"]
+           "block_well_formed", "open_think_tail", "continue_open_think"]
 
 _ANY_TAG = r"</?(?:think|answer)>"
 _BODY = rf"(?:(?!{_ANY_TAG}).)*"  # any text without a think/answer tag in it
@@ -75,3 +75,20 @@ def open_think_tail(rendered_prompt: str) -> str:
     if start < 0 or rendered_prompt[start + len("<think>"):].strip():
         return ""
     return rendered_prompt[start:]
+
+
+def continue_open_think(completion: str, prefix: str) -> str:
+    """The training target for a prompt that ends with ``prefix`` (``open_think_tail``): without a ``<think>``
+    of its own, so the sequence reads as one think block. A target that opens one itself (r1fast's worked
+    solutions, the usual R1-Distill data "<think>\\n...") loses that tag: trained verbatim, the model learned to
+    write "<think>\\n<think>", and every stage graded it format 0. A target with no think block at all (a
+    non-reasoning answer) gets the opened block closed empty first, as R1-Distill's own data does."""
+    if not prefix:
+        return completion
+    body = completion.lstrip()
+    if body.startswith("<think>"):
+        rest, tail = body[len("<think>"):], prefix[len("<think>"):]
+        return rest[len(tail):] if rest.startswith(tail) else rest
+    if "</think>" not in completion:
+        return "\n</think>\n\n" + body
+    return completion
