@@ -42,8 +42,9 @@ def ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
 
 
 def _chain_of_thought(completion: str) -> str:
-    """The ``<think>`` block of ``completion``, or the whole completion when there is none."""
-    think = extract_think(completion)
+    """The ``<think>`` block of ``completion`` as written (an indented code block on its first line stays
+    indented: stripped, it read as prose), or the whole completion when there is none."""
+    think = extract_think(completion, strip=False)
     return think if think is not None else completion
 
 

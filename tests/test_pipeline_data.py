@@ -96,6 +96,8 @@ def test_unreadable_code_blocks_and_long_paragraphs():
     assert not F.unreadable(split_para)  # 160 + 160 words in two paragraphs
     assert not F.unreadable("<think>step one\n  then step two, indented after no blank line</think><answer>1</answer>")
     assert not F.unreadable("<think>the code `x+1` inline</think><answer>1</answer>")
+    # code on the think block's first line (an open-think template: the model writes right after "<think>\n")
+    assert F.unreadable("<think>\n    x = 74 + 91\n    print(x)\n</think><answer>165</answer>")
     assert not F.unreadable(fenced, code_blocks=False) and not F.unreadable(long_para, max_paragraph_words=None)
     assert F.unreadable(split_para, max_paragraph_words=100)
     with pytest.raises(ValueError, match="max_paragraph_words"):

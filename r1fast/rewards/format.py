@@ -30,14 +30,14 @@ def block_well_formed(completion: str, tag: str) -> bool:
     return completion.index(opened) < completion.index(closed)
 
 
-def _block_body(completion: str, tag: str) -> str | None:
+def _block_body(completion: str, tag: str, strip: bool = True) -> str | None:
     if not isinstance(completion, str) or not block_well_formed(completion, tag):
         return None
     start = completion.index(f"<{tag}>") + len(tag) + 2
     body = completion[start:completion.index(f"</{tag}>")]
     if re.search(_ANY_TAG, body):  # e.g. an answer block inside the think block
         return None
-    return body.strip()
+    return body.strip() if strip else body
 
 
 def extract_answer(completion: str) -> str | None:
@@ -45,9 +45,10 @@ def extract_answer(completion: str) -> str | None:
     return _block_body(completion, "answer")
 
 
-def extract_think(completion: str) -> str | None:
-    """The stripped text of the one well-formed ``<think>`` block, or None."""
-    return _block_body(completion, "think")
+def extract_think(completion: str, *, strip: bool = True) -> str | None:
+    """The text of the one well-formed ``<think>`` block (stripped unless ``strip=False``: the rejection filters
+    read layout, such as a code block indented on the block's first line), or None."""
+    return _block_body(completion, "think", strip)
 
 
 def format_reward(prompt: str, completion: str, meta: dict) -> float:
