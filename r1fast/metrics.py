@@ -192,19 +192,20 @@ def _logged_after(record: dict, step: int, sft_step: int | None) -> bool:
     return phase in ("rl", "eval") and at > step
 
 
-def trim_metrics(out_dir: str, step: int, sft_step: int | None = None) -> int:
+def trim_metrics(out_dir: str, step: int, sft_step: int | None = None, *, keep_dropped: str | None = None) -> int:
     """Drop the records of ``<out_dir>/metrics.jsonl`` logged after a checkpoint at GRPO ``step`` (mid-SFT:
     ``sft_step``), and a final line cut short by a crash; returns how many records went. Rank 0, before a
     resumed run's logger opens the file: the resumed run logs those steps again, and the file then reads as
     if the run had never stopped. Written to a temporary file and renamed over the original (a kill mid-way
-    leaves the old file whole); kept lines are copied byte for byte. A missing file is left missing."""
+    leaves the old file whole); kept lines are copied byte for byte. A missing file is left missing.
+    ``keep_dropped``: a file the dropped records are written to first (a fork keeps the abandoned branch's)."""
     path = os.path.join(out_dir, METRICS_FILE)
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
     except FileNotFoundError:
         return 0
-    kept, dropped = [], 0
+    kept, dropped = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -216,13 +217,16 @@ def trim_metrics(out_dir: str, step: int, sft_step: int | None = None) -> int:
             kept.append(line)  # not ours to judge: read_metrics names its line number
             continue
         if isinstance(record, dict) and _logged_after(record, step, sft_step):
-            dropped += 1
+            dropped.append(line)
         else:
             kept.append(line)
+    if keep_dropped is not None and dropped:
+        with open(keep_dropped, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in dropped))
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("".join(line + "\n" for line in kept))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    return dropped
+    return len(dropped)

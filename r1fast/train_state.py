@@ -297,22 +297,26 @@ def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> 
       deleted), with one stderr line: a resume from an older checkpoint (a fork) with keep_last 1 kept the
       abandoned run's step_6 and pruned the fork's own, so a later ``resume latest`` continued the old run;
     - metrics.jsonl loses the records logged after the checkpoint (``trim_metrics``): a crash between
-      checkpoints logged steps that the resumed run logs again (rl steps read 1, 2, 3, 3, 4)."""
+      checkpoints logged steps that the resumed run logs again (rl steps read 1, 2, 3, 3, 4); after a fork the
+      dropped records go to ``abandoned-<UTC time>/metrics.jsonl`` beside the checkpoints they belong to."""
     from r1fast.metrics import trim_metrics
 
     if D.rank() == 0:
         root = os.path.join(run_dir, "checkpoints")
+        aside = None
         if os.path.dirname(os.path.abspath(path)) == os.path.abspath(root):
-            _set_aside_newer(root, step)
-        trim_metrics(run_dir, step, sft_step)
+            aside = _set_aside_newer(root, step)
+        trim_metrics(run_dir, step, sft_step,
+                     keep_dropped=None if aside is None else os.path.join(aside, "metrics.jsonl"))
     D.barrier()
 
 
-def _set_aside_newer(root: str, step: int) -> None:
-    """Move the ``step_<N>`` directories of ``root`` with N > ``step`` into ``root/abandoned-<UTC time>``."""
+def _set_aside_newer(root: str, step: int) -> str | None:
+    """Move the ``step_<N>`` directories of ``root`` with N > ``step`` into ``root/abandoned-<UTC time>``;
+    returns that directory (None when nothing was newer)."""
     newer = sorted((s, p) for s, p in _step_dirs(root) if s > step)
     if not newer:
-        return
+        return None
     aside = os.path.join(root, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     while os.path.exists(aside):  # two forks within one second
         aside += "+"
@@ -322,3 +326,4 @@ def _set_aside_newer(root: str, step: int) -> None:
     names = ", ".join(os.path.basename(p) for _, p in newer)
     print(f"r1fast.train: resumed from step {step} of this run: moved its later checkpoints ({names}) to {aside} "
           "(nothing deleted; 'resume latest' now continues this run)", file=sys.stderr)
+    return aside

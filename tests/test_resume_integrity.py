@@ -76,8 +76,10 @@ def test_trim_metrics_for_a_mid_sft_checkpoint_and_a_torn_tail(tmp_path):
             {"step": 1, "phase": "rl"}]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     (tmp_path / "metrics.jsonl").write_text(text + '{"step": 2, "pha')  # a crash cut the last line short
-    assert trim_metrics(str(tmp_path), 0, sft_step=2) == 4  # SFT steps 2, 3, before_rl and rl step 1 go
+    aside = tmp_path / "aside.jsonl"
+    assert trim_metrics(str(tmp_path), 0, sft_step=2, keep_dropped=str(aside)) == 4  # SFT 2, 3, before_rl, rl 1 go
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows[:3])
+    assert aside.read_text() == "".join(json.dumps(r) + "\n" for r in rows[3:])  # the torn line is not a record
     assert trim_metrics(str(tmp_path / "absent"), 3) == 0 and not (tmp_path / "absent").exists()
 
 
@@ -121,10 +123,12 @@ def test_a_fork_sets_the_abandoned_checkpoints_aside(base_run, tmp_path, capsys)
     run(tiny_config(tmp_path, *BASE, "--train.steps", "3", "--train.keep_last", "1", "--train.resume", step2))
     names = sorted(os.listdir(run_dir / "checkpoints"))
     assert names[1:] == ["step_3"] and names[0].startswith("abandoned-"), names
-    assert os.listdir(run_dir / "checkpoints" / names[0]) == ["step_4"]  # moved, not deleted
+    aside = run_dir / "checkpoints" / names[0]
+    assert sorted(os.listdir(aside)) == ["metrics.jsonl", "step_4"]  # moved, not deleted
     assert latest_checkpoint(str(run_dir)).endswith("step_3")
     assert capsys.readouterr().err.count("moved its later checkpoints (step_4)") == 1
     assert [m["step"] for m in rl_metrics(run_dir)] == [1, 2, 3]
+    assert [m["step"] for m in rl_metrics(aside)] == [3, 4]  # the abandoned branch's records, kept beside it
 
 
 def test_ranks_the_saving_run_lacked_get_a_deterministic_rng_state_of_their_own(base_run, monkeypatch):
