@@ -323,9 +323,9 @@ def _run_sft(cfg: SFTConfig) -> dict:
     if dist.is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.toml"))
-    logger = MetricsLogger(run_dir, rank=rank)
     history, nonfinite, tokens_total, start = [], 0, 0.0, time.perf_counter()
-    with progress(steps, f"SFT {cfg.name}", enabled=None if dist.is_main else False) as bar:
+    with (MetricsLogger(run_dir, rank=rank) as logger,  # closed on an error too: a pipeline runs many stages
+          progress(steps, f"SFT {cfg.name}", enabled=None if dist.is_main else False) as bar):
         for step in range(steps):
             t0 = time.perf_counter()
             mine = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)[rank::world]
@@ -365,7 +365,6 @@ def _run_sft(cfg: SFTConfig) -> dict:
     if dist.is_main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    logger.close()
     return summary
 
 

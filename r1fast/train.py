@@ -351,6 +351,8 @@ def run(cfg: Config) -> dict:
             return trainer.run()
         finally:
             trainer.stop.uninstall()
+            if trainer.logger is not None:  # also on a stop signal or an error: a pipeline runs many stages
+                trainer.logger.close()
     finally:
         release_one_rank_group()
 
