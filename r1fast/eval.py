@@ -119,13 +119,14 @@ class EvalConfig:
         return self.pass_k if self.pass_k is not None else tuple(k for k in DEFAULT_PASS_K if k <= self.k)
 
 
-def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix: str = "") -> tuple[list, list, list]:
+def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix="") -> tuple[list, list, list]:
     """(accuracy or None per text, format flag per text, extracted answer per text), each text graded with
-    ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``) in front."""
+    ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``: a str or a callable of the
+    prompt) in front."""
     from r1fast.rewards.accuracy import accuracy_batch
-    from r1fast.rewards.format import extract_answer, format_reward
+    from r1fast.rewards.format import extract_answer, format_reward, prefix_for
 
-    texts = [prefix + t for t in texts]
+    texts = [prefix_for(prefix, s["prompt"]) + t for s, t in zip(samples, texts, strict=True)]
     scores = accuracy_batch([s["prompt"] for s in samples], texts, samples, require_answer_tag=require_answer_tag)
     formatted = [format_reward("", t, {}) == 1.0 for t in texts]
     return scores, formatted, [extract_answer(t) for t in texts]

@@ -43,6 +43,7 @@ from r1fast import stage_io
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.rewards import combine
+from r1fast.rewards.format import prefix_for
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
@@ -168,9 +169,10 @@ def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float
 
 
 def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = (),
-                  completion_prefix: str = "") -> tuple[list[dict], dict]:
+                  completion_prefix="") -> tuple[list[dict], dict]:
     """(kept traces, counts) after the filters of the module docstring, in order; traces come in prompt order.
-    The text filters read ``completion_prefix`` (the prompt's open ``<think>``) + each completion, as rewards do.
+    The text filters read ``completion_prefix`` (the prompt's open ``<think>``; a str or a callable of the prompt,
+    ``stage_io.completion_prefix``) + each completion, as rewards do.
 
     A trace: ``prompt``, ``completion``, ``prompt_index``, ``rewards`` ({"accuracy": float | None,
     "format": float, ...}), ``num_tokens`` (without the stop token), ``finish_reason``.
@@ -183,7 +185,7 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
     per_prompt: dict[int, int] = {}
     kept = []
     for t in traces:
-        text, r = completion_prefix + t["completion"], t["rewards"]
+        text, r = prefix_for(completion_prefix, t["prompt"]) + t["completion"], t["rewards"]
         shingles = None
         if r["accuracy"] is None:
             stage = "ungradable"
@@ -228,7 +230,7 @@ def trace_tokens(completion) -> int:
 
 def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                   score: Callable[[list[dict], list[str]], list[dict]] = default_score, *,
-                  prompt_ids: dict[int, list[int]] | None = None, completion_prefix: str | None = None) -> list[dict]:
+                  prompt_ids: dict[int, list[int]] | None = None, completion_prefix=None) -> list[dict]:
     """This rank's shard of prompts sampled k times and scored; gathered in prompt order on every rank.
 
     ``prompt_ids``: the encoded prompts to sample, by sample index (``stage_io.encode_prompts_that_fit``,
@@ -251,7 +253,8 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
         if completion_prefix is None:  # the prompt's open <think>: graded, not written
             completion_prefix = stage_io.completion_prefix(tokenizer, cfg.template)
-        rewards = score([samples[i] for i, _, _ in flat], [completion_prefix + t for t in texts])
+        graded = [prefix_for(completion_prefix, samples[i]["prompt"]) + t for (i, _, _), t in zip(flat, texts, strict=True)]
+        rewards = score([samples[i] for i, _, _ in flat], graded)
         for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
 from r1fast.rewards.accuracy import SkipSample, accuracy_reward
-from r1fast.rewards.format import format_score
+from r1fast.rewards.format import format_score, prefix_for
 
 
 @dataclass
 class Scorer:
     """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation.
-    Both grade ``completion_prefix`` + the completion (``stage_io.completion_prefix``: a prompt's open
-    ``<think>``)."""
+    Both grade the prompt's ``prefix`` + the completion (``stage_io.completion_prefix``: a prompt's open
+    ``<think>``; a str, or a callable of the prompt under template 'none')."""
 
     combined: CombinedReward
-    completion_prefix: str = ""
+    completion_prefix: str | Callable[[str], str] = ""
+
+    def prefix(self, prompt: str) -> str:
+        """What this prompt's completions are graded (and cold-start targets written) after."""
+        return prefix_for(self.completion_prefix, prompt)
 
     def score(self, prompts: list[str], completions: list[str], metas: list[dict]) -> RewardBatch:
-        return self.combined.score(prompts, [self.completion_prefix + c for c in completions], metas)
+        texts = [self.prefix(p) + c for p, c in zip(prompts, completions, strict=True)]
+        return self.combined.score(prompts, texts, metas)
 
     def check_samples(self, samples: list[dict]) -> None:
         """DataError naming the first sample a configured reward cannot grade (e.g. an unsupported
@@ -35,7 +41,7 @@ class Scorer:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
         unparsable gold), so evaluation skips the prompt as ``r1fast.eval`` does rather than count it wrong.
         Any other error is a bug and propagates."""
-        completion = self.completion_prefix + completion
+        completion = self.prefix(sample.get("prompt", "")) + completion
         try:
             correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
         except SkipSample:
@@ -43,7 +49,7 @@ class Scorer:
         return correct, format_score("", completion, sample) >= 1.0
 
 
-def build_scorer(cfg: Config, *, completion_prefix: str = "") -> Scorer:
+def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] = "") -> Scorer:
     """Validate reward names and parameters before any training starts."""
     r = cfg.rewards
     unknown = [name for name in r.weights if name not in REWARDS]

@@ -162,11 +162,16 @@ def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messag
     return apply_template(messages[0]["content"], name)
 
 
-def completion_prefix(tokenizer, template: str) -> str:
+def completion_prefix(tokenizer, template: str):
     """What rewards put before each completion: the think tag the rendered prompt leaves open
-    (``rewards.format.open_think_tail``). The template decides it, not the question, so one render does."""
+    (``rewards.format.open_think_tail``); ``rewards.format.prefix_for(prefix, prompt)`` reads it. A named or
+    chat template decides it, not the question, so one render does (a str). Under 'none' each prompt is its own
+    rendering and decides it: the callable ``open_think_tail`` (a pre-rendered TinyZero-style prompt ends with
+    "Assistant: ... <think>"; graded without it, every completion scored format 0)."""
     from r1fast.rewards.format import open_think_tail
 
+    if resolve_template(tokenizer, template) == "none":
+        return open_think_tail
     return open_think_tail(render_prompt(tokenizer, template, prompt="x"))
 
 

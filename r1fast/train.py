@@ -165,7 +165,7 @@ class Trainer:
                 idx = batch_indices(step, batch, len(self.sft_samples), t.seed)[rank::world]
                 samples = [self.sft_samples[i] for i in idx]
                 prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
-                targets = [self.tokenizer.encode(continue_open_think(s["solution"], self.score.completion_prefix)) + eos
+                targets = [self.tokenizer.encode(continue_open_think(s["solution"], self.score.prefix(s["prompt"]))) + eos
                            for s in samples]  # a template that opens <think> gets no second one
                 packed = pack(prompts, targets, device=self.dist.device)
                 tokens = float(global_active_tokens(packed.mask))

@@ -15,7 +15,7 @@ import time
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError
 from r1fast.data_setup import encode_prompts
-from r1fast.rewards.format import continue_open_think
+from r1fast.rewards.format import continue_open_think, prefix_for
 from r1fast.stage_io import completion_prefix
 
 SHARED_DIR_WAIT_S = 5.0
@@ -91,7 +91,7 @@ def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_
         return sft_samples
     prompts = encode_prompts(tokenizer, sft_samples, cfg.data.template)
     prefix = completion_prefix(tokenizer, cfg.data.template)  # the targets as the cold start encodes them
-    lengths = [len(p) + len(tokenizer.encode(continue_open_think(s["solution"], prefix))) + 1
+    lengths = [len(p) + len(tokenizer.encode(continue_open_think(s["solution"], prefix_for(prefix, s["prompt"])))) + 1
                for p, s in zip(prompts, sft_samples, strict=True)]
     kept = [s for s, n in zip(sft_samples, lengths, strict=True) if n <= limit]
     if not kept:

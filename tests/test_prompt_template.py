@@ -115,3 +115,34 @@ def test_training_targets_continue_the_think_block_a_template_opened():
     for prompt_ids, target_ids in tokenize_sft_records(records, chat, "chat"):
         text = chat.decode(prompt_ids) + chat.decode(target_ids)
         assert text.count("<think>") == 1 and format_reward("", text[text.index("<think>"):], {}) == 1.0, text
+
+
+def test_pre_rendered_prompts_under_template_none_are_graded_with_their_own_open_tag(monkeypatch):
+    """Template 'none' takes each prompt as its own rendering: a TinyZero-style prompt ending "Assistant: Let me
+    solve this step by step.\\n<think>" left every completion graded without its '<think>' (format 0 throughout,
+    and RL then taught a second '<think>'); a prompt that opens nothing keeps an empty prefix."""
+    from r1fast import rejection_filters as F
+    from r1fast.eval import _grade
+    from r1fast.rejection import RejectionConfig, filter_traces
+    from r1fast.rewards import combine
+    from r1fast.rewards_setup import Scorer
+    from r1fast.stage_io import completion_prefix
+
+    prefix = completion_prefix(CharTokenizer(), "none")
+    opened = {"prompt": "User: 1+2. Assistant: Let me solve this step by step.\n<think>", "answer": "3",
+              "task": "addition"}
+    plain = {"prompt": "User: 1+2. Assistant:", "answer": "3", "task": "addition"}
+    completion = " 1 plus 2 is 3</think>\n<answer>3</answer>"
+    assert prefix(opened["prompt"]) == "<think>" and prefix(plain["prompt"]) == ""
+    scorer = Scorer(combine({"format": 1.0, "task_accuracy": 1.0}, {}), prefix)
+    assert scorer.score([opened["prompt"], plain["prompt"]], [completion] * 2, [opened, plain]).total == [2.0, 1.0]
+    assert scorer.check(opened, completion) == (True, True) and scorer.check(plain, completion) == (True, False)
+    assert _grade([opened, plain], [completion] * 2, True, prefix)[1] == [True, False]
+    read = []  # the texts rejection's filters read: each prompt's own prefix + its completion
+    monkeypatch.setattr(F, "unreadable", lambda text, **kw: read.append(text) or False)
+    traces = [{"prompt": s["prompt"], "completion": completion, "prompt_index": i,
+               "rewards": {"accuracy": 1.0, "format": 1.0}, "num_tokens": 30, "finish_reason": "stop"}
+              for i, s in enumerate((opened, plain))]
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o", min_language_share=0.0, max_repeated_fraction=1.0)
+    kept, _ = filter_traces(traces, cfg, completion_prefix=prefix)
+    assert len(kept) == 2 and read == ["<think>" + completion, completion]

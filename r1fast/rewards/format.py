@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["format_reward", "format_reward_partial", "format_score", "extract_answer", "extract_think",
-           "block_well_formed", "open_think_tail", "continue_open_think"]
+           "block_well_formed", "open_think_tail", "prefix_for", "continue_open_think"]
 
 _ANY_TAG = r"</?(?:think|answer)>"
 _BODY = rf"(?:(?!{_ANY_TAG}).)*"  # any text without a think/answer tag in it
@@ -76,6 +76,12 @@ def open_think_tail(rendered_prompt: str) -> str:
     if start < 0 or rendered_prompt[start + len("<think>"):].strip():
         return ""
     return rendered_prompt[start:]
+
+
+def prefix_for(prefix, prompt: str) -> str:
+    """The completion prefix of one prompt: ``prefix`` itself, or for a callable (``stage_io.completion_prefix``
+    under template 'none', where each prompt is its own rendering) ``prefix(prompt)``."""
+    return prefix(prompt) if callable(prefix) else prefix
 
 
 def continue_open_think(completion: str, prefix: str) -> str:
