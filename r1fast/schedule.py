@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -28,5 +29,12 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over ``lr_factor`` (its state_dict is the step counter, so resume is exact)."""
+    """A LambdaLR over ``lr_factor`` (its state_dict is the step counter, so resume is exact). Warns when the
+    warmup is longer than the run: the rate then never reaches its peak (5 steps, warmup 10: 0.1-0.5x) and
+    never decays. A warning, not an error: a smoke run shortens a recipe's steps and keeps its warmup."""
+    warmup, total = kwargs.get("warmup_steps", 0), kwargs.get("total_steps", 0)
+    if 0 < total < warmup:
+        warnings.warn(f"warmup_steps={warmup} exceeds the run's {total} steps: the learning rate peaks at "
+                      f"{total / warmup:.2g}x its configured value and the {kwargs.get('schedule')} schedule "
+                      "never starts", stacklevel=2)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **kwargs))
