@@ -291,7 +291,8 @@ class TrainConfig:
     lr: float = bounded(3e-4, gt=0)
     """Peak AdamW learning rate."""
     weight_decay: float = bounded(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay, applied to every parameter (norm gains and biases too, as torchtitan and
+    verl do; Hugging Face's Trainer exempts them). AdamW's eps is torch's 1e-8."""
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
     """AdamW (beta1, beta2)."""
     grad_clip: float = bounded(1.0, ge=0)
@@ -380,7 +381,6 @@ class Config:
             raise ConfigError(f"data.template: unknown template {self.data.template!r}; allowed: "
                               f"{', '.join(DATA_TEMPLATES)}")
         return self
-
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, *, schema: type | None = None) -> Any:

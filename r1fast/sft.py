@@ -106,7 +106,8 @@ class SFTConfig:
     lr: float = bounded(1e-4, gt=0)
     """Peak AdamW learning rate."""
     weight_decay: float = bounded(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay, applied to every parameter (norm gains and biases too, as torchtitan and
+    verl do). AdamW's eps is torch's 1e-8."""
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
     """AdamW (beta1, beta2)."""
     grad_clip: float = bounded(1.0, ge=0)
