@@ -30,7 +30,8 @@ bumps neither and needs ``invalidate()`` (checking the values instead would cost
 per forward). Attached to an optimizer (as training
 uses it, ``attach(optimizer)``) it re-quantizes after every ``optimizer.step()`` and on version bumps
 but no longer keys on the address (FSDP2 gathers into fresh storage every forward), so a ``.data =``
-swap or an FSDP ``load_state_dict`` needs ``invalidate()``. One cache per model (or per layer) is
+swap or an FSDP ``load_state_dict`` needs ``invalidate()``. Re-quantization writes into the copy's
+existing storage, so a CUDA graph captured on it stays valid. One cache per model (or per layer) is
 enough; it holds each weight's FP8 copy twice (as is and transposed for dgrad), i.e. 2 bytes per
 parameter.
 """
@@ -71,13 +72,29 @@ class Fp8Weight:
             q, scale = quantize_fp8_128x128(weight.detach())
             return cls(q, scale, q.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous())
 
+    def refilled(self, weight: torch.Tensor) -> Fp8Weight:
+        """``weight`` quantized into this copy's storage (self), or a new copy when its shape changed. In
+        place because a captured decode graph reads these addresses: re-quantized into fresh tensors after
+        an optimizer step, the graph (keyed on the parameters' addresses, which the step keeps) went on
+        reading the freed ones. A backward still pending on the old copy then fails autograd's version
+        check instead of using the new values."""
+        fresh = Fp8Weight.quantize(weight)
+        if fresh.q.shape != self.q.shape or fresh.scale.shape != self.scale.shape or fresh.q.device != self.q.device:
+            return fresh
+        with torch.no_grad():
+            for mine, new in ((self.q, fresh.q), (self.scale, fresh.scale), (self.q_t, fresh.q_t),
+                              (self.scale_t, fresh.scale_t)):
+                mine.copy_(new)
+        return self
+
 
 class Fp8WeightCache:
     """Quantized copies of master weights, reused until the weights change.
 
     ``get(weight)`` returns an ``Fp8Weight``; it re-quantizes when ``weight`` was never seen, was
     garbage collected, its ``_version`` or ``data_ptr()`` changed since the cached copy was made, or
-    ``invalidate()`` ran since (``attach(optimizer)`` runs it after every ``optimizer.step()``).
+    ``invalidate()`` ran since (``attach(optimizer)`` runs it after every ``optimizer.step()``). A weight it
+    has seen is re-quantized into the same storage (``Fp8Weight.refilled``: CUDA graphs stay valid).
 
     Why the optimizer hook and not only the version counter: FSDP2 all-gathers new values into the
     unsharded parameter without bumping its ``_version`` (measured: 0 after every gather), and the
@@ -101,21 +118,23 @@ class Fp8WeightCache:
     def get(self, weight: torch.Tensor) -> Fp8Weight:
         key = id(weight)
         entry = self._entries.get(key)
-        if entry is not None:
-            ref, generation, version, ptr, value = entry
-            if (ref() is weight and generation == self._generation and version == weight._version
+        if entry is not None and entry[0]() is weight:
+            _, generation, version, ptr, value = entry
+            if (generation == self._generation and version == weight._version
                     and (self._attached or ptr == weight.data_ptr())):
                 return value
-        value = Fp8Weight.quantize(weight)
+            value = value.refilled(weight)
+        else:
+            value = Fp8Weight.quantize(weight)
         self.quantizations += 1
         self._entries[key] = (weakref.ref(weight, lambda _, k=key: self._entries.pop(k, None)),
                               self._generation, weight._version, weight.data_ptr(), value)
         return value
 
     def invalidate(self) -> None:
-        """Every cached copy is stale from now on (the weights changed in a way the keys cannot see)."""
+        """Every cached copy is stale from now on (the weights changed in a way the keys cannot see); each is
+        re-quantized in place by its next ``get``."""
         self._generation += 1
-        self._entries.clear()
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Invalidate after every ``optimizer.step()``; returns the hook handle (``.remove()`` detaches)."""

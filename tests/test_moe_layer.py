@@ -199,10 +199,30 @@ def test_weight_cache_reuses_until_in_place_update():
     assert cache.get(w) is first and cache.quantizations == 1
     with torch.no_grad():
         w.add_(1.0)  # what an optimizer step does
+    pointers = [t.data_ptr() for t in (first.q, first.scale, first.q_t, first.scale_t)]
     second = cache.get(w)
-    assert second is not first and cache.quantizations == 2
+    assert cache.quantizations == 2
     assert torch.equal(second.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
     assert torch.equal(second.q_t.view(torch.uint8), second.q.transpose(1, 2).view(torch.uint8))
+    # re-quantized in place: a decode graph captured on the copy reads these addresses (fresh tensors after
+    # an optimizer step left it reading freed memory, since the step keeps the parameters' own addresses)
+    assert second is first and [t.data_ptr() for t in (second.q, second.scale, second.q_t, second.scale_t)] == pointers
+    w.data = torch.randn(2, 256, 256)  # another shape: a new copy
+    third = cache.get(w)
+    assert third is not first and third.q.shape == (2, 256, 256) and cache.quantizations == 3
+
+
+def test_a_backward_pending_on_the_old_copy_fails_loudly_after_a_re_quantization():
+    """The in-place re-quantization must not hand an earlier forward's backward the new weights silently."""
+    x, tw, ti, wgu, wd = _layer_inputs(T=8, H=128, inter=128, E=2, k=1)
+    x.requires_grad_(True), wgu.requires_grad_(True)
+    cache = Fp8WeightCache()
+    out = moe_ffn_fp8(x, tw, ti, wgu, wd, cache=cache)
+    with torch.no_grad():
+        wgu.add_(0.5)
+    moe_ffn_fp8(x, tw, ti, wgu, wd, cache=cache)  # re-quantizes w_gate_up into the saved copy
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_compiled_layer_equals_eager():
@@ -255,9 +275,10 @@ def test_cache_is_invalidated_by_the_attached_optimizer_step():
     w.grad = torch.randn_like(w)
     optimizer.step()
     fresh = cache.get(w)
-    assert fresh is not first and cache.quantizations == 2
+    assert fresh is first and cache.quantizations == 2  # re-quantized in place
     assert torch.equal(fresh.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
     handle.remove()
     w.grad = torch.randn_like(w)
     optimizer.step()  # detached: no invalidation, but the step's in-place update bumps the version
-    assert cache.get(w) is not fresh and cache.quantizations == 3
+    again = cache.get(w)
+    assert cache.quantizations == 3 and torch.equal(again.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
