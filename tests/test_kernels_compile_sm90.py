@@ -93,12 +93,19 @@ build("paged attention merge", pat._merge_splits_kernel, ptrs,
       dict(HEAD_DIM=128, SPLITS_P2=4, STORE_LSE=True, stride_pd=1, stride_od=1), 4, 2)
 build("append kv", pat._append_kv_kernel, ptrs, dict(PAGE_SIZE=16, HEAD_DIM=128, BLOCK_H=4, stride_kd=1, stride_vd=1,
                                                      stride_kcd=1, stride_vcd=1), 4, 2)
-# paged attention of an fp32 model (the tiny recipe: head_dim 32, 2 query heads per KV head): IEEE fp32 dots
+# paged attention of an fp32 model (model.dtype's default; the tiny recipe's head_dim 32 runs as D=64): IEEE
+# fp32 dots, with the tiles the launcher picks for fp32 (decode, varlen prefill, cascade prefix) at every D
+import torch
+from r1fast.kernels.paged_attention_launch import _tile_sizes
 f32 = {n: "*fp32" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "part_out_ptr", "lse_ptr", "part_lse_ptr")}
 f32.update(block_table_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32", q_index_ptr="*i32", qk_scale="fp32")
-build("paged attention fp32 decode", pat._paged_attention_kernel, f32,
-      dict(GROUP=2, PAGE_SIZE=16, HEAD_DIM=32, BLOCK_M=16, BLOCK_N=64, VARLEN=False, INDIRECT_Q=False, CAUSAL=True,
-           STORE_LSE=True, **unit), 4, 2)
+for d in (64, 128, 256):
+    for kind, rows, varlen, causal in (("decode", 4, False, True), ("prefill", 2048, True, True),
+                                       ("cascade", 2048, True, False)):
+        bm, bn, warps = _tile_sizes(d, 4, rows, torch.float32)
+        build(f"paged attention fp32 {kind} D={d}", pat._paged_attention_kernel, f32,
+              dict(GROUP=4, PAGE_SIZE=16, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=varlen, INDIRECT_Q=not causal,
+                   CAUSAL=causal, STORE_LSE=True, **unit), warps, 2)
 print(json.dumps(report))
 """
 
@@ -130,4 +137,5 @@ def test_every_kernel_compiles_for_sm90():
         assert report[gemm]["async_copies"] > 0 and report[gemm]["smem"] == 128 * 1024, report[gemm]
     assert len([label for label in report if label.startswith("paged attention bf16")]) == 3
     assert report["fp8 grouped wgrad"]["spill"] > 0  # drop it from KNOWN_SPILLS when this fails
-    assert not report["paged attention fp32 decode"]["tf32"]  # fp32 dots are IEEE fp32, not TF32 MMAs
+    assert not report["paged attention fp32 decode D=64"]["tf32"]  # fp32 dots are IEEE fp32, not TF32 MMAs
+    assert len([label for label in report if label.startswith("paged attention fp32")]) == 9
