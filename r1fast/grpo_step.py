@@ -101,12 +101,14 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
                            "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]})
     longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
     D.all_reduce_max(longest)
+    # global counts, as every other rollout metric (rank 0's own were logged: 0 while rank 1 skipped 4)
+    counts = D.all_reduce_sum(torch.tensor([sum(graded.skipped), sum(graded.errors.values())], dtype=torch.float64))
     reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))
     for key in per_reward:  # population std over the global batch, per reward function
         means[f"{key}_std"] = math.sqrt(max(means.pop(f"{key}_sq") - means[key] ** 2, 0.0))
     metrics = {**means, "reward_std": reward_std,
-               "response_length_max": longest.item(), "reward_skipped": sum(graded.skipped),
-               "reward_errors": sum(graded.errors.values())}
+               "response_length_max": longest.item(), "reward_skipped": int(counts[0]),
+               "reward_errors": int(counts[1])}
     accuracy = [means[k] for k in ("reward_accuracy", "reward_task_accuracy", "reward_math_accuracy") if k in means]
     metrics["accuracy"] = accuracy[0] if accuracy else float("nan")  # NaN for GSM8K/MATH runs before
     if "reward_format" in means:

@@ -49,3 +49,23 @@ def test_reward_mean_counts_the_samples_the_loss_filters_drop(filters):
     assert m["reward_mean"] == pytest.approx(mean) and m["reward_std"] == pytest.approx(std)
     assert m["reward_mean"] == pytest.approx(m["reward_accuracy"]) and m["accuracy"] == m["reward_accuracy"]
     assert m["reward_std"] == pytest.approx(m["reward_accuracy_std"])
+
+
+def test_skipped_and_error_counts_are_global_like_the_means(monkeypatch):
+    """Under torchrun, reward_skipped / reward_errors were rank 0's own counts (0 logged while rank 1 skipped 4)
+    although every other rollout metric is global. Two identical ranks, simulated: the sums double, means stay."""
+    from r1fast import distributed as D
+
+    class _ErroringScorer(_ScriptedScorer):
+        def score(self, prompts, texts, metas):
+            return RewardBatch(**{**vars(super().score(prompts, texts, metas)), "errors": {"accuracy": 1}})
+
+    cfg = load_config(None, ["--grpo.samples_per_prompt", "4", "--grpo.prompts_per_step", "2"])
+    comps = [[Completion([1] * 5, [-0.1] * 5, "stop") for _ in range(4)] for _ in range(2)]
+    args = (cfg, _Tokenizer(), _ErroringScorer(), [{"prompt": "p"}] * 2, [[1, 2]] * 2, comps, "cpu")
+    alone = build_rollout_batch(*args).metrics
+    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t.mul_(2))
+    two = build_rollout_batch(*args).metrics
+    assert (alone["reward_skipped"], alone["reward_errors"]) == (1, 1)
+    assert (two["reward_skipped"], two["reward_errors"]) == (2, 2)
+    assert two["reward_mean"] == pytest.approx(alone["reward_mean"])
