@@ -320,10 +320,14 @@ def parse_size(size) -> int:
 
 
 def _atomic_write(final: str, write) -> None:
-    """Write through a temp file in the same directory, fsync, then rename over ``final``."""
+    """Write through a temp file in the same directory, fsync, then rename over ``final``, with the mode a plain
+    open() gives (safetensors writes 0600: on a shared cluster others could read config.json, not the weights)."""
     tmp = f"{final}.tmp.{os.getpid()}"
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
