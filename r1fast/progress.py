@@ -25,6 +25,15 @@ from r1fast.metrics import current_rank
 __all__ = ["progress", "ProgressBar"]
 
 
+def _live(console: Console) -> bool:
+    """Whether to draw the live bar: a terminal by rich's rules and by the stream itself. rich also calls a
+    stream a terminal when FORCE_COLOR is set (common in CI, for colored logs): a log file then got two
+    redrawn frames a second on one ever-growing line. TTY_COMPATIBLE=1 still asks for the bar (an IDE console
+    that renders escapes but is no TTY)."""
+    isatty = getattr(console.file, "isatty", None)
+    return console.is_terminal and (os.environ.get("TTY_COMPATIBLE") == "1" or (callable(isatty) and isatty()))
+
+
 def _format_fields(fields: dict[str, Any]) -> str:
     parts = []
     for name, value in fields.items():
@@ -57,7 +66,7 @@ class ProgressBar:
         self._last_line = self._start
         self._rich: Progress | None = None
         self._task_id = None
-        if enabled and console.is_terminal:
+        if enabled and _live(console):
             self._rich = Progress(
                 # markup off, as in _print_line: a description or value such as '[/think]' is data, and as
                 # markup it raised rich.errors.MarkupError and killed the caller

@@ -215,3 +215,19 @@ def test_progress_still_prints_final_line_when_the_block_raises():
         bar.advance(2)
         raise KeyError("boom")
     assert stream.getvalue().startswith("steps 2/5 (40%)")
+
+
+def test_progress_with_force_color_into_a_file_prints_plain_lines(monkeypatch):
+    """rich calls any stream a terminal under FORCE_COLOR (CI sets it for colored logs): a redirected log got
+    two redrawn frames a second of escapes and carriage returns. TTY_COMPATIBLE=1 still asks for the bar."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    stream = io.StringIO()
+    with progress(5, "train", enabled=True, stream=stream, log_interval_s=3600) as bar:
+        bar.advance(5, loss=0.5)
+    assert stream.getvalue().startswith("train 5/5 (100%) loss=0.5 [") and "\x1b" not in stream.getvalue()
+    assert "\r" not in stream.getvalue() and len(stream.getvalue().splitlines()) == 1
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    stream = io.StringIO()
+    with progress(5, "train", enabled=True, stream=stream) as bar:
+        bar.advance(5, loss=0.5)
+    assert "\x1b[" in stream.getvalue()  # the live bar, as asked
