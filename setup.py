@@ -86,7 +86,7 @@ setup(
     package_dir={"r1fast.kernels": "kernels", "r1fast.recipes": "recipes"},
     package_data={"r1fast.recipes": ["*.toml"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.distributed.fsdp.fully_shard (FSDP2's public path) first shipped in 2.6
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "safetensors>=0.4",
