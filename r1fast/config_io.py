@@ -317,12 +317,12 @@ def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None]]:
 def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
     """The table of the TOML file at ``path``; any failure is a one-line ``ConfigError`` naming the file. A UTF-8
     BOM (Windows editors write one) is skipped; other encodings are refused with the byte and line, not guessed."""
+    from r1fast.recipe_files import installed_fallback  # recipes/<name>.toml outside a checkout: the installed one
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        with open(installed_fallback(path), "rb") as fh:
+            data = fh.read().removeprefix(codecs.BOM_UTF8)
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path!r}: {err.strerror or err}") from err
-    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -253,3 +253,21 @@ def test_help_of_a_stage_with_required_fields_applies_overrides(capsys):
 def test_ref_update_steps_without_a_reference_is_refused():
     assert "grpo.ref_update_steps=5 has no effect with grpo.beta=0" in _error(overrides=["--grpo.ref_update_steps", "5", "--grpo.beta", "0"])
     assert load_config(None, ["--grpo.ref_update_steps", "5", "--grpo.beta", "0.01"]).grpo.ref_update_steps == 5
+
+
+def test_the_readme_recipe_paths_read_the_installed_recipes_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """`python -m r1fast.pipeline --recipe recipes/tiny_r1.toml` (the README's form) failed with "No such file"
+    from any directory but a checkout, although a wheel install ships the file."""
+    from r1fast.config_io import ConfigError, read_toml
+    from r1fast.pipeline_recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("recipes/tiny_r1.toml").stages
+    assert "reading the recipe installed with r1fast" in capsys.readouterr().err
+    assert read_toml("recipes/tiny_r1_zero.toml")["train"]
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny_r1_zero.toml").write_text('[train]\nname = "mine"\n')
+    assert read_toml("recipes/tiny_r1_zero.toml") == {"train": {"name": "mine"}}  # a file that is here wins
+    for missing in ("recipes/nope.toml", "elsewhere/tiny_r1.toml", "tiny_r1.toml"):
+        with pytest.raises(ConfigError, match="cannot read config file .*No such file"):
+            read_toml(missing)
