@@ -74,15 +74,23 @@ def _kernel_applies(hidden) -> bool:
     return use_triton(hidden.device)
 
 
-def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """[S, V] logits of ``hidden`` [S, H] computed as the fused log-prob / loss sweeps compute them on this
     device, for the rollout to sample from: its log-probs then agree with the trainer's to rounding and the
     GRPO ratio starts at 1. The kernel path's buffer dtype (``logits_dtype``: bf16 stays bf16, fp16 becomes
     fp32, written by ``logits_gemm``), the reference's fp32 (fp64 for fp64 inputs). The rollout's own bf16
     ``F.linear`` rounded logits to bf16 where the CPU reference kept fp32: max |r - 1| 0.135 on the first
-    update (probe, logit std ~7); its fp16 logits could overflow (see the module docstring)."""
+    update (probe, logit std ~7); its fp16 logits could overflow (see the module docstring). ``out``: a
+    [S, V] buffer of ``lm_head_logits_dtype(hidden)`` to write into (the decode graphs share one)."""
     if not _kernel_applies(hidden):
-        return _chunk_logits(hidden, weight, None, 1.0, compute_dtype(hidden.dtype))
-    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=logits_dtype(hidden.dtype), device=hidden.device)
+        logits = _chunk_logits(hidden, weight, None, 1.0, compute_dtype(hidden.dtype))
+        return logits if out is None else out.copy_(logits)
+    if out is None:
+        out = torch.empty(hidden.shape[0], weight.shape[0], dtype=logits_dtype(hidden.dtype), device=hidden.device)
     logits_gemm(weight, out.dtype)(hidden, out)
     return out
+
+
+def lm_head_logits_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype ``lm_head_logits`` returns for ``hidden``."""
+    return logits_dtype(hidden.dtype) if _kernel_applies(hidden) else compute_dtype(hidden.dtype)

@@ -158,7 +158,7 @@ class _EagerGraph(cuda_graphs._Graph):
         if step is not None:  # DecodeGraphs.run -> _Graph.replay(step): copy the inputs, then graph.replay()
             return super().replay(step)
         self.replays += 1
-        self.logits.copy_(self._forward())
+        self._forward()  # writes self.logits, rows of the buffer the graphs share
         return None
 
 
@@ -189,9 +189,22 @@ def test_cuda_graph_input_path_gives_the_eager_tokens_on_cpu(cpu_graphs):
     graphs = graphed.graphs.graphs
     assert any(k[2] for k in graphs) and sum(g.replays for g in graphs.values()) >= 10  # cascade replays ran
     assert all(k[0] in cuda_graphs.BATCH_BUCKETS for k in graphs) and 16 in {k[0] for k in graphs}  # 9 rows -> 16
+    # one logits buffer for every graph (each kept its own [bucket, V] output: ~1 GB per width at V = 152k)
+    assert len(graphs) > 2 and {g.logits.data_ptr() for g in graphs.values()} == {graphed.graphs.logits.data_ptr()}
     graphed.graphs.cascade_enabled = False  # the plain-table fallback of a failed cascade capture
     assert outputs(graphed.generate(prompts, **kwargs)) == outputs(eager)
     assert any(not k[2] for k in graphs)
+
+
+def test_the_shared_logits_buffer_grows_by_dropping_the_graphs_that_wrote_the_old_one():
+    from types import SimpleNamespace
+
+    graphs = cuda_graphs.DecodeGraphs(SimpleNamespace(model=SimpleNamespace(lm_head_weight=torch.zeros(VOCAB, 8))))
+    rows = graphs._logits_rows(16)
+    graphs.graphs[(16, 8, False, 1)] = "captured"
+    assert graphs._logits_rows(4).data_ptr() == rows.data_ptr() and graphs.graphs  # smaller buckets: its rows
+    bigger = graphs._logits_rows(32)
+    assert bigger.shape == (32, VOCAB) and not graphs.graphs  # the old graphs wrote the old buffer: re-captured
 
 
 def test_sampler_makes_one_host_copy_with_the_same_seeded_draws(monkeypatch):

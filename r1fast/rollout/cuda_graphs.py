@@ -3,7 +3,9 @@
 A decode step of a 1.5B model launches ~20 kernels per layer; at small batch the CPU cannot launch them as
 fast as the GPU runs them, so pure-decode steps replay a captured graph instead. One graph is captured per
 key (batch bucket, block-table width, plain or cascade, max group size) on first use, into one shared
-memory pool. The step's inputs are copied into the graph's static buffers; padded rows get slot -1
+memory pool, and every graph writes its logits into rows of one shared buffer (sized for the largest bucket
+captured): each kept its own [bucket, V] output before, ~1 GB per table width at V = 152k in bf16 over the
+16 buckets, 6-8 GB across the widths a long generation passes, outside the KV-cache budget. The step's inputs are copied into the graph's static buffers; padded rows get slot -1
 (``append_kv`` skips them) and KV length 0 (attention returns zeros for them), so they never touch a
 live sequence's cache. A graph reads the parameters' storage it was captured with: if any parameter's
 storage moved (``load_state_dict(assign=True)``, resharding), ``check_weights`` drops every graph; in-place
@@ -17,7 +19,7 @@ import warnings
 
 import torch
 
-from r1fast.kernels.grpo_logits_chunk import lm_head_logits
+from r1fast.kernels.grpo_logits_chunk import lm_head_logits, lm_head_logits_dtype
 
 from .block_table import _round_width
 from .paged_backend import StepMetadata
@@ -28,7 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1
 class _Graph:
     """One captured decode forward + logits with its static input buffers."""
 
-    def __init__(self, engine, batch: int, width: int, cascade: bool, max_group_size: int, pool):
+    def __init__(self, engine, batch: int, width: int, cascade: bool, max_group_size: int, pool, logits):
         dev = engine.device
         self.engine, self.batch = engine, batch
         i32 = dict(dtype=torch.int32, device=dev)
@@ -53,19 +55,20 @@ class _Graph:
         engine.backend.set_step(self.meta)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
+        self.logits = logits  # [batch, V] rows of DecodeGraphs' shared buffer
         with torch.cuda.stream(side):  # warm-up: autotuning, lazy allocations, Triton compilation
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._forward()
+            self._forward()
 
     def _forward(self):
         model = self.engine.model
         hidden = model(self.input_ids, position_ids=self.positions, cu_seqlens=self.cu, attn=self.engine.backend,
                        max_seqlen=1)
-        return lm_head_logits(hidden, model.lm_head_weight)  # as the trainer's loss computes them
+        lm_head_logits(hidden, model.lm_head_weight, out=self.logits)  # as the trainer's loss computes them
 
     def replay(self, step):
         """Copy ``step``'s device inputs (``step_inputs.StepInputs``) into the static buffers and replay.
@@ -103,6 +106,20 @@ class DecodeGraphs:
         self.enabled = True
         self.cascade_enabled = True
         self._weight_ptrs = None
+        self.logits = None  # the logits buffer every graph writes its rows of
+
+    def _logits_rows(self, bucket: int) -> torch.Tensor:
+        """[bucket, V] rows of the shared logits buffer; a bucket larger than it (or another dtype) allocates a
+        new one and drops the graphs, which wrote into the old one (rare: decode batches start at their
+        largest)."""
+        w = self.engine.model.lm_head_weight
+        dtype = lm_head_logits_dtype(w)
+        buf = self.logits
+        if buf is None or buf.shape[0] < bucket or buf.shape[1] != w.shape[0] or buf.dtype != dtype:
+            self.graphs.clear()
+            self.logits = None
+            self.logits = torch.empty(bucket, w.shape[0], dtype=dtype, device=w.device)
+        return self.logits[:bucket]
 
     def check_weights(self) -> None:
         """Drop every graph when a parameter's storage moved since capture."""
@@ -139,7 +156,7 @@ class DecodeGraphs:
             try:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
-                graph = _Graph(self.engine, bucket, width, cascade, max_group, self.pool)
+                graph = _Graph(self.engine, bucket, width, cascade, max_group, self.pool, self._logits_rows(bucket))
             except Exception as exc:  # noqa: BLE001  (any capture failure means: run eagerly)
                 # a capture that fails inside capture_end() leaves torch.cuda.graph's side stream current
                 torch.cuda.set_stream(stream)
