@@ -22,6 +22,7 @@ The helpers every stage shares (checkpoint checks, prompt rendering) live in ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from r1fast.parallelize import (
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards.format import continue_open_think, open_think_tail
+from r1fast.run_dir import lock_beside
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
@@ -276,13 +278,14 @@ def _save_model(root, model, tokenizer, final: str, dtype: torch.dtype | None = 
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Train with ``cfg``; returns the summary (also written to summary.json). Bad paths fail before any work."""
-    try:
-        return _run_sft(cfg)
-    finally:  # on an error too: a programmatic (pipeline) run leaves no 1-rank process group behind
-        release_one_rank_group()
+    with contextlib.ExitStack() as held:  # the run-directory lock, released on an error too
+        try:
+            return _run_sft(cfg, held)
+        finally:  # on an error too: a programmatic (pipeline) run leaves no 1-rank process group behind
+            release_one_rank_group()
 
 
-def _run_sft(cfg: SFTConfig) -> dict:
+def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     cfg.validate()
     check_file(cfg.data, "data")
     if cfg.model.name_or_path != "tiny":
@@ -292,6 +295,8 @@ def _run_sft(cfg: SFTConfig) -> dict:
     tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.world_size, dist.rank
+    # once the ranks are known (all agree on a refusal): two SFTs into one directory mixed their metrics.jsonl
+    held.enter_context(lock_beside(os.path.join(cfg.out_dir, cfg.name), ConfigError) or contextlib.nullcontext())
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     torch.manual_seed(cfg.seed)

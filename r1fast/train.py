@@ -7,10 +7,11 @@ loss (FSDP2 over all ranks). Without ``--config`` the built-in tiny recipe runs
 (``recipes/tiny_r1_zero.toml``): a tiny model built in code with the character tokenizer, a short
 cold-start SFT on worked solutions, then GRPO on harder instances.
 
-Outputs under ``<train.out_dir>/<train.name>/``: config.toml, metrics.jsonl, summary.json,
-training_curves.png, checkpoints/step_<N>/ (model/: HF model + tokenizer; resume state); the last one's
-model/ is the final model (``summary.json``'s ``final_checkpoint``). A fresh run into a directory that
-holds an earlier run moves that run to ``<name>.prev-<time>`` first.
+Outputs under ``<train.out_dir>/<train.name>/``: config.toml (a fresh run's config; each resume adds
+config.resume-<checkpoint>.toml), metrics.jsonl, summary.json, training_curves.png, checkpoints/step_<N>/
+(model/: HF model + tokenizer; resume state); the last one's model/ is the final model (``summary.json``'s
+``final_checkpoint``). A fresh run into a directory that holds an earlier run moves that run to
+``<name>.prev-<time>`` first; a run into a live one is refused (lock ``<train.out_dir>/.<train.name>.lock``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
-from r1fast.config import Config, ConfigError, load_config, parse_cli, save_config
+from r1fast.config import Config, ConfigError, load_config, parse_cli
 from r1fast.config_io import run_cli
 from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_datasets, build_model, build_tokenizer, encode_prompts
@@ -47,7 +48,7 @@ from r1fast.progress import progress
 from r1fast.rewards.format import continue_open_think
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
-from r1fast.run_dir import set_aside_earlier_run
+from r1fast.run_dir import lock_beside, save_run_config, set_aside_earlier_run
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
@@ -234,8 +235,9 @@ class Trainer:
             rewind_run_dir(self.run_dir, resume_from, self.step, sft_from)  # later checkpoints and metrics
         self.loop_state["data_order"] = data_order
         if self.dist.is_main:  # only now: a failed resume left config.toml and an empty metrics.jsonl behind
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.toml"))
+            resumed = None if resume_from is None else os.path.basename(os.path.normpath(resume_from)) + (
+                "" if sft_from is None else f"-sft_{sft_from}")  # every mid-SFT checkpoint is step_0
+            save_run_config(cfg, self.run_dir, resumed)  # config.toml stays the fresh run's config
         self.logger = MetricsLogger(self.run_dir, rank=self.dist.rank)
         if resume_from is None and t.sft_steps:
             summary["eval_initial"] = self.evaluate("initial")
@@ -344,7 +346,11 @@ def run(cfg: Config) -> dict:
     """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary (with
     ``exit_status``, 128 + the signal, when a signal stopped the run after a checkpoint)."""
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
+    run_lock = None
     try:  # from before Trainer(): its constructor can fail after build_mesh made the 1-rank group
+        # before Trainer() touches the run directory (shared-disk check, resume, set-aside) and held to the end:
+        # a second run into a live one moved it aside and both wrote step_2/4/6 into one checkpoints/
+        run_lock = lock_beside(os.path.join(cfg.train.out_dir, cfg.train.name), ConfigError)
         trainer = Trainer(cfg, dist)
         trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
         try:
@@ -354,6 +360,8 @@ def run(cfg: Config) -> dict:
             if trainer.logger is not None:  # also on a stop signal or an error: a pipeline runs many stages
                 trainer.logger.close()
     finally:
+        if run_lock is not None:  # on an error or a signal too: a pipeline or a test goes on in this process
+            run_lock.close()
         release_one_rank_group()
 
 
