@@ -14,6 +14,15 @@ time whether a ``@triton.jit`` function is compiled or interpreted.
 Before the first interpreted kernel, ``use_triton`` runs ``check_interpreter`` (once per process): a
 one-loop probe kernel that fails fast, with one RuntimeError naming the versions and the way out, on
 stacks whose interpreter cannot run r1fast's kernels (Triton < 3.7 with NumPy >= 2.4).
+
+Without Triton installed (setup.py declares it for Linux only: macOS and Windows installs get torch alone),
+``import r1fast.kernels``, every public op's reference path (rule 4, and rule 1 anywhere) and the registered
+``torch.ops.r1fast.*`` work: the op modules import their ``*_triton.py`` kernel modules only inside the branch
+that launches a kernel. When rule 2 or 3 picks a kernel there (a CUDA tensor, or ``TRITON_INTERPRET=1``),
+``use_triton`` raises ImportError "Triton is not installed; ..." (``backend`` still names the rule's choice, as
+it does for a broken interpreter). It raises rather than falls back: ``TRITON_INTERPRET=1`` asks for the kernel
+code (a silent fallback would pass kernel tests on the reference), and on a GPU a silent fallback would hide a
+broken install behind slower steps; ``R1FAST_KERNELS=torch`` is the explicit way to run the reference there.
 """
 
 from __future__ import annotations
@@ -49,11 +58,35 @@ def interpreting() -> bool:
     return value.isascii() and value.lower() in _TRITON_TRUE_WORDS
 
 
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # a plain constant: dynamo traces it freely
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a finder that refuses the name, or a half-removed module in sys.modules
+        return False
+
+
+_TRITON_AVAILABLE = _find_triton()  # a plain constant: dynamo traces it freely
 
 
 def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (decided once, at import)."""
     return _TRITON_AVAILABLE
+
+
+def triton_missing_error(choice: str) -> ImportError:
+    """The error for a call that the dispatch rule sends to a Triton kernel (``choice``) on an install without it."""
+    why = "a CUDA tensor runs the Triton kernels" if choice == "triton" else "TRITON_INTERPRET asks for the kernels"
+    return ImportError(f"Triton is not installed; {why} (dispatch rule backend={choice!r}). Install triton "
+                       "(pip install triton; on Windows the triton-windows package), or set R1FAST_KERNELS=torch "
+                       "to run the PyTorch reference" + (", or unset TRITON_INTERPRET." if choice != "triton" else "."),
+                       name="triton")
+
+
+def import_kernels(module: str):
+    """``r1fast.kernels.<module>``, a module of ``@triton.jit`` kernels (it imports Triton), imported on first use."""
+    if not _TRITON_AVAILABLE:
+        raise triton_missing_error("triton")
+    return importlib.import_module(f"{__package__}.{module}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,10 +121,8 @@ def backend(device, op: str | None = None) -> str:
     if device.type == "cuda":
         if op is not None and op in cuda_extension_ops():
             return "cuda"
-        if not triton_available():
-            return "torch"
-        return "triton"
-    if device.type == "cpu" and interpreting() and triton_available():
+        return "triton"  # also without Triton installed: use_triton then raises (see the module docstring)
+    if device.type == "cpu" and interpreting():
         return "triton-interpret"
     return "torch"
 
@@ -166,11 +197,14 @@ def check_interpreter() -> None:
 def use_triton(device, op: str | None = None) -> bool:
     """True when the Triton kernel (compiled or interpreted) should run for ``device``.
 
-    The first interpreted call checks the interpreter (``check_interpreter``): RuntimeError on a stack where it
-    cannot run the kernels, instead of an InterpreterError deep inside one. Skipped while torch.compile traces
-    (the eager call that precedes or follows it checks).
+    ImportError "Triton is not installed; ..." when the rule picks a kernel and Triton is missing (see the module
+    docstring). The first interpreted call checks the interpreter (``check_interpreter``): RuntimeError on a stack
+    where it cannot run the kernels, instead of an InterpreterError deep inside one. Skipped while torch.compile
+    traces (the eager call that precedes or follows it checks).
     """
     choice = backend(device, op)
+    if choice in ("triton", "triton-interpret") and not _TRITON_AVAILABLE:
+        raise triton_missing_error(choice)
     if choice == "triton-interpret" and not torch.compiler.is_compiling():
         check_interpreter()
     return choice in ("triton", "triton-interpret")

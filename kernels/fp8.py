@@ -29,7 +29,7 @@ finite values +-0, so the whole tile dequantizes to NaN (0 * inf). ``isfinite(sc
 Rounding. Triton 3.9's interpreter converts fp32 -> fp8 wrongly (round-half-up instead of
 round-half-to-even, and a mantissa carry that overflows into the wrong exponent: 127.99 -> 64,
 measured on this repo's CI machine). The kernels therefore round ``x / scale`` to the E4M3 grid in
-fp32 themselves (``_round_to_e4m3_grid``: exact power-of-two rescaling plus the 2^23 magic-number
+fp32 themselves (``fp8_triton._round_to_e4m3_grid``: exact power-of-two rescaling plus the 2^23 magic-number
 round-to-nearest-even), after which the cast to fp8 is exact in any rounding mode, so compiled and
 interpreted kernels produce the same bytes as PyTorch's ``.to(torch.float8_e4m3fn)``. Divisions use
 ``div_rn`` (IEEE) so the scales and quotients match PyTorch's fp32 division bit for bit.
@@ -38,12 +38,10 @@ interpreted kernels produce the same bytes as PyTorch's ``.to(torch.float8_e4m3f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .dispatch import use_triton
+from .launch_math import cdiv, next_power_of_2
 from .registration import host_checks_enabled, register_op
-from .triton_utils import INTERPRET
 
 FP8_MAX = 448.0
 """Largest finite E4M3 value."""
@@ -58,143 +56,6 @@ gradients smaller than that are below anything AdamW's eps lets through."""
 _MIN_AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny  # smaller floors give subnormal scales
 TILE = 128
 """Scale-tile length of the recipe."""
-
-
-@triton.jit
-def _round_to_e4m3_grid(y):
-    """Round fp32 ``y`` (|y| <= 448) to the nearest E4M3 value, ties to even, staying in fp32."""
-    bits = y.to(tl.int32, bitcast=True)
-    mag = tl.abs(y)
-    biased_exp = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    # E4M3 spacing: 2^(e-3) for normals (e >= -6), 2^-9 for subnormals.
-    ulp_exp = tl.maximum(biased_exp, 127 - 6) - 3
-    ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
-    inv_ulp = ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
-    steps = mag * inv_ulp  # exact: power-of-two scaling, result < 16
-    steps = (steps + 8388608.0) - 8388608.0  # round to integer, ties to even (fp32 add is RTNE)
-    rounded = steps * ulp  # >= 0
-    # y's sign bit set on the magnitude, so a negative value that rounds to zero is -0.0 (E4M3 0x80, as PyTorch
-    # gives). Not ``-rounded``: Triton 3.6's interpreter negates 0.0 to +0.0, which wrote 0x00 (10 byte tests off)
-    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` rounding to nearest even also under the interpreter.
-
-    Triton 3.9's interpreter truncates fp32 -> bf16 (measured: half of a GEMM's outputs 1 ulp low);
-    compiled kernels round to nearest even. Under the interpreter we round the fp32 bits first
-    (add 0x7FFF plus the lowest kept bit, clear the low 16 bits), so the cast itself is exact.
-    """
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _amax(x, axis: tl.constexpr):
-    """max |x| along ``axis``, NaN when the tile holds a NaN (as PyTorch's amax): tl.max would skip it, and a
-    NaN input would then quantize to finite values instead of poisoning the result."""
-    amax = tl.max(tl.abs(x), axis=axis)
-    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
-    return tl.where(has_nan, float("nan"), amax)
-
-
-@triton.jit
-def _scale_from_amax(amax, amax_floor, POWER_OF_TWO: tl.constexpr):
-    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, amax_floor)), 448.0)  # keep a NaN amax
-    if POWER_OF_TWO:
-        # round a finite scale up to 2^e; NaN / inf kept: the trick took NaN to -0.0 (the tile's finite values -> -0)
-        bits = scale.to(tl.int32, bitcast=True)
-        finite_with_mantissa = ((bits & 0x7FFFFF) != 0) & ((bits & 0x7F800000) != 0x7F800000)
-        bits = tl.where(finite_with_mantissa, (bits & 0x7F800000) + 0x800000, bits)
-        scale = bits.to(tl.float32, bitcast=True)
-    return scale
-
-
-@triton.jit
-def _quantize_tile(x, scale):
-    """fp32 tile and a broadcastable scale -> e4m3 tile."""
-    y = tl.math.div_rn(x, scale)
-    q = _round_to_e4m3_grid(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv).to(tl.int8, bitcast=True)
-    # NaN (a NaN input, or inf / inf) becomes E4M3's NaN 0x7F whatever its sign, as ref_fp8._cast writes: min/max
-    # would turn it into +-448, and the interpreter's fp8 cast does not keep NaN either
-    q = tl.where(y != y, 0x7F, q).to(tl.int8)
-    return q.to(tl.float8e4nv, bitcast=True)
-
-
-@triton.jit
-def _quantize_rows_cols_kernel(
-    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, group_sizes_ptr,
-    M, K, NUM_GROUPS,
-    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk, amax_floor,
-    EMIT_ROWS: tl.constexpr, EMIT_COLS: tl.constexpr, POWER_OF_TWO: tl.constexpr, GROUPED: tl.constexpr,
-    G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One [BLOCK_M, 128] tile of x: 1x128 row tiles and/or 128x1 column tiles (stored transposed).
-
-    GROUPED (column tiles only): program m is the m-th 128-token tile of the group-aligned layout, i.e. a tile
-    of one group's own rows (a group's tiles restart at its first row); programs past the last group's
-    tiles write the zero tail of that layout."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    local = tl.arange(0, BLOCK_M)
-    if GROUPED:
-        groups = tl.arange(0, G_PAD)
-        # clamped: an unvalidated negative size made rows before x's start look valid (out-of-bounds reads)
-        sizes = tl.maximum(tl.load(group_sizes_ptr + groups, mask=groups < NUM_GROUPS, other=0), 0)
-        tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-        group = tl.sum((tl.cumsum(tiles, 0) <= pid_m).to(tl.int32), axis=0)
-        before = groups < group
-        local += (pid_m - tl.sum(tl.where(before, tiles, 0), axis=0)) * BLOCK_M
-        rows = tl.sum(tl.where(before, sizes, 0), axis=0).to(tl.int64) + local
-        row_ok = (local < tl.sum(tl.where(groups == group, sizes, 0), axis=0)) & (rows < M)  # size 0 past the last
-    else:
-        rows = pid_m.to(tl.int64) * BLOCK_M + local
-        row_ok = rows < M
-    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if EMIT_ROWS:
-        row_scale = _scale_from_amax(_amax(x, 1), amax_floor, POWER_OF_TWO)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _quantize_tile(x, row_scale[:, None]), mask=mask)
-        tl.store(s_ptr + rows * stride_sm + pid_k, row_scale, mask=row_ok)
-    if EMIT_COLS:
-        # BLOCK_M == 128 here: one scale per column over this 128-row tile
-        col_scale = _scale_from_amax(_amax(x, 0), amax_floor, POWER_OF_TWO)
-        q = _quantize_tile(x, col_scale[None, :])
-        # rows past M or past the group (zeros) fill the padding of qt's storage: one whole 128-token tile per
-        # program, at token position pid_m * 128 (== rows without groups)
-        tokens = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(qt_ptr + cols[None, :] * stride_qtk + tokens[:, None], q, mask=col_ok[None, :])
-        tl.store(st_ptr + cols * stride_stk + pid_m, col_scale, mask=col_ok)
-
-
-@triton.jit
-def _quantize_blocks_kernel(
-    w_ptr, q_ptr, s_ptr,
-    N, K,
-    stride_wb, stride_wn, stride_qb, stride_qn, stride_sb, stride_sn,
-    POWER_OF_TWO: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One 128x128 block of w[b]: a single scale for the whole block."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_k.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    w = tl.load(w_ptr + pid_b * stride_wb + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
-    w = w.to(tl.float32)
-    has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0
-    amax = tl.where(has_nan, float("nan"), tl.max(tl.max(tl.abs(w), axis=1), axis=0))  # see _amax
-    scale = _scale_from_amax(amax, 1e-4, POWER_OF_TWO)  # AMAX_FLOOR: weights
-    tl.store(q_ptr + pid_b * stride_qb + rows[:, None] * stride_qn + cols[None, :], _quantize_tile(w, scale), mask=mask)
-    tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, scale)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -212,7 +73,7 @@ def _check_float(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
 def aligned_tokens(num_tokens: int, num_groups: int) -> int:
     """Token length of the group-aligned 128x1 layout: every group's tokens start at a multiple of 128, so the
     layout holds at most ceil(M/128) + E tiles (an upper bound: sizing it needs no host sync)."""
-    return TILE * (triton.cdiv(num_tokens, TILE) + num_groups)
+    return TILE * (cdiv(num_tokens, TILE) + num_groups)
 
 
 def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_sizes: torch.Tensor | None = None):
@@ -223,7 +84,7 @@ def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_size
     whole tiles."""
     M, K = x.shape
     tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
-    nk, nm = triton.cdiv(K, TILE), triton.cdiv(tokens, TILE)
+    nk, nm = cdiv(K, TILE), cdiv(tokens, TILE)
     fp8 = dict(dtype=torch.float8_e4m3fn, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
     qt = torch.empty((K, nm * TILE), **fp8)[:, :tokens] if emit_cols else torch.empty((0, 0), **fp8)
@@ -247,11 +108,13 @@ def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_
             # padding quantized as the kernel does (NaN bytes in a NaN column tile, else zeros), bit for bit
             M = x.shape[0]
             tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
-            cols = x.new_zeros(triton.cdiv(tokens, TILE) * TILE, x.shape[1])
+            cols = x.new_zeros(cdiv(tokens, TILE) * TILE, x.shape[1])
             cols[slice(None, M) if group_sizes is None else group_aligned_rows(group_sizes, M)] = x
             padded_qt, st = ref(cols.t(), power_of_two=power_of_two, amax_floor=amax_floor)
             qt = padded_qt[:, :tokens]  # the padded layout the op promises
         return q, s, qt, st
+    from .fp8_triton import _quantize_rows_cols_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     q, s, qt, st = _empty_outputs(x, emit_rows, emit_cols, group_sizes)
     x = x.contiguous()
     M, K = x.shape
@@ -259,12 +122,12 @@ def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_
     if K and (M or grouped):  # grouped: the zero tiles of the layout are written even for M = 0
         block_m = TILE if emit_cols else 32
         groups = group_sizes.shape[0] if grouped else 0
-        grid = (triton.cdiv(M, block_m) + groups, triton.cdiv(K, TILE))
+        grid = (cdiv(M, block_m) + groups, cdiv(K, TILE))
         _quantize_rows_cols_kernel[grid](
             x, q, s, qt, st, group_sizes if grouped else x, M, K, groups,
             x.stride(0), max(q.stride(0), 1), max(s.stride(0), 1), max(qt.stride(0), 1), max(st.stride(0), 1),
             amax_floor, EMIT_ROWS=emit_rows, EMIT_COLS=emit_cols, POWER_OF_TWO=power_of_two, GROUPED=grouped,
-            G_PAD=triton.next_power_of_2(max(groups, 1)),
+            G_PAD=next_power_of_2(max(groups, 1)),
             # the 128x128 tile of the column tiling spills at 4 warps (255 registers, 352 B of spill
             # stores compiling for sm_90a); 8 warps: 164 registers, no spills
             BLOCK_M=block_m, BLOCK_K=TILE, num_warps=8 if emit_cols else 4,
@@ -278,9 +141,11 @@ def _blocks_impl(w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, tor
         from .ref_fp8 import quantize_fp8_128x128 as ref
 
         return ref(w, power_of_two=power_of_two)
+    from .fp8_triton import _quantize_blocks_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     w = w.contiguous()
     B, N, K = w.shape
-    nn, nk = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    nn, nk = cdiv(N, TILE), cdiv(K, TILE)
     q = torch.empty((B, N, K), dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((B, nn, nk), dtype=torch.float32, device=w.device)
     if B and N and K:
@@ -303,7 +168,7 @@ _blocks_op = register_op(
     # new_empty, not empty_like: the op returns contiguous q whatever w's strides (empty_like kept a
     # transposed w's strides, so compiling quantize(w.t())[0].view(-1) failed at trace time)
     fake=lambda w, power_of_two: (w.new_empty(w.shape, dtype=torch.float8_e4m3fn),
-                                  w.new_empty(w.shape[0], triton.cdiv(w.shape[1], TILE), triton.cdiv(w.shape[2], TILE),
+                                  w.new_empty(w.shape[0], cdiv(w.shape[1], TILE), cdiv(w.shape[2], TILE),
                                               dtype=torch.float32)))
 
 

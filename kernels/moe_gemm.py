@@ -31,104 +31,13 @@ The autograd layer ``moe_ffn_fp8`` and its weight cache live in ``moe_layer.py``
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .dispatch import use_triton
-from .fp8 import aligned_tokens, cast_rne
+from .fp8 import aligned_tokens
+from .launch_math import cdiv, next_power_of_2
 from .registration import host_checks_enabled, register_op
-from .triton_utils import dot
 
 TILE = 128
-
-
-@triton.jit
-def _grouped_gemm_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, group_sizes_ptr, out_ptr,
-    M, N, K, NUM_EXPERTS,
-    stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_om,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    experts = tl.arange(0, E_PAD)
-    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
-    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, 0)
-    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
-    if expert >= NUM_EXPERTS:  # past the last tile of the upper-bound grid
-        return
-    before = experts < expert
-    tile_in_expert = pid_m - tl.sum(tl.where(before, tiles, 0), axis=0)
-    row_start = tl.sum(tl.where(before, sizes, 0), axis=0).to(tl.int64)
-    size = tl.sum(tl.where(experts == expert, sizes, 0), axis=0)
-
-    local = tile_in_expert * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = row_start + local
-    row_ok = (local < size) & (rows < M)  # rows < M guards group sizes that overshoot M
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    e64 = expert.to(tl.int64)
-    b_base = b_ptr + e64 * stride_be
-    b_scale_row = b_scale_ptr + e64 * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K % 128 == 0 (checked by the launcher): no K mask
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_base + cols[None, :] * stride_bn + ks[:, None], mask=col_ok[None, :], other=0.0)
-        chunk = dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32))  # fresh fp32 accumulator per 128 of K
-        a_scale = tl.load(a_scale_ptr + rows * stride_asm + k0 // BLOCK_K, mask=row_ok, other=0.0)
-        b_scale = tl.load(b_scale_row + k0 // BLOCK_K)
-        acc += chunk * (a_scale[:, None] * b_scale)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _grouped_wgrad_kernel(
-    at_ptr, at_scale_ptr, bt_ptr, bt_scale_ptr, group_sizes_ptr, out_ptr,
-    M, N, K, NUM_EXPERTS,
-    stride_atn, stride_asn, stride_btk, stride_bsk, stride_oe, stride_on,
-    ACCUMULATE: tl.constexpr, GROUP_ALIGNED: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    expert = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    experts = tl.arange(0, E_PAD)
-    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
-    if GROUP_ALIGNED:  # each expert's tokens start at a whole tile: no tile is shared with another expert
-        tiles = (sizes + BLOCK_T - 1) // BLOCK_T
-        row_start = tl.sum(tl.where(experts < expert, tiles, 0), axis=0).to(tl.int64) * BLOCK_T
-    else:
-        row_start = tl.sum(tl.where(experts < expert, sizes, 0), axis=0).to(tl.int64)
-    row_end = tl.minimum(row_start + tl.sum(tl.where(experts == expert, sizes, 0), axis=0), M)
-    ns = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = ns < N
-    k_ok = ks < K
-
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for tile in range(row_start // BLOCK_T, (row_end + BLOCK_T - 1) // BLOCK_T):  # global 128-token tiles
-        toks = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_ok = (toks >= row_start) & (toks < row_end)
-        # Whole-tile loads along tokens (the launcher guarantees storage padded to 128 tokens): a mask along
-        # the contiguous token axis keeps Triton from pipelining the loads (compiled for sm_90a: no async
-        # copies and 64 KB of shared memory, against 4 stages and 128 KB without it). Tokens of the
-        # neighbouring expert and the padding are zeroed in registers instead (A may feed wgmma from there).
-        a = tl.load(at_ptr + ns[:, None] * stride_atn + toks[None, :], mask=n_ok[:, None], other=0.0)
-        a = tl.where(t_ok[None, :], a, tl.zeros_like(a))
-        b = tl.load(bt_ptr + ks[None, :] * stride_btk + toks[:, None], mask=k_ok[None, :], other=0.0)
-        chunk = dot(a, b, tl.zeros((BLOCK_N, BLOCK_K), tl.float32))  # fresh fp32 accumulator per 128 tokens
-        a_scale = tl.load(at_scale_ptr + ns * stride_asn + tile, mask=n_ok, other=0.0)
-        b_scale = tl.load(bt_scale_ptr + ks * stride_bsk + tile, mask=k_ok, other=0.0)
-        acc += chunk * (a_scale[:, None] * b_scale[None, :])
-    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ns[:, None] * stride_on + ks[None, :]
-    mask = n_ok[:, None] & k_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0)
-    tl.store(out_ptrs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -178,14 +87,16 @@ def _grouped_gemm_impl(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     E, N, _ = b.shape
     if M == 0 or N == 0 or E == 0:
         return
+    from .moe_gemm_triton import _grouped_gemm_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     a, b, a_scale, b_scale = a.contiguous(), b.contiguous(), a_scale.contiguous(), b_scale.contiguous()
     group_sizes = group_sizes.contiguous()  # read as sizes_ptr + e: a strided view gave garbage sizes
     block_m, block_n = 128, 128
-    grid = (triton.cdiv(M, block_m) + E, triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m) + E, cdiv(N, block_n))
     _grouped_gemm_kernel[grid](
         a, a_scale, b, b_scale, group_sizes, out, M, N, K, E,
         a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1), out.stride(0),
-        E_PAD=triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE,
+        E_PAD=next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE,
         num_warps=8, num_stages=4,
     )
 
@@ -194,7 +105,7 @@ def _token_padded(t: torch.Tensor) -> torch.Tensor:
     """``t`` [R, M] (128x1 tiling, tokens contiguous) readable in whole 128-token tiles: as is when its storage
     already holds the padding (``quantize_fp8_128x1`` allocates it, zero-filled), else a zero-padded copy."""
     rows, m = t.shape
-    m_pad = triton.cdiv(m, TILE) * TILE
+    m_pad = cdiv(m, TILE) * TILE
     if t.stride(1) == 1 and rows and (m == m_pad or t.stride(0) >= m_pad):
         needed = (t.storage_offset() + (rows - 1) * t.stride(0) + m_pad) * t.element_size()
         if t.untyped_storage().nbytes() >= needed:
@@ -213,17 +124,19 @@ def _grouped_wgrad_impl(at: torch.Tensor, at_scale: torch.Tensor, bt: torch.Tens
         return
     if out.numel() == 0:
         return
+    from .moe_gemm_triton import _grouped_wgrad_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     N, M = at.shape
     K = bt.shape[0]
     E = group_sizes.shape[0]
     at, bt, at_scale, bt_scale = _token_padded(at), _token_padded(bt), at_scale.contiguous(), bt_scale.contiguous()
     group_sizes = group_sizes.contiguous()  # read as sizes_ptr + e: a strided view gave garbage sizes
     block_n, block_k = 128, 128
-    grid = (E, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    grid = (E, cdiv(N, block_n), cdiv(K, block_k))
     _grouped_wgrad_kernel[grid](
         at, at_scale, bt, bt_scale, group_sizes, out, M, N, K, E,
         at.stride(0), at_scale.stride(0), bt.stride(0), bt_scale.stride(0), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, GROUP_ALIGNED=group_aligned, E_PAD=triton.next_power_of_2(E),
+        ACCUMULATE=accumulate, GROUP_ALIGNED=group_aligned, E_PAD=next_power_of_2(E),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=TILE, num_warps=8, num_stages=4,
     )
 
@@ -259,9 +172,9 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate:
         raise ValueError(f"b must have K = {K} (a's last dim) as its last dim, got {Kb}")
     if K % TILE:
         raise ValueError(f"a: K = {K} is not a multiple of {TILE}; the 1x128 / 128x128 recipe reduces whole "
-                         f"{TILE}-wide K chunks (pad K with zeros to {triton.cdiv(K, TILE) * TILE})")
+                         f"{TILE}-wide K chunks (pad K with zeros to {cdiv(K, TILE) * TILE})")
     _check_scale("a_scale", a_scale, (M, K // TILE))
-    _check_scale("b_scale", b_scale, (E, triton.cdiv(N, TILE), K // TILE))
+    _check_scale("b_scale", b_scale, (E, cdiv(N, TILE), K // TILE))
     _check_group_sizes(group_sizes, E, M, validate)
     if out is None:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
@@ -290,8 +203,8 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
     K, Mb = bt.shape
     if Mb != M:
         raise ValueError(f"bt must have M = {M} tokens (at's last dim) as its last dim, got {Mb}")
-    _check_scale("at_scale", at_scale, (N, triton.cdiv(M, TILE)))
-    _check_scale("bt_scale", bt_scale, (K, triton.cdiv(M, TILE)))
+    _check_scale("at_scale", at_scale, (N, cdiv(M, TILE)))
+    _check_scale("bt_scale", bt_scale, (K, cdiv(M, TILE)))
     E = group_sizes.shape[0] if isinstance(group_sizes, torch.Tensor) and group_sizes.dim() == 1 else -1
     _check_group_sizes(group_sizes, E, M, validate, aligned=group_aligned)
     if out is None:

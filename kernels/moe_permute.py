@@ -19,73 +19,11 @@ layer); off the Triton backends the ops run ``ref_moe_permute``.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import ref_moe_permute as ref
 from .dispatch import use_triton
-from .fp8 import cast_rne
+from .launch_math import cdiv, next_power_of_2
 from .registration import register_op
-
-
-@triton.jit
-def _histogram_kernel(ids_ptr, counts_ptr, n, NUM_EXPERTS, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
-    valid = (ids >= 0) & (ids < NUM_EXPERTS)
-    tl.atomic_add(counts_ptr + ids, tl.full((BLOCK,), 1, tl.int32), mask=valid)
-
-
-@triton.jit
-def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, H, stride_src, stride_dst, BLOCK_H: tl.constexpr):
-    """dst[r] = src[index[r]]."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    src_row = tl.load(index_ptr + row).to(tl.int64)
-    vals = tl.load(src_ptr + src_row * stride_src + cols, mask=cols < H)
-    tl.store(dst_ptr + row * stride_dst + cols, vals, mask=cols < H)
-
-
-@triton.jit
-def _combine_fwd_kernel(
-    y_ptr, row_of_slot_ptr, weights_ptr, out_ptr, H, stride_y, stride_out,
-    TOPK: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """out[t] = sum_j w[t, j] * y[row_of_slot[t*k + j]], accumulated in fp32 in slot order."""
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = cols < H
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    for j in tl.static_range(TOPK):
-        row = tl.load(row_of_slot_ptr + token * TOPK + j).to(tl.int64)
-        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WEIGHTS:
-            y = y * tl.load(weights_ptr + token * TOPK + j)
-        acc += y
-    tl.store(out_ptr + token * stride_out + cols, cast_rne(acc, out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _combine_bwd_kernel(
-    dout_ptr, y_ptr, row_of_slot_ptr, weights_ptr, dy_ptr, dweights_ptr,
-    H, stride_dout, stride_y, stride_dy,
-    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """dy[row] = w[t, j] * dout[t]; dweights[t, j] = <dout[t], y[row]> (fp32), row = row_of_slot[t*k+j]."""
-    token = tl.program_id(0).to(tl.int64)
-    for j in tl.static_range(TOPK):
-        row = tl.load(row_of_slot_ptr + token * TOPK + j).to(tl.int64)
-        w = tl.load(weights_ptr + token * TOPK + j)
-        dot_acc = tl.zeros((BLOCK_H,), tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols < H
-            d = tl.load(dout_ptr + token * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + row * stride_dy + cols, cast_rne(d * w, dy_ptr.dtype.element_ty), mask=mask)
-            dot_acc += d * y
-        tl.store(dweights_ptr + token * TOPK + j, tl.sum(dot_acc, axis=0))
-
 
 # ----------------------------------------------------------------------------------------------- launchers
 
@@ -93,22 +31,26 @@ def _combine_bwd_kernel(
 def _histogram_impl(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     if not use_triton(topk_ids.device):
         return ref.expert_histogram(topk_ids, num_experts)
+    from .moe_permute_triton import _histogram_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     ids = topk_ids.reshape(-1).contiguous()
     counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     if ids.numel():
         block = 1024
-        _histogram_kernel[(triton.cdiv(ids.numel(), block),)](ids, counts, ids.numel(), num_experts, BLOCK=block)
+        _histogram_kernel[(cdiv(ids.numel(), block),)](ids, counts, ids.numel(), num_experts, BLOCK=block)
     return counts
 
 
 def _gather_rows_impl(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if not use_triton(src.device):
         return ref.gather_rows(src, index)
+    from .moe_permute_triton import _gather_rows_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     src = src.contiguous()
     out = torch.empty(index.numel(), src.shape[1], dtype=src.dtype, device=src.device)
     if out.numel():
-        block_h = min(1024, triton.next_power_of_2(src.shape[1]))
-        grid = (index.numel(), triton.cdiv(src.shape[1], block_h))
+        block_h = min(1024, next_power_of_2(src.shape[1]))
+        grid = (index.numel(), cdiv(src.shape[1], block_h))
         _gather_rows_kernel[grid](src, index, out, src.shape[1], src.stride(0), out.stride(0), BLOCK_H=block_h)
     return out
 
@@ -117,14 +59,16 @@ def _combine_impl(y: torch.Tensor, row_of_slot: torch.Tensor, weights: torch.Ten
                   out_dtype: torch.dtype) -> torch.Tensor:
     if not use_triton(y.device):
         return ref.combine(y, row_of_slot, weights, topk, out_dtype)
+    from .moe_permute_triton import _combine_fwd_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     y = y.contiguous()
     T = row_of_slot.numel() // topk
     H = y.shape[1]
     out = torch.empty(T, H, dtype=out_dtype, device=y.device)
     if out.numel():
-        block_h = min(1024, triton.next_power_of_2(H))
+        block_h = min(1024, next_power_of_2(H))
         w = weights.contiguous() if weights is not None else y  # dummy pointer when unweighted
-        _combine_fwd_kernel[(T, triton.cdiv(H, block_h))](
+        _combine_fwd_kernel[(T, cdiv(H, block_h))](
             y, row_of_slot, w, out, H, y.stride(0), out.stride(0),
             TOPK=topk, HAS_WEIGHTS=weights is not None, BLOCK_H=block_h,
         )
@@ -135,13 +79,15 @@ def _combine_backward_impl(dout: torch.Tensor, y: torch.Tensor, row_of_slot: tor
                            weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(y.device):
         return ref.combine_backward(dout, y, row_of_slot, weights)
+    from .moe_permute_triton import _combine_bwd_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     T, topk = weights.shape
     H = y.shape[1]
     dout, y = dout.contiguous(), y.contiguous()
     dy = torch.empty_like(y)
     dweights = torch.empty(T, topk, dtype=torch.float32, device=y.device)
     if T:
-        block_h = min(1024, triton.next_power_of_2(H))
+        block_h = min(1024, next_power_of_2(H))
         _combine_bwd_kernel[(T,)](
             dout, y, row_of_slot, weights.float().contiguous(), dy, dweights,
             H, dout.stride(0), y.stride(0), dy.stride(0), TOPK=topk, BLOCK_H=block_h,

@@ -51,10 +51,6 @@ from .paged_attention_launch import SPLIT_OVERHEAD_TOKENS as SPLIT_OVERHEAD_TOKE
 from .paged_attention_launch import choose_num_splits as choose_num_splits
 from .paged_attention_launch import group_sizes, run_append_kv, run_paged_attention, run_paged_attention_cascade
 from .paged_attention_launch import num_sms as num_sms
-from .paged_attention_triton import LOG2E as LOG2E
-from .paged_attention_triton import _append_kv_kernel as _append_kv_kernel
-from .paged_attention_triton import _merge_splits_kernel as _merge_splits_kernel
-from .paged_attention_triton import _paged_attention_kernel as _paged_attention_kernel
 from .registration import host_checks_enabled, register_op
 
 # ---------------------------------------------------------------------------------------------

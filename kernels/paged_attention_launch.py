@@ -19,12 +19,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from r1fast.kernels.dispatch import use_triton
 
 from . import ref_paged_attention as ref
-from .paged_attention_triton import LOG2E, _append_kv_kernel, _merge_splits_kernel, _paged_attention_kernel
+from .launch_math import cdiv, next_power_of_2
 
 NUM_SMS_HOPPER = 132  # used when the device is not CUDA (interpreter runs, tests)
 PROGRAMS_PER_SM = 3  # resident decode programs per SM: 144 registers x 128 threads each (sm_90a compile)
@@ -45,7 +44,7 @@ def _tile_sizes(head_dim: int, group: int, rows_per_program: int, dtype: torch.d
     on FMAs with fp32 operands in registers, and the 16-bit tiles spilled on sm_90a (D=128, 32 rows: 2.7 KB
     per thread; D=64, 64 rows: 3.6 KB; D=256 even at 16 rows). Every fp32 tile below compiles without a
     spill (varlen causal, GROUP 4; tests/test_kernels_compile_sm90.py)."""
-    block_m = max(16, triton.next_power_of_2(rows_per_program))
+    block_m = max(16, next_power_of_2(rows_per_program))
     if dtype == torch.float32:
         block_m = min(block_m, 32)
         if head_dim <= 128:
@@ -76,11 +75,11 @@ def choose_num_splits(programs: int, max_kv_tokens: int, sms: int = NUM_SMS_HOPP
     """
     slots = PROGRAMS_PER_SM * sms
     programs = max(programs, 1)
-    cap = max(1, min(MAX_SPLITS, triton.cdiv(max_kv_tokens, MIN_TOKENS_PER_SPLIT)))
+    cap = max(1, min(MAX_SPLITS, cdiv(max_kv_tokens, MIN_TOKENS_PER_SPLIT)))
     best, best_cost = 1, None
     for splits in range(1, cap + 1):
-        tokens = triton.cdiv(triton.cdiv(max_kv_tokens, splits), block_n) * block_n
-        cost = triton.cdiv(programs * splits, slots) * (tokens + SPLIT_OVERHEAD_TOKENS)
+        tokens = cdiv(cdiv(max_kv_tokens, splits), block_n) * block_n
+        cost = cdiv(programs * splits, slots) * (tokens + SPLIT_OVERHEAD_TOKENS)
         if best_cost is None or cost < best_cost:
             best, best_cost = splits, cost
     return best
@@ -125,12 +124,14 @@ def _launch_attention(
 ):
     """Run the attention kernel for every block_table row; ``dest`` is [T, Hq, D] (final) or
     [T, Hq, S, D] (partials, then this pass writes splits split_offset .. split_offset + num_splits)."""
+    from .paged_attention_triton import LOG2E, _paged_attention_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     num_rows = block_table.shape[0]
     num_kv_heads, page_size, head_dim = k_cache.shape[2], k_cache.shape[1], q.shape[2]
     group = q.shape[1] // num_kv_heads
     block_m, block_n, num_warps = _tile_sizes(head_dim, group, max_q_per_row * group, q.dtype)
     max_kv_tokens = block_table.shape[1] * page_size
-    tokens_per_split = triton.cdiv(triton.cdiv(max_kv_tokens, num_splits), block_n) * block_n
+    tokens_per_split = cdiv(cdiv(max_kv_tokens, num_splits), block_n) * block_n
     partial = dest.dim() == 4
     so = dest.stride(2) if partial else 0
     od = dest.stride(3) if partial else dest.stride(2)
@@ -139,7 +140,7 @@ def _launch_attention(
         ls = dest_lse.stride(2) if partial else 0
     else:
         lt = lh = ls = 0
-    grid = (num_rows * num_kv_heads, triton.cdiv(max_q_per_row * group, block_m), num_splits)
+    grid = (num_rows * num_kv_heads, cdiv(max_q_per_row * group, block_m), num_splits)
     # The kernel reads the 1-D int vectors as ptr + row (no stride argument); a strided view such as
     # meta[:, 0] would silently give wrong lengths. Copying B + 1 ints costs nothing next to the KV reads.
     seq_lens = seq_lens.contiguous()
@@ -188,6 +189,8 @@ def _launch_attention(
 
 
 def _launch_merge(part_out, part_lse, out, lse):
+    from .paged_attention_triton import _merge_splits_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     tokens, num_heads, num_splits, head_dim = part_out.shape
     _merge_splits_kernel[(tokens * num_heads,)](
         part_out,
@@ -201,7 +204,7 @@ def _launch_merge(part_out, part_lse, out, lse):
         *out.stride(),
         *(lse.stride() if lse is not None else (0, 0)),
         HEAD_DIM=head_dim,
-        SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
+        SPLITS_P2=max(2, next_power_of_2(num_splits)),
         STORE_LSE=lse is not None,
         num_warps=4,
     )
@@ -374,6 +377,8 @@ def run_append_kv(
         # Triton's interpreter writes out of bounds ("corrupted size vs. prev_size" heap aborts). On the CPU
         # this check is free; on CUDA it would be a host sync per layer, so device slots stay unchecked.
         ref.check_slot_range(slot_mapping, k_cache)
+    from .paged_attention_triton import _append_kv_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
+
     num_kv_heads = k.shape[1]
     _append_kv_kernel[(k.shape[0],)](
         k,
@@ -388,6 +393,6 @@ def run_append_kv(
         *v_cache.stride(),
         PAGE_SIZE=k_cache.shape[1],
         HEAD_DIM=k.shape[2],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=next_power_of_2(num_kv_heads),
         num_warps=4,
     )

@@ -6,6 +6,9 @@ operands are right). Under the interpreter we therefore widen bfloat16 operands 
 dot. That is exact: a product of two bf16 values (8-bit significands) fits fp32's 24-bit significand,
 and the hardware MMA accumulates those products in fp32 too, so the interpreted kernel computes what
 the compiled one does, up to summation order. Compiled kernels keep the native bf16 MMA.
+
+Imports Triton, so only the ``*_triton.py`` kernel modules import this one: the op modules and launchers
+must import without Triton (host-side grid math is in ``launch_math.py``; see ``dispatch.py``).
 """
 
 

@@ -19,10 +19,10 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-gk = importlib.import_module("r1fast.kernels.grpo_loss_kernels")
-fp8 = importlib.import_module("r1fast.kernels.fp8")
-mg = importlib.import_module("r1fast.kernels.moe_gemm")
-mp = importlib.import_module("r1fast.kernels.moe_permute")
+gk = importlib.import_module("r1fast.kernels.grpo_loss_triton")
+fp8 = importlib.import_module("r1fast.kernels.fp8_triton")
+mg = importlib.import_module("r1fast.kernels.moe_gemm_triton")
+mp = importlib.import_module("r1fast.kernels.moe_permute_triton")
 pat = importlib.import_module("r1fast.kernels.paged_attention_triton")
 report = []
 
