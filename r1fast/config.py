@@ -224,8 +224,9 @@ class RewardsConfig:
     sandbox_timeout_s: float = bounded(5.0, gt=0)
     """Wall-clock limit for running one generated program."""
     sandbox_memory_mb: int = bounded(512, ge=16)
-    """Memory limit of one program run: the address space of each of its processes and, where the sandbox
-    can make a cgroup (root, or delegated cgroup v2), the memory of all of them together."""
+    """Memory limit of one program run: each process's address space, and all of them with a cgroup."""
+    code_all_or_nothing: bool = False
+    """Code reward 1 only when every test passes (False: the fraction of tests passed)."""
 
     def validate(self) -> None:
         if not self.weights:

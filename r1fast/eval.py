@@ -11,7 +11,9 @@ and rank 0 aggregates; sample seeds depend only on the prompt's index, so result
 the number of ranks.
 
 Data: JSONL of ``{"prompt", "answer"}`` (``r1fast.data.load_jsonl``; a ``"task"`` naming a generated task
-selects its exact verifier). Outputs in ``--out`` (when given): eval.json, eval.md, samples.jsonl.
+selects its exact verifier). A record with ``"tests"`` is a code task, graded by the code reward's sandbox
+(``sandbox_timeout_s``/``sandbox_memory_mb``): correct when the program passes every test; its answer is the
+program, and wrong programs vote in cons@k by their outputs (``rewards.code.code_vote_key``). Outputs in ``--out`` (when given): eval.json, eval.md, samples.jsonl.
 A prompt whose gold answer math-verify cannot parse is skipped and counted (``skipped_prompts``); one too
 long for the model (prompt + max_new_tokens past max_position_embeddings or the KV cache) is dropped,
 counted (``dropped_too_long``) and reported on stderr. Bad data (an empty file, a malformed line, a
@@ -98,6 +100,10 @@ class EvalConfig:
     """KV-cache block size of the rollout engine."""
     max_batch_tokens: int = bounded(4096, ge=1)
     """Token budget of one engine step."""
+    sandbox_timeout_s: float = bounded(5.0, gt=0)
+    """Wall-clock limit of one program run of a code task (training's rewards.sandbox_timeout_s)."""
+    sandbox_memory_mb: int = bounded(512, ge=16)
+    """Memory limit of one program run of a code task (training's rewards.sandbox_memory_mb)."""
 
     def validate(self) -> EvalConfig:
         _check_tree(self, "")
@@ -119,17 +125,34 @@ class EvalConfig:
         return self.pass_k if self.pass_k is not None else tuple(k for k in DEFAULT_PASS_K if k <= self.k)
 
 
-def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix="") -> tuple[list, list, list]:
-    """(accuracy or None per text, format flag per text, extracted answer per text), each text graded with
-    ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``: a str or a callable of the
-    prompt) in front."""
+def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix="",
+           code_params: dict | None = None) -> tuple[list, list, list, list]:
+    """(accuracy or None per text, format flag per text, extracted answer per text, code vote key per text),
+    each text graded with ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``: a str or a
+    callable of the prompt) in front. A sample with ``tests`` is graded by its tests in the sandbox
+    (``code_params``: timeout_s, memory_mb): its answer is the program and its vote key
+    ``code_vote_key`` (None for the other samples, whose keys ``_vote_keys`` finds)."""
     from r1fast.rewards.accuracy import accuracy_batch
+    from r1fast.rewards.code import code_verdicts
     from r1fast.rewards.format import extract_answer, format_reward, prefix_for
 
     texts = [prefix_for(prefix, s["prompt"]) + t for s, t in zip(samples, texts, strict=True)]
-    scores = accuracy_batch([s["prompt"] for s in samples], texts, samples, require_answer_tag=require_answer_tag)
+    scores, answers = [None] * len(texts), [extract_answer(t) for t in texts]
+    keys: list[str | None] = [None] * len(texts)
+    code = [i for i, s in enumerate(samples) if "tests" in s]
+    other = [i for i, s in enumerate(samples) if "tests" not in s]
+    if other:
+        graded = accuracy_batch([samples[i]["prompt"] for i in other], [texts[i] for i in other],
+                                [samples[i] for i in other], require_answer_tag=require_answer_tag)
+        for i, score in zip(other, graded, strict=True):
+            scores[i] = score
+    if code:
+        verdicts = code_verdicts([samples[i]["prompt"] for i in code], [texts[i] for i in code],
+                                 [samples[i] for i in code], vote_key=True, **(code_params or {}))
+        for i, (correct, program, key) in zip(code, verdicts, strict=True):
+            scores[i], answers[i], keys[i] = float(correct), program, key
     formatted = [format_reward("", t, {}) == 1.0 for t in texts]
-    return scores, formatted, [extract_answer(t) for t in texts]
+    return scores, formatted, answers, keys
 
 
 MAX_VOTE_COMPARISONS = 256
@@ -173,6 +196,23 @@ def _vote_keys(sample: dict, answers: list, correct: list[bool]) -> list[str | N
     return [group[t] if t is not None else None for t in texts]
 
 
+def _code_params(cfg: EvalConfig) -> dict:
+    """The sandbox settings code tasks are graded under."""
+    return {"timeout_s": cfg.sandbox_timeout_s, "memory_mb": cfg.sandbox_memory_mb}
+
+
+def _check_tests(samples: list[dict], path: str) -> None:
+    """DataError naming the first code task whose ``tests`` are malformed (before the model loads)."""
+    from r1fast.rewards.code import parse_tests
+
+    for sample in samples:
+        if "tests" in sample:
+            try:
+                parse_tests(sample["tests"])
+            except ValueError as exc:
+                raise DataError(f"data: {path!r}: sample {sample.get('id')!r}: {exc}") from None
+
+
 def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """(metrics, per-prompt records) of the model behind ``engine`` on ``samples`` (all ranks call it).
 
@@ -195,14 +235,16 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
         for i, group, g in zip(mine, sampled, greedy, strict=True):
             completions = list(group) + ([g[0]] if g is not None else [])
             texts = [tokenizer.decode(c.token_ids) for c in completions]
-            scores, formatted, answers = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag, prefix)
+            scores, formatted, answers, keys = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag,
+                                                      prefix, _code_params(cfg))
             rec = {"index": i, "id": samples[i].get("id"), "prompt": samples[i]["prompt"],
-                   "answer": samples[i]["answer"], "skipped": any(s is None for s in scores),
+                   "answer": samples[i].get("answer"), "skipped": any(s is None for s in scores),
                    "correct": [bool(s) for s in scores[:cfg.k]], "formatted": formatted[:cfg.k],
                    "answers": answers[:cfg.k], "texts": texts[:cfg.k],
                    "lengths": [len(c.token_ids) for c in group]}
-            if not rec["skipped"]:
-                rec["vote_keys"] = _vote_keys(samples[i], rec["answers"], rec["correct"])
+            if not rec["skipped"]:  # a code task's keys came with its grading (its programs' outputs)
+                rec["vote_keys"] = (keys[:cfg.k] if "tests" in samples[i]
+                                    else _vote_keys(samples[i], rec["answers"], rec["correct"]))
             if g is not None:
                 rec.update(greedy_correct=bool(scores[-1]), greedy_formatted=formatted[-1],
                            greedy_length=len(g[0].token_ids), greedy_text=texts[-1])
@@ -248,6 +290,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         samples = load_jsonl(cfg.data, limit=cfg.limit)
     if not samples:
         raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')
+    _check_tests(samples, cfg.data)
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.model, device=device, dtype=dtype)
     check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback

@@ -109,8 +109,11 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     metrics = {**means, "reward_std": reward_std,
                "response_length_max": longest.item(), "reward_skipped": int(counts[0]),
                "reward_errors": int(counts[1])}
-    accuracy = [means[k] for k in ("reward_accuracy", "reward_task_accuracy", "reward_math_accuracy") if k in means]
-    metrics["accuracy"] = accuracy[0] if accuracy else float("nan")  # NaN for GSM8K/MATH runs before
+    # the first accuracy-type reward present; for code runs the mean code reward (the fraction of tests
+    # passed, unless rewards.code_all_or_nothing), which was NaN before as GSM8K/MATH runs' once were
+    accuracy = [means[k] for k in ("reward_accuracy", "reward_task_accuracy", "reward_math_accuracy",
+                                   "reward_code") if k in means]
+    metrics["accuracy"] = accuracy[0] if accuracy else float("nan")
     if "reward_format" in means:
         metrics["format_rate"] = means["reward_format"]
     return RolloutBatch(prompts=[p for _, p, _ in flat], completions=[list(c.token_ids) for _, _, c in flat],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
 from r1fast.rewards.accuracy import SkipSample, accuracy_reward
+from r1fast.rewards.code import code_verdict, code_verdicts, parse_tests
 from r1fast.rewards.format import format_score, prefix_for
 
 
@@ -16,10 +17,12 @@ from r1fast.rewards.format import format_score, prefix_for
 class Scorer:
     """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation.
     Both grade the prompt's ``prefix`` + the completion (``stage_io.completion_prefix``: a prompt's open
-    ``<think>``; a str, or a callable of the prompt under template 'none')."""
+    ``<think>``; a str, or a callable of the prompt under template 'none'). ``code_params``: the sandbox
+    settings (``timeout_s``, ``memory_mb``) ``check`` runs a code sample's tests with."""
 
     combined: CombinedReward
     completion_prefix: str | Callable[[str], str] = ""
+    code_params: dict = field(default_factory=dict)
 
     def prefix(self, prompt: str) -> str:
         """What this prompt's completions are graded (and cold-start targets written) after."""
@@ -31,22 +34,46 @@ class Scorer:
 
     def check_samples(self, samples: list[dict]) -> None:
         """DataError naming the first sample a configured reward cannot grade (e.g. an unsupported
-        ``language`` column), before any training."""
+        ``language`` column, malformed ``tests``), before any training. ``tests`` are checked whenever a
+        sample has them, code reward or not: ``check`` grades such a sample by them."""
         try:
             self.combined.check_metas(samples)
+            for i, sample in enumerate(samples):
+                if "tests" in sample:
+                    try:
+                        parse_tests(sample["tests"])
+                    except ValueError as exc:
+                        raise ValueError(f"sample {sample.get('id', i)!r}: {exc}") from None
         except ValueError as exc:
             raise DataError(f"data: {exc}") from None
 
     def check(self, sample: dict, completion: str) -> tuple[bool | None, bool]:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
         unparsable gold), so evaluation skips the prompt as ``r1fast.eval`` does rather than count it wrong.
-        Any other error is a bug and propagates."""
+        A sample with ``tests`` is a code task: correct when its program passes every test (``code_verdict``
+        under ``code_params``), not when an ``answer`` matches. Any other error is a bug and propagates."""
         completion = self.prefix(sample.get("prompt", "")) + completion
+        if "tests" in sample:
+            correct = code_verdict(sample.get("prompt", ""), completion, sample, **self.code_params)[0]
+            return correct, format_score("", completion, sample) >= 1.0
         try:
             correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
         except SkipSample:
             correct = None
         return correct, format_score("", completion, sample) >= 1.0
+
+    def check_batch(self, samples: list[dict], completions: list[str]) -> list[tuple[bool | None, bool]]:
+        """``check`` of each (sample, completion), the code samples' programs run together in the sandbox pool:
+        one by one, a hung program cost the timeout per completion (16 held-out checks x 2 s = 32 s of a run's
+        evaluation)."""
+        out = [None if "tests" in s else self.check(s, c) for s, c in zip(samples, completions, strict=True)]
+        code = [i for i, s in enumerate(samples) if "tests" in s]
+        texts = [self.prefix(samples[i].get("prompt", "")) + completions[i] for i in code]
+        verdicts = code_verdicts([samples[i].get("prompt", "") for i in code], texts, [samples[i] for i in code],
+                                 **self.code_params) if code else []
+        for i, text, verdict in zip(code, texts, verdicts, strict=True):
+            out[i] = (verdict[0], format_score("", text, samples[i]) >= 1.0)
+        return out
 
 
 def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] = "") -> Scorer:
@@ -60,8 +87,9 @@ def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] =
         params["format"] = {"partial": r.format_partial_credit}
     if "language" in r.weights:
         params["language"] = {"language": r.language}
+    sandbox = {"timeout_s": r.sandbox_timeout_s, "memory_mb": r.sandbox_memory_mb}  # also grades code evaluation
     if "code" in r.weights:
-        params["code"] = {"timeout_s": r.sandbox_timeout_s, "memory_mb": r.sandbox_memory_mb}
+        params["code"] = {**sandbox, "all_or_nothing": r.code_all_or_nothing}
     if "length_cosine" in r.weights:
         names = ("min_value_wrong", "max_value_wrong", "min_value_correct", "max_value_correct")
         params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens,
@@ -69,6 +97,6 @@ def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] =
     if "repetition" in r.weights:
         params["repetition"] = {"unit": r.repetition_unit, "ngram_size": r.repetition_ngram_size}
     try:
-        return Scorer(combine(dict(r.weights), params), completion_prefix)
+        return Scorer(combine(dict(r.weights), params), completion_prefix, sandbox)
     except ValueError as exc:  # one line naming the config section, not a traceback (empty weights: validate())
         raise ConfigError(f"rewards: {exc}") from None

@@ -3,7 +3,8 @@
 Meant for exports of GSM8K, MATH and the like. Errors are raised before any training starts and
 name the file and the 1-based line number, so a bad line in a 100k-line file is found at once.
 Extra keys are kept (e.g. ``"tests"`` for code tasks, ``"language"``); ``"task"`` defaults to
-``"math"`` and ``"id"`` to ``"<file name>:<line>"``.
+``"math"`` and ``"id"`` to ``"<file name>:<line>"``. A code task, ``{"prompt", "tests": [{"input",
+"output"}, ...]}``, needs no ``"answer"``: it is graded by its tests (``r1fast.rewards.code``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
     """Read samples from ``path``; stop after ``limit`` samples when given. Blank lines are skipped.
 
     Raises FileNotFoundError for a missing file and ValueError naming ``path:line`` for a line that is
-    not valid JSON, not an object, or lacks a string/number ``prompt`` or ``answer``.
+    not valid JSON, not an object, or lacks a string/number ``prompt`` or ``answer`` (``answer`` may be
+    absent or null when the record has ``tests``: the code reward never reads it).
     """
     path = os.fspath(path)
     if limit is not None and (not isinstance(limit, int) or limit < 0):
@@ -64,6 +66,9 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
     for line_number, record in itertools.islice(iter_json_objects(path), limit):
         for key in ("prompt", "answer"):
             value = record.get(key)
+            if key == "answer" and value is None and "tests" in record:
+                record.pop(key, None)  # absent, not "None": no verifier grades a code task by it
+                continue
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError(f"{path}:{line_number}: field {key!r} missing or not a string/number "
                                  f"(got {type(value).__name__})")

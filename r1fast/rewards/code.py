@@ -9,6 +9,13 @@ as malformed, since it could not tell such a program from a correct one).
 
 The program is the last fenced Python block of the ``<answer>`` text (or of the whole completion
 when there is no well-formed answer block), else the answer text itself (``code_extract.py``).
+
+After a test times out, the sample's remaining tests fail without running: a program that hung on one
+input almost always hangs (or is as slow) on the next, and running them cost the timeout per test (6
+tests x 1 s = 6.3 s for ``while True: pass``; one GRPO step spent 48.5 s grading).
+
+``code_verdict`` grades a completion for evaluation: correct when every test passes, plus a vote key
+for cons@k (``code_vote_key``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from .code_extract import extract_code
 from .sandbox import SandboxLimits, run_python
 from .sandbox_pipes import is_utf8
 
-__all__ = ["extract_code", "normalize_output", "parse_tests", "code_reward", "code_batch"]
+__all__ = ["extract_code", "normalize_output", "parse_tests", "run_tests", "code_reward", "code_batch",
+           "code_verdict", "code_verdicts", "code_vote_key", "pool_size"]
 
 
 def normalize_output(text: str) -> str:
@@ -73,24 +81,99 @@ def _check_params(*, limits=None, all_or_nothing=False, timeout_s=None, memory_m
     _limits(limits, timeout_s, memory_mb).validate()  # e.g. memory_mb=1e-9 is 0 bytes, a huge timeout_s overflows
 
 
+def run_tests(code: str, tests: list[dict], limits: SandboxLimits, *, stop_at_failure: bool = False) -> list:
+    """Per test: the program's normalized stdout when its run succeeded (exit 0, in time, under the output
+    cap), else None. After the first timeout the remaining tests get None without running (module
+    docstring); with ``stop_at_failure`` so do those after the first failed test."""
+    outputs: list[str | None] = []
+    for test in tests:
+        result = run_python(code, test["input"], limits)
+        output = normalize_output(result.stdout) if result.ok else None
+        outputs.append(output)
+        if result.timed_out or (stop_at_failure and output != normalize_output(test["output"])):
+            return outputs + [None] * (len(tests) - len(outputs))
+    return outputs
+
+
+def _program(completion: str) -> str | None:
+    """The program to run, or None. A program with a lone surrogate has no UTF-8 form: no file could hold
+    it, so it fails like one that does not compile (the sandbox refuses such text with a ValueError)."""
+    code = extract_code(completion)
+    return code if code is not None and is_utf8(code) else None
+
+
+def _passed(outputs: list, tests: list[dict]) -> int:
+    return sum(out == normalize_output(t["output"]) for out, t in zip(outputs, tests, strict=True))
+
+
 def code_reward(prompt: str, completion: str, meta: dict, *, limits: SandboxLimits | None = None,
                 all_or_nothing: bool = False, timeout_s: float | None = None, memory_mb: int | None = None) -> float:
     """Fraction of ``meta['tests']`` passed (or 1/0 with ``all_or_nothing``, which stops at the first failure)."""
     tests = parse_tests(meta.get("tests"))
     limits = _limits(limits, timeout_s, memory_mb)
-    code = extract_code(completion)
-    # A program with a lone surrogate has no UTF-8 form: no file could hold it, so it fails like one that
-    # does not compile (the sandbox refuses such text with a ValueError; mapping it to 0 is this layer's call).
-    if code is None or not is_utf8(code):
+    code = _program(completion)
+    if code is None:
         return 0.0
-    passed = 0
-    for test in tests:
-        result = run_python(code, test["input"], limits)
-        if result.ok and normalize_output(result.stdout) == normalize_output(test["output"]):
-            passed += 1
-        elif all_or_nothing:
-            return 0.0
+    passed = _passed(run_tests(code, tests, limits, stop_at_failure=all_or_nothing), tests)
+    if all_or_nothing:
+        return float(passed == len(tests))
     return passed / len(tests)
+
+
+def code_vote_key(outputs: list) -> str | None:
+    """cons@k's vote key of a program graded wrong: its outputs on the tests (JSON), so programs that print
+    the same on every input are one answer, as math-verify groups equal math answers. None (the vote falls
+    back to the program's text, ``eval_metrics.majority_vote``) when no test ran successfully: programs
+    that only crash or hang have no behaviour to compare, and grouping them all as one answer would let a few
+    distinct broken programs outvote the correct ones."""
+    return json.dumps(outputs) if any(out is not None for out in outputs) else None
+
+
+def code_verdict(prompt: str, completion: str, meta: dict, *, vote_key: bool = False,
+                 limits: SandboxLimits | None = None, timeout_s: float | None = None,
+                 memory_mb: int | None = None) -> tuple[bool, str | None, str | None]:
+    """(every test passes, the program run or None, its vote key or None) of one completion. Without
+    ``vote_key`` grading stops at the first failed test (all that correctness needs); with it every test
+    runs (but those after a timeout) so that wrong programs can be grouped by their outputs."""
+    tests = parse_tests(meta.get("tests"))
+    code = _program(completion)
+    if code is None:
+        return False, None, None
+    outputs = run_tests(code, tests, _limits(limits, timeout_s, memory_mb), stop_at_failure=not vote_key)
+    correct = _passed(outputs, tests) == len(tests)
+    return correct, code, (code_vote_key(outputs) if vote_key and not correct else None)
+
+
+MAX_POOL = 32
+"""Most programs graded at once. A pool thread only waits on its child process, so more threads than
+cores help whenever children sleep or block (``time.sleep(60)`` held one of 2 workers for the whole
+timeout); at most 4 per core, since spinning children share the cores and the limit is wall-clock time."""
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (no bound from memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def pool_size(n: int, memory_bytes: int) -> int:
+    """Threads grading ``n`` programs: min(32, 4 x cores, n), and at most MemAvailable / ``memory_bytes``
+    (each child may use its memory limit: at 512 MiB a 4 GiB machine grades 8 at once, not 32). At least 1."""
+    cores = os.cpu_count() or 1
+    available = _available_bytes()
+    by_memory = available // max(memory_bytes, 1) if available is not None else MAX_POOL
+    return max(1, min(MAX_POOL, 4 * cores, n, by_memory))
+
+
+def _pool_map(fn, items: list, memory_bytes: int) -> list:
+    with ThreadPoolExecutor(max_workers=pool_size(len(items), memory_bytes), thread_name_prefix="sandbox") as pool:
+        return list(pool.map(fn, items))
 
 
 def code_batch(prompts, completions, metas, **params) -> list[float | Exception]:
@@ -105,10 +188,23 @@ def code_batch(prompts, completions, metas, **params) -> list[float | Exception]
         except Exception as exc:  # noqa: BLE001 - handed back per sample, reported by the registry
             return exc
 
-    workers = max(1, min(8, os.cpu_count() or 1, len(completions)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        return list(pool.map(score, zip(prompts, completions, metas, strict=True)))
+    memory = _limits(params.get("limits"), None, params.get("memory_mb")).memory_bytes
+    return _pool_map(score, list(zip(prompts, completions, metas, strict=True)), memory)
+
+
+def code_verdicts(prompts, completions, metas, *, vote_key: bool = False, **params) -> list[tuple]:
+    """``code_verdict`` over a batch in the sandbox pool; an exception (malformed tests) propagates."""
+    memory = _limits(params.get("limits"), None, params.get("memory_mb")).memory_bytes
+    return _pool_map(lambda args: code_verdict(*args, vote_key=vote_key, **params),
+                     list(zip(prompts, completions, metas, strict=True)), memory)
+
+
+def _check_meta(meta: dict) -> None:
+    """ValueError unless ``meta['tests']`` is well formed (``parse_tests``): checked on every sample when the
+    data loads, since a malformed one scored 0 at every step."""
+    parse_tests(meta.get("tests"))
 
 
 code_reward.batch = code_batch
 code_reward.check_params = _check_params  # checked when a run is configured, not at the first scored sample
+code_reward.check_meta = _check_meta
