@@ -17,7 +17,9 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
              k: int = 1, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0) -> dict:
     """Greedy accuracy and (k > 1 or temperature > 0) pass@1 averaged over k samples, on the held-out set.
 
-    ``score_fn(sample, completion_text) -> (correct: bool | None, well_formatted: bool)``; correct None means
+    ``score_fn(samples, completion_texts) -> [(correct: bool | None, well_formatted: bool), ...]`` grades this
+    rank's completions in one call (``Scorer.check_batch``: code samples' programs run together in the sandbox
+    pool; one by one, each hung program cost a timeout: 32 s of a 40 s code run); correct None means
     the sample cannot be graded (an unparsable gold): the prompt is skipped and counted in
     ``skipped_prompts``, as ``r1fast.eval`` does, so both report the same accuracy for the same checkpoint
     and data. Sampling follows R1's evaluation (temperature 0.6, top-p 0.95); seeds depend only on the
@@ -35,9 +37,12 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
         sampled = engine.generate([prompt_ids[i] for i in mine], n=k, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, stop_token_ids=stop,
                                   seed=sample_seeds(seed, mine, k))
-        for idx, g, s in zip(mine, greedy, sampled, strict=True):
-            ok, fmt = score_fn(samples[idx], tokenizer.decode(g[0].token_ids))
-            sampled_ok = [score_fn(samples[idx], tokenizer.decode(c.token_ids))[0] for c in s]
+        # per prompt: the greedy completion, then its k samples
+        flat = [(idx, c) for idx, g, s in zip(mine, greedy, sampled, strict=True) for c in (g[0], *s)]
+        grades = score_fn([samples[idx] for idx, _ in flat], [tokenizer.decode(c.token_ids) for _, c in flat])
+        for j, g in enumerate(greedy):
+            first = j * (k + 1)
+            (ok, fmt), sampled_ok = grades[first], [c for c, _ in grades[first + 1:first + k + 1]]
             if ok is None or any(c is None for c in sampled_ok):  # the gold, not the answer, is ungradable
                 totals[5] += 1
                 continue

@@ -257,7 +257,7 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
         rewards = score([samples[i] for i, _, _ in flat], graded)
         for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
-            traces.append({"prompt": s["prompt"], "completion": text, "answer": s["answer"], "task": s.get("task"),
+            traces.append({"prompt": s["prompt"], "completion": text, "answer": s.get("answer"), "task": s.get("task"),
                            "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
                            "seed": seed, "num_tokens": trace_tokens(c),
                            "finish_reason": c.finish_reason})

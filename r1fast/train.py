@@ -144,7 +144,7 @@ class Trainer:
         if not self.eval_samples:
             return None
         with unsharded_for_rollout(self.root):
-            result = evaluate(self.engine, self.tokenizer, self.eval_samples, self.eval_prompt_ids, self.score.check,
+            result = evaluate(self.engine, self.tokenizer, self.eval_samples, self.eval_prompt_ids, self.score.check_batch,
                               max_new_tokens=cfg.rollout.max_new_tokens, k=cfg.train.eval_samples,
                               seed=cfg.train.seed)
         self.logger.log(self.step, phase="eval", tag=tag, **result)

@@ -134,7 +134,7 @@ def test_training_evaluation_skips_ungradable_prompts_like_r1fast_eval():
     text = "<think>t</think><answer>3</answer>"
     scores = accuracy.accuracy_batch([s["prompt"] for s in samples], [text, text], samples)
     assert scores == [1.0, None]  # r1fast.eval grades prompt 0 and skips prompt 1
-    out = evaluate(_FakeEngine(tok, text), tok, samples, [tok.encode(s["prompt"]) for s in samples], Scorer(None).check,
+    out = evaluate(_FakeEngine(tok, text), tok, samples, [tok.encode(s["prompt"]) for s in samples], Scorer(None).check_batch,
                    max_new_tokens=8, k=3)
     assert out["num_prompts"] == 1 and out["skipped_prompts"] == 1
     assert out["greedy_accuracy"] == out["pass@1_k3"] == out["format_rate"] == 1.0
