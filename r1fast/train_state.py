@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -133,14 +134,31 @@ def _write_manifest(tmp: str, step: int, world: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Tensors, ints and tuples only, so it loads with ``weights_only=True`` (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _load_rng(file: str) -> dict:
+    """A rank's RNG file, unpickled with ``weights_only=True``: a checkpoint is data, and a crafted one ran a shell
+    command on ``--train.resume`` (weights_only=False). Files from before r1fast stored numpy's keys as a tensor
+    hold an ndarray: only numpy's array reconstruction is allowed for them."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
+        with torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                               type(np.dtype(np.uint32))]):
+            return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -234,7 +252,7 @@ def load_checkpoint(path: str, root: torch.nn.Module, optimizer, scheduler,
     # Every rank reads the full state (checkpoints live on a filesystem all ranks see, as the per-rank
     # RNG files already require) and keeps its own shard: no broadcast whose collective order could
     # differ between the rank that holds the data and the ranks that do not.
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = torch.load(state_file, map_location="cpu", weights_only=True)  # data only: see _load_rng
     _check_same_model(path, state["model"], root)
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
@@ -276,13 +294,13 @@ def _restore_rng(path: str) -> None:
     bit-exact. Raising on the new ranks alone left rank 0 dying in gloo ("Connection closed by peer")."""
     saved = saved_world_size(path)
     if D.rank() < saved:
-        _set_rng_state(torch.load(os.path.join(path, f"rng_rank{D.rank()}.pt"), weights_only=False))
+        _set_rng_state(_load_rng(os.path.join(path, f"rng_rank{D.rank()}.pt")))
         return
     if D.rank() == saved and D.rank() > 0:  # one line for all new ranks; rank 0 may not be a new rank
         print(f"r1fast: {path} was written by {saved} rank(s), resumed on {D.world_size()}: ranks {saved}.."
               f"{D.world_size() - 1} start from rank 0's RNG state re-seeded per rank (training draws its "
               "randomness from per-sample seeds, so the trajectory does not depend on it)", file=sys.stderr)
-    _set_rng_state(torch.load(os.path.join(path, "rng_rank0.pt"), weights_only=False))
+    _set_rng_state(_load_rng(os.path.join(path, "rng_rank0.pt")))
     seed = int(torch.randint(0, 2**62, (1,))) + D.rank()  # deterministic: drawn from rank 0's restored state
     torch.manual_seed(seed)
     random.seed(seed)

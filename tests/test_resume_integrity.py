@@ -195,3 +195,51 @@ def test_the_non_finite_counter_survives_a_resume(tmp_path, monkeypatch):
     assert train.run(tiny_config(tmp_path, *BASE, "--train.steps", "5"))["exit_status"] == 143
     with pytest.raises(RuntimeError, match=r"^3 non-finite losses in a row at step 3"):
         train.run(tiny_config(tmp_path, *BASE, "--train.steps", "5", "--train.resume", "latest"))
+
+
+class _Payload:
+    """A pickle that runs code when loaded with weights_only=False (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["train_state.pt", "rng_rank0.pt"])
+def test_a_crafted_checkpoint_cannot_run_code_on_resume(base_run, tmp_path, name):
+    """train_state.pt and rng_rank*.pt were unpickled with weights_only=False: a downloaded run directory ran
+    a shell command on --train.resume (the probe's marker appeared)."""
+    import pickle
+
+    from r1fast.train import run
+    from r1fast.train_state import MANIFEST
+
+    run_dir = _copy(base_run, tmp_path)
+    marker = tmp_path / "pwned"
+    step = run_dir / "checkpoints" / "step_4"
+    torch.save({"payload": _Payload(str(marker))}, step / name)
+    manifest = json.loads((step / MANIFEST).read_text())  # the attacker keeps the checkpoint "complete"
+    manifest["files"][name] = os.path.getsize(step / name)
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(pickle.UnpicklingError):
+        run(tiny_config(tmp_path, *BASE, "--train.steps", "5", "--train.resume", "latest"))
+    assert not marker.exists()
+
+
+def test_rng_files_from_before_the_tensor_format_still_load(tmp_path):
+    """rng_rank*.pt held numpy's state as an ndarray: loaded with numpy's array reconstruction allowed, only."""
+    import random
+
+    import numpy as np
+
+    from r1fast.train_state import _load_rng, _set_rng_state
+
+    np.random.seed(7)
+    old = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(), "cuda": None}
+    torch.save(old, tmp_path / "rng_rank0.pt")
+    expected = np.random.rand(3)
+    np.random.seed(8)
+    _set_rng_state(_load_rng(str(tmp_path / "rng_rank0.pt")))
+    assert np.array_equal(np.random.rand(3), expected)
