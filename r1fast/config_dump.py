@@ -14,6 +14,7 @@ import textwrap
 from typing import Any
 
 from r1fast.config_io import _fields, _is_section, _type_name, bound_text, load_config
+from r1fast.safe_write import write_file
 
 __all__ = ["config_to_toml", "save_config", "field_docs", "describe", "print_help"]
 
@@ -88,8 +89,7 @@ def config_to_toml(cfg: Any, *, comments: bool = True) -> str:
 def save_config(cfg: Any, path: str) -> None:
     """Write ``config_to_toml(cfg)`` to ``path`` (creating parent directories)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(config_to_toml(cfg))
+    write_file(path, config_to_toml(cfg))  # replaced, never written through a symlink at ``path``
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from r1fast import distributed as D
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, normalize_answer, summarize
+from r1fast.safe_write import replace_atomically, write_file
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
@@ -269,12 +270,11 @@ def write_outputs(out_dir: str, metrics: dict, records: list[dict], cfg: EvalCon
     settings = {k: getattr(cfg, k) for k in ("model", "data", "template", "k", "temperature", "top_p", "top_k",
                                             "max_new_tokens", "seed")}
     settings["template_used"] = template_used or cfg.template
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"metrics": metrics, "settings": settings}, f, indent=2)
+    # each replaced, never written through a symlink at its name (r1fast.safe_write)
+    write_file(os.path.join(out_dir, "eval.json"), json.dumps({"metrics": metrics, "settings": settings}, indent=2))
     title = f"{os.path.basename(os.path.normpath(cfg.model))} on {os.path.basename(cfg.data)}"
-    with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write(markdown_table(metrics, title=title))
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+    write_file(os.path.join(out_dir, "eval.md"), markdown_table(metrics, title=title))
+    with replace_atomically(os.path.join(out_dir, "samples.jsonl")) as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 

@@ -19,6 +19,8 @@ import time
 import warnings
 from typing import Any
 
+from r1fast.safe_write import open_append, refuse_symlink, replace_atomically, write_file
+
 __all__ = ["MetricsLogger", "read_metrics", "trim_metrics", "current_rank", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -68,9 +70,11 @@ class MetricsLogger:
             return
         os.makedirs(self.out_dir, exist_ok=True)
         # Append: a resumed run continues the same file, minus a line a crash cut short (appending to it
-        # would glue two records into one line that read_metrics cannot parse).
+        # would glue two records into one line that read_metrics cannot parse). A symlinked metrics.jsonl
+        # is refused (UnsafePathError), not followed: appending and trimming wrote into its target.
+        refuse_symlink(self.path, "a metrics file")
         _drop_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open_append(self.path)
         if tensorboard:
             self._writer = _tensorboard_writer(os.path.join(self.out_dir, "tb"))
 
@@ -119,8 +123,8 @@ class MetricsLogger:
 
 def _drop_torn_tail(path: str) -> None:
     """Truncate ``path`` after its last newline when it does not end in one (the writer died mid-line)."""
-    try:
-        fh = open(path, "rb+")
+    try:  # O_NOFOLLOW: a symlink swapped in after the caller's check is not truncated either
+        fh = os.fdopen(os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)), "rb+")
     except FileNotFoundError:
         return
     with fh:
@@ -200,6 +204,7 @@ def trim_metrics(out_dir: str, step: int, sft_step: int | None = None, *, keep_d
     leaves the old file whole); kept lines are copied byte for byte. A missing file is left missing.
     ``keep_dropped``: a file the dropped records are written to first (a fork keeps the abandoned branch's)."""
     path = os.path.join(out_dir, METRICS_FILE)
+    refuse_symlink(path, "a metrics file")  # its target's lines would be copied into the run directory
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
@@ -221,12 +226,7 @@ def trim_metrics(out_dir: str, step: int, sft_step: int | None = None, *, keep_d
         else:
             kept.append(line)
     if keep_dropped is not None and dropped:
-        with open(keep_dropped, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in dropped))
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+        write_file(keep_dropped, "".join(line + "\n" for line in dropped))
+    with replace_atomically(path, fsync=True) as fh:  # never through a symlink: see r1fast.safe_write
         fh.write("".join(line + "\n" for line in kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return len(dropped)

@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -77,6 +76,7 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
 )
 from r1fast.rejection import EmptyKeptSetError
 from r1fast.run_dir import lock_run_dir, read_json
+from r1fast.safe_write import remove_tree, write_file
 from r1fast.sft import SFTConfig
 from r1fast.stage_io import checkpoint_identity, sha256_file
 from r1fast.train_state import latest_checkpoint
@@ -260,10 +260,7 @@ def _artifact(recipe: Recipe, ref: str, path: str, role: str) -> dict:
 def _write_done(stage_dir: str, record: dict) -> dict:
     """DONE.json, written atomically by rank 0; every rank gets rank 0's record (one finished_at)."""
     if D.rank() == 0:
-        path = os.path.join(stage_dir, "DONE.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        write_file(os.path.join(stage_dir, "DONE.json"), json.dumps(record, indent=2, default=str))
     D.barrier()
     return D.broadcast_object(record)
 
@@ -279,17 +276,17 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         # Only a stage with a checkpoint to resume is kept: a GRPO run killed before its first checkpoint
         # starts over here, not in r1fast.train (which would set the directory, STARTED.json with it,
         # aside as an earlier run, and the next invocation would then delete a later checkpoint).
-        keep = stage.kind == "rl" and read_json(started) == key and latest_checkpoint(stage_dir) is not None
+        # A symlinked stage directory (a downloaded run) is never kept: a GRPO run would resume into its target.
+        keep = (stage.kind == "rl" and not os.path.islink(stage_dir) and read_json(started) == key
+                and latest_checkpoint(stage_dir) is not None)
         if keep:  # an interrupted GRPO run continues from its newest checkpoint
-            shutil.rmtree(os.path.join(stage_dir, "eval"), ignore_errors=True)
+            remove_tree(os.path.join(stage_dir, "eval"), ignore_errors=True)  # a symlink: unlinked, not followed
             if os.path.exists(os.path.join(stage_dir, "DONE.json")):
                 os.remove(os.path.join(stage_dir, "DONE.json"))
         else:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            remove_tree(stage_dir, ignore_errors=True)
             os.makedirs(stage_dir)
-            with open(started + ".tmp", "w") as f:  # atomically: a torn file would stop every later invocation
-                json.dump(key, f)
-            os.replace(started + ".tmp", started)
+            write_file(started, json.dumps(key))  # atomically: a torn file would stop every later invocation
     D.barrier()
     paths = {r: _resolve(recipe, markers, r) for refs in stage.inputs.values() for r in refs}
     stage.config = _stage_config(recipe, stage, paths)
@@ -320,8 +317,8 @@ def reevaluate(recipe: Recipe, stage: Stage, record: dict, markers: dict[str, di
     """Only the held-out evaluation of a finished stage whose [eval] or held-out data changed; finished_at
     stays, so the stages made from its model stay done."""
     stage_dir = os.path.join(recipe.run_dir, stage.name)
-    if D.rank() == 0:
-        shutil.rmtree(os.path.join(stage_dir, "eval"), ignore_errors=True)
+    if D.rank() == 0:  # a symlinked eval/ is unlinked: rmtree left it, and the evaluation wrote into its target
+        remove_tree(os.path.join(stage_dir, "eval"), ignore_errors=True)
     D.barrier()
     start = time.perf_counter()
     metrics = _evaluate(recipe, _abs(recipe, record["outputs"]["model"]["path"]),

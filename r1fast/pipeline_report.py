@@ -19,6 +19,7 @@ import os
 from typing import TYPE_CHECKING
 
 from r1fast.eval_metrics import bootstrap_std
+from r1fast.safe_write import write_file
 
 if TYPE_CHECKING:
     from r1fast.pipeline_recipe import Recipe
@@ -177,10 +178,10 @@ def write_report(recipe, records: list[dict], *, ran: list[str]) -> dict:
                   for name in finals}
     report = build_report(records, comparison=comparison, heldout=heldout, eval_settings=settings, ran=ran,
                           per_prompt={k: v for k, v in per_prompt.items() if v is not None})
-    with open(os.path.join(recipe.run_dir, "report.json"), "w") as f:
-        json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=2)
-    with open(os.path.join(recipe.run_dir, "report.md"), "w") as f:
-        f.write(report["markdown"] + "\n")
+    # replaced, never written through a symlink planted in a downloaded run directory (r1fast.safe_write)
+    write_file(os.path.join(recipe.run_dir, "report.json"),
+               json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2))
+    write_file(os.path.join(recipe.run_dir, "report.md"), report["markdown"] + "\n")
     return report
 
 
@@ -198,7 +199,5 @@ def write_lineage(recipe: Recipe, markers: dict[str, dict]) -> dict:
                                       "config": m["config"]}
     lineage = {"run_dir": recipe.run_dir, "recipe": os.path.abspath(recipe.path),
                "stages": [s.name for s in recipe.stages], "artifacts": artifacts}
-    with open(os.path.join(recipe.run_dir, "lineage.json.tmp"), "w") as f:
-        json.dump(lineage, f, indent=2, default=str)
-    os.replace(os.path.join(recipe.run_dir, "lineage.json.tmp"), os.path.join(recipe.run_dir, "lineage.json"))
+    write_file(os.path.join(recipe.run_dir, "lineage.json"), json.dumps(lineage, indent=2, default=str))
     return lineage

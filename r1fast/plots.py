@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from r1fast.safe_write import replace_atomically
+
 
 def plot_training_curves(records: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """Plot mean reward, accuracy and mean response length per step from metrics.jsonl records."""
@@ -25,5 +27,7 @@ def plot_training_curves(records: list[dict], path: str | os.PathLike, title: st
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    # into a new file renamed over ``path``: a symlinked training_curves.png had its target overwritten
+    with replace_atomically(path, "wb") as fh:
+        fig.savefig(fh, dpi=110, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
     plt.close(fig)

@@ -11,6 +11,7 @@ import sys
 import time
 
 from r1fast import distributed as D
+from r1fast.safe_write import UnsafePathError, open_lock
 
 __all__ = ["lock_beside", "lock_run_dir", "read_json", "save_run_config", "set_aside_earlier_run"]
 
@@ -19,10 +20,14 @@ def _flock(path: str, run_dir: str, error: type[Exception]):
     """The open ``path``, exclusively flock-ed, recording ``pid <pid> on <host>`` for the next contender.
 
     flock, not a pid file: the kernel drops it when the holder dies, SIGKILL included, so a killed run
-    never blocks the next one. Opened without truncating: the holder's line is read before a refusal."""
+    never blocks the next one. Opened without truncating: the holder's line is read before a refusal. Never
+    through a symlink (``open_lock``): one planted there had the target's content replaced by our pid line."""
     import fcntl
 
-    handle = open(path, "a+")  # noqa: SIM115  (the open file is the lock)
+    try:
+        handle = open_lock(path)  # the open file is the lock
+    except UnsafePathError as err:
+        raise error(f"{run_dir}: cannot lock the run directory: {err}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -31,7 +36,7 @@ def _flock(path: str, run_dir: str, error: type[Exception]):
         handle.close()
         held_by = f" ({holder}; lock file {path})" if holder else f" (lock file {path})"
         raise error(f"{run_dir}: another process is running on this run directory{held_by}") from None
-    handle.truncate(0)  # "a+" writes at the end whatever the position
+    handle.truncate(0)  # at position 0: nothing was read
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle

@@ -56,6 +56,7 @@ from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards.format import continue_open_think, open_think_tail
 from r1fast.run_dir import lock_beside
+from r1fast.safe_write import write_file
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
@@ -369,8 +370,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
                "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,
                "base_model": cfg.model.name_or_path, "world_size": world, "time_s": time.perf_counter() - start}
     if dist.is_main:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_file(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))  # never via a link
     return summary
 
 

@@ -18,6 +18,7 @@ from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE, resolve_dtype, weights_fi
 from r1fast.config import DATA_TEMPLATES, ModelConfig
 from r1fast.config_io import ConfigError, DataError
 from r1fast.data import apply_template
+from r1fast.safe_write import replace_atomically
 
 _DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
@@ -231,10 +232,10 @@ def encode_prompts_that_fit(stage: str, engine, tokenizer, samples: list[dict], 
 
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """``rows`` as JSONL, written to ``path + '.tmp'`` and renamed (an existing file is complete)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    """``rows`` as JSONL, written to a new temporary file and renamed (an existing file is complete; a
+    symlink at ``path`` is replaced, never written through: ``r1fast.safe_write``)."""
+    with replace_atomically(path) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
 
 
 def stop_token_ids(tokenizer, args) -> list[int]:

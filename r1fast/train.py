@@ -49,6 +49,7 @@ from r1fast.rewards.format import continue_open_think
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.run_dir import lock_beside, save_run_config, set_aside_earlier_run
+from r1fast.safe_write import write_file
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
@@ -333,8 +334,7 @@ class Trainer:
         summary["final_checkpoint"] = os.path.join(final, "model")
         summary["steps"] = self.step
         summary["world_size"] = self.dist.world_size
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_file(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))  # never via a link
         from r1fast.plots import plot_training_curves
 
         plot_training_curves(read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"),

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from r1fast import distributed as D
+from r1fast.safe_write import remove_tree
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TRASH = re.compile(r"^step_\d+\.(old|tmp)$")
@@ -64,12 +65,23 @@ def is_complete_checkpoint(path: str) -> bool:
         return False
 
 
+_warned_links: set[str] = set()
+"""Checkpoint roots whose symlinked ``step_<N>`` entries were already named on stderr (once per root)."""
+
+
 def _step_dirs(root: str) -> list[tuple[int, str]]:
-    """(step, path) of the ``step_<N>`` directories under ``root``, newest first (complete or not)."""
+    """(step, path) of the ``step_<N>`` directories under ``root``, newest first (complete or not). A symlink
+    is never one of our checkpoints (a save renames a real directory into place): it is passed over, with one
+    stderr line per root; keep_last pruning crashed on one ("Cannot call rmtree on a symbolic link")."""
     if not os.path.isdir(root):
         return []
-    steps = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
-    return sorted(steps, reverse=True)
+    named = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    links = [path for _, path in named if os.path.islink(path)]
+    if links and root not in _warned_links and D.rank() == 0:
+        _warned_links.add(root)
+        print(f"r1fast: {root}: ignoring {', '.join(os.path.basename(p) for p in links)} (symlinks are never "
+              "checkpoints r1fast wrote: not resumed from, pruned or moved)", file=sys.stderr)
+    return sorted(((step, path) for step, path in named if path not in links), reverse=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -83,11 +95,15 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def _delete(path: str) -> None:
     """Remove checkpoint ``path`` crash-safely: rename it to ``<path>.old`` (a name nothing reads), then
-    delete that; a kill in between leaves ``.old`` trash that the next save clears."""
+    delete that; a kill in between leaves ``.old`` trash that the next save clears. A symlink is unlinked, its
+    target left alone."""
     aside = path + ".old"
-    shutil.rmtree(aside, ignore_errors=True)
+    remove_tree(aside, ignore_errors=True)
     os.replace(path, aside)
-    shutil.rmtree(aside)
+    if os.path.islink(aside):  # rmtree refuses a link ("Cannot call rmtree on a symbolic link")
+        os.unlink(aside)
+    else:
+        shutil.rmtree(aside)
 
 
 def _clear_trash(root: str) -> None:
@@ -95,7 +111,7 @@ def _clear_trash(root: str) -> None:
     ``step_<N>.tmp`` directories (one run writes a run directory at a time; each can be a full checkpoint)."""
     for name in os.listdir(root):
         if _TRASH.match(name):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            remove_tree(os.path.join(root, name), ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: str, keep_last: int, *, keep: str) -> list[str]:
@@ -172,7 +188,7 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if D.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)  # a symlink here made makedirs fail: unlinked
         os.makedirs(tmp)
     D.barrier()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -198,8 +214,8 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
         # step_<N> exists when this step was saved before (the final save after a periodic one at the last
         # step; every SFT interruption is step_0): moved aside, never deleted in place, so no moment shows a
         # half-deleted step_<N> (a kill mid-rmtree left one that resume "latest" picked and failed to load)
-        if os.path.exists(final):
-            shutil.rmtree(final + ".old", ignore_errors=True)
+        if os.path.lexists(final):  # lexists: renaming a directory over a dangling symlink fails (ENOTDIR)
+            remove_tree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
         os.replace(tmp, final)
         _clear_trash(os.path.dirname(final))

@@ -122,17 +122,11 @@ def test_config_toml_stays_the_fresh_runs_across_a_resume_and_the_lock_is_releas
 
 
 def test_sft_into_a_live_run_directory_is_refused(tmp_path):
-    from r1fast.config_io import load_config
-    from r1fast.data import generate_tasks, worked_solution
-    from r1fast.sft import SFTConfig, run_sft
+    from train_testing import tiny_sft_config
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": s["prompt"], "completion": worked_solution(s)}) + "\n"
-                            for s in generate_tasks("addition", 4, seed=0, min_digits=1, max_digits=1)))
-    cfg = load_config(None, ["--data", str(data), "--out_dir", str(tmp_path), "--name", "s", "--template", "compact",
-                             "--model.num_layers", "1", "--model.hidden_size", "32", "--model.intermediate_size",
-                             "64", "--model.num_heads", "2", "--model.num_kv_heads", "1", "--steps", "1",
-                             "--batch_size", "2"], schema=SFTConfig)
+    from r1fast.sft import run_sft
+
+    cfg = tiny_sft_config(tmp_path)
     live = lock_beside(str(tmp_path / "s"))
     try:
         with pytest.raises(ConfigError, match="another process is running on this run directory"):

@@ -49,3 +49,20 @@ def run_cli(tmp_path, name, nproc, *extra, timeout=300):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "r1fast.train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
+
+
+def tiny_sft_config(tmp_path, examples: int = 4, name: str = "s"):
+    """An r1fast.sft config for one step on ``examples`` generated worked solutions (a 1-layer model)."""
+    import json
+
+    from r1fast.config_io import load_config
+    from r1fast.data import generate_tasks, worked_solution
+    from r1fast.sft import SFTConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": s["prompt"], "completion": worked_solution(s)}) + "\n"
+                            for s in generate_tasks("addition", examples, seed=0, min_digits=1, max_digits=1)))
+    return load_config(None, ["--data", str(data), "--out_dir", str(tmp_path), "--name", name, "--template",
+                              "compact", "--model.num_layers", "1", "--model.hidden_size", "32",
+                              "--model.intermediate_size", "64", "--model.num_heads", "2", "--model.num_kv_heads", "1",
+                              "--steps", "1", "--batch_size", "2"], schema=SFTConfig)
