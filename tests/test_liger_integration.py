@@ -139,3 +139,24 @@ def test_missing_reference_and_bad_ratio_shape():
         _call(FusedLinearGRPOLoss(beta=0.04), inp)
     with pytest.raises(ValueError, match="vllm_is_ratio"):
         _call(FusedLinearGRPOLoss(beta=0.0), inp, vllm_is_ratio=torch.ones(B, 3))
+
+
+def test_fp32_masters_under_bf16_activations_and_constants_that_require_grad_are_taken_as_liger_takes_them():
+    """Liger computes with weight.to(hidden.dtype) and treats advantages / given log-probs as constants; the
+    drop-in refused an fp32 lm_head under bf16 hidden states and tensors that require grad (ValueError)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 8), torch.randn(11, 8) * 0.5
+    ids, mask = torch.randint(0, 11, (2, 4)), torch.ones(2, 4, dtype=torch.long)
+    adv, ref = torch.randn(2).requires_grad_(True), (torch.randn(2, 4) - 2).requires_grad_(True)
+    w32 = w.clone().requires_grad_(True)
+    loss, _ = FusedLinearGRPOLoss(beta=0.04)(x.bfloat16().requires_grad_(True), w32, ids, mask, adv,
+                                             ref_per_token_logps=ref, old_per_token_logps=ref.detach() + 0.1)
+    loss.backward()
+    same, _ = FusedLinearGRPOLoss(beta=0.04)(x.bfloat16(), w.bfloat16(), ids, mask, adv.detach(),
+                                             ref_per_token_logps=ref.detach(), old_per_token_logps=ref.detach() + 0.1)
+    assert torch.equal(loss, same) and w32.grad.dtype == torch.float32 and torch.isfinite(w32.grad).all()
+    assert adv.grad is None and ref.grad is None  # constants, as in Liger
+    ref_head, _ = FusedLinearGRPOLoss(beta=0.04)(x, w, ids, mask, adv, ref_input=x.bfloat16(), ref_weight=w + 0.01)
+    assert torch.isfinite(ref_head)
+    with pytest.raises(ValueError, match="beta, epsilon_low and epsilon_high >= 0"):
+        FusedLinearGRPOLoss(epsilon_high=-0.1)

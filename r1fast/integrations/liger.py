@@ -11,8 +11,12 @@ max_completion_length, importance_sampling_level, temperature, delta, vllm_is_ra
 ((B, T), (B, 1) or (B,)), num_items_in_batch (dapo normalizer, divided by the world size like Liger).
 Accepted and ignored (they tune Liger's own implementation): compiled, chunk_size.
 Rejected with ValueError: loss types cispo/sapo/vespo/luspo and use_bias_correction_kl=True
-(r1fast's objective does not implement them); the SAPO/VESPO shape parameters are stored for
-signature compatibility and only validated.
+(r1fast's objective does not implement them), and beta or epsilon_low/high below 0 (Liger computes with
+them; r1fast's objective refuses them, here in the constructor rather than at the first forward); the
+SAPO/VESPO shape parameters are stored for signature compatibility and only validated. As in Liger,
+lin_weight / bias / ref_weight may be fp32 masters under bf16 activations (cast to the activations' dtype;
+the weight gradient comes back in the master's dtype), and advantages and the given log-probs are constants
+(detached) even when they require grad.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError("use_bias_correction_kl=True is not supported by r1fast")
         if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
             raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be positive")
+        if beta < 0 or epsilon_low < 0 or epsilon_high < 0:
+            raise ValueError(f"r1fast needs beta, epsilon_low and epsilon_high >= 0, got {beta}, {epsilon_low}, "
+                             f"{epsilon_high}")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")
         if importance_sampling_level not in ("token", "sequence"):
@@ -98,15 +105,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if not self.use_ref_model:
             return None  # Liger then uses the policy's own detached log-probs: k3 = 0
         if ref_per_token_logps is not None:
-            return ref_per_token_logps.float()
+            return ref_per_token_logps.detach().float()
         if ref_input is None or ref_weight is None:
             raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
         # fused_linear_logprobs range-checks every id, masked or not: padding may hold -100 (any id will
         # do there, the loss never reads a masked position's reference log-prob)
         ids = torch.where(attention_mask.bool(), selected_token_ids, torch.zeros_like(selected_token_ids))
         with torch.no_grad():
-            return fused_linear_logprobs(ref_input.detach(), ref_weight.detach(), ids,
-                                         bias=None if ref_bias is None else ref_bias.detach(),
+            dtype = ref_input.dtype  # an fp32 reference head under bf16 activations, as Liger takes it
+            return fused_linear_logprobs(ref_input.detach(), ref_weight.detach().to(dtype), ids,
+                                         bias=None if ref_bias is None else ref_bias.detach().to(dtype),
                                          temperature=self.temperature)
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
@@ -124,9 +132,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             ref_logps = self._reference_logps(selected_token_ids, attention_mask, ref_per_token_logps, ref_input,
                                               ref_weight, ref_bias)
         normalizer = _dapo_normalizer(attention_mask, num_items_in_batch) if self.loss_type == "dapo" else None
+        # fp32 masters under bf16 activations are cast as Liger casts them (autograd returns their grads in fp32)
+        lin_weight = lin_weight.to(_input.dtype)
+        bias = None if bias is None else bias.to(_input.dtype)
         loss, metrics = fused_linear_grpo_loss(
-            _input, lin_weight, selected_token_ids, attention_mask, advantages.float(),
-            old_logps=None if old_per_token_logps is None else old_per_token_logps.float(), ref_logps=ref_logps,
+            _input, lin_weight, selected_token_ids, attention_mask, advantages.detach().float(),
+            old_logps=None if old_per_token_logps is None else old_per_token_logps.detach().float(), ref_logps=ref_logps,
             bias=bias, beta=self.beta if ref_logps is not None else 0.0, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, delta=self.delta, temperature=self.temperature, loss_type=self.loss_type,
             importance_level=self.importance_sampling_level, max_completion_length=self.max_completion_length,
