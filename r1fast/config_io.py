@@ -5,9 +5,8 @@ Types come from the annotation: ``bool``, ``int``, ``float``, ``str``, ``Literal
 ``X | None`` (written ``none``), ``list[X]``, ``tuple[X, ...]``/``tuple[X, Y]``, ``dict[str, X]`` and
 nested dataclasses (sections). Numeric ranges are declared with ``bounded(default, ge=.., gt=.., le=..,
 lt=..)``; they apply to every element of a list/tuple/dict value too. Every error is a one-line
-``ConfigError`` naming the full key. ``None`` is dumped as the string ``"none"`` (TOML has no null).
-The run's sections live in ``r1fast.config``; this module knows none of them.
-"""
+``ConfigError`` naming the full key. ``None`` is dumped as ``"none"`` (TOML has no null). The run's sections
+live in ``r1fast.config``; this module knows none of them."""
 
 from __future__ import annotations
 
@@ -21,6 +20,8 @@ import types
 import typing
 from dataclasses import field
 from typing import Any, Literal
+
+from r1fast.recipe_files import installed_fallback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -317,8 +318,7 @@ def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None]]:
 def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
     """The table of the TOML file at ``path``; any failure is a one-line ``ConfigError`` naming the file. A UTF-8
     BOM (Windows editors write one) is skipped; other encodings are refused with the byte and line, not guessed."""
-    from r1fast.recipe_files import installed_fallback  # recipes/<name>.toml outside a checkout: the installed one
-    try:
+    try:  # installed_fallback: recipes/<name>.toml outside a checkout is the installed one
         with open(installed_fallback(path), "rb") as fh:
             data = fh.read().removeprefix(codecs.BOM_UTF8)
     except OSError as err:

@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import Any
 
-from r1fast.safe_write import open_append, refuse_symlink, replace_atomically, write_file
+from r1fast.safe_write import _NOFOLLOW, open_append, refuse_symlink, replace_atomically, write_file
 
 __all__ = ["MetricsLogger", "read_metrics", "trim_metrics", "current_rank", "METRICS_FILE"]
 
@@ -124,7 +124,7 @@ class MetricsLogger:
 def _drop_torn_tail(path: str) -> None:
     """Truncate ``path`` after its last newline when it does not end in one (the writer died mid-line)."""
     try:  # O_NOFOLLOW: a symlink swapped in after the caller's check is not truncated either
-        fh = os.fdopen(os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)), "rb+")
+        fh = os.fdopen(os.open(path, os.O_RDWR | _NOFOLLOW), "rb+")
     except FileNotFoundError:
         return
     with fh:

@@ -95,7 +95,6 @@ def save_run_config(cfg, run_dir: str, resumed_from: str | None = None) -> None:
     checkpoint replaces it, as it replaces what the first one wrote after it). Rank 0 calls it."""
     from r1fast.config_dump import save_config
 
-    os.makedirs(run_dir, exist_ok=True)
     fresh = os.path.join(run_dir, "config.toml")
     if resumed_from is None or not os.path.exists(fresh):  # absent: a resume of another run's checkpoint
         save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)), fresh)

@@ -59,7 +59,7 @@ def _open_new_beside(path: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def replace_atomically(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False, encoding: str = "utf-8"):
+def replace_atomically(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False):
     """Yield a file object (``mode`` "w" or "wb") whose content replaces ``path`` when the block ends without
     an error; on an error the temporary file is removed and ``path`` is left as it was. ``fsync``: flush to
     disk before the rename (where a torn file after a power loss would cost a run's history)."""
@@ -68,7 +68,7 @@ def replace_atomically(path: str | os.PathLike, mode: str = "w", *, fsync: bool 
     path = os.fspath(path)
     fd, tmp = _open_new_beside(path)
     try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": encoding})) as fh:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             if fsync:
@@ -86,7 +86,7 @@ def write_file(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Fals
         fh.write(data)
 
 
-def open_append(path: str | os.PathLike, encoding: str = "utf-8"):
+def open_append(path: str | os.PathLike):
     """``path`` opened for appending text, created when absent; a symlink there raises ``UnsafePathError``."""
     path = os.fspath(path)
     try:
@@ -95,7 +95,7 @@ def open_append(path: str | os.PathLike, encoding: str = "utf-8"):
         if err.errno == errno.ELOOP:  # what O_NOFOLLOW answers for a symlink
             refuse_symlink(path)
         raise
-    return os.fdopen(fd, "a", encoding=encoding)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def open_lock(path: str | os.PathLike):

@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards.format import continue_open_think, open_think_tail
 from r1fast.run_dir import lock_beside
-from r1fast.safe_write import write_file
+from r1fast.safe_write import remove_tree, write_file
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT stage)
@@ -266,13 +265,13 @@ def _save_model(root, model, tokenizer, final: str, dtype: torch.dtype | None = 
     full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
         if sharded else None
     if D.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)
         if full is None:
             model.save_pretrained(tmp)
         else:
             save_hf(model, {k[len("model."):]: v for k, v in full.items()}, tmp, dtype=dtype)
         tokenizer.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        remove_tree(final)  # a symlinked model/ is unlinked (rmtree left it, and the rename then failed)
         os.replace(tmp, final)
     D.barrier()
 

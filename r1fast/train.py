@@ -339,7 +339,6 @@ class Trainer:
 
         plot_training_curves(read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"),
                              title=f"{self.cfg.train.name}: GRPO on {self.cfg.data.task}")
-        self.logger.close()
 
 
 def run(cfg: Config) -> dict:

@@ -25,7 +25,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import sys
 import time
 
@@ -100,10 +99,7 @@ def _delete(path: str) -> None:
     aside = path + ".old"
     remove_tree(aside, ignore_errors=True)
     os.replace(path, aside)
-    if os.path.islink(aside):  # rmtree refuses a link ("Cannot call rmtree on a symbolic link")
-        os.unlink(aside)
-    else:
-        shutil.rmtree(aside)
+    remove_tree(aside)
 
 
 def _clear_trash(root: str) -> None:

@@ -8,7 +8,6 @@ import shutil
 import pytest
 from train_testing import tiny_config
 
-from r1fast import train_state
 from r1fast.train_state import MANIFEST, is_complete_checkpoint, latest_checkpoint, prune_checkpoints
 
 
@@ -86,12 +85,12 @@ def test_a_kill_while_replacing_a_checkpoint_never_exposes_a_partial_one(tmp_pat
         return rmtree(path, *args, **kwargs)
 
     common = ("--train.name", "swap", "--train.checkpoint_every", "2", "--train.sft_steps", "0")
-    monkeypatch.setattr(train_state.shutil, "rmtree", killed_halfway)
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(tmp_path, "--train.steps", "2", *common))
     run_dir = tmp_path / "swap"
     assert _steps(run_dir) == ["step_2", "step_2.old"]
     assert latest_checkpoint(str(run_dir)).endswith("step_2")
-    monkeypatch.setattr(train_state.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
     summary = run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", "latest", *common))
     assert summary["steps"] == 3 and _steps(run_dir) == ["step_2", "step_3"]
