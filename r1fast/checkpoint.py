@@ -175,10 +175,8 @@ def _warn_semantics(args: ModelArgs, when: str) -> None:
 
 def weights_file(path: str) -> str | None:
     """The weight file of the HF directory ``path``: its index if present, else its single file, else None."""
-    for name in (INDEX_FILE, SINGLE_FILE):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return None
+    candidates = [os.path.join(path, name) for name in (INDEX_FILE, SINGLE_FILE)]
+    return next((file for file in candidates if os.path.isfile(file)), None)
 
 
 def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
@@ -188,9 +186,12 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
     if where == index_file:
         try:
             with open(index_file, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+                weight_map = dict(json.load(f)["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: unreadable index ({e})") from e
+        for name, file in weight_map.items():  # checked before any open: '../x' or '/x' read files outside path
+            if not isinstance(file, str) or file in ("", ".", "..") or os.path.basename(file) != file:
+                raise CheckpointError(f"{index_file}: tensor {name} maps to {file!r}, not a file name in {path}")
         files = sorted(set(weight_map.values()))
     elif where == single:
         weight_map, files = None, [SINGLE_FILE]
@@ -208,10 +209,9 @@ def _read_headers(path: str) -> dict[str, tuple[str, list[int], str]]:
                     found[name] = (full, list(piece.get_shape()), piece.get_dtype())
         except Exception as e:  # safetensors raises its own error types for bad headers / truncation
             raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from e
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in found or os.path.basename(found[name][0]) != file:
-                raise CheckpointError(f"{os.path.join(path, file)}: tensor {name} is listed in {INDEX_FILE} but not stored there")
+    for name, file in (weight_map or {}).items():
+        if name not in found or os.path.basename(found[name][0]) != file:
+            raise CheckpointError(f"{os.path.join(path, file)}: tensor {name} is listed in {INDEX_FILE} but not stored there")
     return found
 
 
