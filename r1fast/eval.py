@@ -23,6 +23,7 @@ before the model loads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -233,11 +234,17 @@ def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> 
                                   top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop)
         greedy = engine.generate(prompts, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
                                  stop_token_ids=stop) if cfg.greedy else [None] * len(mine)
-        for i, group, g in zip(mine, sampled, greedy, strict=True):
-            completions = list(group) + ([g[0]] if g is not None else [])
-            texts = [tokenizer.decode(c.token_ids) for c in completions]
-            scores, formatted, answers, keys = _grade([samples[i]] * len(texts), texts, cfg.require_answer_tag,
-                                                      prefix, _code_params(cfg))
+        per_prompt = [list(group) + ([g[0]] if g is not None else []) for group, g in zip(sampled, greedy, strict=True)]
+        # this rank's completions graded in one call: math-verify batches them, the sandbox pool runs the programs
+        # together (per prompt, each prompt's hung program cost a timeout after the previous one's)
+        flat_samples = [samples[i] for i, cs in zip(mine, per_prompt, strict=True) for _ in cs]
+        flat_texts = [tokenizer.decode(c.token_ids) for cs in per_prompt for c in cs]
+        grades = _grade(flat_samples, flat_texts, cfg.require_answer_tag, prefix, _code_params(cfg))
+        offsets = [0, *itertools.accumulate(len(cs) for cs in per_prompt)]
+        for j, (i, group, g) in enumerate(zip(mine, sampled, greedy, strict=True)):
+            lo, hi = offsets[j], offsets[j + 1]
+            texts = flat_texts[lo:hi]
+            scores, formatted, answers, keys = (column[lo:hi] for column in grades)
             rec = {"index": i, "id": samples[i].get("id"), "prompt": samples[i]["prompt"],
                    "answer": samples[i].get("answer"), "skipped": any(s is None for s in scores),
                    "correct": [bool(s) for s in scores[:cfg.k]], "formatted": formatted[:cfg.k],

@@ -157,12 +157,13 @@ class RejectionConfig:
 
 
 def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float | None]]:
-    """Reward values per text: accuracy (None when ungradable), format, language consistency."""
-    from r1fast.rewards.accuracy import accuracy_batch
+    """Reward values per text: accuracy (None when ungradable; a code task's 1/0 when its program passes every
+    test, as r1fast.eval grades it), format, language consistency."""
+    from r1fast.eval import _grade
     from r1fast.rewards.format import format_reward
     from r1fast.rewards.language import language_consistency_reward
 
-    acc = accuracy_batch([s["prompt"] for s in samples], texts, samples)
+    acc = _grade(samples, texts, require_answer_tag=True)[0]  # code samples have no answer: KeyError before
     return [{"accuracy": a, "format": format_reward("", t, {}),
              "language_consistency": language_consistency_reward("", t, s)}
             for a, t, s in zip(acc, texts, samples, strict=True)]

@@ -206,3 +206,11 @@ def test_r1fast_eval_end_to_end_on_a_code_file(tmp_path, tiny_checkpoint, monkey
     data.write_text(json.dumps({"prompt": "print n*3", "id": "x", "tests": "[]"}) + "\n")
     with pytest.raises(DataError, match="sample 'x': meta\\['tests'\\]"):
         run_eval(load_config(None, args, schema=EvalConfig))
+
+
+def test_rejection_sampling_grades_a_code_task_by_its_tests():
+    """default_score sent answerless code samples to math-verify: KeyError 'answer'."""
+    from r1fast.rejection import default_score
+
+    scores = default_score([dict(SAMPLE), dict(SAMPLE)], [CORRECT, OFF_BY_ONE])
+    assert [s["accuracy"] for s in scores] == [1.0, 0.0]
