@@ -82,13 +82,6 @@ def triton_missing_error(choice: str) -> ImportError:
                        name="triton")
 
 
-def import_kernels(module: str):
-    """``r1fast.kernels.<module>``, a module of ``@triton.jit`` kernels (it imports Triton), imported on first use."""
-    if not _TRITON_AVAILABLE:
-        raise triton_missing_error("triton")
-    return importlib.import_module(f"{__package__}.{module}")
-
-
 @functools.lru_cache(maxsize=1)
 def cuda_extension():
     """The compiled ``r1fast._C`` module, or None when it was not built (CPU installs, no nvcc)."""

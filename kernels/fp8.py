@@ -80,7 +80,7 @@ def _empty_outputs(x: torch.Tensor, emit_rows: bool, emit_cols: bool, group_size
     """Outputs of ``_rows_cols_impl``. The 128x1 tiling ``qt`` [K, M] lives in storage padded to whole
     128-token tiles (row stride ceil(M/128)*128, the padding quantized zero rows: zeros, NaN bytes in a
     column tile holding a NaN), so the weight-gradient GEMM reads whole tiles without a mask along tokens
-    (see ``moe_gemm._grouped_wgrad_kernel``). With ``group_sizes`` it is [K, aligned_tokens(M, E)], already
+    (see ``moe_gemm_triton._grouped_wgrad_kernel``). With ``group_sizes`` it is [K, aligned_tokens(M, E)], already
     whole tiles."""
     M, K = x.shape
     tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])

@@ -25,7 +25,7 @@ def _grouped_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     experts = tl.arange(0, E_PAD)
-    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
+    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8_triton.py
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, 0)
     expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
@@ -70,7 +70,7 @@ def _grouped_wgrad_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     experts = tl.arange(0, E_PAD)
-    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8.py
+    sizes = tl.maximum(tl.load(group_sizes_ptr + experts, mask=experts < NUM_EXPERTS, other=0), 0)  # see fp8_triton.py
     if GROUP_ALIGNED:  # each expert's tokens start at a whole tile: no tile is shared with another expert
         tiles = (sizes + BLOCK_T - 1) // BLOCK_T
         row_start = tl.sum(tl.where(experts < expert, tiles, 0), axis=0).to(tl.int64) * BLOCK_T

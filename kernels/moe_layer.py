@@ -78,13 +78,14 @@ class Fp8Weight:
         an optimizer step, the graph (keyed on the parameters' addresses, which the step keeps) went on
         reading the freed ones. A backward still pending on the old copy then fails autograd's version
         check instead of using the new values."""
-        fresh = Fp8Weight.quantize(weight)
-        if fresh.q.shape != self.q.shape or fresh.scale.shape != self.scale.shape or fresh.q.device != self.q.device:
-            return fresh
-        with torch.no_grad():
-            for mine, new in ((self.q, fresh.q), (self.scale, fresh.scale), (self.q_t, fresh.q_t),
-                              (self.scale_t, fresh.scale_t)):
-                mine.copy_(new)
+        if weight.shape != self.q.shape or weight.device != self.q.device:
+            return Fp8Weight.quantize(weight)
+        with torch.no_grad():  # straight into the copies: no fresh transposed weight to copy from
+            q, scale = quantize_fp8_128x128(weight.detach())
+            self.q.copy_(q)
+            self.scale.copy_(scale)
+            self.q_t.copy_(q.transpose(1, 2))
+            self.scale_t.copy_(scale.transpose(1, 2))
         return self
 
 

@@ -114,10 +114,10 @@ class DecodeGraphs:
         largest)."""
         w = self.engine.model.lm_head_weight
         dtype = lm_head_logits_dtype(w)
-        buf = self.logits
-        if buf is None or buf.shape[0] < bucket or buf.shape[1] != w.shape[0] or buf.dtype != dtype:
+        if (self.logits is None or self.logits.shape[0] < bucket or self.logits.shape[1] != w.shape[0]
+                or self.logits.dtype != dtype):
             self.graphs.clear()
-            self.logits = None
+            self.logits = None  # freed before the new one is allocated (the cleared graphs held views of it)
             self.logits = torch.empty(bucket, w.shape[0], dtype=dtype, device=w.device)
         return self.logits[:bucket]
 
