@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from .config_io import ConfigError
 from .model_config import ModelArgs
+from .safe_write import open_new_beside
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -320,11 +321,14 @@ def parse_size(size) -> int:
 
 
 def _atomic_write(final: str, write) -> None:
-    """Write through a temp file in the same directory, fsync, then rename over ``final``, with the mode a plain
-    open() gives (safetensors writes 0600: on a shared cluster others could read config.json, not the weights)."""
-    tmp = f"{final}.tmp.{os.getpid()}"
+    """``write(tmp)`` (or text) into a new temp file beside ``final`` (``safe_write.open_new_beside``: a random name,
+    never a planted link), fsync, rename over ``final``, with open()'s mode (safetensors writes 0600)."""
+    fd, tmp = open_new_beside(final)
     try:
-        write(tmp)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(write if isinstance(write, str) else "")
+        if not isinstance(write, str):
+            write(tmp)
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -334,11 +338,6 @@ def _atomic_write(final: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _write_text(file: str, text: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
@@ -383,16 +382,16 @@ def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
         del tensors
     if len(shards) > 1:
         index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        _atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_text(tmp, index))
+        _atomic_write(os.path.join(path, INDEX_FILE), index)
     saved_dtype = dtype or model.embed_tokens.weight.dtype
     hf_config = model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", ""))
     if model.args.model_type.startswith("deepseek"):  # no MTP layer is kept (see load): declare none, or a reader
         hf_config["num_nextn_predict_layers"] = 0  # such as vLLM's MTP speculation looks for missing weights
     config = json.dumps(hf_config, indent=2)
-    _atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_text(tmp, config))
+    _atomic_write(os.path.join(path, "config.json"), config)
     if model.args.generation_config is not None:  # the loaded one, verbatim (stop ids, sampling defaults)
         generation = json.dumps(model.args.generation_config, indent=2)
-        _atomic_write(os.path.join(path, "generation_config.json"), lambda tmp: _write_text(tmp, generation))
+        _atomic_write(os.path.join(path, "generation_config.json"), generation)
     for stale in os.listdir(path):
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
             if stale != INDEX_FILE or len(shards) == 1:

@@ -24,8 +24,8 @@ import stat
 
 from r1fast.config_io import DataError
 
-__all__ = ["UnsafePathError", "open_append", "open_lock", "refuse_symlink", "remove_tree", "replace_atomically",
-           "write_file"]
+__all__ = ["UnsafePathError", "open_append", "open_lock", "open_new_beside", "refuse_symlink", "remove_tree",
+           "replace_atomically", "write_file"]
 
 # O_NOFOLLOW/O_CLOEXEC are POSIX; getattr keeps the module importable where they are missing (0 = no flag)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -44,7 +44,7 @@ def refuse_symlink(path: str | os.PathLike, what: str = "a file r1fast writes") 
                               "r1fast never writes through a symlink there: remove it")
 
 
-def _open_new_beside(path: str) -> tuple[int, str]:
+def open_new_beside(path: str) -> tuple[int, str]:
     """A new, empty file in ``path``'s directory with a random name: (fd, its path). 0o666 before the umask,
     as ``open(path, "w")`` would create it (mkstemp's 0o600 would make summary.json private)."""
     directory, name = os.path.split(os.path.abspath(path))
@@ -66,7 +66,7 @@ def replace_atomically(path: str | os.PathLike, mode: str = "w", *, fsync: bool 
     if mode not in ("w", "wb"):
         raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
-    fd, tmp = _open_new_beside(path)
+    fd, tmp = open_new_beside(path)
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
             yield fh
