@@ -205,14 +205,12 @@ def _code_params(cfg: EvalConfig) -> dict:
 
 def _check_tests(samples: list[dict], path: str) -> None:
     """DataError naming the first code task whose ``tests`` are malformed (before the model loads)."""
-    from r1fast.rewards.code import parse_tests
+    from r1fast.rewards.code import check_tests
 
-    for sample in samples:
-        if "tests" in sample:
-            try:
-                parse_tests(sample["tests"])
-            except ValueError as exc:
-                raise DataError(f"data: {path!r}: sample {sample.get('id')!r}: {exc}") from None
+    try:
+        check_tests(samples)
+    except ValueError as exc:
+        raise DataError(f"data: {path!r}: {exc}") from None
 
 
 def evaluate_policy(engine, tokenizer, samples: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:

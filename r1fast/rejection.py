@@ -43,6 +43,7 @@ from r1fast import stage_io
 from r1fast.config_io import ConfigError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.rewards import combine
+from r1fast.rewards.code import check_tests
 from r1fast.rewards.format import prefix_for
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
@@ -303,6 +304,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
         samples = load_jsonl(cfg.data, limit=cfg.limit)
         # default_score grades language consistency: an unsupported "language" column fails here, not after sampling
         combine({"language": 1.0}).check_metas(samples)
+        check_tests(samples)  # code tasks are graded by their tests (default_score): malformed ones fail here
         eval_texts = [s["prompt"] for path in cfg.decontaminate for s in load_jsonl(path)]
     if not samples:
         raise empty_data_error(cfg.data, "data", '{"prompt": ..., "answer": ...}')

@@ -9,7 +9,7 @@ from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
 from r1fast.rewards.accuracy import SkipSample, accuracy_reward
-from r1fast.rewards.code import code_verdict, code_verdicts, parse_tests
+from r1fast.rewards.code import check_tests, code_verdict, code_verdicts
 from r1fast.rewards.format import format_score, prefix_for
 
 
@@ -38,12 +38,7 @@ class Scorer:
         sample has them, code reward or not: ``check`` grades such a sample by them."""
         try:
             self.combined.check_metas(samples)
-            for i, sample in enumerate(samples):
-                if "tests" in sample:
-                    try:
-                        parse_tests(sample["tests"])
-                    except ValueError as exc:
-                        raise ValueError(f"sample {sample.get('id', i)!r}: {exc}") from None
+            check_tests(samples)
         except ValueError as exc:
             raise DataError(f"data: {exc}") from None
 

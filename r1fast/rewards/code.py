@@ -29,7 +29,7 @@ from .code_extract import extract_code
 from .sandbox import SandboxLimits, run_python
 from .sandbox_pipes import is_utf8
 
-__all__ = ["extract_code", "normalize_output", "parse_tests", "run_tests", "code_reward", "code_batch",
+__all__ = ["check_tests", "extract_code", "normalize_output", "parse_tests", "run_tests", "code_reward", "code_batch",
            "code_verdict", "code_verdicts", "code_vote_key", "pool_size"]
 
 
@@ -55,6 +55,17 @@ def parse_tests(tests) -> list[dict]:
             if not is_utf8(test[key]):
                 raise ValueError(f"meta['tests'][{k}]['{key}']: not valid UTF-8 text (a lone surrogate)")
     return tests
+
+
+def check_tests(samples: list[dict]) -> None:
+    """ValueError naming the first sample (its ``id``, else its index) whose ``tests`` are malformed; samples
+    without ``tests`` are not code tasks. Run at load by every stage that grades code (train, eval, rejection)."""
+    for i, sample in enumerate(samples):
+        if "tests" in sample:
+            try:
+                parse_tests(sample["tests"])
+            except ValueError as exc:
+                raise ValueError(f"sample {sample.get('id', i)!r}: {exc}") from None
 
 
 def _limits(limits: SandboxLimits | None, timeout_s: float | None, memory_mb: float | None) -> SandboxLimits:
