@@ -49,15 +49,18 @@ class RolloutBatch:
     generated_tokens: int = 0
 
 
-def _global_means(named: dict[str, list[float]]) -> dict[str, float]:
-    """Mean over all ranks of each list (NaN entries ignored)."""
-    sums = torch.zeros(2 * len(named), dtype=torch.float64)
+def _global_means(named: dict[str, list[float]], counts: dict[str, int]) -> dict[str, float | int]:
+    """Mean over all ranks of each list (NaN entries ignored) and the global sum of each count, in one all-reduce
+    (fp64 sums of ints are exact)."""
+    sums = torch.zeros(2 * len(named) + len(counts), dtype=torch.float64)
     for i, values in enumerate(named.values()):
         finite = [v for v in values if not math.isnan(v)]
         sums[2 * i], sums[2 * i + 1] = sum(finite), len(finite)
+    sums[2 * len(named):] = torch.tensor(list(counts.values()), dtype=torch.float64)
     D.all_reduce_sum(sums)
-    return {name: (sums[2 * i] / sums[2 * i + 1]).item() if sums[2 * i + 1] > 0 else float("nan")
-            for i, name in enumerate(named)}
+    means = {name: (sums[2 * i] / sums[2 * i + 1]).item() if sums[2 * i + 1] > 0 else float("nan")
+             for i, name in enumerate(named)}
+    return {**means, **{name: int(v) for name, v in zip(counts, sums[2 * len(named):].tolist(), strict=True)}}
 
 
 def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], prompts: list[list[int]],
@@ -98,17 +101,16 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
                            **per_reward, **per_reward_sq,
                            "response_length_mean": lengths.tolist(),
                            "kept_fraction": [float(k) for k in keep],
-                           "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]})
+                           "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]},
+                          # global counts, as every other rollout metric (rank 0's own were logged before)
+                          {"reward_skipped": sum(graded.skipped), "reward_errors": sum(graded.errors.values())})
     longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
     D.all_reduce_max(longest)
-    # global counts, as every other rollout metric (rank 0's own were logged: 0 while rank 1 skipped 4)
-    counts = D.all_reduce_sum(torch.tensor([sum(graded.skipped), sum(graded.errors.values())], dtype=torch.float64))
     reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))
     for key in per_reward:  # population std over the global batch, per reward function
         means[f"{key}_std"] = math.sqrt(max(means.pop(f"{key}_sq") - means[key] ** 2, 0.0))
     metrics = {**means, "reward_std": reward_std,
-               "response_length_max": longest.item(), "reward_skipped": int(counts[0]),
-               "reward_errors": int(counts[1])}
+               "response_length_max": longest.item()}
     # the first accuracy-type reward present; for code runs the mean code reward (the fraction of tests
     # passed, unless rewards.code_all_or_nothing), which was NaN before as GSM8K/MATH runs' once were
     accuracy = [means[k] for k in ("reward_accuracy", "reward_task_accuracy", "reward_math_accuracy",
