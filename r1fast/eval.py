@@ -36,6 +36,7 @@ from r1fast import distributed as D
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data import load_jsonl
 from r1fast.eval_metrics import REFLECTION_WORDS, markdown_table, normalize_answer, summarize
+from r1fast.rewards.grading import grade as _grade
 from r1fast.safe_write import replace_atomically, write_file
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
@@ -125,36 +126,6 @@ class EvalConfig:
     def pass_ks(self) -> tuple[int, ...]:
         """The k values of the pass@k metrics: ``pass_k``, or the defaults that fit in ``k`` samples."""
         return self.pass_k if self.pass_k is not None else tuple(k for k in DEFAULT_PASS_K if k <= self.k)
-
-
-def _grade(samples: list[dict], texts: list[str], require_answer_tag: bool, prefix="",
-           code_params: dict | None = None) -> tuple[list, list, list, list]:
-    """(accuracy or None per text, format flag per text, extracted answer per text, code vote key per text),
-    each text graded with ``prefix`` (the prompt's open think tag, ``stage_io.completion_prefix``: a str or a
-    callable of the prompt) in front. A sample with ``tests`` is graded by its tests in the sandbox
-    (``code_params``: timeout_s, memory_mb): its answer is the program and its vote key
-    ``code_vote_key`` (None for the other samples, whose keys ``_vote_keys`` finds)."""
-    from r1fast.rewards.accuracy import accuracy_batch
-    from r1fast.rewards.code import code_verdicts
-    from r1fast.rewards.format import extract_answer, format_reward, prefix_for
-
-    texts = [prefix_for(prefix, s["prompt"]) + t for s, t in zip(samples, texts, strict=True)]
-    scores, answers = [None] * len(texts), [extract_answer(t) for t in texts]
-    keys: list[str | None] = [None] * len(texts)
-    code = [i for i, s in enumerate(samples) if "tests" in s]
-    other = [i for i, s in enumerate(samples) if "tests" not in s]
-    if other:
-        graded = accuracy_batch([samples[i]["prompt"] for i in other], [texts[i] for i in other],
-                                [samples[i] for i in other], require_answer_tag=require_answer_tag)
-        for i, score in zip(other, graded, strict=True):
-            scores[i] = score
-    if code:
-        verdicts = code_verdicts([samples[i]["prompt"] for i in code], [texts[i] for i in code],
-                                 [samples[i] for i in code], vote_key=True, **(code_params or {}))
-        for i, (correct, program, key) in zip(code, verdicts, strict=True):
-            scores[i], answers[i], keys[i] = float(correct), program, key
-    formatted = [format_reward("", t, {}) == 1.0 for t in texts]
-    return scores, formatted, answers, keys
 
 
 MAX_VOTE_COMPARISONS = 256

@@ -160,11 +160,11 @@ class RejectionConfig:
 def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float | None]]:
     """Reward values per text: accuracy (None when ungradable; a code task's 1/0 when its program passes every
     test, as r1fast.eval grades it), format, language consistency."""
-    from r1fast.eval import _grade
     from r1fast.rewards.format import format_reward
+    from r1fast.rewards.grading import grade
     from r1fast.rewards.language import language_consistency_reward
 
-    acc = _grade(samples, texts, require_answer_tag=True)[0]  # code samples have no answer: KeyError before
+    acc = grade(samples, texts, require_answer_tag=True)[0]  # code samples have no answer: KeyError before
     return [{"accuracy": a, "format": format_reward("", t, {}),
              "language_consistency": language_consistency_reward("", t, s)}
             for a, t, s in zip(acc, texts, samples, strict=True)]

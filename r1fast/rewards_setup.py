@@ -9,8 +9,9 @@ from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
 from r1fast.rewards.accuracy import SkipSample, accuracy_reward
-from r1fast.rewards.code import check_tests, code_verdict, code_verdicts
+from r1fast.rewards.code import check_tests
 from r1fast.rewards.format import format_score, prefix_for
+from r1fast.rewards.grading import grade
 
 
 @dataclass
@@ -45,12 +46,11 @@ class Scorer:
     def check(self, sample: dict, completion: str) -> tuple[bool | None, bool]:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an
         unparsable gold), so evaluation skips the prompt as ``r1fast.eval`` does rather than count it wrong.
-        A sample with ``tests`` is a code task: correct when its program passes every test (``code_verdict``
+        A sample with ``tests`` is a code task: correct when its program passes every test (``check_batch``
         under ``code_params``), not when an ``answer`` matches. Any other error is a bug and propagates."""
-        completion = self.prefix(sample.get("prompt", "")) + completion
         if "tests" in sample:
-            correct = code_verdict(sample.get("prompt", ""), completion, sample, **self.code_params)[0]
-            return correct, format_score("", completion, sample) >= 1.0
+            return self.check_batch([sample], [completion])[0]
+        completion = self.prefix(sample.get("prompt", "")) + completion
         try:
             correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
         except SkipSample:
@@ -58,17 +58,11 @@ class Scorer:
         return correct, format_score("", completion, sample) >= 1.0
 
     def check_batch(self, samples: list[dict], completions: list[str]) -> list[tuple[bool | None, bool]]:
-        """``check`` of each (sample, completion), the code samples' programs run together in the sandbox pool:
-        one by one, a hung program cost the timeout per completion (16 held-out checks x 2 s = 32 s of a run's
-        evaluation)."""
-        out = [None if "tests" in s else self.check(s, c) for s, c in zip(samples, completions, strict=True)]
-        code = [i for i, s in enumerate(samples) if "tests" in s]
-        texts = [self.prefix(samples[i].get("prompt", "")) + completions[i] for i in code]
-        verdicts = code_verdicts([samples[i].get("prompt", "") for i in code], texts, [samples[i] for i in code],
-                                 **self.code_params) if code else []
-        for i, text, verdict in zip(code, texts, verdicts, strict=True):
-            out[i] = (verdict[0], format_score("", text, samples[i]) >= 1.0)
-        return out
+        """``check`` of each (sample, completion) through ``rewards.grading.grade``, as ``r1fast.eval`` grades: one
+        math-verify call, the code samples' programs together in the sandbox pool (one by one, a hung program cost
+        the timeout per completion: 32 s of a 40 s code run's evaluation)."""
+        scores, formatted, _, _ = grade(samples, completions, True, self.completion_prefix, self.code_params)
+        return [(None if s is None else s > 0.5, f) for s, f in zip(scores, formatted, strict=True)]
 
 
 def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] = "") -> Scorer:
