@@ -1,6 +1,5 @@
 """Triton kernels of the FP8 quantizers: 1x128 / 128x1 tiles (``_quantize_rows_cols_kernel``) and 128x128
-blocks (``_quantize_blocks_kernel``), plus the jit helpers the grouped GEMM and the MoE combine share
-(``cast_rne``). Semantics, tilings and the rounding notes are in ``fp8.py``, which launches these.
+blocks (``_quantize_blocks_kernel``) and their jit helpers. Semantics, tilings and the rounding notes are in ``fp8.py``, which launches these.
 
 Imports Triton: ``fp8.py`` imports this module only inside the branch that launches a kernel, so the
 quantizers' reference path works on installs without Triton (see ``dispatch.py``).
@@ -10,8 +9,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from .triton_utils import INTERPRET
 
 
 @triton.jit
@@ -30,22 +27,6 @@ def _round_to_e4m3_grid(y):
     # y's sign bit set on the magnitude, so a negative value that rounds to zero is -0.0 (E4M3 0x80, as PyTorch
     # gives). Not ``-rounded``: Triton 3.6's interpreter negates 0.0 to +0.0, which wrote 0x00 (10 byte tests off)
     return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` rounding to nearest even also under the interpreter.
-
-    Triton 3.9's interpreter truncates fp32 -> bf16 (measured: half of a GEMM's outputs 1 ulp low);
-    compiled kernels round to nearest even. Under the interpreter we round the fp32 bits first
-    (add 0x7FFF plus the lowest kept bit, clear the low 16 bits), so the cast itself is exact.
-    """
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

@@ -11,8 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fp8_triton import cast_rne
-from .triton_utils import dot
+from .triton_utils import cast_rne, dot
 
 
 @triton.jit
