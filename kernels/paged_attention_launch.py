@@ -43,13 +43,14 @@ def _tile_sizes(head_dim: int, group: int, rows_per_program: int, dtype: torch.d
     fp32 (the default model dtype, and the tiny recipe's) gets its own smaller tiles: IEEE fp32 dots run
     on FMAs with fp32 operands in registers, and the 16-bit tiles spilled on sm_90a (D=128, 32 rows: 2.7 KB
     per thread; D=64, 64 rows: 3.6 KB; D=256 even at 16 rows). Every fp32 tile below compiles without a
-    spill (varlen causal, GROUP 4; tests/test_kernels_compile_sm90.py)."""
+    spill under Triton 3.6 and 3.9 (tests/test_kernels_compile_sm90.py). D=128 decode takes (16, 32, 8):
+    (16, 64, 4) spilled 1.4 KB per thread under Triton 3.6 (the GPU machine's) at GROUP 2 and 4."""
     block_m = max(16, next_power_of_2(rows_per_program))
     if dtype == torch.float32:
         block_m = min(block_m, 32)
-        if head_dim <= 128:
-            return block_m, 64, 4 if block_m == 16 else 8
-        return block_m, 32 if block_m == 16 else 16, 8
+        if block_m == 16:
+            return (16, 64, 4) if head_dim <= 64 else (16, 32, 8)
+        return (32, 64, 8) if head_dim <= 128 else (32, 16, 8)
     block_m = min(block_m, 128 if head_dim <= 128 else 64)
     block_n = 64 if head_dim <= 128 else 32
     num_warps = 4 if block_m <= 64 else 8

@@ -102,17 +102,19 @@ f32.update(block_table_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32",
 for d in (64, 128, 256):
     for kind, rows, varlen, causal in (("decode", 4, False, True), ("prefill", 2048, True, True),
                                        ("cascade", 2048, True, False)):
-        bm, bn, warps = _tile_sizes(d, 4, rows, torch.float32)
-        build(f"paged attention fp32 {kind} D={d}", pat._paged_attention_kernel, f32,
-              dict(GROUP=4, PAGE_SIZE=16, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, VARLEN=varlen, INDIRECT_Q=not causal,
-                   CAUSAL=causal, STORE_LSE=True, **unit), warps, 2)
+        # decode also at GROUP 2: Triton 3.6 spilled the old D=128 decode tile at groups 2 and 4 only
+        for group in (4, 2) if kind == "decode" else (4,):
+            bm, bn, warps = _tile_sizes(d, group, rows, torch.float32)
+            build(f"paged attention fp32 {kind} D={d}" + ("" if group == 4 else f" G={group}"),
+                  pat._paged_attention_kernel, f32, dict(GROUP=group, PAGE_SIZE=16, HEAD_DIM=d, BLOCK_M=bm,
+                  BLOCK_N=bn, VARLEN=varlen, INDIRECT_Q=not causal, CAUSAL=causal, STORE_LSE=True, **unit), warps, 2)
 print(json.dumps(report))
 """
 
 KNOWN_SPILLS = {"fp8 grouped wgrad", "fp8 grouped wgrad aligned"}
-"""Spills today (255 registers, 104 B stored / 120 B loaded): the 128x128 fp32 accumulator, the per-row x
-per-column scale product and the A tile zeroed in registers; reordering the scale product or fewer
-stages did not change it. Owed: time it on an H100."""
+"""Spills today (255 registers; 225 B of spill traffic under Triton 3.9, 797 B under 3.6, the GPU machine's):
+the 128x128 fp32 accumulator, the per-row x per-column scale product and the A tile zeroed in registers;
+reordering the scale product or fewer stages did not change it. Owed: time it on an H100 (say which Triton)."""
 
 
 @pytest.mark.slow
@@ -138,4 +140,4 @@ def test_every_kernel_compiles_for_sm90():
     assert len([label for label in report if label.startswith("paged attention bf16")]) == 3
     assert report["fp8 grouped wgrad"]["spill"] > 0  # drop it from KNOWN_SPILLS when this fails
     assert not report["paged attention fp32 decode D=64"]["tf32"]  # fp32 dots are IEEE fp32, not TF32 MMAs
-    assert len([label for label in report if label.startswith("paged attention fp32")]) == 9
+    assert len([label for label in report if label.startswith("paged attention fp32")]) == 12
