@@ -261,3 +261,16 @@ def test_sampling_temperature_and_dtype_are_checked_when_the_config_is_read(stag
     make(**base, temperature=0.0).validate()
     with pytest.raises(ConfigError, match=r"^dtype: 'bogus' is not allowed"):
         make(**base, dtype="bogus").validate()
+
+
+def test_bootstrap_std_uses_ddof_one():
+    # values [0, 1], two resamples: each resample mean is 0, 0.5 or 1, so the ddof-1 std of the two means is
+    # |m1 - m2| / sqrt(2) in {0, 0.5/sqrt(2), 1/sqrt(2)} (ddof 0 would give |m1 - m2| / 2)
+    allowed = (0.0, 0.5 / math.sqrt(2), 1 / math.sqrt(2))
+    seen = set()
+    for seed in range(30):
+        got = bootstrap_std([0.0, 1.0], num_resamples=2, seed=seed)
+        match = [a for a in allowed if math.isclose(got, a, rel_tol=1e-12, abs_tol=1e-15)]
+        assert match, (seed, got)
+        seen.add(match[0])
+    assert len(seen - {0.0}) >= 1

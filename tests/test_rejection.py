@@ -296,3 +296,9 @@ def test_too_long_prompts_are_dropped_counted_and_reported(tmp_path, capsys):
     (tmp_path / "long.jsonl").write_text(rows[1] + "\n")
     with pytest.raises(DataError, match=r"^data: all 1 prompts of '.*long\.jsonl' are too long"):
         run_rejection(_cfg("--checkpoint", model, "--data", str(tmp_path / "long.jsonl"), "--out", str(out)))
+
+
+def test_one_word_evaluation_text_matches_by_equality_only():
+    index = F.NgramIndex(["Hello", "74+91"])
+    assert index.contaminated("hello") and index.contaminated("HELLO")
+    assert not index.contaminated("hello world")

@@ -61,3 +61,20 @@ def test_the_soft_overlong_penalty_is_logged_with_the_rewards():
     assert m["reward_overlong_penalty"] == pytest.approx((0.0 + -12 / 16) / 2)
     parts = m["reward_accuracy"] + 0.5 * m["reward_format"] + m["reward_overlong_penalty"]
     assert m["reward_mean"] == pytest.approx(parts) and m["reward_overlong_penalty_std"] == pytest.approx(0.375)
+
+
+def test_build_scorer_passes_format_partial_credit():
+    cfg = Config()
+    cfg.rewards.weights = {"format": 1.0}
+    half = "<think>t</think> no answer block"
+    assert build_scorer(cfg).score([""], [half], [{}]).total == [0.0]
+    cfg.rewards.format_partial_credit = True
+    assert build_scorer(cfg).score([""], [half], [{}]).total == [0.25]
+
+
+def test_build_scorer_length_cosine_uses_max_new_tokens():
+    cfg = Config()
+    cfg.rewards.weights = {"length_cosine": 1.0}
+    cfg.rollout.max_new_tokens = 64
+    meta = {"_correct": True, "completion_tokens": 64}
+    assert build_scorer(cfg).score([""], [""], [meta]).total == [0.5]  # at max_len: the low end

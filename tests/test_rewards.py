@@ -267,3 +267,26 @@ def test_a_weighted_total_that_overflows_is_logged_and_scored_0(caplog, monkeypa
     with caplog.at_level(logging.WARNING):
         batch = combine({"zz_huge": 10.0}).score(["p"], ["c"], [{"id": "s0"}])
     assert batch.total == [0.0] and batch.errors["total"] == 1 and "s0" in caplog.text
+
+
+def _score(body, tests=ADD_TESTS[:2], **params):
+    return get_reward("code", **FAST, **params)("", _code(body), {"tests": tests})
+
+
+def test_right_output_then_a_crash_fails():
+    """Only a program that exits 0 passes a test, whatever it printed before dying."""
+    assert _score("a, b = map(int, input().split())\nprint(a + b)\nraise SystemExit(3)") == 0.0
+    assert _score("a, b = map(int, input().split())\nprint(a + b, flush=True)\n1 / 0") == 0.0
+
+
+def test_all_or_nothing_needs_every_test():
+    half = "a, b = map(int, input().split())\nprint(a + b if a < 5 else 0)"
+    assert _score(half) == pytest.approx(0.5)
+    assert _score(half, all_or_nothing=True) == 0.0
+    assert _score("a, b = map(int, input().split())\nprint(a + b)", all_or_nothing=True) == 1.0
+
+
+def test_trailing_spaces_on_each_line_are_ignored():
+    tests = [{"input": "", "output": "1\n2\n"}]
+    assert _score("print('1   ')\nprint('2\\t')", tests) == 1.0
+    assert _score("print(' 1')\nprint('2')", tests) == 0.0  # leading space is content

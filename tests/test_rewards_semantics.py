@@ -1,13 +1,18 @@
 """Regression tests for what the rewards and verifiers mean: currency answers, words vs numbers,
 generated samples their own verifier accepts, strict integers and equations, ungradable golds, limits."""
 
+import math
 import time
 
 import pytest
 
 from r1fast.data import generate_tasks, load_jsonl, verify_answer, worked_solution
-from r1fast.rewards.accuracy import STATS, MathVerifier, math_accuracy_batch, task_accuracy_reward
+from r1fast.rewards import combine
+from r1fast.rewards.accuracy import STATS, MathVerifier, math_accuracy_batch, math_accuracy_reward, task_accuracy_reward
+from r1fast.rewards.format import extract_think
+from r1fast.rewards.grading import grade
 from r1fast.rewards.language import count_words_by_language, language_consistency_reward
+from r1fast.rewards.length import cosine_length_reward, repetition_penalty
 
 
 def _answer(text: str) -> str:
@@ -97,3 +102,71 @@ def test_jsonl_limit_stops_before_reading_past_it(tmp_path):
     assert load_jsonl(path, limit=0) == []
     with pytest.raises(ValueError, match=r"d\.jsonl:3"):
         load_jsonl(path, limit=3)
+
+
+# ---- options and skips (each test kills a mutant the suite missed) ----------------------------------
+
+UNPARSABLE = "no number here at all"  # a gold answer math-verify finds nothing in
+
+
+def test_extract_think_keeps_layout_without_strip():
+    text = "<think>\n    def f():\n        pass\n</think><answer>x</answer>"
+    assert extract_think(text, strip=False) == "\n    def f():\n        pass\n"
+    assert extract_think(text) == "def f():\n        pass"
+
+
+def test_math_accuracy_requires_the_answer_tag_unless_told_otherwise():
+    meta = {"answer": "5"}
+    assert math_accuracy_reward("", "The answer is 5", meta) == 0.0
+    assert math_accuracy_reward("", "The answer is 5", meta, require_answer_tag=False) == 1.0
+    assert math_accuracy_reward("", "<think>t</think><answer>5</answer>", meta) == 1.0
+
+
+def test_unparsable_gold_is_skipped_even_without_an_answer():
+    """The gold is parsed even when the completion has no answer block: such a sample is skipped (None),
+    never a plain 0 that would count as a wrong answer."""
+    scores = math_accuracy_batch(["", ""], ["no tags here", "<think>t</think><answer>4</answer>"],
+                                 [{"answer": UNPARSABLE}, {"answer": "4"}])
+    assert scores == [None, 1.0]
+
+
+def test_a_skip_from_one_reward_is_not_cleared_by_another():
+    reward = combine({"accuracy": 1.0, "format": 0.5})
+    batch = reward.score([""], ["<think>t</think><answer>1</answer>"], [{"answer": UNPARSABLE, "task": "math"}])
+    assert batch.skipped == [True] and batch.total == [0.0]
+    assert batch.per_reward["format"] == [1.0] and math.isnan(batch.per_reward["accuracy"][0])
+
+
+def test_skip_sample_raised_by_a_single_call_reward_is_a_skip_not_an_error():
+    """length_cosine grades correctness through accuracy_reward, which raises SkipSample for an unparsable gold;
+    the registry must mark the sample skipped (not log an error and score it 0)."""
+    reward = combine({"length_cosine": 1.0})
+    batch = reward.score([""], ["<think>t</think><answer>1</answer>"], [{"answer": UNPARSABLE}])
+    assert batch.skipped == [True] and batch.errors == {"length_cosine": 0} and batch.total == [0.0]
+
+
+def test_cosine_length_reward_is_clamped_beyond_max_len():
+    for length in (100, 150, 199, 1000):
+        for correct, end in ((True, 0.5), (False, -0.5)):
+            meta = {"_correct": correct, "completion_tokens": length}
+            assert cosine_length_reward("", "", meta, max_len=100) == end
+    # halfway: the midpoint of the range
+    assert math.isclose(cosine_length_reward("", "", {"_correct": True, "completion_tokens": 50}, max_len=100), 0.75)
+
+
+def test_repetition_penalty_ignores_case():
+    text = "The cat sat. the cat sat. THE CAT SAT."
+    # words: the cat sat. the cat sat. the cat sat. -> 7 trigrams, 3 distinct
+    assert math.isclose(repetition_penalty("", text, {}), -(1 - 3 / 7))
+
+
+def test_grade_requires_the_answer_tag_when_asked():
+    sample = {"prompt": "p", "answer": "5"}
+    assert grade([sample], ["The answer is 5"], True)[0] == [0.0]
+    assert grade([sample], ["The answer is 5"], False)[0] == [1.0]
+
+
+def test_grade_prepends_the_open_think_prefix():
+    sample = {"prompt": "p", "task": "addition", "answer": "5"}
+    scores, formatted, answers, _ = grade([sample], ["2+3=5</think><answer>5</answer>"], True, "<think>\n")
+    assert formatted == [True] and scores == [1.0] and answers == ["5"]

@@ -77,6 +77,17 @@ def test_block_allocator_refcounts():
         alloc.allocate()
 
 
+def test_sharing_a_free_block_is_refused():
+    alloc = BlockAllocator(4)
+    with pytest.raises(RuntimeError, match="not allocated"):
+        alloc.share(0)  # never allocated
+    block = alloc.allocate()
+    alloc.release(block)
+    with pytest.raises(RuntimeError, match="not allocated"):
+        alloc.share(block)  # freed: sharing it would hand a block on the free list to a reader
+    assert alloc.num_free == 4 and alloc.num_shared == 0 and alloc.refcount(block) == 0
+
+
 def test_sampler_truncation_keeps_only_allowed_tokens():
     logits = torch.randn(64, 50, dtype=torch.float64).float() * 3
     randoms = [SequenceRandom(s) for s in range(64)]

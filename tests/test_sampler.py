@@ -76,3 +76,82 @@ def test_top_p_drops_the_token_whose_mass_before_equals_top_p():
     logits = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]).log()
     kept = torch.isfinite(_truncate(logits, 0, 0.6))
     assert kept.tolist() == [[True, True, False, False, False]]
+
+
+# ---- truncation and logprob semantics against an fp64 inverse-CDF reference ------------------------
+
+SMALL_LOGITS = torch.tensor([[1.3, -0.4, 2.1, 0.2, -1.7, 0.9, 1.6, -0.8]])  # distinct values, V = 8
+
+
+def _reference(logits, temperature, top_k, top_p, u):
+    """The token inverse-CDF sampling in vocabulary order picks from the truncated softmax (fp64); top-k first,
+    then top-p over the renormalized top-k set."""
+    z = logits.double() / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if 0 < top_k < z.numel():
+        keep &= z >= torch.topk(z, top_k).values[-1]
+    if top_p < 1.0:  # sequentially, as HF's warpers and vLLM: top-p over the top-k-renormalized softmax
+        zk = z.masked_fill(~keep, float("-inf"))
+        order = torch.argsort(zk, descending=True)
+        p_sorted = torch.softmax(zk[order], dim=0)
+        before = torch.cumsum(p_sorted, 0) - p_sorted
+        keep_sorted = before < top_p
+        keep_p = torch.zeros_like(keep)
+        keep_p[order] = keep_sorted
+        keep &= keep_p
+    p = torch.where(keep, torch.softmax(z.masked_fill(~keep, float("-inf")), dim=0), torch.zeros_like(z))
+    cdf = torch.cumsum(p, 0)
+    return int((cdf > u * cdf[-1]).nonzero()[0, 0]), keep
+
+
+def _draw(temperature, top_k, top_p, uniforms):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    return sample(SMALL_LOGITS.expand(len(uniforms), -1), params, [FixedUniform(u) for u in uniforms])
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    uniforms = [(i + 0.5) / 64 for i in range(64)]
+    for top_k in (1, 2, 3, 7):
+        tokens, _ = _draw(0.8, top_k, 1.0, uniforms)
+        expected = [_reference(SMALL_LOGITS[0], 0.8, top_k, 1.0, u)[0] for u in uniforms]
+        assert tokens.tolist() == expected, top_k
+        assert set(tokens.tolist()) == set(torch.topk(SMALL_LOGITS[0], top_k).indices.tolist())
+
+
+def test_top_k_and_top_p_together():
+    uniforms = [(i + 0.5) / 64 for i in range(64)]
+    tokens, _ = _draw(1.3, 4, 0.8, uniforms)
+    expected = [_reference(SMALL_LOGITS[0], 1.3, 4, 0.8, u)[0] for u in uniforms]
+    assert tokens.tolist() == expected
+
+
+def test_logprobs_are_tempered_and_untruncated():
+    """The returned logprob is log_softmax(logits / T)[token] (after temperature, before truncation)."""
+    uniforms = [0.05, 0.4, 0.93]
+    for temperature in (0.5, 1.0, 1.7):
+        tokens, logprobs = _draw(temperature, 3, 0.9, uniforms)
+        exact = torch.log_softmax(SMALL_LOGITS[0].double() / temperature, dim=0)[tokens]
+        torch.testing.assert_close(logprobs.double(), exact, atol=1e-6, rtol=0)
+
+
+def test_greedy_logprobs_are_of_the_untempered_distribution():
+    tokens, logprobs = sample(SMALL_LOGITS, SamplingParams(temperature=0.0), [FixedUniform(0.5)])
+    assert tokens.tolist() == [2]
+    exact = torch.log_softmax(SMALL_LOGITS[0].double(), dim=0)[2]
+    torch.testing.assert_close(logprobs.double(), exact.reshape(1), atol=1e-6, rtol=0)
+
+
+def test_the_last_kept_token_is_drawn_at_the_top_of_the_cdf_and_never_a_dropped_one():
+    """A uniform just below 1 lands on the last token (in vocab order) of the kept set, not on a dropped tail
+    token with zero probability."""
+    tokens, _ = _draw(1.0, 2, 1.0, [1.0 - 1e-16, 0.999999999])
+    assert tokens.tolist() == [6, 6]  # top-2 are ids 2 and 6; 6 is the later one
+
+
+def test_a_zero_uniform_draws_the_first_kept_token_not_a_dropped_one():
+    """u = 0.0 is a legal draw of a uniform in [0, 1): it must pick the first token with nonzero probability,
+    not token 0 when token 0 was truncated away (its CDF value is 0 = the target)."""
+    tokens, _ = _draw(1.0, 2, 1.0, [0.0])
+    assert tokens.tolist() == [2]
+    tokens, _ = _draw(1.0, 0, 0.5, [0.0])  # top-p keeps only id 2 here
+    assert tokens.tolist() == [2]

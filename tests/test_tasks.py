@@ -200,3 +200,43 @@ def test_jsonl_loader(tmp_path):
     numbers.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "answer": 0.00001, "weight": 0.5}\n{"prompt": "p", "answer": 2.5e20}\n')
     rows = load_jsonl(numbers)
     assert [r["answer"] for r in rows] == ["0.00001", "2.5e20"] and rows[0]["weight"] == 0.5
+
+
+def test_integer_answers_keep_their_sign():
+    s = {"task": "addition", "answer": "5", "prompt": "2+3"}
+    assert verify_answer(s, "5") and verify_answer(s, "+5")
+    assert not verify_answer(s, "-5")
+    neg = {"task": "addition", "answer": "-7", "prompt": "x"}
+    assert verify_answer(neg, "-7") and not verify_answer(neg, "7")
+
+
+def test_heldout_share_matches_heldout_fraction():
+    prompts = [f"{a}+{b}" for a in range(100) for b in range(a, 100)]  # 5,050 distinct (order-free) sums
+    for fraction in (0.1, 0.2, 0.5):
+        share = sum(split_of("addition", p, fraction) == "heldout" for p in prompts) / len(prompts)
+        assert abs(share - fraction) < 0.03, (fraction, share)
+
+
+def test_jsonl_whitespace_only_prompt_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "ok", "answer": 1}\n{"prompt": "  \\n ", "answer": 2}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'prompt' is empty"):
+        load_jsonl(path)
+
+
+def test_jsonl_code_task_keeps_a_given_answer(tmp_path):
+    path = tmp_path / "c.jsonl"
+    tests = [{"input": "", "output": "1\n"}]
+    rows = [{"prompt": "p", "answer": "42", "tests": tests}, {"prompt": "q", "answer": None, "tests": tests}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = load_jsonl(path)
+    assert first["answer"] == "42" and "answer" not in second
+
+
+def test_denominator_beyond_max_abs_is_refused():
+    assert safe_eval("1/1000/1000/1000") == Fraction(1, 10**9)  # denominator exactly at the bound
+    with pytest.raises(UnsafeExpression):
+        safe_eval("1/1000/1000/1000/10")  # 1e-10: tiny value, denominator 1e10 > max_abs
+    with pytest.raises(UnsafeExpression):
+        safe_eval("7/13", max_abs=12)
+    assert safe_eval("7/12", max_abs=12) == Fraction(7, 12)
