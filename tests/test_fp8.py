@@ -179,3 +179,19 @@ def test_nan_and_inf_poison_their_tile_like_the_reference(monkeypatch):
     assert got[0][0, :128].float().isnan().all() and got[1][0, 0].isnan()  # the NaN's 1x128 tile, and its scale
     assert got[0][0, 128:].float().isfinite().all()  # the next tile of the row is untouched
     assert got[4][:128, :128].float().isnan().all() and got[4][:128, 128:].float().isfinite().all()  # w[1, 3]'s block
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_128x128_blocks_below_the_floor_get_the_floor_scale(monkeypatch, kernels):
+    monkeypatch.setenv("R1FAST_KERNELS", kernels)
+    w = torch.randn(256, 256)
+    w[:128, :128] = 0.0  # an all-zero block
+    w[:128, 128:] = 1e-6 * torch.sign(torch.randn(128, 128))  # a block far below the floor
+    q, s = fp8.quantize_fp8_128x128(w)
+    floor = torch.tensor(1e-4, dtype=torch.float32) / 448.0
+    assert s.shape == (2, 2)
+    assert s[0, 0] == floor and s[0, 1] == floor
+    assert torch.equal(s[1], (w[128:].abs().view(1, 128, 2, 128).amax(dim=(1, 3))[0] / 448.0))
+    # a value of 1e-6 at scale 1e-4/448 is 4.48 -> E4M3 4.5 (spacing 0.5 in [4, 8))
+    assert torch.all(q[:128, 128:].float().abs() == 4.5)
+    assert torch.all(q[:128, :128].float() == 0.0)

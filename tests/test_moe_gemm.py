@@ -245,3 +245,37 @@ def test_strided_group_sizes_are_read_as_their_values():
                     *fp8.quantize_fp8_128x1(x, group_sizes=dense if aligned else None)]
         assert torch.equal(moe_gemm.fp8_grouped_gemm_wgrad(*operands, strided, group_aligned=aligned),
                            moe_gemm.fp8_grouped_gemm_wgrad(*operands, dense, group_aligned=aligned))
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_wgrad_accumulate_adds_into_out(monkeypatch, kernels):
+    monkeypatch.setenv("R1FAST_KERNELS", kernels)
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([130, 0, 70], dtype=torch.int32)
+    M, N, K = int(sizes.sum()), 128, 256
+    dy = torch.randn(M, N, generator=g)
+    x = torch.randn(M, K, generator=g)
+    at, at_s = fp8.quantize_fp8_128x1(dy)
+    bt, bt_s = fp8.quantize_fp8_128x1(x)
+    # independent fp64 result from the dequantized operands
+    a64 = ref_fp8.dequantize_fp8(at, at_s, (1, 128)).double()
+    b64 = ref_fp8.dequantize_fp8(bt, bt_s, (1, 128)).double()
+    starts = [0, 130, 130, 200]
+    want = torch.stack([a64[:, starts[e]:starts[e + 1]] @ b64[:, starts[e]:starts[e + 1]].T for e in range(3)])
+    before = torch.randn(3, N, K, generator=g)
+    out = before.clone()
+    moe_gemm.fp8_grouped_gemm_wgrad(at, at_s, bt, bt_s, sizes, out=out, accumulate=True)
+    assert torch.allclose(out.double(), before.double() + want, rtol=1e-5, atol=1e-4)
+    out2 = before.clone()
+    moe_gemm.fp8_grouped_gemm_wgrad(at, at_s, bt, bt_s, sizes, out=out2, accumulate=False)
+    assert torch.allclose(out2.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_histogram_ignores_ids_outside_the_expert_range(monkeypatch, kernels):
+    monkeypatch.setenv("R1FAST_KERNELS", kernels)
+    E = 4
+    ids = torch.tensor([[0, 3], [4, 1], [-1, 3], [7, 2], [4, 4]])
+    counts = moe_permute.expert_histogram(ids, E)
+    assert counts.dtype == torch.int32
+    assert counts.tolist() == [1, 1, 1, 2]
