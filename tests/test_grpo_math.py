@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import r1fast.grpo
 import r1fast.kernels as K
 from r1fast.grpo import (
     dapo_normalizer,
@@ -207,3 +208,29 @@ def test_skipped_samples_enter_no_statistic_and_get_zero_advantage(scale):
                        group_advantages(rewards, G, scale_rewards=scale))
     with pytest.raises(ValueError, match="valid"):
         group_advantages(rewards, G, valid=valid[:4])
+
+
+def test_soft_overlong_cache_longer_than_max_len_is_refused():
+    """cache_len > max_len puts the ramp's start below 0 tokens: even an empty completion was penalized."""
+    with pytest.raises(ValueError, match="cache_len"):
+        soft_overlong_penalty(torch.tensor([0, 4]), max_len=4, cache_len=8)
+    torch.testing.assert_close(soft_overlong_penalty(torch.tensor([0, 2, 4]), max_len=4, cache_len=4),
+                               torch.tensor([0.0, -0.5, -1.0]))
+
+
+def test_dapo_loss_on_several_ranks_needs_the_global_normalizer(monkeypatch):
+    calls = []
+    monkeypatch.setattr(K, "fused_linear_grpo_loss", lambda *a, **kw: calls.append(kw) or (torch.zeros(()), {}),
+                        raising=False)
+    monkeypatch.setattr(r1fast.grpo, "_distributed", lambda process_group: True)
+    h, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    ids, mask, adv = torch.randint(0, 5, (2, 3)), torch.ones(2, 3), torch.randn(2)
+    with pytest.raises(ValueError, match="normalizer"):
+        grpo_loss(h, w, ids, mask, adv, loss_type="dapo")
+    assert not calls
+    grpo_loss(h, w, ids, mask, adv, loss_type="dapo", normalizer=3.0)
+    grpo_loss(h, w, ids, mask, adv, loss_type="bnpo")  # a per-rank mean needs no global count
+    assert [c.get("normalizer") for c in calls] == [3.0, None]
+    monkeypatch.setattr(r1fast.grpo, "_distributed", lambda process_group: False)
+    grpo_loss(h, w, ids, mask, adv, loss_type="dapo")  # one rank: the local count is the global one
+    assert len(calls) == 3

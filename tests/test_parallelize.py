@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
-from r1fast.parallelize import apply_fsdp, enable_fp8_experts, unsharded_for_rollout
+from r1fast.parallelize import apply_fsdp, clip_and_step, enable_fp8_experts, unsharded_for_rollout
 
 
 def _moe_args(fp8: bool) -> ModelArgs:
@@ -200,3 +201,26 @@ def test_fsdp2_fp8_experts_quantize_once_per_step_and_never_serve_stale_weights(
     for report in reports:  # 2 expert weights: quantized at the first forward of each step only
         assert report["counts"] == [2, 2, 4, 4], report
         assert report["same_as_fresh"]  # after a step the cache holds the new weights
+
+
+def _clip_setup(grads):
+    params = [torch.nn.Parameter(torch.zeros(len(g), dtype=torch.float64)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.tensor(g, dtype=torch.float64)
+    return torch.nn.ParameterList(params), torch.optim.SGD(params, lr=1.0)
+
+
+def test_clips_the_global_norm_and_returns_the_unclipped_one():
+    root, opt = _clip_setup([[3.0, 0.0], [4.0]])  # global norm 5
+    assert clip_and_step(root, opt, 1.0, False) == 5.0
+    assert torch.allclose(root[0].detach(), torch.tensor([-0.6, 0.0], dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.allclose(root[1].detach(), torch.tensor([-0.8], dtype=torch.float64), rtol=1e-6, atol=0)
+    root, opt = _clip_setup([[3.0, 0.0], [4.0]])
+    assert clip_and_step(root, opt, 0.0, False) == 5.0  # 0: no clipping
+    assert root[0].detach().tolist() == [-3.0, 0.0] and root[1].detach().tolist() == [-4.0]
+
+
+def test_a_non_finite_norm_skips_the_step():
+    root, opt = _clip_setup([[float("nan"), 1.0], [2.0]])
+    assert math.isnan(clip_and_step(root, opt, 1.0, False))
+    assert root[0].detach().tolist() == [0.0, 0.0] and root[1].detach().tolist() == [0.0]

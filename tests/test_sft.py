@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from r1fast.config_io import ConfigError, DataError, load_config
 from r1fast.data import apply_template, generate_tasks, worked_solution
+from r1fast.data_setup import build_tokenizer
 from r1fast.model import Transformer
 from r1fast.policy import PolicyHead, pack
 from r1fast.sft import (
@@ -20,6 +21,7 @@ from r1fast.sft import (
     batch_indices,
     build_model,
     encode_sft_examples,
+    fit_sft_examples,
     read_sft_records,
     render_prompt,
     run_sft,
@@ -281,3 +283,37 @@ def test_bad_data_is_one_line_and_found_before_the_model_is_built(tmp_path, monk
     assert sft.main(["--data", long, *out]) == 1
     err = capsys.readouterr().err
     assert "r1fast.sft: error: data: all 1 records" in err and "longer than max_seq_len" in err and err.count("\n") == 1
+
+
+def test_fit_keeps_an_example_of_exactly_max_seq_len():
+    tokenized = [([1, 2, 3], [4, 5]), ([1, 2, 3], [4, 5, 6])]  # 3 + 2 + EOS = 6; 3 + 3 + EOS = 7
+    kept, dropped = fit_sft_examples(tokenized, 9, 6)
+    assert kept == [([1, 2, 3], [4, 5, 9])] and dropped == 1
+    assert fit_sft_examples(tokenized, 9, 7) == ([([1, 2, 3], [4, 5, 9]), ([1, 2, 3], [4, 5, 6, 9])], 0)
+
+
+def test_the_token_count_is_completion_tokens_plus_eos(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
+    rows = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "10+20=", "completion": "<answer>30</answer>"},
+            {"prompt": "7+0=", "completion": "seven and then some more words"}, {"prompt": "5+5=", "completion": "10"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(name, micro):
+        return load_config(None, ["--data", str(data), "--out_dir", str(tmp_path / "runs"), "--template", "compact",
+                                  "--steps", "2", "--batch_size", "2", "--micro_batch_size", str(micro),
+                                  "--name", name, *TINY], schema=SFTConfig)
+
+    examples, _ = encode_sft_examples(read_sft_records(str(data)), build_tokenizer(cfg("a", 1).model), "compact", 64)
+    sizes = [len(c) for _, c in examples]  # completion ids + EOS; prompts carry no loss
+    want = sum(sizes)
+    assert want < sum(len(p) + len(c) for p, c in examples)
+    assert all(2 * (a + b) != want for i, a in enumerate(sizes) for b in sizes[i + 1:])  # a repeated batch shows
+    one = run_sft(cfg("a", 1))  # two steps of 2 sequences: one epoch, every example once
+    assert one["tokens_trained"] == want
+    logged = [json.loads(x) for x in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["tokens"] for r in logged) == want
+    # the logged nll is the step's, not its last micro-batch's
+    two = run_sft(cfg("b", 2))
+    assert one["first_nll"] == pytest.approx(two["first_nll"], rel=1e-6)
