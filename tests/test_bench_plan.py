@@ -9,7 +9,7 @@ import torch
 from bench_testing import FAMILY, REPO, install_fake_cuda, make_case
 
 import bench.timing as timing
-from bench import registry
+from bench import plan, registry
 from bench.plan import CALL_LIMIT_S, PART_LIMIT_S, PARTS, RUN_OVERHEAD_S, case_seconds, run_seconds
 from bench.registry import Impl
 from bench.results_io import UNKNOWN_COMMIT, report_stem, run_commit
@@ -123,3 +123,13 @@ def test_each_part_writes_files_of_its_own_name(tmp_path):
              for part in PARTS}
     assert names == {"2026-11-24_h100-80gb-hbm3_abc1234_quick", "2026-11-24_h100-80gb-hbm3_abc1234_bench-full",
                      "2026-11-24_h100-80gb-hbm3_abc1234_bench-rollout"}
+
+
+def test_time_plan_uses_floor_factor_without_an_estimate():
+    """An implementation without est_call_s is planned at FLOOR_FACTOR x its floor at ANCHORS' ceilings."""
+    case = registry.Case(name="x.y", shape={}, make_inputs=lambda: (), impls=[Impl("r1fast", lambda: None, ours=True),
+                Impl("peer", lambda: None)], flops=6.97e12, ceiling="bf16_matmul", est_call_s={"peer": 0.25})
+    floor_s = 6.97e12 / (plan.ANCHOR_CEILINGS["bf16_matmul"] * 1e12)
+    assert plan.FLOOR_FACTOR == 3.0
+    assert plan.call_seconds(case, case.impls[0]) == pytest.approx(plan.FLOOR_FACTOR * floor_s)
+    assert plan.call_seconds(case, case.impls[1]) == 0.25

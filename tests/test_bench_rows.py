@@ -181,3 +181,15 @@ def test_rates_and_ratios_are_printed_as_the_issues_state_targets():
     assert fmt_floor_ratio(rows[0]["x_floor"]) == "4.00× (25%)"  # a quarter of the roofline
     assert fmt_peer_ratio(rows[0]["x_fastest_peer"]) == "0.08× (12.5× faster)"
     assert fmt_peer_ratio(1.5) == "1.50×" and fmt_floor_ratio(None) == fmt_peer_ratio(None) == "—"
+
+
+CEILINGS = {"copy": 2000.0, "bf16_matmul": 500.0, "fp8_matmul": 1000.0}
+
+
+def test_copy_ceiling_floor_ignores_flops():
+    """A bandwidth-bound case (ceiling='copy') is floored by its bytes alone: its FLOPs are never divided by
+    a GB/s number as if it were TFLOP/s."""
+    assert floor_ms(4e12, 1e9, "copy", CEILINGS) == pytest.approx(1e9 / 2000e9 * 1e3)
+    assert floor_ms(4e12, None, "copy", CEILINGS) is None
+    # a matmul ceiling with both: the larger bound wins
+    assert floor_ms(1e12, 1e9, "bf16_matmul", CEILINGS) == pytest.approx(max(1e12 / 500e12, 1e9 / 2000e9) * 1e3)

@@ -4,6 +4,7 @@ directory, seeds outside torch's range, config files that are not UTF-8; and the
 import codecs
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 
 from r1fast import seeding
 from r1fast.config import Config, ConfigError, load_config
+from r1fast.config_io import bounded, parse_cli
 from r1fast.config_io import load_config as load_stage_config
-from r1fast.config_io import parse_cli
 
 
 def _error(path=None, overrides=()):
@@ -271,3 +272,68 @@ def test_the_readme_recipe_paths_read_the_installed_recipes_outside_a_checkout(t
     for missing in ("recipes/nope.toml", "elsewhere/tiny_r1.toml", "tiny_r1.toml"):
         with pytest.raises(ConfigError, match="cannot read config file .*No such file"):
             read_toml(missing)
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    """TOML `seed = true` must not be taken as seed 1 (bool is an int subclass in Python)."""
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        load_config(_toml(tmp_path, "[train]\nseed = true\n"))
+    with pytest.raises(ConfigError, match=r"rollout\.max_new_tokens"):
+        load_config(_toml(tmp_path, "[rollout]\nmax_new_tokens = false\n"))
+
+
+@pytest.mark.parametrize("value", ["[1.0, 2.0]", "[-1.0, -0.5, 0.5, 1.0, 2.0]"])
+def test_fixed_length_tuple_length_is_checked(tmp_path, value):
+    """tuple[float, float, float, float]: a wrong length is a ConfigError naming the key, not a bare
+    zip() ValueError (which the CLIs print as a traceback)."""
+    with pytest.raises(ConfigError, match=r"rewards\.length_cosine_values"):
+        load_config(_toml(tmp_path, f"[rewards]\nlength_cosine_values = {value}\n"))
+    with pytest.raises(ConfigError, match=r"train\.betas"):
+        load_config(_toml(tmp_path, "[train]\nbetas = [0.9]\n"))
+
+
+@pytest.mark.parametrize("override, key", [
+    (["--train.min_lr_ratio", "1.5"], "train.min_lr_ratio"),   # a cosine floor above lr
+    (["--train.log_every", "0"], "train.log_every"),           # step % 0
+])
+def test_train_ranges(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, override)
+    # the bound itself is allowed
+    edge = {"train.min_lr_ratio": "1.0", "train.log_every": "1"}[key]
+    cfg = load_config(None, [override[0], edge])
+    assert getattr(cfg.train, key.split(".")[1]) == type(getattr(cfg.train, key.split(".")[1]))(float(edge))
+
+
+@dataclass
+class _Inner:
+    sizes: list[int] = bounded((1, 2), ge=1)
+    scales: dict[str, float] = bounded(None, gt=0)
+
+    def __post_init__(self):
+        if self.scales is None:
+            self.scales = {"a": 1.0}
+
+
+@dataclass
+class _Schema:
+    inner: _Inner = field(default_factory=_Inner)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[inner]\nsizes = [3, 0]\n", r"inner\.sizes\[1\]"),
+    ("[inner]\nscales = {a = 1.0, b = -2.0}\n", r"inner\.scales\.b"),
+    ("[inner]\nscales = {a = inf}\n", r"inner\.scales\.a"),
+])
+def test_bounds_apply_to_every_element(tmp_path, text, key):
+    """config_io's contract: a bounded() range applies to every element of a list/tuple/dict value."""
+    with pytest.raises(ConfigError, match=key):
+        load_stage_config(_toml(tmp_path, text), None, schema=_Schema)
+    ok = load_stage_config(_toml(tmp_path, "[inner]\nsizes = [3, 1]\nscales = {a = 0.5}\n"), None, schema=_Schema)
+    assert ok.inner.sizes == [3, 1] and ok.inner.scales == {"a": 0.5}

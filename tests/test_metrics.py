@@ -231,3 +231,15 @@ def test_progress_with_force_color_into_a_file_prints_plain_lines(monkeypatch):
     with progress(5, "train", enabled=True, stream=stream) as bar:
         bar.advance(5, loss=0.5)
     assert "\x1b[" in stream.getvalue()  # the live bar, as asked
+
+
+def test_remaining_time_is_what_is_left_and_minutes_wrap():
+    stream = io.StringIO()  # not a terminal: the plain line
+    with progress(4, "train", enabled=True, stream=stream, log_interval_s=3600) as bar:
+        bar.advance(1)
+        start = bar._start
+        # 1 of 4 done after 3,665 s: 1 h 1 min 5 s elapsed, 3 x 3,665 = 10,995 s = 3:03:15 left
+        line = bar.line(now=start + 3665)
+    assert "1:01:05 elapsed" in line, line
+    assert "~3:03:15 left" in line, line
+    assert "1/4 (25%)" in line, line

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from pipeline_testing import MICRO_MODEL
@@ -267,3 +268,20 @@ def test_under_torchrun_two_ranks(tmp_path):
     done = json.loads((run / "teacher_rejection" / "DONE.json").read_text())
     assert done["summary"]["kept"] == len((run / "teacher_rejection" / "kept.jsonl").read_text().splitlines()) > 0
     assert json.loads((run / "teacher_rl" / "DONE.json").read_text())["summary"]["world_size"] == 2
+
+
+def test_same_size_edit_is_detected_by_hash(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    recipe = types.SimpleNamespace(run_dir=str(tmp_path))
+    out = {"path": "sft.jsonl", "kind": "data", **P.data_identity(str(path))}
+    assert P._output_intact(recipe, out)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same content, new mtime
+    assert P._output_intact(recipe, out)
+    path.write_text('{"prompt": "1+1", "answer": "3"}\n')          # edited: same size, other content
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert os.path.getsize(path) == out["size"]
+    assert not P._output_intact(recipe, out)
+    path.write_text('{"prompt": "1+1", "answer": "22"}\n')         # other size
+    assert not P._output_intact(recipe, out)

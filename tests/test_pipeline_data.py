@@ -149,3 +149,15 @@ def test_failed_rejection_removes_the_previous_output(tmp_path, tiny_checkpoint)
         RejectionConfig(checkpoint=tiny_checkpoint, data=str(data), out=str(data)).validate()
     with pytest.raises(ConfigError, match="decontaminate input"):
         RejectionConfig(checkpoint="c", data="d", out=str(data), decontaminate=(str(data),)).validate()
+
+
+def test_largest_remainder_gets_the_leftover():
+    # exact shares 2.5, 1.5, 1.0: the leftover record goes to a .5 remainder (the first), never to the 0
+    assert split_limit([5, 3, 2], 5) == [3, 1, 1]
+
+
+def test_rescue_never_empties_the_larger_input():
+    # limit 1 cannot give every input a record: the larger input keeps it
+    assert split_limit([5, 1], 1) == [1, 0]
+    assert split_limit([10, 10], 10) == [5, 5]
+    assert split_limit([97, 1, 2], 10) == [8, 1, 1]
