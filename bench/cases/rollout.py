@@ -5,10 +5,11 @@ tokens, so every completion has exactly N tokens). transformers runs ``generate(
 num_return_sequences=G)`` on the same batch with sdpa, EOS disabled. ANCHORS.md (H100): transformers
 2,364 generated tokens/s at 16 x 16 x 512. Targets: >= 10x transformers, and >= 50% of the roofline.
 
-Roofline: ``bytes`` = what the N decode steps must read at least: all weights once per step (the tied
-embedding / lm_head counted once) plus, per step, each group's shared prompt KV once and every sample's
-own generated KV. time / floor at the measured copy ceiling is the roofline ratio; generated tokens / time
-is the tokens/s (``extra["generated_tokens"]``). Prefill is not in the floor (it is compute, and small).
+Roofline: ``bytes`` = what generation must read at least: all weights once per forward (the prefill, which
+yields the first token, and N - 1 decode steps; the tied embedding / lm_head counted once) plus, per decode
+step, each group's shared prompt KV once and every sample's own generated KV. Prefill's compute is not in the
+floor (small next to N decode steps). time / floor at the measured copy ceiling is the roofline ratio;
+generated tokens / time is the tokens/s (``extra["generated_tokens"]``).
 
 Each case builds its engine once (cached; the cache is sized from free memory, so the transformers model
 is built first) and hands prompts as inputs. Nothing touches CUDA before ``make_inputs``.
@@ -54,11 +55,12 @@ def _kv_bytes_per_token() -> int:
 
 
 def roofline_bytes(prompts: int, samples: int, new_tokens: int) -> float:
-    """Weights every decode step + shared prompt KV once per group + each sample's own KV, summed over steps."""
-    steps = new_tokens
-    weights = steps * _param_bytes()
+    """Weights once per forward (the prefill, which yields the first token, then new_tokens - 1 decode steps);
+    each decode step reads every group's shared prompt KV once and each sample's own KV so far."""
+    steps = new_tokens - 1
+    weights = new_tokens * _param_bytes()
     prompt_kv = steps * prompts * PROMPT_LEN * _kv_bytes_per_token()
-    # step t (1-based) reads the t - 1 tokens generated before plus the one it writes
+    # decode step t (1-based) reads the t tokens generated before it, its input's KV just written among them
     own_kv = prompts * samples * _kv_bytes_per_token() * steps * (steps + 1) / 2
     return float(weights + prompt_kv + own_kv)
 
