@@ -256,3 +256,33 @@ def test_a_second_invocation_on_the_same_run_directory_is_refused_and_a_torn_mar
     lock_run_dir(str(tmp_path / "run")).close()  # free again
     (tmp_path / "torn.json").write_text('{"fingerprint": "ab')
     assert read_json(str(tmp_path / "torn.json")) is None and read_json(str(tmp_path / "absent.json")) is None
+
+
+def test_an_interrupted_rl_stage_whose_config_changed_starts_over(tmp_path, monkeypatch):
+    """STARTED.json must match the stage's fingerprint and inputs for GRPO to resume: after the rl config
+    changed, the old step_1 checkpoint (trained under the old config) is discarded, not continued."""
+    import r1fast.train as T
+
+    original = T.Trainer.grpo_step
+
+    def step_then_sigterm(self, step):
+        metrics = original(self, step)
+        self.stop.requested = True
+        return metrics
+
+    monkeypatch.setattr(T.Trainer, "grpo_step", step_then_sigterm)
+    assert P.main(["--recipe", _recipe(tmp_path, RL_RECIPE)]) == P.INTERRUPTED_EXIT_CODE
+    stage = tmp_path / "runs" / "r" / "rl"
+    assert (stage / "checkpoints" / "step_1").is_dir() and (stage / "STARTED.json").is_file()
+    old_key = json.loads((stage / "STARTED.json").read_text())
+
+    changed = RL_RECIPE.replace("train = {{ steps = 2 }}", "train = {{ steps = 2, lr = 3e-4 }}")
+    assert changed != RL_RECIPE
+    ran = []
+    monkeypatch.setattr(T.Trainer, "grpo_step", lambda self, step: (ran.append(step), original(self, step))[1])
+    assert P.main(["--recipe", _recipe(tmp_path, changed)]) == 0
+    assert ran == [0, 1]  # from scratch; a resume of the old checkpoint ran only [1]
+    assert json.loads((stage / "STARTED.json").read_text())["fingerprint"] != old_key["fingerprint"]
+    assert [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("phase") == "rl"] == [1, 2]
+    assert json.loads((stage / "DONE.json").read_text())["config"]["train"]["lr"] == 3e-4

@@ -15,8 +15,9 @@ import pytest
 import tomllib
 from train_testing import run_cli, tiny_config
 
+from r1fast import run_dir as R
 from r1fast.config_io import ConfigError
-from r1fast.run_dir import lock_beside, lock_run_dir
+from r1fast.run_dir import lock_beside, lock_run_dir, set_aside_earlier_run
 
 # the smallest run that still writes config.toml, metrics and a checkpoint (~1 s on the torch kernels)
 QUICK = ("--train.sft_steps", "0", "--data.eval_size", "0", "--grpo.prompts_per_step", "2",
@@ -136,3 +137,33 @@ def test_sft_into_a_live_run_directory_is_refused(tmp_path):
     assert not (tmp_path / "s").exists()
     run_sft(cfg)  # free again, and released after the run
     assert (tmp_path / "s" / "summary.json").is_file() and _is_free(tmp_path / "s")
+
+
+def test_a_resume_from_another_runs_checkpoint_saves_a_fresh_config_toml(tmp_path):
+    """The run dir has no config.toml yet: the resume writes one with resume = "none" (``--config`` of it
+    reruns the run from scratch) and records the resume itself in config.resume-step_1.toml."""
+    from r1fast import train
+
+    train.run(tiny_config(tmp_path, *QUICK, "--train.name", "x", "--train.steps", "1"))
+    ckpt = str(tmp_path / "x" / "checkpoints" / "step_1")
+    train.run(tiny_config(tmp_path, *QUICK, "--train.name", "y", "--train.steps", "2", "--train.resume", ckpt))
+    y = tmp_path / "y"
+    assert json.loads((y / "summary.json").read_text())["steps"] == 2
+    fresh = tomllib.loads((y / "config.toml").read_text())["train"]
+    assert (fresh["resume"], fresh["steps"], fresh["name"]) == ("none", 2, "y")
+    resumed = tomllib.loads((y / "config.resume-step_1.toml").read_text())["train"]
+    assert (resumed["resume"], resumed["steps"]) == (ckpt, 2)
+
+
+def test_two_runs_set_aside_within_one_second_both_keep_their_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(R.time, "strftime", lambda fmt, *a: "20260101-000000")  # one second, twice
+    run = tmp_path / "x"
+    for text in ("first\n", "second\n", "third\n"):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(text)
+        set_aside_earlier_run(str(run))
+        assert not run.exists()
+    stamp = "x.prev-20260101-000000"
+    assert sorted(os.listdir(tmp_path)) == [stamp, f"{stamp}-2", f"{stamp}-3"]
+    assert [(tmp_path / name / "metrics.jsonl").read_text() for name in (stamp, f"{stamp}-2", f"{stamp}-3")] == [
+        "first\n", "second\n", "third\n"]
