@@ -149,6 +149,10 @@ class _EagerGraph(cuda_graphs._Graph):
     """A decode "graph" on CPU: the real static buffers and ``replay``; the captured graph's replay is an
     eager forward over those buffers (what the captured graph computes)."""
 
+    padding_reset: list = []
+    """Per replay: were the rows past the live batch padding (slot -1, KV length 0, group 0)? Stale slots on rows
+    once live would keep writing K and V into blocks a live sequence may own now; eager tokens can't show it."""
+
     def __init__(self, *args):
         super().__init__(*args)
         self.replays = 0
@@ -156,7 +160,13 @@ class _EagerGraph(cuda_graphs._Graph):
 
     def replay(self, step=None):
         if step is not None:  # DecodeGraphs.run -> _Graph.replay(step): copy the inputs, then graph.replay()
-            return super().replay(step)
+            out = super().replay(step)
+            b = step.batch
+            ok = bool((self.slots[b:] == -1).all()) and bool((self.lens[b:] == 0).all())
+            if hasattr(self, "group_of_seq"):
+                ok = ok and bool((self.group_of_seq[b:] == 0).all())
+            _EagerGraph.padding_reset.append((b, self.batch, ok))
+            return out
         self.replays += 1
         self._forward()  # writes self.logits, rows of the buffer the graphs share
         return None
@@ -172,6 +182,7 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(cuda_graphs, "_Graph", _EagerGraph)
+    _EagerGraph.padding_reset = []
 
 
 def test_cuda_graph_input_path_gives_the_eager_tokens_on_cpu(cpu_graphs):
@@ -179,7 +190,7 @@ def test_cuda_graph_input_path_gives_the_eager_tokens_on_cpu(cpu_graphs):
     tables copied into static buffers) give the eager path's tokens and logprobs exactly."""
     model = tiny_model()
     prompts = prompts_of([21, 6, 13])
-    # stop tokens end some samples early: the batch shrinks inside a bucket, so rows once live are padding
+    # stop tokens end some samples early: the batch shrinks (9 -> 6 -> 2 -> 1 rows), with padded rows
     kwargs = dict(n=3, max_new_tokens=12, temperature=0.9, top_k=40, seed=11, stop_token_ids=range(0, VOCAB, 9))
     eager = Engine(model, block_size=8, num_blocks=64).generate(prompts, **kwargs)
     assert len({len(c.token_ids) for group in eager for c in group}) > 2
@@ -194,6 +205,38 @@ def test_cuda_graph_input_path_gives_the_eager_tokens_on_cpu(cpu_graphs):
     graphed.graphs.cascade_enabled = False  # the plain-table fallback of a failed cascade capture
     assert outputs(graphed.generate(prompts, **kwargs)) == outputs(eager)
     assert any(not k[2] for k in graphs)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_padding_rows_are_reset_after_the_batch_shrinks_inside_a_bucket(cpu_graphs, cascade):
+    """Rows once live that became padding must read slot -1 (append_kv skips it), KV length 0 and group 0: a
+    stale slot keeps writing K and V into a block a live sequence may own now, which equal tokens can't show."""
+    engine = Engine(tiny_model(), block_size=8, num_blocks=64)
+    engine.graphs = cuda_graphs.DecodeGraphs(engine)
+    engine.graphs.cascade_enabled = cascade
+    engine.generate(prompts_of([21, 6, 13]), n=3, max_new_tokens=12, temperature=0.9, seed=11,
+                    stop_token_ids=range(0, VOCAB, 9))
+    records = _EagerGraph.padding_reset  # (live rows, bucket, padding reset) per replay
+    assert any(len({b for b, k, _ in records if k == bucket}) > 1 for bucket in {k for _, k, _ in records})
+    assert all(ok for _, _, ok in records)
+
+
+def test_graphs_are_dropped_when_a_parameter_storage_moves():
+    """An optimizer step updates parameters in place (captured graphs see it); load_state_dict(assign=True)
+    moves their storage, so graphs that read the old addresses must go."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 4)
+    graphs = cuda_graphs.DecodeGraphs(SimpleNamespace(model=model))
+    graphs.check_weights()
+    graphs.graphs[(1, 16, False, 1)] = "captured"
+    with torch.no_grad():
+        model.weight.mul_(2.0)
+    graphs.check_weights()
+    assert graphs.graphs
+    model.load_state_dict({"weight": torch.zeros(4, 4), "bias": torch.zeros(4)}, assign=True)
+    graphs.check_weights()
+    assert not graphs.graphs
 
 
 def test_the_shared_logits_buffer_grows_by_dropping_the_graphs_that_wrote_the_old_one():

@@ -1,0 +1,126 @@
+"""r1fast.rejection: what counts as correct, what the grader sees, the order of the gathered traces over ranks,
+and config checks that must fail before any model loads."""
+
+from types import SimpleNamespace
+
+import pytest
+
+import r1fast.distributed as D
+from r1fast.config_io import ConfigError
+from r1fast.rejection import RejectionConfig, filter_traces, sample_traces
+from r1fast.rollout import Completion
+from r1fast.tokenizer import CharTokenizer
+
+GOOD = "<think>3+4=7, 7+5=12</think><answer>12</answer>"
+
+
+def _trace(i, completion, rewards):
+    return {"prompt": f"p{i}", "completion": completion, "prompt_index": i, "rewards": rewards, "num_tokens": 20,
+            "finish_reason": "stop"}
+
+
+def test_partial_accuracy_and_a_missing_format_reward_are_incorrect():
+    """Kept: accuracy 1 (and format 1 when require_format); partial credit is not correct, and a reward dict
+    without "format" does not pass the format requirement."""
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o")
+    traces = [_trace(0, GOOD, {"accuracy": 0.5, "format": 1.0}),
+              _trace(1, GOOD, {"accuracy": 1.0}),
+              _trace(2, GOOD, {"accuracy": 1.0, "format": 1.0})]
+    kept, counts = filter_traces(traces, cfg)
+    assert [t["prompt_index"] for t in kept] == [2]
+    assert counts["incorrect"] == 2
+    relaxed = RejectionConfig(checkpoint="c", data="d", out="o", require_format=False)
+    kept, counts = filter_traces(traces, relaxed)
+    assert [t["prompt_index"] for t in kept] == [1, 2] and counts["incorrect"] == 1
+
+
+class _Engine:
+    """Completion j of prompt text P: the characters of f"{P}|{j}" then EOS."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.args = SimpleNamespace(eos_token_id=tok.eos_id, generation_config=None, vocab_size=tok.vocab_size)
+        self.calls = []
+
+    def generate(self, prompts, n, seed=None, **kw):
+        self.calls.append(seed)
+        return [[Completion(self.tok.encode(f"{self.tok.decode(p)}|{j}") + [self.tok.eos_id], [0.0] * 4, "stop")
+                 for j in range(n)] for p in prompts]
+
+
+def _samples(n):
+    return [{"prompt": f"q{i}", "answer": "1"} for i in range(n)]
+
+
+def test_the_grader_sees_the_prompts_open_think_and_the_trace_does_not():
+    tok = CharTokenizer()
+    seen = []
+
+    def score(samples, texts):
+        seen.extend(texts)
+        return [{"accuracy": 1.0, "format": 1.0} for _ in texts]
+
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o", k=2, template="none")
+    samples = _samples(2)
+    ids = {i: tok.encode(s["prompt"]) for i, s in enumerate(samples)}
+    traces = sample_traces(_Engine(tok), tok, samples, cfg, score, prompt_ids=ids, completion_prefix="<think>\n")
+    assert [t["completion"] for t in traces] == ["q0|0", "q0|1", "q1|0", "q1|1"]
+    assert seen == ["<think>\nq0|0", "<think>\nq0|1", "<think>\nq1|0", "<think>\nq1|1"]
+
+
+def test_traces_gathered_over_ranks_come_back_in_prompt_order_with_global_seeds(monkeypatch):
+    """Rank r samples prompts r, r + world, ...; every rank gets all traces in (prompt, sample) order, each with
+    the seed of its global prompt index (seed * 1_000_003 + i * k + j)."""
+    tok = CharTokenizer()
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o", k=2, template="none", seed=3)
+    samples = _samples(4)
+    ids = {i: tok.encode(s["prompt"]) for i, s in enumerate(samples)}
+    score = lambda samples, texts: [{"accuracy": 1.0, "format": 1.0} for _ in texts]  # noqa: E731
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "rank", lambda: 0)
+    monkeypatch.setattr(D, "all_gather_object", lambda obj: [obj])
+    rank0 = sample_traces(_Engine(tok), tok, samples, cfg, score, prompt_ids=ids, completion_prefix="")
+    assert [t["prompt_index"] for t in rank0] == [0, 0, 2, 2]
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    monkeypatch.setattr(D, "all_gather_object", lambda obj: [rank0, obj])  # rank order
+    traces = sample_traces(_Engine(tok), tok, samples, cfg, score, prompt_ids=ids, completion_prefix="")
+    assert [(t["prompt_index"], t["sample_index"]) for t in traces] == [(i, j) for i in range(4) for j in range(2)]
+    assert [t["completion"] for t in traces] == [f"q{i}|{j}" for i in range(4) for j in range(2)]
+    assert [t["seed"] for t in traces] == [3 * 1_000_003 + i * 2 + j for i in range(4) for j in range(2)]
+
+
+def test_block_size_must_be_a_power_of_two_before_any_model_loads():
+    with pytest.raises(ConfigError, match="block_size"):
+        RejectionConfig(checkpoint="c", data="d", out="o", block_size=24).validate()
+    RejectionConfig(checkpoint="c", data="d", out="o", block_size=32).validate()
+
+
+def test_out_naming_the_data_file_by_another_spelling_is_refused(tmp_path, monkeypatch):
+    """run_rejection deletes ``out`` before sampling: the data file named relatively must be caught too."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="out"):
+        RejectionConfig(checkpoint="c", data=str(data), out="d.jsonl").validate()
+    with pytest.raises(ConfigError, match="out"):
+        RejectionConfig(checkpoint="c", data="d.jsonl", out="./d.jsonl").validate()
+
+
+def test_written_records_carry_each_traces_provenance(tmp_path):
+    import json
+
+    from r1fast.rejection import _write_jsonl
+
+    cfg = RejectionConfig(checkpoint=str(tmp_path / "ckpt"), data=str(tmp_path / "d.jsonl"), out="o", k=2, seed=3)
+    kept = [{**_trace(i, GOOD, {"accuracy": 1.0, "format": 1.0}), "answer": "12", "task": "addition", "id": f"a{i}",
+             "sample_index": i, "seed": 100 + i, "num_tokens": 7 + i, "finish_reason": "stop"} for i in range(2)]
+    out = tmp_path / "sub" / "kept.jsonl"
+    _write_jsonl(str(out), kept, cfg, "compact")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(r) for r in rows] == [{"prompt", "completion", "answer", "task", "id", "rewards", "provenance"}] * 2
+    for i, r in enumerate(rows):
+        assert (r["prompt"], r["completion"], r["id"]) == (f"p{i}", GOOD, f"a{i}")
+        p = r["provenance"]
+        assert (p["sample_index"], p["seed"], p["num_tokens"], p["finish_reason"]) == (i, 100 + i, 7 + i, "stop")
+        assert p["template"] == "compact" and p["checkpoint"] == str(tmp_path / "ckpt")
+        assert p["sampling"] == {"k": 2, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "max_new_tokens": 256, "seed": 3}
