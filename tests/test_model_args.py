@@ -97,3 +97,51 @@ def test_dense_deepseek_config_builds_no_moe_layer():
     cfg = ModelArgs(**DENSE_MLA, num_layers=3).to_hf_config()
     assert cfg["first_k_dense_replace"] == 3
     assert not ModelArgs.from_hf_config(cfg).is_moe
+
+
+# ---- config.json fields left out take transformers' defaults; settings r1fast cannot run are refused ----
+
+HF_DENSE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+HF_MLA = dict(HF_DENSE, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v2"])
+def test_minimal_config_defaults_match_transformers(model_type):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(HF_MLA if model_type.startswith("deepseek") else HF_DENSE, model_type=model_type)
+    args = ModelArgs.from_hf_config(cfg)
+    hf = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k != "model_type"})
+    assert args.rms_norm_eps == hf.rms_norm_eps == 1e-6
+    assert args.rope_theta == hf.rope_parameters["rope_theta"] == 10000.0
+    assert args.rope_scaling is None
+    assert args.tie_word_embeddings is False and hf.tie_word_embeddings is False
+    assert args.num_kv_heads == 4
+    if model_type.startswith("deepseek"):
+        assert args.norm_topk_prob == hf.norm_topk_prob == (model_type == "deepseek_v3")
+
+
+def test_deepseek_v3_without_rope_interleave_rotates_interleaved_pairs():
+    transformers = pytest.importorskip("transformers")
+    # released DeepSeek-V3 config.json files carry no rope_interleave: DeepSeek's code always interleaves
+    cfg = dict(HF_MLA, model_type="deepseek_v3")
+    assert ModelArgs.from_hf_config(cfg).rope_interleave is True
+    assert transformers.DeepseekV3Config(**HF_MLA).rope_interleave is True
+    assert ModelArgs.from_hf_config(dict(cfg, rope_interleave=False)).rope_interleave is False
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_sliding_window_attention_is_refused(model_type):
+    cfg = dict(HF_DENSE, model_type=model_type, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelArgs.from_hf_config(cfg)
+    # the flag off (Qwen's released configs): sliding_window is only a number then, and full attention is right
+    ModelArgs.from_hf_config(dict(cfg, use_sliding_window=False))
+
+
+def test_query_heads_must_be_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelArgs(vocab_size=64, hidden_size=48, num_layers=1, num_heads=6, num_kv_heads=4, head_dim=8)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelArgs.from_hf_config(dict(HF_DENSE, model_type="llama", num_attention_heads=4, num_key_value_heads=3))
+    assert ModelArgs(vocab_size=64, hidden_size=48, num_layers=1, num_heads=6, num_kv_heads=3, head_dim=8).num_kv_heads == 3

@@ -1,10 +1,12 @@
 """save_pretrained / from_pretrained edges: dtype names, refused dtypes, fp64 oracle runs, RoPE in both HF forms."""
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,7 +15,7 @@ from test_model import V, saved_hf  # noqa: E402
 from r1fast.checkpoint import SINGLE_FILE  # noqa: E402
 from r1fast.model import Transformer  # noqa: E402
 from r1fast.model_config import ModelArgs  # noqa: E402
-from r1fast.moe import grouped_experts  # noqa: E402
+from r1fast.moe import MoE, grouped_experts  # noqa: E402
 
 
 def _tiny():
@@ -200,3 +202,50 @@ def test_tied_config_with_an_equal_or_lone_stored_head_stays_tied(tmp_path, head
     assert ours.lm_head is None and ours.args.tie_word_embeddings
     assert not [w for w in recwarn if "lm_head" in str(w.message)]
     assert _logits_error(tmp_path, ours) < 1e-5
+
+
+def _v3_moe_args():
+    return ModelArgs(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                     num_heads=2, num_kv_heads=2, head_dim=16, v_head_dim=8, kv_lora_rank=8, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                     n_shared_experts=1, first_k_dense_replace=1, topk_method="noaux_tc", scoring_func="sigmoid")
+
+
+def test_bf16_save_keeps_selection_bias_fp32(tmp_path):
+    model = Transformer.from_config(_v3_moe_args(), seed=0)
+    gate = next(m for m in model.modules() if isinstance(m, MoE)).gate
+    bias = torch.tensor([0.1234567, -0.0456789, 0.3333333, 1e-4])  # not bf16-representable
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(bias)
+    model.save_pretrained(tmp_path, dtype="bfloat16")
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor(name).dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(next(m for m in loaded.modules() if isinstance(m, MoE)).gate.e_score_correction_bias, bias)
+
+
+def test_stored_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1,
+                     head_dim=16)
+    model = Transformer.from_config(args, seed=0)
+    model.save_pretrained(tmp_path)
+    file = os.path.join(tmp_path, "model.safetensors")
+    tensors = load_file(file)
+    for i in range(2):  # what transformers < 4.31 saved for every Llama layer
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    loaded = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (9,))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+
+
+def test_position_ids_of_the_wrong_size_are_refused():
+    model = Transformer.from_config(ModelArgs(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                                              num_kv_heads=1, head_dim=16), seed=0)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.zeros(2, 5, dtype=torch.long), position_ids=torch.arange(6).repeat(2, 1))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.zeros(7, dtype=torch.long), position_ids=torch.arange(5))

@@ -1,4 +1,5 @@
-"""PolicyHead's logps and nll modes against an fp64 log-softmax over the gathered completion positions."""
+"""PolicyHead's logps, nll and loss modes against an fp64 log-softmax over the gathered completion positions
+(the sampling temperature applied in each), and pack's layout."""
 
 import pytest
 import torch
@@ -45,3 +46,33 @@ def test_nll_mode_without_a_normalizer_is_the_mean_over_this_batchs_tokens(monke
         torch.testing.assert_close(nll.detach().double(), want, rtol=1e-10, atol=1e-12)
         nll4 = root(packed, mode="nll", normalizer=4.0)  # a given normalizer replaces the count
         torch.testing.assert_close(nll4.detach().double(), -ref[m].sum() / 4.0, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_mode_applies_temperature(monkeypatch):
+    """Old log-probs taken at T = 0.6: a loss at the same T sees ratio 1 and its value is -sum(A * mask) / sum(mask);
+    a loss that ignored T would compare T = 1 log-probs with them (ratio != 1, another value)."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    batch = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]])
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    head = _root()
+    with torch.no_grad():
+        old = head(batch, mode="logps", temperature=0.6)
+        loss_t = head(batch, mode="loss", temperature=0.6, advantages=adv, old_logps=old, loss_type="dapo")
+    value = loss_t[0] if isinstance(loss_t, tuple) else loss_t
+    # ratio exactly 1 everywhere: the surrogate is -sum(A * mask) / sum(mask)
+    expect = -(1.0 * 2 - 0.5 * 4) / 6
+    assert float(value) == pytest.approx(expect, abs=1e-6)
+
+
+def test_pack_layout():
+    b = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]])
+    assert b.input_ids.tolist() == [1, 2, 3, 5, 6, 4, 7, 8, 9, 10]
+    assert b.cu_seqlens.tolist() == [0, 5, 10] and b.max_seqlen == 5
+    assert b.completion_ids.tolist() == [[5, 6, 0, 0], [7, 8, 9, 10]]  # right-padded with 0
+    assert b.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b.gather_index[0, :2].tolist() == [2, 3] and b.gather_index[1].tolist() == [5, 6, 7, 8]
+
+
+def test_pack_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="prompt"):
+        pack([[1], []], [[2], [3]])

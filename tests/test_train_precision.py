@@ -8,6 +8,8 @@ from safetensors import safe_open
 from train_testing import final_weights, rl_metrics, tiny_config
 
 from r1fast.config import ConfigError, load_config
+from r1fast.model import RMSNorm
+from r1fast.parallelize import master_and_compute_dtypes
 
 
 def test_bf16_run_updates_fp32_masters_computes_in_bf16_and_saves_bf16(tmp_path, monkeypatch):
@@ -56,3 +58,34 @@ def test_bf16_without_fsdp_is_refused():
 
     with pytest.raises(ConfigError, match=r"^model\.dtype=bfloat16"):
         SFTConfig(data="x.jsonl", model=load_config(None, ["--model.dtype", "bfloat16"]).model).validate()
+
+
+def test_rmsnorm_bf16_bit_identical_to_transformers():
+    """Normalize in fp32, cast to bf16, *then* multiply by the weight (transformers' rounding)."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 96, generator=gen) * 3).bfloat16()
+    w = (1 + 0.3 * torch.randn(96, generator=gen)).bfloat16()
+    ours, ref = RMSNorm(96, 1e-6).bfloat16(), LlamaRMSNorm(96, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+        out, expect = ours(x), ref(x)
+    assert out.dtype == torch.bfloat16
+    # independent reference too: fp64 normalization, rounded to bf16, then the bf16 weight product
+    xd = x.double()
+    normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    torch.testing.assert_close(out, expect, atol=0, rtol=0)
+    torch.testing.assert_close(out, w * normed, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+def test_half_compute_keeps_fp32_masters(compute):
+    assert master_and_compute_dtypes(compute) == (torch.float32, compute)
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.float64])
+def test_full_precision_compute_needs_no_cast(compute):
+    assert master_and_compute_dtypes(compute) == (compute, None)
