@@ -136,8 +136,8 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
                           for e in range(E)])
     if out is None:
         return result.float()
-    if accumulate:
-        out.copy_((out.double() + result).float())
+    if accumulate:  # as the kernel: its fp32 result added to out in fp32 (micro-batch sums then equal a + b)
+        out.add_(result.float())
     else:
         out.copy_(result)
     return out
