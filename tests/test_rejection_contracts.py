@@ -1,6 +1,7 @@
 """r1fast.rejection: what counts as correct, what the grader sees, the order of the gathered traces over ranks,
 and config checks that must fail before any model loads."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -107,8 +108,6 @@ def test_out_naming_the_data_file_by_another_spelling_is_refused(tmp_path, monke
 
 
 def test_written_records_carry_each_traces_provenance(tmp_path):
-    import json
-
     from r1fast.rejection import _write_jsonl
 
     cfg = RejectionConfig(checkpoint=str(tmp_path / "ckpt"), data=str(tmp_path / "d.jsonl"), out="o", k=2, seed=3)
@@ -124,3 +123,27 @@ def test_written_records_carry_each_traces_provenance(tmp_path):
         assert (p["sample_index"], p["seed"], p["num_tokens"], p["finish_reason"]) == (i, 100 + i, 7 + i, "stop")
         assert p["template"] == "compact" and p["checkpoint"] == str(tmp_path / "ckpt")
         assert p["sampling"] == {"k": 2, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "max_new_tokens": 256, "seed": 3}
+
+
+def test_counts_prompts_with_a_kept_trace_not_kept_traces(tmp_path, tiny_checkpoint, monkeypatch):
+    """counts["prompts_with_kept"] counts prompts, not traces: 3 kept traces from 2 of 3 prompts give 2."""
+    import r1fast.rejection as rej
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    thoughts = ["first we add the two small numbers carefully", "counting up from the first number gives the sum",
+                "the second number is one so the answer is next"]
+
+    def fake_traces(engine, tokenizer, samples, cfg, score, **kw):
+        made = [(0, 0, thoughts[0], 1.0), (0, 1, thoughts[1], 1.0), (1, 0, thoughts[2], 1.0), (2, 0, thoughts[0], 0.0)]
+        return [{**_trace(i, f"<think>{t}</think><answer>{i + 1}</answer>", {"accuracy": acc, "format": 1.0}),
+                 "answer": str(i + 1), "task": "math", "id": f"p{i}", "sample_index": j, "seed": j}
+                for i, j, t, acc in made]
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setattr(rej, "sample_traces", fake_traces)
+    cfg = RejectionConfig(checkpoint=tiny_checkpoint, data=str(data), out=str(tmp_path / "kept.jsonl"), k=2,
+                          template="compact", max_new_tokens=24)
+    counts = rej.run_rejection(cfg)["counts"]
+    assert counts["kept"] == 3 and counts["incorrect"] == 1
+    assert counts["prompts_with_kept"] == 2 and counts["prompts"] == 3
