@@ -1,4 +1,5 @@
-"""r1fast.model_config.ModelArgs: shapes the model cannot run and configs HF cannot express are refused early.
+"""r1fast.model_config.ModelArgs: shapes the model cannot run and configs HF cannot express are refused early;
+config.json fields left out take the defaults transformers' config classes give them.
 
 Pure config checks (no model is built), so the whole file runs in well under a second.
 """

@@ -1,4 +1,5 @@
-"""save_pretrained / from_pretrained edges: dtype names, refused dtypes, fp64 oracle runs, RoPE in both HF forms."""
+"""save_pretrained / from_pretrained edges: dtype names, refused dtypes, fp64 oracle runs, RoPE in both HF forms,
+the V3 selection bias kept fp32 in a bf16 save, old checkpoints' rotary inv_freq buffers, position_ids sizes."""
 
 import json
 import os

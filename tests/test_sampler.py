@@ -1,4 +1,5 @@
-"""r1fast.rollout.sampler at a real vocabulary size: inverse-CDF sampling must reach every token it should."""
+"""r1fast.rollout.sampler: at a real vocabulary size inverse-CDF sampling must reach every token it should; top-k /
+top-p truncation and the returned log-probs against an fp64 inverse-CDF reference on a small vocabulary."""
 
 import torch
 

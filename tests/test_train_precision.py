@@ -1,4 +1,5 @@
-"""bf16 training keeps fp32 master weights (FSDP2 mixed precision): small updates are not rounded away."""
+"""bf16 training keeps fp32 master weights (FSDP2 mixed precision): small updates are not rounded away; fp16
+compute keeps them too; RMSNorm rounds in bf16 as transformers does."""
 
 import json
 
