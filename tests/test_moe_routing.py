@@ -70,8 +70,9 @@ def test_bf16_weighted_sum_accumulates_in_fp32():
             y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down[ids[i, j]])  # bf16, as the code
             ref[i] += w[i, j].double() * y[0].double()
     assert out.dtype == torch.bfloat16
-    # one rounding of the (fp32 ~ exact) sum; a bf16 running sum rounds k times (about half the entries differ)
-    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+    # one rounding of the (fp32 ~ exact) sum: at most 0.2% of entries differ from the rounded fp64 sum over seeds
+    # 0-39 (fp32 vs fp64 near a rounding tie); a bf16 running sum rounds k times and moves >= 51.7% of them
+    assert (out != ref.bfloat16()).float().mean() < 0.01
 
 
 def _v3_router_args(**kw):

@@ -57,8 +57,7 @@ def test_loss_mode_applies_temperature(monkeypatch):
     head = _root()
     with torch.no_grad():
         old = head(batch, mode="logps", temperature=0.6)
-        loss_t = head(batch, mode="loss", temperature=0.6, advantages=adv, old_logps=old, loss_type="dapo")
-    value = loss_t[0] if isinstance(loss_t, tuple) else loss_t
+        value, _ = head(batch, mode="loss", temperature=0.6, advantages=adv, old_logps=old, loss_type="dapo")
     # ratio exactly 1 everywhere: the surrogate is -sum(A * mask) / sum(mask)
     expect = -(1.0 * 2 - 0.5 * 4) / 6
     assert float(value) == pytest.approx(expect, abs=1e-6)

@@ -182,7 +182,7 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(cuda_graphs, "_Graph", _EagerGraph)
-    _EagerGraph.padding_reset = []
+    monkeypatch.setattr(_EagerGraph, "padding_reset", [])
 
 
 def test_cuda_graph_input_path_gives_the_eager_tokens_on_cpu(cpu_graphs):

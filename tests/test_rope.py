@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5")  # rope_parameters
 
 from r1fast.model_config import ModelArgs  # noqa: E402
 from r1fast.rope import inv_freq_and_attention_factor, mla_softmax_scale  # noqa: E402

@@ -77,23 +77,29 @@ def test_fp8_experts_on_an_moe_policy_for_rollout_and_training(tmp_path, monkeyp
     assert rl_metrics(tmp_path / "fp8")[0]["kl"] < 1e-7
 
 
-def test_kl_reference_is_the_policy_rl_starts_from(tmp_path, monkeypatch):
-    """After the cold-start SFT the reference is the SFT policy (R1's RL starts from it), not the
-    untrained model: the first update's KL is 0, and it grows once the policy moves."""
+def test_the_kl_reference_is_the_sft_policy_then_refreshed_every_ref_update_steps(tmp_path, monkeypatch):
+    """After the cold-start SFT the reference is the SFT policy (R1's RL starts from it), not the untrained model:
+    the first update's KL is 0; it grows once the policy moves, and is 0 again after each refresh (every 3 steps)."""
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
     from r1fast.train import run
 
     # the length reward differs within groups (the untrained model's completions stop at different lengths)
-    run(tiny_config(tmp_path, "--train.steps", "3", "--train.name", "kl", "--grpo.beta", "0.04", "--train.log_every", "1",
-             "--train.lr", "1e-2", "--rewards.weights", "{length_cosine = 1.0}"))
+    run(tiny_config(tmp_path, "--train.steps", "5", "--train.name", "kl", "--grpo.beta", "0.04", "--train.log_every",
+                    "1", "--train.lr", "1e-2", "--rewards.weights", "{length_cosine = 1.0}", "--grpo.ref_update_steps",
+                    "3"))
     kl = [m["kl"] for m in rl_metrics(tmp_path / "kl")]
-    assert len(kl) == 3 and kl[0] < 1e-7 and kl[2] > 1e-5, kl
+    assert len(kl) == 5, kl
+    assert kl[0] < 1e-7 and kl[3] < 1e-7, kl  # step 0 from the SFT policy, step 3 from a fresh copy
+    assert kl[2] > 1e-5 and kl[4] > 1e-5, kl
 
 
 @pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path):
-    # a KL reference refreshed every step (under FSDP2 its copy is shard to shard)
-    common = ("--train.steps", "2", "--grpo.beta", "0.04", "--grpo.ref_update_steps", "1")
+    # a KL reference refreshed every step (under FSDP2 its copy is shard to shard); the length reward differs
+    # within groups, so the loss is not 0
+    common = ("--train.steps", "2", "--grpo.beta", "0.04", "--grpo.ref_update_steps", "1", "--train.log_every", "1",
+              "--rewards.weights", "{length_cosine = 1.0}")
     one = run_cli(tmp_path, "one", 1, *common)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "cold-start SFT" not in one.stdout + one.stderr  # R1FAST_PROGRESS=0 silences the bars
@@ -108,6 +114,30 @@ def test_two_ranks_equal_one_rank(tmp_path):
     sb = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert sa["eval_after_rl"]["num_prompts"] == sb["eval_after_rl"]["num_prompts"] == 4
     assert sb["world_size"] == 2
+    # and the same logged step: AdamW is invariant to the gradient's scale, so the weights alone miss a dapo
+    # normalizer (TINY's loss type) or metrics off by the world size
+    ra, rb = rl_metrics(tmp_path / "one"), rl_metrics(tmp_path / "two")
+    assert abs(ra[0]["loss"]) > 1e-3 and ra[0]["grad_norm"] > 1e-2  # step 1 has reward variance (-0.053, 0.20)
+    for ma, mb in zip(ra, rb, strict=True):
+        assert ma["active_tokens"] == mb["active_tokens"] > 0
+        for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "reward_mean"):
+            assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.dist
+def test_two_ranks_log_the_grpo_loss_and_gradient_norm_of_one_rank(tmp_path):
+    """grpo's per-sequence mean over micro-batches and ranks (the dapo side: test_two_ranks_equal_one_rank)."""
+    runs = []
+    for name, nproc in (("one", 1), ("two", 2)):
+        done = run_cli(tmp_path, name, nproc, "--grpo.beta", "0.04", "--rewards.weights", "{length_cosine = 1.0}",
+                       "--train.log_every", "1", "--train.steps", "1", "--grpo.loss_type", "grpo")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(rl_metrics(tmp_path / name)[0])
+    one, two = runs
+    assert one["active_tokens"] == two["active_tokens"] > 0 and one["grad_norm"] > 1e-2  # the loss itself is ~0:
+    # grpo's per-sequence means of zero-mean advantages at ratio 1; the gradient norm (0.35) carries the scale
+    for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "reward_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
 
 
 def test_bad_config_fails_before_training_with_one_line(tmp_path):

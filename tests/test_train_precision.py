@@ -79,7 +79,9 @@ def test_rmsnorm_bf16_bit_identical_to_transformers():
     xd = x.double()
     normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     torch.testing.assert_close(out, expect, atol=0, rtol=0)
-    torch.testing.assert_close(out, w * normed, atol=0, rtol=0)
+    # the fp64 normalization can round the other way near a tie (8 of 200 seeds): within one bf16 step of it
+    ulp = torch.finfo(torch.bfloat16).eps * (w * normed).abs().float()
+    assert ((out.float() - (w * normed).float()).abs() <= ulp).all()
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
