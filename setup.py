@@ -98,8 +98,9 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
-        # liger-kernel: the drop-in equality test runs against it (its torch path works on CPU)
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "liger-kernel>=0.8"],
+        # liger-kernel: the drop-in equality test runs against it (its torch path works on CPU); transformers 5:
+        # the architecture and RoPE tests read config.rope_parameters (4.x has only rope_scaling)
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5", "liger-kernel>=0.8"],
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
     },
