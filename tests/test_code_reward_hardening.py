@@ -10,6 +10,7 @@ import r1fast.rewards.code as code_mod
 from r1fast.rewards import combine
 from r1fast.rewards import sandbox as sandbox_mod
 from r1fast.rewards.code import code_batch, code_reward, extract_code, parse_tests
+from r1fast.rewards.code_extract import fenced_blocks
 from r1fast.rewards.sandbox import SandboxError, SandboxLimits, _run_isolated, capabilities, run_python
 
 FAST = SandboxLimits(wall_time_s=3, cpu_time_s=2, memory_bytes=256 * 2**20, max_processes=8,
@@ -167,3 +168,35 @@ def test_good_code_params_pass_and_apply():
     assert (limits.wall_time_s, limits.cpu_time_s, limits.memory_bytes) == (2.5, 3, 128 * 2**20)
     with pytest.raises(ValueError, match="limits.memory_bytes: expected an int in .*, got 1.0"):
         SandboxLimits(memory_bytes=1.0).validate()
+
+
+# ---- fence rules (CommonMark fenced code blocks) ----------------------------------------------------
+
+def test_four_space_indent_is_no_fence():
+    # 4+ spaces make an indented code block in CommonMark, not a fence: nothing is fenced here
+    text = "Code:\n    ```python\n    A\n    ```\n"
+    assert fenced_blocks(text) == []
+    assert extract_code(_answer(text)) == text.strip()
+    assert fenced_blocks("   ```python\n   A\n   ```\n") == [("python", "A\n")]
+
+
+def test_a_longer_closing_fence_closes():
+    assert fenced_blocks("```python\nA\n`````\nB\n") == [("python", "A\n")]
+    assert extract_code(_answer("```python\nA\n````\nprose\n")) == "A\n"
+
+
+def test_lone_carriage_returns_are_newlines():
+    assert extract_code(_answer("```python\rA\rB\r```\r")) == "A\nB\n"
+
+
+def test_body_lines_indented_less_than_the_fence_keep_their_text():
+    text = "Code:\n  ```python\nx = 1\n y = 2\n    z = 3\n  ```\n"
+    assert extract_code(_answer(text)) == "x = 1\ny = 2\n  z = 3\n"
+
+
+def test_blank_answer_is_no_program():
+    assert extract_code("<think>t</think><answer>\n \n</answer>") is None
+
+
+def test_closing_fence_may_carry_trailing_whitespace():
+    assert extract_code(_answer("```python\nA\n```   \t\nprose\n")) == "A\n"

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from r1fast.tokenizer import ALPHABET, R1_TAGS, CharTokenizer, HFTokenizer, load
 
@@ -199,3 +199,27 @@ def test_chat_template_is_sandboxed(tmp_path):
         [{"role": "user", "content": marker}]) == "<PosixPath>"
     with pytest.raises(ValueError, match="chat template: roles must alternate"):
         CharTokenizer(chat_template="{{ raise_exception('roles must alternate') }}").apply_chat_template(MESSAGES)
+
+
+def test_missing_pad_token_falls_back_to_eos():
+    char = CharTokenizer()
+    tok = HFTokenizer(char.to_hf_tokenizer(), {"bos_token": "<bos>", "eos_token": "<eos>"})
+    assert tok.eos_id == char.eos_id != 0
+    assert tok.pad_id == tok.eos_id
+    tok = HFTokenizer(char.to_hf_tokenizer(), {"eos_token": "<eos>", "pad_token": "<pad>"})
+    assert tok.pad_id == char.pad_id and tok.eos_id == char.eos_id
+
+
+def test_negative_ids_are_refused_not_wrapped():
+    char = CharTokenizer()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        char.decode([char.token_to_id["a"], -1])
+
+
+def test_vocab_size_counts_tokens_added_outside_the_model():
+    char = CharTokenizer()
+    hf = char.to_hf_tokenizer()
+    hf.add_special_tokens([AddedToken("<extra_special>", special=True, normalized=False)])
+    tok = HFTokenizer(hf, {"eos_token": "<eos>"})
+    assert tok.vocab_size == char.vocab_size + 1
+    assert tok.encode("<extra_special>") == [char.vocab_size]  # an id the embedding must have a row for

@@ -201,3 +201,23 @@ if __name__ == "__main__":  # the measurement behind chat_template.py's RENDER_D
         start = time.perf_counter()
         out = render(template, messages, True, SPECIALS)
         print(f"{label}: {len(messages)} messages -> {len(out)} characters in {time.perf_counter() - start:.3f} s")
+
+
+BOS_EOS = {"bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def test_default_named_template_is_used_even_when_not_first():
+    assert render({"tool_use": "T", "default": "D{{ eos_token }}", "rag": "R"}, [], True, BOS_EOS) == "D<eos>"
+
+
+@pytest.mark.parametrize("base", ["2", "(-2)"])
+def test_power_of_two_is_capped_too(base):
+    with pytest.raises(ValueError, match="MAX_INT_BITS"):
+        render("{{ (" + base + " ** (10 ** 6)) % 7 }}", [], True, BOS_EOS)
+    assert render("{{ " + base + " ** 10 }}", [], True, BOS_EOS) == "1024"
+
+
+def test_tojson_keeps_non_ascii_and_html_characters_as_transformers_does():
+    messages = [{"role": "user", "content": "π ≈ 3.14 <b>&</b> 你好"}]
+    out = render("{{ messages[0].content | tojson }}", messages, True, BOS_EOS)
+    assert out == '"π ≈ 3.14 <b>&</b> 你好"'
