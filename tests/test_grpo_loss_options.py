@@ -3,11 +3,12 @@ delta cap actually binding, and poisoned padding on the reference and on the ker
 
 Inputs are built so the options bind: old log-probs are set from the true log-probs to put each token's
 ratio where we want it (far below 1 - eps_low, between the two bounds of an asymmetric range, above delta).
-The oracle is a dense fp64 transcription of the documented formulas, written here.
+The oracle is test_grpo_loss.dense_oracle (TRL's loss on materialized logits) in fp64.
 """
 
 import pytest
 import torch
+from test_grpo_loss import dense_oracle
 
 from r1fast.kernels import grpo_loss as fused
 from r1fast.kernels import ref_grpo_loss as ref
@@ -31,18 +32,6 @@ def _inputs():
     return hidden, weight, ids, mask, adv, old
 
 
-def _oracle(hidden, weight, ids, mask, adv, old, *, eps_low, eps_high, delta, loss_type="bnpo"):
-    lp = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, ids[..., None])[..., 0]
-    r = torch.exp(lp - old)
-    a = adv[:, None]
-    capped = r if delta is None else torch.clamp(r, max=delta)
-    per = -torch.min(capped * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
-    m = mask.double()
-    loss = (per * m).sum() / m.sum()
-    clipped = ((r < 1 - eps_low) & (a < 0)) | ((r > 1 + eps_high) & (a > 0))
-    return loss, (clipped & mask).sum() / m.sum()
-
-
 @pytest.mark.parametrize("impl", ["ref", "kernel"])
 @pytest.mark.parametrize("eps_low,eps_high,delta", [(0.2, 0.28, None), (0.05, 0.4, None), (0.2, 0.28, 1.5)])
 def test_asymmetric_clip_and_delta_match_oracle(impl, eps_low, eps_high, delta):
@@ -55,7 +44,9 @@ def test_asymmetric_clip_and_delta_match_oracle(impl, eps_low, eps_high, delta):
                        eps_high=eps_high, delta=delta, loss_type="bnpo")
     loss.backward()
     h64 = hidden.detach().clone().requires_grad_(True)
-    want_loss, want_clip = _oracle(h64, weight, ids, mask, adv, old, eps_low=eps_low, eps_high=eps_high, delta=delta)
+    want_loss, want_metrics, _, _ = dense_oracle(h64, weight, None, ids, mask, adv, old=old, eps_low=eps_low,
+                                                 eps_high=eps_high, delta=delta, temperature=1.0, loss_type="bnpo")
+    want_clip = want_metrics["clip_frac"]
     want_loss.backward()
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     assert abs(loss.item() - want_loss.item()) <= tol * max(1.0, abs(want_loss.item()))

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from test_grpo_loss import dense_oracle
 
 import r1fast.integrations.liger as liger_mod
 from r1fast.integrations.liger import FusedLinearGRPOLoss
@@ -56,17 +57,12 @@ def _logps64(hidden, weight, ids):
     return torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
 
 
-def _oracle(hidden, weight, ids, mask, adv, old, ref, *, beta, eps_low, eps_high, normalizer):
-    """Token-level GRPO, Liger's formula: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta k3, summed over
-    active tokens / normalizer."""
-    logp = _logps64(hidden, weight, ids)
-    ratio = torch.exp(logp - (logp if old is None else old.double()))
-    a = adv.double()[:, None]
-    per_tok = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-    if beta:
-        d = ref.double() - logp
-        per_tok = per_tok + beta * (torch.exp(d) - d - 1)
-    return (per_tok * mask.double()).sum() / normalizer
+def _oracle(hidden, weight, ids, mask, adv, old, ref, *, beta, normalizer):
+    """Token-level dapo in fp64 (test_grpo_loss.dense_oracle, TRL's formula), temperature 1."""
+    loss, _, _, _ = dense_oracle(hidden.double(), weight.double(), None, ids, mask, adv.double(),
+                                 old=None if old is None else old.double(), ref_lp=None if ref is None else ref.double(),
+                                 beta=beta, temperature=1.0, loss_type="dapo", normalizer=normalizer)
+    return loss
 
 
 def _call(module, hidden, weight, ids, mask, adv, old, ref, **kw):
@@ -83,8 +79,7 @@ def test_default_module_is_dapo_with_beta_004_and_symmetric_clip_0_2():
     ref = logp + 0.3
     loss, metrics = _call(FusedLinearGRPOLoss(), hidden, weight, ids, mask, adv, old, ref)
     assert len(metrics) == 2  # (kl, clip_ratio): beta != 0 by default
-    expect = _oracle(hidden, weight, ids, mask, adv, old, ref, beta=0.04, eps_low=0.2, eps_high=0.2,
-                     normalizer=float(mask.sum()))
+    expect = _oracle(hidden, weight, ids, mask, adv, old, ref, beta=0.04, normalizer=float(mask.sum()))
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
 
 
@@ -101,8 +96,7 @@ def test_dapo_normalizer_over_several_processes(monkeypatch, world, num_items, e
         expect_norm = float(mask.sum())  # world * count / world
     loss, _ = _call(FusedLinearGRPOLoss(beta=0.0), hidden, weight, ids, mask, adv, None, None,
                     num_items_in_batch=num_items)
-    expect = _oracle(hidden, weight, ids, mask, adv, None, None, beta=0.0, eps_low=0.2, eps_high=0.2,
-                     normalizer=expect_norm)
+    expect = _oracle(hidden, weight, ids, mask, adv, None, None, beta=0.0, normalizer=expect_norm)
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from test_model import V, saved_hf  # noqa: E402
+from test_moe_routing import _v3_args  # noqa: E402
 
 from r1fast.checkpoint import SINGLE_FILE  # noqa: E402
 from r1fast.model import Transformer  # noqa: E402
@@ -205,15 +206,8 @@ def test_tied_config_with_an_equal_or_lone_stored_head_stays_tied(tmp_path, head
     assert _logits_error(tmp_path, ours) < 1e-5
 
 
-def _v3_moe_args():
-    return ModelArgs(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                     num_heads=2, num_kv_heads=2, head_dim=16, v_head_dim=8, kv_lora_rank=8, qk_nope_head_dim=8,
-                     qk_rope_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                     n_shared_experts=1, first_k_dense_replace=1, topk_method="noaux_tc", scoring_func="sigmoid")
-
-
 def test_bf16_save_keeps_selection_bias_fp32(tmp_path):
-    model = Transformer.from_config(_v3_moe_args(), seed=0)
+    model = Transformer.from_config(_v3_args(), seed=0)
     gate = next(m for m in model.modules() if isinstance(m, MoE)).gate
     bias = torch.tensor([0.1234567, -0.0456789, 0.3333333, 1e-4])  # not bf16-representable
     with torch.no_grad():

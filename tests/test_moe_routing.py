@@ -105,10 +105,8 @@ def test_bf16_router_scores_in_fp32():
 
 
 def _v3_args():
-    return ModelArgs(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                     num_heads=2, num_kv_heads=2, head_dim=16, v_head_dim=8, kv_lora_rank=8, qk_nope_head_dim=8,
-                     qk_rope_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                     n_shared_experts=1, first_k_dense_replace=1, topk_method="noaux_tc", scoring_func="sigmoid")
+    return _v3_router_args(hidden_size=32, n_routed_experts=4, num_experts_per_tok=2, topk_method="noaux_tc",
+                           scoring_func="sigmoid")
 
 
 def test_reset_parameters_zeroes_the_router_selection_bias():

@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from test_rejection import GOOD, _trace
 
 import r1fast.distributed as D
 from r1fast.config_io import ConfigError
@@ -12,21 +13,12 @@ from r1fast.rejection import RejectionConfig, filter_traces, sample_traces
 from r1fast.rollout import Completion
 from r1fast.tokenizer import CharTokenizer
 
-GOOD = "<think>3+4=7, 7+5=12</think><answer>12</answer>"
-
-
-def _trace(i, completion, rewards):
-    return {"prompt": f"p{i}", "completion": completion, "prompt_index": i, "rewards": rewards, "num_tokens": 20,
-            "finish_reason": "stop"}
-
 
 def test_partial_accuracy_and_a_missing_format_reward_are_incorrect():
     """Kept: accuracy 1 (and format 1 when require_format); partial credit is not correct, and a reward dict
     without "format" does not pass the format requirement."""
     cfg = RejectionConfig(checkpoint="c", data="d", out="o")
-    traces = [_trace(0, GOOD, {"accuracy": 0.5, "format": 1.0}),
-              _trace(1, GOOD, {"accuracy": 1.0}),
-              _trace(2, GOOD, {"accuracy": 1.0, "format": 1.0})]
+    traces = [_trace(0, GOOD, acc=0.5), {**_trace(1, GOOD), "rewards": {"accuracy": 1.0}}, _trace(2, GOOD)]
     kept, counts = filter_traces(traces, cfg)
     assert [t["prompt_index"] for t in kept] == [2]
     assert counts["incorrect"] == 2
@@ -111,7 +103,7 @@ def test_written_records_carry_each_traces_provenance(tmp_path):
     from r1fast.rejection import _write_jsonl
 
     cfg = RejectionConfig(checkpoint=str(tmp_path / "ckpt"), data=str(tmp_path / "d.jsonl"), out="o", k=2, seed=3)
-    kept = [{**_trace(i, GOOD, {"accuracy": 1.0, "format": 1.0}), "answer": "12", "task": "addition", "id": f"a{i}",
+    kept = [{**_trace(i, GOOD), "answer": "12", "task": "addition", "id": f"a{i}",
              "sample_index": i, "seed": 100 + i, "num_tokens": 7 + i, "finish_reason": "stop"} for i in range(2)]
     out = tmp_path / "sub" / "kept.jsonl"
     _write_jsonl(str(out), kept, cfg, "compact")
@@ -136,7 +128,7 @@ def test_counts_prompts_with_a_kept_trace_not_kept_traces(tmp_path, tiny_checkpo
 
     def fake_traces(engine, tokenizer, samples, cfg, score, **kw):
         made = [(0, 0, thoughts[0], 1.0), (0, 1, thoughts[1], 1.0), (1, 0, thoughts[2], 1.0), (2, 0, thoughts[0], 0.0)]
-        return [{**_trace(i, f"<think>{t}</think><answer>{i + 1}</answer>", {"accuracy": acc, "format": 1.0}),
+        return [{**_trace(i, f"<think>{t}</think><answer>{i + 1}</answer>", acc=acc),
                  "answer": str(i + 1), "task": "math", "id": f"p{i}", "sample_index": j, "seed": j}
                 for i, j, t, acc in made]
 

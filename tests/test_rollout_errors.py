@@ -9,27 +9,18 @@ Tiny random fp32 models on CPU with the PyTorch reference kernels (``R1FAST_KERN
 import numpy as np
 import pytest
 import torch
+from rollout_testing import VOCAB, tiny_model
 
 import r1fast.rollout.engine as engine_module
 from r1fast.kernels import backend
 from r1fast.kernels.paged_attention import append_kv
-from r1fast.model import Transformer
-from r1fast.model_config import ModelArgs
 from r1fast.rollout import Engine
 from r1fast.rollout.sampler import SamplingParams, SequenceRandom, sample
-
-VOCAB = 101
 
 
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch):
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
-
-
-def tiny_model(max_position_embeddings=4096):
-    args = ModelArgs(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=max_position_embeddings)
-    return Transformer.from_config(args, seed=1)
 
 
 def assert_all_blocks_free(engine):

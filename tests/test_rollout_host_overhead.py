@@ -12,30 +12,16 @@ import contextlib
 
 import pytest
 import torch
+from rollout_testing import VOCAB, prompts_of, tiny_model
 
 import r1fast.rollout.engine as engine_module
-from r1fast.model import Transformer
-from r1fast.model_config import ModelArgs
 from r1fast.rollout import Engine, cuda_graphs
 from r1fast.rollout.sampler import SamplingParams, SequenceRandom, sample
-
-VOCAB = 101
 
 
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch):
     monkeypatch.setenv("R1FAST_KERNELS", "torch")
-
-
-def tiny_model(num_layers=2):
-    args = ModelArgs(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=num_layers, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=4096)
-    return Transformer.from_config(args, seed=1)
-
-
-def prompts_of(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
 
 
 def outputs(result):
