@@ -8,11 +8,13 @@ activations other than SiLU, unknown architectures) is refused with a ``ValueErr
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .config_io import ConfigError
+from .hf_config_defaults import hf_value
 from .rope_config import read_rope, rope_fields
 
 ARCHITECTURES = {
@@ -184,59 +186,56 @@ class ModelArgs:
         if cfg.get("use_sliding_window") or (model_type == "llama" and cfg.get("sliding_window")):
             raise ValueError("use_sliding_window=True is not supported")
         rope_theta, rope = read_rope(cfg)
+        hf = functools.partial(hf_value, cfg, model_type)  # the key, else transformers' default
         heads = cfg["num_attention_heads"]
         common = dict(
             model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"), torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            rms_norm_eps=hf("rms_norm_eps"), rope_theta=rope_theta, rope_scaling=rope,
+            max_position_embeddings=hf("max_position_embeddings"),
+            tie_word_embeddings=bool(hf("tie_word_embeddings")),
+            bos_token_id=hf("bos_token_id"), eos_token_id=hf("eos_token_id"),
+            pad_token_id=hf("pad_token_id"), torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             hf_config=copy.deepcopy(cfg),
         )
         if model_type.startswith("deepseek"):
-            nope, rdim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+            nope, rdim = hf("qk_nope_head_dim"), hf("qk_rope_head_dim")
             v2 = model_type == "deepseek_v2"
-            if cfg.get("attention_bias"):
+            if hf("attention_bias"):
                 raise ValueError("attention_bias=True is not supported for MLA")
             args = cls(
                 **common,
                 num_kv_heads=heads,
                 head_dim=nope + rdim,
-                v_head_dim=cfg["v_head_dim"],
-                q_lora_rank=cfg.get("q_lora_rank"),
-                kv_lora_rank=cfg["kv_lora_rank"],
-                qk_nope_head_dim=nope,
-                qk_rope_head_dim=rdim,
+                v_head_dim=hf("v_head_dim"), q_lora_rank=hf("q_lora_rank"), kv_lora_rank=hf("kv_lora_rank"),
+                qk_nope_head_dim=nope, qk_rope_head_dim=rdim,
                 # V2 always rotates interleaved pairs (complex multiply); V3 says so in rope_interleave.
-                rope_interleave=True if v2 else bool(cfg.get("rope_interleave", True)),
-                n_routed_experts=cfg.get("n_routed_experts") or 0,
-                n_shared_experts=cfg.get("n_shared_experts") or 0,
-                num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
-                moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
-                first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+                rope_interleave=True if v2 else bool(hf("rope_interleave")),
+                n_routed_experts=hf("n_routed_experts") or 0,
+                n_shared_experts=hf("n_shared_experts") or 0,
+                num_experts_per_tok=hf("num_experts_per_tok") or 0,
+                moe_intermediate_size=hf("moe_intermediate_size") or 0,
+                first_k_dense_replace=hf("first_k_dense_replace") or 0,
                 moe_layer_freq=cfg.get("moe_layer_freq") or 1,
                 scoring_func="softmax" if v2 else cfg.get("scoring_func", "sigmoid"),
                 topk_method=cfg.get("topk_method") or ("greedy" if v2 else "noaux_tc"),
-                n_group=cfg.get("n_group") or 1,
-                topk_group=cfg.get("topk_group") or 1,
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", not v2)),
-                routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                n_group=hf("n_group") or 1, topk_group=hf("topk_group") or 1,
+                norm_topk_prob=bool(hf("norm_topk_prob")),
+                routed_scaling_factor=float(hf("routed_scaling_factor")),
             )
             mismatch = args._deepseek_moe_mismatch()
             if mismatch:  # refused here, not later as a puzzling missing / unexpected tensor
                 raise ValueError(f"{mismatch[0]} is not supported for model_type={model_type!r}: {mismatch[1]}")
             return args
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        bias = bool(cfg.get("attention_bias", False))
+        head_dim = hf("head_dim") or cfg["hidden_size"] // heads
+        bias = bool(hf("attention_bias"))
         return cls(
             **common,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            num_kv_heads=hf("num_key_value_heads") or heads,
             head_dim=head_dim,
             qkv_bias=True if model_type == "qwen2" else bias,
             o_bias=False if model_type == "qwen2" else bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(hf("mlp_bias")),
             qk_norm=model_type == "qwen3",
         )
 

@@ -102,12 +102,16 @@ def test_dense_deepseek_config_builds_no_moe_layer():
 
 # ---- config.json fields left out take transformers' defaults; settings r1fast cannot run are refused ----
 
-HF_DENSE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+HF_DENSE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4)  # Qwen reads a missing count as 32 (below)
 HF_MLA = dict(HF_DENSE, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-           num_experts_per_tok=2, moe_intermediate_size=16)
+              num_experts_per_tok=2, moe_intermediate_size=16, n_group=1, topk_group=1)  # V3's n_group 8 > 4 experts
+MODEL_TYPES = ["llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v2"]
+# what ModelArgs calls each config.json key that HF_DEFAULTS covers
+ARG_OF_KEY = dict(num_key_value_heads="num_kv_heads", num_hidden_layers="num_layers")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_minimal_config_defaults_match_transformers(model_type):
     transformers = pytest.importorskip("transformers", minversion="5")  # rope_parameters, qwen3, deepseek_v2
     cfg = dict(HF_MLA if model_type.startswith("deepseek") else HF_DENSE, model_type=model_type)
@@ -118,8 +122,51 @@ def test_minimal_config_defaults_match_transformers(model_type):
     assert args.rope_scaling is None
     assert args.tie_word_embeddings is False and hf.tie_word_embeddings is False
     assert args.num_kv_heads == 4
+    assert args.max_position_embeddings == hf.max_position_embeddings
+    assert (args.bos_token_id, args.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
     if model_type.startswith("deepseek"):
         assert args.norm_topk_prob == hf.norm_topk_prob == (model_type == "deepseek_v3")
+        for key in ("routed_scaling_factor", "first_k_dense_replace", "q_lora_rank", "n_shared_experts"):
+            assert getattr(args, key) == getattr(hf, key), key
+    else:
+        assert args.head_dim == hf.head_dim if model_type != "qwen2" else args.head_dim == 32 // 4
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("heads,hidden", [(32, 64 * 32), (64, 48 * 64)])
+def test_every_default_r1fast_fills_in_is_the_one_transformers_does(model_type, heads, hidden):
+    """hf_config_defaults.HF_DEFAULTS against transformers' config classes, key by key (DeepSeek-V3's full-size
+    router defaults included: a config.json without routed_scaling_factor is scaled by 2.5 there, so here too)."""
+    transformers = pytest.importorskip("transformers", minversion="5")
+    from r1fast.hf_config_defaults import HF_DEFAULTS, hf_value
+
+    core = dict(vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=1, num_attention_heads=heads)
+    hf = transformers.AutoConfig.for_model(model_type, **core)
+    # a key the class lacks: its modeling code's fallback (no such bias; Qwen2's head_dim getattr)
+    lacking = dict(attention_bias=False, mlp_bias=False, head_dim=hidden // heads)
+    for key in HF_DEFAULTS[model_type]:
+        assert hf_value(core, model_type, key) == getattr(hf, key, lacking.get(key, "no default")), key
+    assert hf_value(dict(core, routed_scaling_factor=None), model_type, "routed_scaling_factor") is None  # key wins
+
+
+def test_deepseek_v3_without_router_fields_takes_the_full_size_router():
+    cfg = {k: v for k, v in HF_MLA.items() if k not in ("n_group", "topk_group")}
+    cfg.update(model_type="deepseek_v3", n_routed_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
+    args = ModelArgs.from_hf_config(cfg)
+    assert (args.routed_scaling_factor, args.n_group, args.topk_group, args.first_k_dense_replace) == (2.5, 8, 4, 3)
+    assert args.q_lora_rank == 1536 and ModelArgs.from_hf_config(dict(cfg, q_lora_rank=None)).q_lora_rank is None
+    assert [args.is_moe_layer(i) for i in range(4)] == [False, False, False, True]
+    with pytest.raises(ValueError, match="n_group=8"):  # 4 experts cannot form transformers' 8 groups
+        ModelArgs.from_hf_config(dict(cfg, n_routed_experts=4, num_experts_per_tok=2))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_without_kv_head_count_reads_32_or_is_refused(model_type):
+    cfg = {k: v for k, v in HF_DENSE.items() if k != "num_key_value_heads"}
+    with pytest.raises(ValueError, match="no num_key_value_heads.*num_attention_heads=4"):
+        ModelArgs.from_hf_config(dict(cfg, model_type=model_type))
+    assert ModelArgs.from_hf_config(dict(cfg, model_type=model_type, num_attention_heads=64, hidden_size=256,
+                                         head_dim=8)).num_kv_heads == 32
 
 
 def test_deepseek_v3_without_rope_interleave_rotates_interleaved_pairs():
