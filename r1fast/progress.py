@@ -44,7 +44,7 @@ def _format_fields(fields: dict[str, Any]) -> str:
 
 
 def _format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = round(seconds)  # not int(): (start + 3665) - start is 3664.9999... for most monotonic starts
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
