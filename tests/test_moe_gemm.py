@@ -85,6 +85,28 @@ def test_wgrad_matches_reference_and_accumulates():
     assert torch.equal(unpadded, out)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_wgrad_boundary_and_inner_tiles(aligned):
+    """The kernel runs an expert's boundary tiles (token-masked: the head it shares with the previous expert,
+    the partial tail) apart from its pipelined loop over whole inner tiles: experts with several inner tiles,
+    one inside a single tile, empty ones, in both layouts; N past the last whole 128 (masked rows)."""
+    sizes = [37, 400, 0, 129, 256, 1]  # packed: expert 1 = head, 2 inner tiles, tail; expert 3 ends on a tile
+    M, N, K = sum(sizes), 136, 128
+    group_sizes = torch.tensor(sizes, dtype=torch.int32)
+    layout = dict(group_sizes=group_sizes) if aligned else {}
+    dyt, dyts = fp8.quantize_fp8_128x1(torch.randn(M, N), **layout)
+    xt, xts = fp8.quantize_fp8_128x1(torch.randn(M, K), **layout)
+    out = moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, group_aligned=aligned)
+    a = ref_fp8.dequantize_fp8(dyt, dyts, (1, 128)).double()
+    b = ref_fp8.dequantize_fp8(xt, xts, (1, 128)).double()
+    start = _offsets([-(-n // 128) * 128 for n in sizes] if aligned else sizes)
+    ref = torch.stack([a[:, s:s + n] @ b[:, s:s + n].T for s, n in zip(start, sizes)])
+    fp32 = torch.stack([a[:, s:s + n].float() @ b[:, s:s + n].float().T for s, n in zip(start, sizes)])
+    assert torch.all(out[2] == 0)
+    assert calc_diff(out, ref) < 1e-10
+    assert_close_to_ref(out, ref, fp32, name="wgrad")
+
+
 def test_group_aligned_wgrad_reduces_each_expert_over_its_own_tiles():
     """``group_aligned=True`` reads the layout of ``quantize_fp8_128x1(..., group_sizes=)``: each expert's
     gradient equals the single-expert wgrad of that expert's rows quantized alone."""
