@@ -25,7 +25,7 @@ H = 64
 TINY = dict(vocab_size=V, hidden_size=H, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
             moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
-            first_k_dense_replace=1)
+            first_k_dense_replace=1, n_group=1, topk_group=1)  # left out, V3 reads transformers' 8 groups of 4
 
 
 def _save_hf(config, path):
