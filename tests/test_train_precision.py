@@ -13,6 +13,12 @@ from r1fast.model import RMSNorm
 from r1fast.parallelize import master_and_compute_dtypes
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own values as a plain tensor: a DTensor's local shard, else the tensor, detached."""
+    p = p.detach()
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def test_bf16_run_updates_fp32_masters_computes_in_bf16_and_saves_bf16(tmp_path, monkeypatch):
     """At lr 1e-6 a bf16 parameter (ulp 2^-8 relative) cannot take AdamW's ~1e-6 steps: 77 of 28,320 weights
     moved in two steps before. The masters are fp32 and nearly all move; the rollout's KV cache, the KL
@@ -25,11 +31,13 @@ def test_bf16_run_updates_fp32_masters_computes_in_bf16_and_saves_bf16(tmp_path,
     real_step = train.Trainer.grpo_step
 
     def step_and_compare(self, step):
-        before = {n: p.detach().clone() for n, p in self.root.named_parameters()}
+        # the local shards (FSDP2 parameters are DTensors): torch 2.11's DTensor has no sharding rule for
+        # aten.ne.Tensor ("does not have a sharding strategy registered"); 2.13 derives pointwise ones from tags
+        before = {n: _local(p).clone() for n, p in self.root.named_parameters()}
         out = real_step(self, step)
         params = dict(self.root.named_parameters())
         seen["dtypes"] = {p.dtype for p in params.values()}
-        seen["moved"] = sum(int((params[n].detach() != b).sum()) for n, b in before.items())
+        seen["moved"] = sum(int((_local(params[n]) != b).sum()) for n, b in before.items())
         seen["total"] = sum(b.numel() for b in before.values())
         seen["cache"] = self.engine.cache.dtype if hasattr(self.engine.cache, "dtype") else self.engine.dtype
         seen["ref"] = {p.dtype for p in self.ref_root.parameters()}
