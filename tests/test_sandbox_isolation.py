@@ -7,6 +7,7 @@ Each protection is skipped where ``capabilities()`` reports the OS refuses it; t
 import logging
 import os
 import stat
+import subprocess
 import sys
 import time
 import uuid
@@ -130,6 +131,20 @@ def test_jail_shows_the_trainers_python_prefix():
     caps = {**capabilities(), "python": sys.executable}
     result = _run_isolated("import sys, json\nprint(sys.base_prefix)\n", "", FAST, caps)
     assert result.ok and result.stdout == sys.base_prefix + "\n", result
+
+
+def test_jail_runs_a_python_from_a_venv_under_tmp(tmp_path):
+    """The jail mounts a fresh /tmp: a venv made under /tmp was hidden under it and its python failed to start
+    (SandboxError: FileNotFoundError) until the jail bound such prefixes over the fresh tmpfs."""
+    _require("filesystem")
+    venv = tmp_path / "venv"  # pytest's tmp_path lives under /tmp
+    assert str(venv).startswith("/tmp/")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    caps = {**capabilities(), "python": python}
+    result = _run_isolated("import sys\nprint(sys.executable)\n", "", FAST, caps)  # -S: no venv prefix to show
+    assert result.ok and result.stdout == python + "\n", result
+    assert str(venv) in _jail_binds(python)
 
 
 def test_memory_limit_covers_the_whole_run():
