@@ -15,6 +15,13 @@
 #   R1FAST_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_checks.sh bench
 # (without it the results are named and marked "unknown-commit"). Copy what comes back under
 # bench/results/ and commit it.
+#
+# The GPU image (torch 2.11, Triton 3.6, transformers 5.17, Python 3.12) lacks liger-kernel (the GRPO loss
+# peers of issue 3 and the Liger drop-in tests skip without it) and math-verify (math rewards; the tiny recipe
+# does not grade math). Carry them as wheels, as the device README says: liger-kernel==0.8.5, and for
+# math-verify==0.9.0 also latex2sympy2_extended==1.11.0 and antlr4-python3-runtime==4.13.2 (1.3 MB together).
+# Checked on a CPU venv of that stack (2026-11-24): no r1fast code misses an API there; the CPU suite passes
+# except where Triton 3.6's interpreter meets NumPy >= 2.4 (r1fast names it; nothing interprets on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PARTS="tests|bench|bench-full|bench-rollout|train"
