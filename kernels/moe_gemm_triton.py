@@ -64,16 +64,21 @@ def _wgrad_tile(acc, tile, at_ptrs, n_ok, bt_ptrs, k_ok, scales, row_start, row_
 
     ``scales``: the tile's [BLOCK, 2] scales (column 0: at's of row n, column 1: bt's of column k).
     ``MASK_TOKENS``: the tile holds tokens outside [row_start, row_end) (the previous expert's, or those past
-    the last token), which A's load reads as zeros. Only an expert's first and last tiles can: the pipelined
-    loop over the others has no token mask (a mask along the contiguous token axis keeps Triton from issuing
-    async copies, and a ``where`` on A routed it shared -> registers -> shared before every wgmma).
+    the last token), which both loads read as zeros: padding may hold any bytes (a caller's torch.empty
+    buffer; 0x7F and 0xFF are e4m3 NaN, and 0 x NaN is NaN), so zeroing one operand is not enough. Only an
+    expert's first and last tiles can: the pipelined loop over the others has no token mask (a mask along the
+    contiguous token axis keeps Triton from issuing async copies, and a ``where`` on A routed it
+    shared -> registers -> shared before every wgmma).
     """
     toks = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     a_ok = n_ok[:, None]
+    b_ok = k_ok[None, :]
     if MASK_TOKENS:
-        a_ok = a_ok & ((toks >= row_start) & (toks < row_end))[None, :]
+        t_ok = (toks >= row_start) & (toks < row_end)
+        a_ok = a_ok & t_ok[None, :]
+        b_ok = b_ok & t_ok[:, None]
     a = tl.load(at_ptrs + toks[None, :], mask=a_ok, other=0.0)
-    b = tl.load(bt_ptrs + toks[:, None], mask=k_ok[None, :], other=0.0)
+    b = tl.load(bt_ptrs + toks[:, None], mask=b_ok, other=0.0)
     a_scale, b_scale = tl.split(scales)
     chunk = dot(a, b, tl.zeros((a.shape[0], b.shape[1]), tl.float32))  # fresh fp32 accumulator per 128 tokens
     return acc + chunk * (a_scale[:, None] * b_scale[None, :])

@@ -107,6 +107,33 @@ def test_wgrad_boundary_and_inner_tiles(aligned):
     assert_close_to_ref(out, ref, fp32, name="wgrad")
 
 
+def _nan_tail(t: torch.Tensor, extra: int = 128) -> torch.Tensor:
+    """``t`` [R, M] fp8 as a view of storage whose every byte past column M is 0x7F (e4m3 NaN): the padding a
+    caller's torch.empty buffer may hold, and a whole tile beyond it."""
+    rows, m = t.shape
+    big = torch.full((rows, -(-m // 128) * 128 + extra), 0x7F, dtype=torch.uint8, device=t.device).view(t.dtype)
+    big[:, :m] = t
+    return big[:, :m]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [False, True])
+def test_wgrad_ignores_what_the_padding_holds_gpu(aligned):
+    """Tokens past an expert's last one (its tail tile's padding, storage beyond M) are in no product: NaN bytes
+    there (uninitialized memory: 2 of 256 byte values are e4m3 NaN, and 0 x NaN is NaN) leave the gradient as with
+    zero padding. GPU only: Triton's interpreter reads e4m3 0x7F as 480, so on CPU the NaN never shows."""
+    sizes = [37, 300, 0, 91]
+    M, N, K = sum(sizes), 136, 128
+    group_sizes = torch.tensor(sizes, dtype=torch.int32, device="cuda")
+    layout = dict(group_sizes=group_sizes) if aligned else {}
+    dyt, dyts = fp8.quantize_fp8_128x1(torch.randn(M, N, device="cuda"), **layout)
+    xt, xts = fp8.quantize_fp8_128x1(torch.randn(M, K, device="cuda"), **layout)
+    clean = moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, group_aligned=aligned)
+    poisoned = moe_gemm.fp8_grouped_gemm_wgrad(_nan_tail(dyt.clone()), dyts, _nan_tail(xt.clone()), xts, group_sizes,
+                                               group_aligned=aligned)
+    assert torch.isfinite(clean).all() and torch.equal(poisoned, clean)
+
+
 def test_group_aligned_wgrad_reduces_each_expert_over_its_own_tiles():
     """``group_aligned=True`` reads the layout of ``quantize_fp8_128x1(..., group_sizes=)``: each expert's
     gradient equals the single-expert wgrad of that expert's rows quantized alone."""
