@@ -80,13 +80,6 @@ def jail(j):
     new, scratch = j["root"], "size=%d,nr_inodes=4096,mode=1777" % j["scratch_bytes"]
     mount(None, "/", None, REC | PRIVATE)
     mount("tmpfs", new, "tmpfs", NOSUID | NODEV, "size=1m,nr_inodes=4096,mode=755")
-    scratch_dirs = ("/tmp", "/var/tmp", "/dev/shm")
-    in_scratch = lambda p: any(p == d or p.startswith(d + "/") for d in scratch_dirs)
-    for path in j["binds"]:
-        if os.path.islink(path) and path.count("/") == 1:
-            os.symlink(os.readlink(path), new + path)
-        elif os.path.isdir(path) and not in_scratch(path):
-            os.makedirs(new + path, exist_ok=True); bind_readonly(path, new + path)
     for path in ("/dev", "/proc", "/tmp", "/var/tmp"):
         os.makedirs(new + path, exist_ok=True)
     mount("tmpfs", new + "/dev", "tmpfs", NOSUID | NOEXEC, "size=64k,mode=755")
@@ -95,10 +88,13 @@ def jail(j):
     for name, target in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
         os.symlink("/proc/self/fd" + target, new + "/dev/" + name)
     os.mkdir(new + "/dev/shm")
-    for path in scratch_dirs:
+    for path in ("/tmp", "/var/tmp", "/dev/shm"):
         mount("tmpfs", new + path, "tmpfs", NOSUID | NODEV, scratch)
-    for path in j["binds"]:  # a python under /tmp (a venv made there): bound over its fresh, empty tmpfs
-        if os.path.isdir(path) and in_scratch(path):
+    # after the scratch mounts: a python under /tmp (a venv made there) lands over them, not hidden beneath
+    for path in j["binds"]:
+        if os.path.islink(path) and path.count("/") == 1:
+            os.symlink(os.readlink(path), new + path)
+        elif os.path.isdir(path):
             os.makedirs(new + path, exist_ok=True); bind_readonly(path, new + path)
     if not mount("proc", new + "/proc", "proc", NOSUID | NODEV | NOEXEC, check=False):
         bind_readonly("/proc", new + "/proc")  # a user namespace may refuse a fresh proc
