@@ -124,7 +124,7 @@ def _grouped_wgrad_kernel(
     # that blocked layout and hands to the accumulator's layout through shared memory. As two [BLOCK] loads
     # they were made in the accumulator's layout, where every thread keeps the addresses and masks of its 32
     # columns live across the loop: most of what made this kernel spill (255 registers; 797 B of spills under
-    # Triton 3.6, 225 B under 3.9; now 237-239 registers and none under either, compiled for sm_90a).
+    # Triton 3.6, 225 B under 3.9; now 237-248 registers and none under either, compiled for sm_90a).
     side = tl.arange(0, 2)[None, :]
     scale_ptrs = tl.where(side == 0, at_scale_ptr + ns[:, None] * stride_asn, bt_scale_ptr + ks[:, None] * stride_bsk)
     scale_ok = ((side == 0) & n_ok[:, None]) | ((side == 1) & k_ok[:, None])  # tl.where of bools: int64 interpreted
@@ -134,7 +134,7 @@ def _grouped_wgrad_kernel(
     # only) and the tail (the partial tile holding row_end, unless it is the head). Then the inner tiles.
     # Each tile's fp32 product is the one a single masked loop computed; only the order of the fp32
     # additions into acc differs (the tail before the inner tiles: after the loop, its operands' addresses
-    # stayed live through the loop, 249-254 registers against 237-239).
+    # stayed live through the loop: 249-254 registers against 237-239, before B got its boundary mask).
     first = row_start // BLOCK_T
     last = (row_end + BLOCK_T - 1) // BLOCK_T
     inner_start = first

@@ -107,8 +107,6 @@ HF_DENSE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_
 HF_MLA = dict(HF_DENSE, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
               num_experts_per_tok=2, moe_intermediate_size=16, n_group=1, topk_group=1)  # V3's n_group 8 > 4 experts
 MODEL_TYPES = ["llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v2"]
-# what ModelArgs calls each config.json key that HF_DEFAULTS covers
-ARG_OF_KEY = dict(num_key_value_heads="num_kv_heads", num_hidden_layers="num_layers")
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -117,10 +117,11 @@ def test_user_data_is_hidden(tmp_path, monkeypatch):
     assert result.ok, result
     exists, top, tmp = result.stdout.splitlines()
     assert exists == "False False"  # neither the dataset nor the trainer's cwd
+    binds = _jail_binds(capabilities()["python"])
     assert set(eval(top)) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp",
-                              "var"} | {p.split("/")[1] for p in _jail_binds(capabilities()["python"])}
+                              "var"} | {p.split("/")[1] for p in binds}
     # plus the top folder of a trainer python installed under /tmp (a venv there), which the jail binds
-    python_in_tmp = {p.split("/")[2] for p in _jail_binds(capabilities()["python"]) if p.startswith("/tmp/")}
+    python_in_tmp = {p.split("/")[2] for p in binds if p.startswith("/tmp/")}
     assert tmp == f"{sorted({'prog', 'work'} | python_in_tmp)} /tmp/work"
     escape = "open('/etc/r1fast-probe', 'w')\n"  # the jail's system dirs are read-only
     assert "Read-only file system" in run_python(escape, "", FAST).stderr
