@@ -99,8 +99,9 @@ setup(
     ],
     extras_require={
         # liger-kernel: the drop-in equality test runs against it (its torch path works on CPU); transformers 5:
-        # the architecture and RoPE tests read config.rope_parameters (4.x has only rope_scaling)
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=5", "liger-kernel>=0.8"],
+        # the architecture and RoPE tests read config.rope_parameters (4.x has only rope_scaling); accelerate:
+        # transformers loads block-FP8 checkpoints only with it (the FP8 checkpoint parity test)
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5", "liger-kernel>=0.8", "accelerate>=1"],
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
     },

@@ -1,4 +1,4 @@
-"""HF-format checkpoints: streaming safetensors load onto a meta-built model, sharded atomic save.
+"""HF-format checkpoints: streaming safetensors load onto a meta-built model (``checkpoint_save`` writes them).
 
 Layout read and written (what ``transformers`` uses): ``config.json`` plus either ``model.safetensors`` or
 ``model-0000i-of-0000n.safetensors`` shards listed in ``model.safetensors.index.json``. Tensor names are
@@ -10,7 +10,8 @@ Loading checks everything it can from the safetensors headers before allocating 
 unexpected, wrongly shaped tensors, where a tensor of 0 elements is never unexpected; unreadable or truncated files), then allocates the model once on the
 target device and copies one tensor at a time into it, so no second copy of the weights exists. Every
 problem raises ``CheckpointError`` (a ``ConfigError``, so a ``ValueError``) naming the file and the tensor; a
-model is returned only when every parameter was filled.
+model is returned only when every parameter was filled. Block-FP8 files (DeepSeek-V3/R1, Qwen3-FP8) are
+dequantized tensor by tensor as they load (``checkpoint_fp8``).
 
 Tied embeddings follow transformers 5 (``PreTrainedModel.tie_weights`` during ``from_pretrained``): config.json's
 ``tie_word_embeddings=true`` with a stored ``lm_head.weight`` that differs from ``model.embed_tokens.weight``
@@ -30,17 +31,16 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .checkpoint_fp8 import dequantize_into, quantized_weights, read_scale, weight_block
 from .config_io import ConfigError
 from .model_config import ModelArgs
-from .safe_write import open_new_beside
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _KEEP_FP32 = ("e_score_correction_bias",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-"""The weight dtypes every op runs in (float64 for oracle runs); FP8 weights need scales and are refused."""
+"""The weight dtypes every op runs in (float64 for oracle runs); block-FP8 files are dequantized into one of them."""
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32",
                   "fp64": "float64", "double": "float64"}
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -48,8 +48,8 @@ _COMPARE_BLOCK_BYTES = 64 << 20
 """Rows of the head and the embedding compared at a time: 64 MiB of fp32 per side is ~4.6k rows of a 3584-wide
 Qwen2.5-7B vocabulary (152k rows), so the check never holds a second [V, H] copy (1.1 GB in bf16)."""
 _FLOAT_HEADER_DTYPES = ("F64", "F32", "F16", "BF16")
-"""safetensors header dtypes that copy into a float parameter as the same numbers (FP8 needs its scales;
-quantized configs are refused in ModelArgs)."""
+"""safetensors header dtypes that copy into a float parameter as the same numbers (FP8 weights need their scales:
+checkpoint_fp8)."""
 
 
 class CheckpointError(ConfigError):
@@ -265,7 +265,13 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
         raise CheckpointError(f"{weights_file(path)}: {len(missing)} missing tensor(s), e.g. {sorted(missing)[:5]}")
     # A tensor with no elements holds no weights: transformers writes 0-width modules r1fast leaves out
     # (shared_experts [0, H] and [H, 0] when n_shared_experts=0); they add exactly zero there.
-    extra = sorted(n for n in found if n not in expected and not _ignorable(n, args) and math.prod(found[n][1]))
+    block = weight_block(args.hf_config)  # ModelArgs checked it
+    try:
+        fp8 = quantized_weights(found, expected, block)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    extra = sorted(n for n in found if n not in expected and not _ignorable(n, args) and math.prod(found[n][1])
+                   and n not in fp8.values())
     if extra:
         raise CheckpointError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all: {extra[:5]})")
     mtp = [n for n in found if _is_mtp(n, args) and math.prod(found[n][1])]
@@ -279,7 +285,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
         file, shape, stored = found[p.hf_name]
         if tuple(shape) != p.shape:
             raise CheckpointError(f"{file}: tensor {p.hf_name} has shape {tuple(shape)}, expected {p.shape}")
-        if state[p.ours].is_floating_point() and stored not in _FLOAT_HEADER_DTYPES:
+        if state[p.ours].is_floating_point() and stored not in _FLOAT_HEADER_DTYPES and p.hf_name not in fp8:
             # copy_ would cast integers into the float weights silently
             raise CheckpointError(f"{file}: tensor {p.hf_name} is stored as {stored}, expected a float dtype "
                                   f"({', '.join(_FLOAT_HEADER_DTYPES)})")
@@ -298,101 +304,13 @@ def load_pretrained(cls, path, *, dtype=None, device=None):
                             tensor = f.get_tensor(stored_as.get(p.hf_name, p.hf_name))
                         except Exception as e:
                             raise CheckpointError(f"{file}: tensor {p.hf_name} cannot be read ({e})") from e
-                        state[p.ours][p.index].copy_(tensor)
+                        if p.hf_name in fp8:
+                            scale = read_scale(found, fp8[p.hf_name], f, file)
+                            dequantize_into(state[p.ours][p.index], tensor, scale, block)
+                        else:
+                            state[p.ours][p.index].copy_(tensor)
             except CheckpointError:
                 raise
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot be read ({e})") from e
     return model
-
-
-def parse_size(size) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (HF's convention: GB = 1e9)."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r} is not a size (e.g. 5GB, 500MB, 2GiB or an int)")
-    unit = m.group(2).upper()
-    power = "KMGT".index(unit[0]) + 1
-    return int(float(m.group(1)) * ((1024 if "I" in unit else 1000) ** power))
-
-
-def _atomic_write(final: str, write) -> None:
-    """``write(tmp)`` (or text) into a new temp file beside ``final`` (``safe_write.open_new_beside``: a random name,
-    never a planted link), fsync, rename over ``final``, with open()'s mode (safetensors writes 0600)."""
-    fd, tmp = open_new_beside(final)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(write if isinstance(write, str) else "")
-        if not isinstance(write, str):
-            write(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_pretrained(model, path, *, max_shard_size="5GB", dtype=None) -> None:
-    """Write ``model`` as an HF directory; each file lands atomically, stale shards of an earlier save go.
-
-    dtype: the dtype floating weights are written in, a torch dtype or its name as ``resolve_dtype`` takes it;
-    None keeps each tensor's own dtype.
-    """
-    path = os.fspath(path)
-    if dtype is not None:
-        dtype = resolve_dtype(dtype)
-    limit = parse_size(max_shard_size)
-    _warn_semantics(model.args, "save")
-    os.makedirs(path, exist_ok=True)
-    pieces = _pieces(model)
-    state = dict(model.named_parameters())
-    state.update(model.named_buffers())
-
-    def out_dtype(p: Piece):
-        t = state[p.ours]
-        if dtype is None or not t.is_floating_point() or p.ours.endswith(_KEEP_FP32):
-            return t.dtype
-        return dtype
-
-    shards, current, current_bytes = [], [], 0
-    for p in pieces:
-        nbytes = torch.Size(p.shape).numel() * torch.empty(0, dtype=out_dtype(p)).element_size()
-        if current and current_bytes + nbytes > limit:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(p)
-        current_bytes += nbytes
-    shards.append(current)
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards, strict=True):
-        # clone: per-expert slices share storage, which safetensors refuses; also detaches from autograd
-        tensors = {p.hf_name: state[p.ours].detach()[p.index].to("cpu", out_dtype(p)).clone() for p in shard}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        _atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-        weight_map.update({n: name for n in tensors})
-        del tensors
-    if len(shards) > 1:
-        index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        _atomic_write(os.path.join(path, INDEX_FILE), index)
-    saved_dtype = dtype or model.embed_tokens.weight.dtype
-    hf_config = model.args.to_hf_config(dtype=str(saved_dtype).replace("torch.", ""))
-    if model.args.model_type.startswith("deepseek"):  # no MTP layer is kept (see load): declare none, or a reader
-        hf_config["num_nextn_predict_layers"] = 0  # such as vLLM's MTP speculation looks for missing weights
-    config = json.dumps(hf_config, indent=2)
-    _atomic_write(os.path.join(path, "config.json"), config)
-    if model.args.generation_config is not None:  # the loaded one, verbatim (stop ids, sampling defaults)
-        generation = json.dumps(model.args.generation_config, indent=2)
-        _atomic_write(os.path.join(path, "generation_config.json"), generation)
-    for stale in os.listdir(path):
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in names:
-            if stale != INDEX_FILE or len(shards) == 1:
-                os.remove(os.path.join(path, stale))

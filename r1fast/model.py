@@ -182,7 +182,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, max_shard_size="5GB", dtype=None) -> None:
         """Write config.json + safetensors that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
-        from .checkpoint import save_pretrained  # noqa: PLC0415
+        from .checkpoint_save import save_pretrained  # noqa: PLC0415
 
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from .checkpoint_fp8 import weight_block
 from .config_io import ConfigError
 from .hf_config_defaults import hf_value
 from .rope_config import read_rope, rope_fields
@@ -178,9 +179,7 @@ class ModelArgs:
             model_type = ARCHITECTURES[arch]
         if model_type not in MODEL_TYPE_TO_ARCH:
             raise ValueError(f"model_type={model_type!r} is not supported; supported: {sorted(MODEL_TYPE_TO_ARCH)}")
-        if cfg.get("quantization_config"):
-            method = cfg["quantization_config"].get("quant_method", "?")
-            raise ValueError(f"quantization_config (quant_method={method!r}) is not supported: dequantize to bf16 first")
+        weight_block(cfg)  # block FP8 is dequantized on load (checkpoint_fp8); other quantizations are refused
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu / SwiGLU)")
         if cfg.get("use_sliding_window") or (model_type == "llama" and cfg.get("sliding_window")):
@@ -367,6 +366,7 @@ class ModelArgs:
                 out["mlp_bias"] = self.mlp_bias
         cfg = copy.deepcopy(self.hf_config)
         cfg.pop("torch_dtype", None)
+        cfg.pop("quantization_config", None)  # weights are held and written dequantized (checkpoint_fp8)
         cfg.update(out)
         if dtype is not None:
             cfg["dtype"] = dtype

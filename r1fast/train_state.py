@@ -223,7 +223,7 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
 def save_hf(model, weights: dict, path: str, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of ``model``'s architecture with the gathered full ``weights``, in ``dtype`` (default: the
     parameters'; a bf16 run passes bf16, its fp32 master weights would double the bytes)."""
-    from r1fast.checkpoint import save_pretrained
+    from r1fast.checkpoint_save import save_pretrained
 
     # not the fp32 default: a shell in fp32 saved bf16 runs as float32 (twice the bytes, and config.json said so)
     dtype = dtype or next(iter(model.parameters())).dtype

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 from conftest import assert_close_to_ref  # noqa: E402
 from test_model import ATOL, V, hf_config, hf_logits, r1_logits, saved_hf  # noqa: E402
 
-from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, parse_size  # noqa: E402
+from r1fast.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
+from r1fast.checkpoint_save import parse_size  # noqa: E402
 from r1fast.model import Transformer  # noqa: E402
 from r1fast.model_config import ModelArgs  # noqa: E402
 
