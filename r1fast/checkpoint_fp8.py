@@ -4,8 +4,8 @@ Format, config.json's ``quantization_config = {"quant_method": "fp8", "fmt": "e4
 a quantized Linear weight W [..., N, K] is stored as float8_e4m3fn beside ``<name>_scale_inv`` [..., ceil(N/bn),
 ceil(K/bk)] (fp32 or bf16) and W = fp8 · scale_inv over each bn × bk block. The last block of a dimension may be
 partial: DeepSeek-V3's kv_a_proj_with_mqa has 576 rows, 4.5 blocks of 128, with 5 rows of scales (DeepSeek's own
-``weight_dequant`` masks the partial block; transformers 5.24 instead derives the block from the grid and refuses
-576 / 5). Which weights are quantized is read from the files (F8_E4M3 with a scale beside it), so
+``weight_dequant`` masks the partial block; transformers 5.24's dequantizing load, its path without a GPU, derives
+the block from the grid instead and refuses 576 / 5). Which weights are quantized is read from the files (F8_E4M3 with a scale beside it), so
 ``modules_to_not_convert`` (lm_head, routers, norms, stored in bf16) needs no list.
 
 The model holds the dequantized weights in its load dtype, exactly ``(fp8.float() * scale_inv.float()).to(dtype)``
