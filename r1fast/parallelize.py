@@ -143,14 +143,25 @@ def unsharded_for_rollout(root: nn.Module):
     # decided which module is the root, and a block's forward would make that block a root of its own
     # ("FSDP state has already been lazily initialized" at the next root forward). FSDP2 has no public
     # call for this decision, so make it here the way root's first forward would.
+    # Each block's forward would also make that block the forward's root, whose pre-forward makes FSDP's
+    # all-gather streams wait on the current stream: inside a CUDA-graph capture that forks them into the
+    # capture, which then cannot end (unjoined streams), so every FSDP rollout fell back to eager decode.
+    # Marking root's state as the running forward's root (FSDP2's own flag, shared by all states; the engine
+    # never calls root itself) skips that for the whole rollout.
+    state_ctx = None
     if mods[0] is root:
-        root._get_fsdp_state()._lazy_init()
+        state = root._get_fsdp_state()
+        state._lazy_init()
+        state_ctx = state._state_ctx
+        state_ctx.iter_forward_root = state
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield
     finally:
+        if state_ctx is not None:
+            state_ctx.iter_forward_root = None
         for m in mods:
             m.reshard()
             # FSDP2 keeps the root's parameters gathered between forward and backward (they are

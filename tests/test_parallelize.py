@@ -224,3 +224,45 @@ def test_a_non_finite_norm_skips_the_step():
     root, opt = _clip_setup([[float("nan"), 1.0], [2.0]])
     assert math.isnan(clip_and_step(root, opt, 1.0, False))
     assert root[0].detach().tolist() == [0.0, 0.0] and root[1].detach().tolist() == [0.0]
+
+
+def test_rollout_forwards_under_fsdp_never_make_a_block_the_forward_root():
+    """FSDP2 makes the first module to run a forward its root, and a root's pre-forward makes the all-gather
+    streams wait on the current stream. The engine calls the inner model, so every block used to become a root:
+    inside a CUDA-graph capture those waits fork the streams into the capture, which cannot then end, and every
+    FSDP rollout decoded eagerly. During a rollout the running root is the policy's, and after it the training
+    forward is its own root again."""
+    from r1fast.parallelize import build_mesh, release_one_rank_group
+
+    class PolicyLike(torch.nn.Module):  # the trainer's root: a module around the model the engine calls
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, ids):
+            return self.model(ids)
+
+    model = Transformer.from_config(ModelArgs(vocab_size=32, hidden_size=32, num_layers=2, num_heads=2,
+                                              num_kv_heads=1, head_dim=16, intermediate_size=64), seed=0)
+    ids = torch.randint(0, 32, (1, 5))
+    with torch.no_grad():
+        expected = model(ids)
+    try:
+        root = apply_fsdp(PolicyLike(model), build_mesh("cpu", 1, 1, one_rank=True))
+        seen = []
+        for block in model.layers:
+            block.register_forward_pre_hook(  # runs after FSDP's own (prepended) pre-forward hook
+                lambda mod, args: seen.append(mod._get_fsdp_state()._state_ctx.iter_forward_root))
+        with unsharded_for_rollout(root), torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+        state = root._get_fsdp_state()
+        assert len(seen) == 4 and all(s is state for s in seen)
+        assert state._state_ctx.iter_forward_root is None
+        seen.clear()
+        root(ids).square().mean().backward()  # a training forward: root is the forward's root again
+        assert seen == [state, state]
+        grads = {n: p.grad is not None for n, p in model.named_parameters()}
+        assert all(has for n, has in grads.items() if n != "lm_head.weight"), grads  # hidden states: no head
+    finally:
+        release_one_rank_group()
