@@ -123,12 +123,32 @@ def test_measure_ceilings_arithmetic_with_a_fake_timer():
         return 2.0  # ms
 
     ceilings = measure_ceilings("cpu", timer=timer, matmul_n=32, copy_bytes=MiB)
-    assert set(ceilings) == set(registry.CEILINGS) and len(calls) == 3
+    # fp8: both accumulations timed where this torch runs _scaled_mm
+    assert set(ceilings) == set(registry.CEILINGS) and len(calls) == (4 if ceilings["fp8_matmul"]["value"] else 2)
     assert ceilings["copy"]["value"] == pytest.approx(2 * MiB / 2e-3 / 1e9)
     assert ceilings["bf16_matmul"]["value"] == pytest.approx(2 * 32**3 / 2e-3 / 1e12)
     fp8 = ceilings["fp8_matmul"]
     assert fp8["value"] == pytest.approx(2 * 32**3 / 2e-3 / 1e12) or fp8["reason"]
     assert all(c["unit"] in ("GB/s", "TFLOP/s") and c["ms"] in (2.0, None) for c in ceilings.values())
+
+
+def test_fp8_ceiling_is_the_faster_accumulation(monkeypatch):
+    """The hardware's peak (fast accumulation on an H100) is the ceiling, not cuBLAS' fp32-promoted default."""
+    import torch
+
+    from bench.ceilings import measure_fp8_matmul
+
+    modes = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, use_fast_accum=False, **k: modes.append(use_fast_accum))
+    for fast_ms, promoted_ms, winner in ((1.0, 2.0, "fast"), (3.0, 2.0, "fp32-promoted")):
+        def timer(fn, fast_ms=fast_ms, promoted_ms=promoted_ms):
+            fn()
+            return fast_ms if modes[-1] else promoted_ms
+
+        entry = measure_fp8_matmul("cpu", timer, n=16)
+        assert entry["ms"] == min(fast_ms, promoted_ms) and entry["what"].endswith(f", {winner} accumulation")
+        assert entry["value"] == pytest.approx(2 * 16**3 / (entry["ms"] * 1e-3) / 1e12)
+    assert set(modes) == {False, True}
 
 
 def test_measure_ceilings_records_a_failure_as_reason():
