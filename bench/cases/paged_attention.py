@@ -4,11 +4,12 @@ Shapes and peers from ANCHORS.md "Paged decode attention" (Hq = 28, Hkv = 4, D =
 one query per sequence). ``bytes`` = the K+V bytes a decode step must read; the floor is the copy
 ceiling. Block tables are random permutations of the pool, as after a long run of allocations.
 
-Group decode (GRPO: G = 16 samples of a 2,048-token prompt, 1,024 tokens generated each): ``bytes``
-counts the KV *as if* each sample read its own prompt copy, so the cascade kernel, which reads a
-shared prompt block once per group, can exceed the copy ceiling; ``extra["bytes_actually_needed"]``
-is the bytes a once-per-group read must move. Peers: plain paged decode over the same shared blocks
-(one read per sample) and SDPA on per-sample contiguous caches.
+Group decode (GRPO: G = 16 samples of a 2,048-token prompt, 1,024 tokens generated each): ``bytes`` (the
+floor) is what a once-per-group read must move, each group's prompt KV once; the "effective GB/s" rate
+counts the KV *as if* each sample read its own prompt copy, so the cascade kernel, which reads a shared
+prompt block once per group, can exceed the copy ceiling there (``extra`` holds both byte counts). Peers:
+plain paged decode over the same shared blocks (one read per sample) and SDPA on per-sample contiguous
+caches.
 
 Nothing here touches CUDA until ``make_inputs`` runs.
 """
