@@ -57,11 +57,16 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
         m = m_new
     log_s = tl.log(s)
     target = tl.load(ids_ptr + row).to(tl.int64)
-    z_target = tl.load(row_ptr + target).to(tl.float32)
+    # An id outside [0, V) gets here only with the host checks off (torch.compile, CUDA-graph capture,
+    # trusted_inputs): it read another row or past the buffer (garbage, or SIGSEGV at 10**6). Read lane 0
+    # instead and report NaN, which the trainer's non-finite-loss check sees.
+    in_range = (target >= 0) & (target < V)
+    safe = tl.where(in_range, target, 0)
+    z_target = tl.load(row_ptr + safe).to(tl.float32)
     if HAS_BIAS:
-        z_target += tl.load(bias_ptr + target).to(tl.float32)
+        z_target += tl.load(bias_ptr + safe).to(tl.float32)
     tl.store(lse_ptr + row, m + log_s)
-    tl.store(logp_ptr + row, (z_target * inv_temperature - m) - log_s)
+    tl.store(logp_ptr + row, tl.where(in_range, (z_target * inv_temperature - m) - log_s, float("nan")))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, log_s - t / s)
 
