@@ -183,6 +183,7 @@ def _check_amax_floor(amax_floor) -> float:
     return float(amax_floor)
 
 
+@torch.no_grad()  # quantized values and scales have no gradient (straight-through is the caller's)
 def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
     """x [M, K] float -> (x_fp8 [M, K] e4m3, scale fp32 [M, ceil(K/128)]), one scale per 1x128 tile.
 
@@ -211,6 +212,7 @@ def _check_groups(group_sizes, num_rows: int, validate: bool | None):
     return group_sizes.contiguous()
 
 
+@torch.no_grad()
 def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR,
                        group_sizes: torch.Tensor | None = None, validate: bool | None = None):
     """x [M, K] -> (xt_fp8 [K, M], scale [K, ceil(M/128)]): 128x1 tiles along M, stored transposed.
@@ -234,6 +236,7 @@ def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
     return qt, st
 
 
+@torch.no_grad()
 def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR,
                             group_sizes: torch.Tensor | None = None, validate: bool | None = None):
     """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x, group_sizes=...))``."""
@@ -242,6 +245,7 @@ def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax
     return _rows_cols_op(x, True, True, power_of_two, _check_amax_floor(amax_floor), groups)
 
 
+@torch.no_grad()
 def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):
     """w [N, K] or stacked [E, N, K] -> (w_fp8 same shape, scale [(E,) ceil(N/128), ceil(K/128)]).
 
