@@ -87,6 +87,7 @@ def grpo_objective(logp, mask, adv, weight, *, old_logps=None, ref_logps=None, r
     """
     active = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    adv = torch.where(active, adv.to(logp.dtype), zero)  # a fully masked sequence's advantage may be NaN (0/0)
     old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
     log_ratio = torch.where(active, logp - old, zero)
     if importance_level == "sequence":
