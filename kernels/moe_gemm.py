@@ -56,6 +56,15 @@ def _check_scale(name: str, t, shape: tuple[int, ...]) -> None:
                          f"{tuple(getattr(t, 'shape', ()))}")
 
 
+def _check_devices(lead: str, tensors: dict) -> None:
+    """Every tensor on the device of ``tensors[lead]``: the kernels take raw pointers, so a scale or group_sizes
+    elsewhere (or on meta, where the value checks are skipped) was read as garbage with no error."""
+    device = tensors[lead].device
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {lead} is on {device}")
+
+
 def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool | None, aligned: bool = False) -> None:
     """``aligned``: ``total`` is the token length of the group-aligned layout (``fp8.aligned_tokens``)."""
     if not isinstance(group_sizes, torch.Tensor) or group_sizes.dtype not in (torch.int32, torch.int64):
@@ -175,6 +184,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate:
                          f"{TILE}-wide K chunks (pad K with zeros to {cdiv(K, TILE) * TILE})")
     _check_scale("a_scale", a_scale, (M, K // TILE))
     _check_scale("b_scale", b_scale, (E, cdiv(N, TILE), K // TILE))
+    _check_devices("a", dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, group_sizes=group_sizes, out=out))
     _check_group_sizes(group_sizes, E, M, validate)
     if out is None:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
@@ -206,6 +216,7 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
     _check_scale("at_scale", at_scale, (N, cdiv(M, TILE)))
     _check_scale("bt_scale", bt_scale, (K, cdiv(M, TILE)))
     E = group_sizes.shape[0] if isinstance(group_sizes, torch.Tensor) and group_sizes.dim() == 1 else -1
+    _check_devices("at", dict(at=at, at_scale=at_scale, bt=bt, bt_scale=bt_scale, group_sizes=group_sizes, out=out))
     _check_group_sizes(group_sizes, E, M, validate, aligned=group_aligned)
     if out is None:
         if accumulate:

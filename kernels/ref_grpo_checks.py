@@ -27,6 +27,15 @@ def _check_float(name, t):
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def check_same_device(hidden, tensors):
+    """Every tensor of ``(name, tensor or None)`` on hidden's device, else ValueError naming it: the kernels take
+    raw pointers, so an argument on another device (or on meta) was read as garbage with no error. A one-element
+    CPU tensor stays fine where torch itself takes one (the normalizer, checked by its caller)."""
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
 def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims=(2, 3), host_checks=True):
     """Checks shared by both ops. Returns (tokens, H, V).
 
@@ -59,6 +68,7 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
             raise ValueError(f"bias must be [{vocab}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+    check_same_device(hidden, (("token_ids", token_ids), ("bias", bias)))
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden's last dim (H) must be > 0, got shape {tuple(hidden.shape)}")
     check_real("temperature", temperature, host_checks=host_checks, low=0.0, low_inclusive=False)
@@ -171,6 +181,10 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
             _check_float(name, t)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must be [{B}, {T}], got {tuple(t.shape)}")
+    check_same_device(hidden, (("mask", mask), ("advantages", advantages), ("old_logps", old_logps),
+                               ("ref_logps", ref_logps), ("rollout_is_ratio", rollout_is_ratio)))
+    if isinstance(normalizer, torch.Tensor) and normalizer.device != hidden.device and normalizer.device.type != "cpu":
+        raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {hidden.device} (or the CPU)")
     check_real("beta", beta, host_checks=host_checks, low=0.0)
     if beta > 0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta > 0")
