@@ -51,6 +51,7 @@ from .paged_attention_launch import SPLIT_OVERHEAD_TOKENS as SPLIT_OVERHEAD_TOKE
 from .paged_attention_launch import choose_num_splits as choose_num_splits
 from .paged_attention_launch import group_sizes, run_append_kv, run_paged_attention, run_paged_attention_cascade
 from .paged_attention_launch import num_sms as num_sms
+from .paged_attention_values import check_cu_seqlens_values, check_groups_values, check_table_values, values_checkable
 from .registration import host_checks_enabled, register_op
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +168,19 @@ def paged_attention(
     Varlen/prefill: queries ``cu_seqlens_q[b] .. cu_seqlens_q[b+1]`` belong to sequence b and sit at its
     last positions; ``max_seqlen_q`` (a host int, so there is no sync) is the longest chunk.
     ``causal=False`` lets every query see all ``seq_lens[b]`` keys. ``num_splits`` overrides the split-KV
-    heuristic (``choose_num_splits``). Values are not checked on the device (no host sync): table entries
-    must index existing blocks and seq_lens[b] must fit its table row. Raises ValueError on bad shapes,
+    heuristic (``choose_num_splits``). Values are checked for CPU tensors only (``paged_attention_values``; on
+    CUDA it would be a host sync per layer): table entries must index existing blocks, seq_lens[b] must fit
+    its table row and cu_seqlens_q must run from 0 to T. Raises ValueError on bad shapes,
     dtypes, head dims, block sizes, head counts, ``num_splits`` < 1 or a ``softmax_scale`` that is not a
     positive finite number, or when grad mode is on and q, a cache or ``out`` requires grad (not
     differentiable, see the module docstring). fp64 inputs take the reference and get an fp64 lse.
     """
     _refuse_grad("paged_attention", q=q, k_cache=k_cache, v_cache=v_cache, out=out)
     ref.check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out)
+    if values_checkable(q):
+        check_table_values("block_table", block_table, "seq_lens", seq_lens, k_cache)
+        if cu_seqlens_q is not None:
+            check_cu_seqlens_values(cu_seqlens_q, q.shape[0])
     scale = _scale(softmax_scale, q.shape[2])
     num_splits = _splits(num_splits, "num_splits")
     out, lse = _outputs(q, out, return_lse)
@@ -220,6 +226,10 @@ def paged_attention_cascade(
     ref.check_cascade_args(
         q, k_cache, v_cache, prefix_block_table, prefix_lens, group_of_seq, suffix_block_table, suffix_lens, out
     )
+    if values_checkable(q):
+        check_table_values("prefix_block_table", prefix_block_table, "prefix_lens", prefix_lens, k_cache)
+        check_table_values("suffix_block_table", suffix_block_table, "suffix_lens", suffix_lens, k_cache)
+        check_groups_values(group_of_seq, prefix_block_table.shape[0])
     if max_group_size is None:
         if not host_checks_enabled(q):
             raise ValueError(
