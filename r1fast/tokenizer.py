@@ -126,12 +126,16 @@ class HFTokenizer:
     """An HF ``tokenizers.Tokenizer`` plus the special tokens and chat template of tokenizer_config.json."""
 
     def __init__(self, tokenizer, config: dict | None = None, chat_template: str | None = None,
-                 source: str = "tokenizer_config.json"):
-        """``source``: the config's file, named in errors (``load`` passes its full path)."""
+                 source: str = "tokenizer_config.json", files: dict[str, bytes] | None = None):
+        """``source``: the config's file, named in errors (``load`` passes its full path). ``config`` and ``files``
+        (the source's other tokenizer files, name -> bytes; see ``TOKENIZER_FILES``) are written back by ``save``."""
         self.tok = tokenizer
         self.source = source
         self._skip_ids: frozenset[int] | None = None
         config = config or {}
+        self.config = dict(config)
+        self.files = dict(files or {})
+        self._loaded = files is not None  # read from a directory by ``load`` (else built in code)
         # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
         self.special_tokens_map = {name: str(_content(config[name])) for name in SPECIAL_TOKEN_NAMES
                                    if _content(config.get(name)) is not None}
@@ -181,15 +185,45 @@ class HFTokenizer:
         return render(self.chat_template, messages, add_generation_prompt, self.special_tokens_map)
 
     def save(self, path) -> None:
+        """Write tokenizer.json (``self.tok``, what r1fast tokenized with), the loaded tokenizer_config.json and
+        the source's other tokenizer files. The config is written back as it was read, not rebuilt: a rebuilt one
+        lost model_max_length (transformers then defaults to 1e30, so truncation=True no longer truncated),
+        additional_special_tokens and the tokenizer class of every checkpoint r1fast trained."""
         os.makedirs(path, exist_ok=True)
         self.tok.save(os.path.join(path, "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "pad_token": self.pad_token, **self.special_tokens_map}
-        if self.chat_template is not None:
-            config["chat_template"] = stored_templates(self.chat_template)
+        files = dict(self.files)
+        config = dict(self.config)
+        if not self._loaded and "tokenizer_class" not in config:
+            # built in code: transformers 4.x needs a class (or a config.json) to read the directory. A loaded
+            # config without one is kept so: transformers picks the class from config.json, as for the source
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # the chat template is written from self.chat_template (the one r1fast renders with), where the source
+        # kept it: chat_template.jinja overrides the config's key in transformers and in ``load``
+        if isinstance(self.chat_template, str) and CHAT_TEMPLATE_FILE in files:
+            files[CHAT_TEMPLATE_FILE] = self.chat_template.encode("utf-8")
+        else:
+            files.pop(CHAT_TEMPLATE_FILE, None)
+            if self.chat_template is None:
+                config.pop("chat_template", None)
+            else:
+                config["chat_template"] = stored_templates(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+        for name, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(data)
         _save_prompt_template(self, path)
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", CHAT_TEMPLATE_FILE, "vocab.json", "merges.txt",
+                   "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+"""Tokenizer files besides tokenizer.json and tokenizer_config.json that ``load`` keeps and ``save`` writes back, so
+a checkpoint's tokenizer reads in transformers as its source did (special_tokens_map.json names special tokens,
+the slow-tokenizer vocabularies let a slow class load). Also kept: ``additional_chat_templates/*.jinja``
+(transformers' named templates) and the ``tokenization_*.py`` a config's auto_map names for AutoTokenizer."""
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 PROMPT_TEMPLATE_FILE = "r1fast_prompt.json"
@@ -269,4 +303,29 @@ def _load(path):
         tokenizer = Tokenizer.from_file(tok_file)
     except Exception as e:
         raise ConfigError(f"{tok_file}: cannot be read ({' '.join(str(e).split())})") from e
-    return HFTokenizer(tokenizer, config, template, source=cfg_file)
+    return HFTokenizer(tokenizer, config, template, source=cfg_file, files=_tokenizer_files(path, config))
+
+
+def _tokenizer_files(path: str, config: dict) -> dict[str, bytes]:
+    """The tokenizer files of ``path`` that ``save`` writes back (see TOKENIZER_FILES), read now: a checkpoint is
+    saved long after loading, when the source (a hub cache entry, a previous run's checkpoint) may be gone."""
+    names = list(TOKENIZER_FILES)
+    template_dir = os.path.join(path, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(template_dir):
+        names += [f"{CHAT_TEMPLATE_DIR}/{n}" for n in sorted(os.listdir(template_dir)) if n.endswith(".jinja")]
+    auto_map = config.get("auto_map")
+    classes = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+    for ref in classes if isinstance(classes, list) else [classes]:
+        # "tokenization_x.Class" is this directory's tokenization_x.py ("repo--module.Class" lives elsewhere);
+        # only a plain module name: the config is downloaded input, and a name like "/etc/x" would make save
+        # write outside its directory
+        module = ref.split(".")[0] if isinstance(ref, str) and ref.count(".") == 1 else ""
+        if module.isidentifier():
+            names.append(module + ".py")
+    files = {}
+    for name in dict.fromkeys(names):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                files[name] = f.read()
+    return files

@@ -81,6 +81,97 @@ def test_hf_tokenizer_load(tmp_path):
     assert tok.encode(rendered) == auto(rendered, add_special_tokens=False)["input_ids"]
 
 
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _qwen_style_dir(path):
+    """A Qwen2.5-style tokenizer directory: byte-level BPE tokenizer.json and a tokenizer_config.json with the
+    settings r1fast does not use itself (model_max_length, additional_special_tokens, the class), plus the
+    other files such directories carry."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([R1_TEXT, "the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in QWEN_SPECIALS}
+    config = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+              "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None, "chat_template": CHATML,
+              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+              "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>",
+         "pad_token": "<|endoftext|>"}))
+    (path / "added_tokens.json").write_text(json.dumps({t: tok.token_to_id(t) for t in QWEN_SPECIALS}))
+    return config
+
+
+def test_hf_tokenizer_save_keeps_the_source_config_and_files(tmp_path):
+    """A checkpoint's tokenizer reads in transformers as the one it was trained from. save() rebuilt
+    tokenizer_config.json: model_max_length 32768 became transformers' 1e30 default (truncation=True returned
+    80,001 tokens), <|im_start|> left all_special_tokens and the class became the generic one."""
+    src, saved = tmp_path / "src", tmp_path / "saved"
+    config = _qwen_style_dir(src)
+    load(src).save(saved)
+    assert json.loads((saved / "tokenizer_config.json").read_text()) == config
+    for name in ("special_tokens_map.json", "added_tokens.json"):
+        assert (saved / name).read_bytes() == (src / name).read_bytes()
+    assert load(saved).encode(R1_TEXT) == load(src).encode(R1_TEXT)
+    transformers = pytest.importorskip("transformers")
+    before, after = (transformers.AutoTokenizer.from_pretrained(d) for d in (src, saved))
+    assert type(after) is type(before) and after.model_max_length == before.model_max_length == 32768
+    assert after.all_special_tokens == before.all_special_tokens and "<|im_start|>" in after.all_special_tokens
+    messages = [{"role": "user", "content": "the quick fox?"}]
+    chat = before.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert after.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == chat
+    assert after(chat)["input_ids"] == before(chat)["input_ids"]
+    long_text = "the " * 40_000
+    assert len(after(long_text, truncation=True)["input_ids"]) == 32768
+
+
+def test_hf_tokenizer_save_keeps_chat_template_files_and_tokenizer_code(tmp_path):
+    """chat_template.jinja, transformers' named templates and an auto_map tokenizer module are written back
+    where the source kept them; an auto_map name that is no plain module is not followed out of the directory."""
+    src, saved = tmp_path / "src", tmp_path / "saved"
+    config = _qwen_style_dir(src)
+    del config["chat_template"]
+    (tmp_path / "outside.py").write_text("# not the tokenizer's\n")
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_qwen.QwenTokenizer", f"{tmp_path}/outside.QwenTokenizer"]}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "chat_template.jinja").write_text(CHATML)
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("T")
+    (src / "tokenization_qwen.py").write_text("# custom tokenizer code\n")
+    ours = load(src)
+    assert sorted(ours.files) == ["added_tokens.json", "additional_chat_templates/tool_use.jinja",
+                                  "chat_template.jinja", "special_tokens_map.json", "tokenization_qwen.py"]
+    ours.save(saved)
+    assert json.loads((saved / "tokenizer_config.json").read_text()) == config  # template stays in the .jinja
+    for name in ("chat_template.jinja", "additional_chat_templates/tool_use.jinja", "tokenization_qwen.py"):
+        assert (saved / name).read_bytes() == (src / name).read_bytes()
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in src.iterdir())
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert load(saved).apply_chat_template(messages) == ours.apply_chat_template(messages)
+
+
+def test_hf_tokenizer_built_in_code_saves_a_readable_directory(tmp_path):
+    """No tokenizer_config.json to keep: the config given is saved, naming the generic fast class."""
+    char = CharTokenizer()
+    HFTokenizer(char.to_hf_tokenizer(), {"eos_token": "<eos>", "pad_token": "<pad>"}).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["eos_token"] == "<eos>"
+    back = load(tmp_path)
+    assert (back.eos_id, back.pad_id) == (char.eos_id, char.pad_id)
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (auto.eos_token_id, auto.pad_token_id) == (char.eos_id, char.pad_id)
+
+
 def test_r1_tags_added_as_special_tokens_survive_decoding(tmp_path):
     """Tokenizers that add <think>/<answer> as special tokens (the usual way to make them single tokens):
     decoding a completion keeps the tags, or every reward would see '4' for '<think>..</think><answer>4</answer>'."""
