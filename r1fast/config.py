@@ -17,11 +17,11 @@ as the string ``"none"`` (TOML has no null), so an ``str | None`` field cannot h
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from r1fast import config_dump, config_io
+from r1fast.config_checks import check_dir_name, check_master_weights
 from r1fast.config_dump import config_to_toml, field_docs, save_config
 from r1fast.config_io import (
     ConfigError,
@@ -41,28 +41,6 @@ DATA_TEMPLATES = (*TEMPLATES, "chat", "auto")
 """Values of data.template: the named templates of r1fast.data, plus 'chat' (the tokenizer's chat template) and
 'auto' (the template the checkpoint was trained with when r1fast recorded it, else 'chat' when the tokenizer has a
 chat template, else 'r1_zero'; see ``r1fast.stage_io.resolve_template``)."""
-
-
-def check_dir_name(value: str, key: str) -> None:
-    """``value`` becomes one directory inside another (``out_dir/<name>``): a single non-empty path component.
-
-    '' and '.' would make the run directory the parent itself (a rerun then moves every other run aside),
-    '..' or 'a/../..' would write outside it, 'a/b' would nest runs where listing tools do not look.
-    """
-    separators = [s for s in ("/", os.sep, os.altsep) if s]
-    if value in ("", ".", "..") or any(s in value for s in separators) or "\0" in value:
-        raise ConfigError(f"{key}: {value!r} is not a directory name; use one non-empty path component "
-                          "without '/' that is not '.' or '..'")
-
-
-def check_master_weights(dtype: str, fsdp: bool) -> None:
-    """Training in bf16/fp16 keeps fp32 master weights through FSDP2's mixed precision: refuse it without FSDP.
-
-    With bf16 parameters AdamW's updates below bf16's resolution round away: at lr 1e-6 two GRPO steps moved 77
-    of 28,320 weights (fp32: 28,319)."""
-    if dtype in ("bfloat16", "float16") and not fsdp:
-        raise ConfigError(f"model.dtype={dtype} trains with fp32 master weights, which FSDP2's mixed precision "
-                          "keeps: set parallel.fsdp=true (one rank works too)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,6 +205,10 @@ class RewardsConfig:
     """Memory limit of one program run: each process's address space, and all of them with a cgroup."""
     code_all_or_nothing: bool = False
     """Code reward 1 only when every test passes (False: the fraction of tests passed)."""
+    require_answer_tag: bool = True
+    """Math accuracy grades only the <answer> block (no block: 0). Set false for a chat template or a model that
+    answers outside the R1 tags (R1-Distill, QwQ: '...</think> The answer is \\boxed{7}.'): math-verify then
+    searches the whole completion. Used by rewards and held-out evaluation alike (r1fast.eval's flag)."""
 
     def validate(self) -> None:
         if not self.weights:

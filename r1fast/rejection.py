@@ -28,6 +28,7 @@ prompt fits the model, found after it loads).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -104,6 +105,9 @@ class RejectionConfig:
     """Sampling seed; completion j of prompt i gets seed * 1000003 + i * k + j."""
     require_format: bool = True
     """Keep only traces in the R1 template <think>...</think><answer>...</answer>."""
+    require_answer_tag: bool = True
+    """Grade math answers only in the <answer> block (False: searched in the whole completion, for a model that
+    answers outside the R1 tags; then set require_format=false too). Training's rewards.require_answer_tag."""
     min_tokens: int = bounded(1, ge=0)
     """Shortest kept trace, in tokens, not counting the stop token (so 1 drops a trace that is only EOS)."""
     max_tokens: int | None = bounded(None, ge=1)
@@ -157,17 +161,23 @@ class RejectionConfig:
         return self
 
 
-def default_score(samples: list[dict], texts: list[str]) -> list[dict[str, float | None]]:
+def default_score(samples: list[dict], texts: list[str], *, require_answer_tag: bool = True) -> list[dict[str, float | None]]:
     """Reward values per text: accuracy (None when ungradable; a code task's 1/0 when its program passes every
-    test, as r1fast.eval grades it), format, language consistency."""
+    test, as r1fast.eval grades it; math from the <answer> block only with ``require_answer_tag``), format,
+    language consistency."""
     from r1fast.rewards.format import format_reward
     from r1fast.rewards.grading import grade
     from r1fast.rewards.language import language_consistency_reward
 
-    acc = grade(samples, texts, require_answer_tag=True)[0]  # code samples have no answer: KeyError before
+    acc = grade(samples, texts, require_answer_tag=require_answer_tag)[0]  # code samples have no answer: KeyError before
     return [{"accuracy": a, "format": format_reward("", t, {}),
              "language_consistency": language_consistency_reward("", t, s)}
             for a, t, s in zip(acc, texts, samples, strict=True)]
+
+
+def config_score(cfg: RejectionConfig) -> Callable[[list[dict], list[str]], list[dict]]:
+    """``default_score`` with ``cfg.require_answer_tag`` (a chat or R1-Distill model's traces all scored 0 before)."""
+    return functools.partial(default_score, require_answer_tag=cfg.require_answer_tag)
 
 
 def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = (),
@@ -289,6 +299,8 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     run's ``out`` and stats file are removed before sampling, so none is left behind by a failed run).
     """
     cfg.validate()
+    if score is default_score:  # the config's grading rule (it was always the <answer> block)
+        score = config_score(cfg)
     check_checkpoint(cfg.checkpoint, "checkpoint")
     check_file(cfg.data, "data")
     for path in cfg.decontaminate:

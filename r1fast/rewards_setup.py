@@ -19,11 +19,13 @@ class Scorer:
     """``score`` grades a batch for training; ``check`` says (correct, well formatted) for evaluation.
     Both grade the prompt's ``prefix`` + the completion (``stage_io.completion_prefix``: a prompt's open
     ``<think>``; a str, or a callable of the prompt under template 'none'). ``code_params``: the sandbox
-    settings (``timeout_s``, ``memory_mb``) ``check`` runs a code sample's tests with."""
+    settings (``timeout_s``, ``memory_mb``) ``check`` runs a code sample's tests with. ``require_answer_tag``:
+    math answers only from the ``<answer>`` block (``rewards.require_answer_tag``), in rewards and checks alike."""
 
     combined: CombinedReward
     completion_prefix: str | Callable[[str], str] = ""
     code_params: dict = field(default_factory=dict)
+    require_answer_tag: bool = True
 
     def prefix(self, prompt: str) -> str:
         """What this prompt's completions are graded (and cold-start targets written) after."""
@@ -52,7 +54,8 @@ class Scorer:
             return self.check_batch([sample], [completion])[0]
         completion = self.prefix(sample.get("prompt", "")) + completion
         try:
-            correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample) > 0.5
+            correct: bool | None = accuracy_reward(sample.get("prompt", ""), completion, sample,
+                                                   require_answer_tag=self.require_answer_tag) > 0.5
         except SkipSample:
             correct = None
         return correct, format_score("", completion, sample) >= 1.0
@@ -61,7 +64,8 @@ class Scorer:
         """``check`` of each (sample, completion) through ``rewards.grading.grade``, as ``r1fast.eval`` grades: one
         math-verify call, the code samples' programs together in the sandbox pool (one by one, a hung program cost
         the timeout per completion: 32 s of a 40 s code run's evaluation)."""
-        scores, formatted, _, _ = grade(samples, completions, True, self.completion_prefix, self.code_params)
+        scores, formatted, _, _ = grade(samples, completions, self.require_answer_tag, self.completion_prefix,
+                                        self.code_params)
         return [(None if s is None else s > 0.5, f) for s, f in zip(scores, formatted, strict=True)]
 
 
@@ -72,6 +76,9 @@ def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] =
     if unknown:
         raise ConfigError(f"rewards.weights.{unknown[0]}: unknown reward; known: {', '.join(sorted(REWARDS))}")
     params: dict[str, dict] = {}
+    for name in ("accuracy", "math_accuracy"):  # without it a chat/R1-Distill model's every accuracy was 0
+        if name in r.weights:
+            params[name] = {"require_answer_tag": r.require_answer_tag}
     if "format" in r.weights:
         params["format"] = {"partial": r.format_partial_credit}
     if "language" in r.weights:
@@ -86,6 +93,6 @@ def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] =
     if "repetition" in r.weights:
         params["repetition"] = {"unit": r.repetition_unit, "ngram_size": r.repetition_ngram_size}
     try:
-        return Scorer(combine(dict(r.weights), params), completion_prefix, sandbox)
+        return Scorer(combine(dict(r.weights), params), completion_prefix, sandbox, r.require_answer_tag)
     except ValueError as exc:  # one line naming the config section, not a traceback (empty weights: validate())
         raise ConfigError(f"rewards: {exc}") from None

@@ -78,3 +78,33 @@ def test_build_scorer_length_cosine_uses_max_new_tokens():
     cfg.rollout.max_new_tokens = 64
     meta = {"_correct": True, "completion_tokens": 64}
     assert build_scorer(cfg).score([""], [""], [meta]).total == [0.5]  # at max_len: the low end
+
+
+DISTILL = "<think>3 + 4 = 7</think>\n\nThe answer is \\boxed{7}."  # R1-Distill / QwQ: no <answer> block
+
+
+def test_require_answer_tag_reaches_the_training_reward_and_its_evaluation():
+    """r1fast.eval had --require_answer_tag false, training none: a chat or R1-Distill model's every accuracy was 0."""
+    meta = {"prompt": "3+4", "answer": "7"}
+    cfg = _config(accuracy=1.0)
+    assert build_scorer(cfg).score([""], [DISTILL], [meta]).total == [0.0]
+    assert build_scorer(cfg).check(meta, DISTILL)[0] is False
+    cfg.rewards.require_answer_tag = False
+    scorer = build_scorer(cfg)
+    assert scorer.score([""], [DISTILL], [meta]).total == [1.0]
+    assert scorer.check(meta, DISTILL)[0] is True
+    assert scorer.check_batch([meta], [DISTILL]) == [(True, False)]
+    cfg = _config(math_accuracy=1.0)
+    cfg.rewards.require_answer_tag = False
+    assert build_scorer(cfg).score([""], [DISTILL], [meta]).total == [1.0]
+
+
+def test_require_answer_tag_reaches_rejection_sampling():
+    from r1fast.config_io import load_config
+    from r1fast.rejection import RejectionConfig, config_score
+
+    meta = {"prompt": "3+4", "answer": "7"}
+    args = ["--checkpoint", "c", "--data", "d", "--out", "o"]
+    assert config_score(load_config(None, args, schema=RejectionConfig))([meta], [DISTILL])[0]["accuracy"] == 0.0
+    cfg = load_config(None, [*args, "--require_answer_tag", "false"], schema=RejectionConfig)
+    assert config_score(cfg)([meta], [DISTILL])[0]["accuracy"] == 1.0
