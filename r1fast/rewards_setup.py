@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 
 from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
+from r1fast.data.tasks import TASKS
 from r1fast.rewards import REWARDS, CombinedReward, RewardBatch, combine
-from r1fast.rewards.accuracy import SkipSample, accuracy_reward
+from r1fast.rewards.accuracy import SkipSample, accuracy_reward, default_verifier
 from r1fast.rewards.code import check_tests
 from r1fast.rewards.format import format_score, prefix_for
 from r1fast.rewards.grading import grade
+
+GOLD_PROBE = 64
+"""Distinct gold answers parsed per chunk by ``Scorer.unparsable_golds`` before it stops at a parsable one."""
 
 
 @dataclass
@@ -44,6 +48,28 @@ class Scorer:
             check_tests(samples)
         except ValueError as exc:
             raise DataError(f"data: {exc}") from None
+
+    def unparsable_golds(self, samples: list[dict]) -> str | None:
+        """None when some math gold answer of ``samples`` parses (or math-verify grades none of them), else a
+        one-line reason naming the examples. One unparsable gold skips its sample (counted); when none parses,
+        every step skipped all samples and made no update, and the run still exited 0. Distinct golds go through
+        the math-verify pool in chunks of ``GOLD_PROBE`` (pred ''; each gold's fate is then cached for training),
+        stopping at the first chunk with a parsable one: a normal file costs one chunk."""
+        if not {"accuracy", "math_accuracy"} & set(self.combined.weights):
+            return None
+        golds = list(dict.fromkeys(str(s["answer"]) for s in samples
+                                   if "tests" not in s and s.get("task") not in TASKS and "answer" in s))
+        verifier = default_verifier()
+        for start in range(0, len(golds), GOLD_PROBE):
+            chunk = golds[start:start + GOLD_PROBE]
+            if any(ok is not None for ok in verifier.check(chunk, [""] * len(chunk))):
+                return None
+        if not golds:
+            return None
+        shown = ", ".join(repr(g) for g in golds[:3]) + (", ..." if len(golds) > 3 else "")
+        return (f"math-verify parses none of the {len(golds)} distinct gold answers of the training prompts "
+                f"({shown}): every sample would be skipped and no step would train; give each \"answer\" as a "
+                "number or LaTeX expression (e.g. \"7\", \"\\frac{1}{2}\")")
 
     def check(self, sample: dict, completion: str) -> tuple[bool | None, bool]:
         """(correct, well formatted); correct is None when the sample cannot be graded (``SkipSample``: an

@@ -57,6 +57,7 @@ from r1fast.stop_flag import StopFlag
 from r1fast.train_checks import (
     check_batch_split,
     check_data_order,
+    check_golds,
     check_shared_run_dir,
     data_order_fingerprint,
     fit_lengths,
@@ -95,6 +96,7 @@ class Trainer:
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg, completion_prefix=completion_prefix(self.tokenizer, cfg.data.template))
         self.score.check_samples(self.train_samples + self.eval_samples)
+        check_golds(self.score, self.train_samples, cfg.data.task)  # none parsable: all steps skipped, exit 0
         check_batch_split(cfg, dist.world_size)
         if cfg.parallel.fp8_experts and cfg.model.name_or_path == "tiny":
             raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")

@@ -14,6 +14,7 @@ import time
 
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError
+from r1fast.config_io import DataError
 from r1fast.data_setup import encode_prompts
 from r1fast.rewards.format import continue_open_think, prefix_for
 from r1fast.stage_io import completion_prefix
@@ -60,6 +61,15 @@ def _holds(path: str, token: str) -> bool:
             return f.read() == token
     except OSError:
         return False
+
+
+def check_golds(scorer, samples: list[dict], task: str) -> None:
+    """DataError on every rank when math-verify can parse no gold answer of the training ``samples``
+    (``Scorer.unparsable_golds``): rank 0 decides (one pool's work, not one per rank) and broadcasts, so no rank
+    is left waiting in a collective for one that raised alone."""
+    reason = D.broadcast_object(scorer.unparsable_golds(samples) if D.rank() == 0 else None)
+    if reason is not None:
+        raise DataError(f"data.task={task!r}: {reason}")
 
 
 def check_batch_split(cfg: Config, world: int) -> None:

@@ -70,3 +70,32 @@ def test_a_bad_resume_fails_before_the_model_is_built(tmp_path, monkeypatch):
         with pytest.raises(error, match="train.resume"):
             T.run(cfg)
         assert not (tmp_path / cfg.train.name).exists()
+
+
+def test_a_file_without_one_parsable_gold_answer_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    """Every gold "see solution": each step skipped all 16 samples, made no update, and the run exited 0 with a
+    summary of 0.0 accuracy over 0 prompts. One parsable gold is enough to train (the others are skipped)."""
+    import json
+
+    from r1fast.config_io import DataError
+
+    class Built(Exception):
+        pass
+
+    def build_model(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(T, "build_model", build_model)
+    data = tmp_path / "math.jsonl"
+    rows = [{"prompt": f"what is {i} plus {i}", "answer": "see solution"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("--data.task", str(data), "--data.train_size", "40", "--train.sft_steps", "0")
+    cfg = tiny_config(tmp_path, *args)
+    with pytest.raises(DataError, match=r"data.task=.*math-verify parses none of the 1 distinct gold answers"):
+        T.run(cfg)
+    assert not (tmp_path / cfg.train.name).exists()
+    for row in rows[:5]:  # some of them in the train split (~80%)
+        row["answer"] = "10"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Built):
+        T.run(tiny_config(tmp_path, *args))
