@@ -294,7 +294,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates use
         metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
                                  self.dist.world_size)
-        self.scheduler.step()
+        if _updated(metrics, self.cfg.grpo.updates_per_rollout):
+            # the schedule counts optimizer updates, as torch's LambdaLR expects: a step without one (all groups
+            # dropped or skipped, non-finite losses) stepped it anyway, with torch's "lr_scheduler.step() before
+            # optimizer.step()" warning when that was the first RL step
+            self.scheduler.step()
         times["time_train_s"] = time.perf_counter() - t1
         gen_tokens = D.all_reduce_sum(torch.tensor([float(batch.generated_tokens)])).item()
         times["generated_tokens_per_s"] = gen_tokens / max(times["time_rollout_s"], 1e-9)
@@ -341,6 +345,11 @@ class Trainer:
 
         plot_training_curves(read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"),
                              title=f"{self.cfg.train.name}: GRPO on {self.cfg.data.task}")
+
+
+def _updated(metrics: dict, updates_per_rollout: int) -> bool:
+    """Whether ``train_on_batch`` stepped the optimizer at least once (both flags agree on every rank)."""
+    return not metrics.get("skipped_empty") and metrics.get("skipped_nonfinite", 0) < updates_per_rollout
 
 
 def run(cfg: Config) -> dict:
