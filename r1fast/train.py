@@ -60,6 +60,7 @@ from r1fast.train_checks import (
     check_golds,
     check_shared_run_dir,
     data_order_fingerprint,
+    fit_kv_cache,
     fit_lengths,
     resolve_resume,
 )
@@ -102,10 +103,12 @@ class Trainer:
             raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")
         # before the model loads, and before anything is written into the run dir
         self.resume_from = resolve_resume(t.resume, self.run_dir)
+        all_prompts, all_samples = self.train_prompt_ids + self.eval_prompt_ids, self.train_samples + self.eval_samples
+        if cfg.rollout.num_blocks is not None:  # its size is known now; otherwise once the engine sized it
+            fit_kv_cache(cfg, all_prompts, all_samples, cfg.rollout.num_blocks * cfg.rollout.block_size)
         self.model = model = build_model(cfg, self.tokenizer, dist.device, master)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
-        self.sft_samples = fit_lengths(cfg, self.tokenizer, model, self.train_prompt_ids + self.eval_prompt_ids,
-                                        self.sft_samples, self.train_samples + self.eval_samples)
+        self.sft_samples = fit_lengths(cfg, self.tokenizer, model, all_prompts, self.sft_samples, all_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
                                one_rank=param_dtype is not None) if cfg.parallel.fsdp else None
         self.ref_root, ref = None, None
@@ -132,6 +135,9 @@ class Trainer:
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
+        # before any file is written; the smallest rank's cache, so all ranks raise together (CUDA sizes it from
+        # each GPU's free memory)
+        fit_kv_cache(cfg, all_prompts, all_samples, min(D.all_gather_object(self.engine.cache.capacity_tokens)))
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
         self.logger: MetricsLogger | None = None  # opened by run(), once a resume has trimmed metrics.jsonl

@@ -112,6 +112,28 @@ def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_
     return kept
 
 
+def fit_kv_cache(cfg: Config, prompt_ids: list[list[int]], prompt_samples: list[dict], capacity_tokens: int) -> None:
+    """ConfigError naming rollout.num_blocks and rollout.max_new_tokens unless the longest prompt plus
+    max_new_tokens - 1 (the last sampled token is never cached: ``stage_io.generation_limit``) fits a KV cache of
+    ``capacity_tokens``. With an explicit num_blocks the trainer checks before the model loads (num_blocks x
+    block_size); otherwise once the engine has sized its cache. Before: evaluation's ValueError traceback after
+    config.toml and metrics.jsonl were written."""
+    r = cfg.rollout
+    if not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    need = len(prompt_ids[longest]) + r.max_new_tokens - 1
+    if need <= capacity_tokens:
+        return
+    blocks = -(-need // r.block_size)
+    size = (f"rollout.num_blocks={r.num_blocks} x rollout.block_size={r.block_size}" if r.num_blocks is not None
+            else f"the cache sized from rollout.memory_fraction={r.memory_fraction}")
+    name = prompt_samples[longest].get("id", f"prompt {longest}")
+    raise ConfigError(f"{size} holds {capacity_tokens} KV-cache tokens, but {name} ({len(prompt_ids[longest])} "
+                      f"tokens) + rollout.max_new_tokens={r.max_new_tokens} - 1 needs {need}: set rollout.num_blocks "
+                      f">= {blocks} or lower rollout.max_new_tokens")
+
+
 def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     """The checkpoint directory ``train.resume`` names ('latest': this run's newest complete one), or None.
 

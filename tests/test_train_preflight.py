@@ -99,3 +99,29 @@ def test_a_file_without_one_parsable_gold_answer_fails_before_the_model_is_built
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(Built):
         T.run(tiny_config(tmp_path, *args))
+
+
+def test_a_kv_cache_too_small_for_a_prompt_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    """--rollout.num_blocks 2 (32 tokens) crashed in evaluation.py with a ValueError traceback after config.toml
+    and metrics.jsonl were written; fit_lengths checked only the model's positions."""
+    def build_model(*args, **kwargs):
+        pytest.fail("model built before the KV cache was checked")
+
+    monkeypatch.setattr(T, "build_model", build_model)
+    cfg = tiny_config(tmp_path, "--rollout.num_blocks", "2")
+    with pytest.raises(ConfigError, match=r"rollout.num_blocks=2 x rollout.block_size=16 holds 32 KV-cache tokens, "
+                                          r"but .* \+ rollout.max_new_tokens=12 - 1 needs \d+: set rollout.num_blocks"):
+        T.run(cfg)
+    assert not (tmp_path / cfg.train.name).exists()
+
+
+def test_an_engine_sized_kv_cache_is_checked_before_any_file_is_written(tmp_path, monkeypatch):
+    """num_blocks none: the engine sizes the cache (from free GPU memory on CUDA); checked once it has."""
+    from r1fast.rollout import Engine
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setattr(T, "Engine", lambda model, **kw: Engine(model, **{**kw, "num_blocks": 1}))
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"the cache sized from rollout.memory_fraction=.* holds 16 KV-cache tokens"):
+        T.run(cfg)
+    assert not (tmp_path / cfg.train.name).exists()
