@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 from r1fast import distributed as D
 from r1fast.safe_write import UnsafePathError, open_lock
@@ -50,7 +51,21 @@ def lock_run_dir(run_dir: str, error: type[Exception] = RuntimeError):
     return _flock(os.path.join(run_dir, ".lock"), run_dir, error)
 
 
-def lock_beside(run_dir: str, error: type[Exception] = RuntimeError):
+def _file_in_the_way(run_dir: str, keys: tuple[str, str]) -> str | None:
+    """Why ``run_dir`` cannot be a directory: it, or a directory above it, is a file (``keys``: the config fields of
+    the parent and the name), else None. A file at out_dir/name died after the model loaded, in config.toml's
+    makedirs (under torchrun: every rank's traceback from the shared-directory check); a file at out_dir said
+    only "cannot lock the run directory: [Errno 17] File exists"."""
+    path = Path(os.path.abspath(run_dir))
+    for p in reversed([path, *path.parents]):
+        if os.path.lexists(p) and not os.path.isdir(p):
+            if p == path:
+                return f"{keys[1]}: the run directory {run_dir} is a file, not a directory; move it or choose another {keys[1]}"
+            return f"{keys[0]}: {p} is a file, not a directory (the run directory is {run_dir})"
+    return None
+
+
+def lock_beside(run_dir: str, error: type[Exception] = RuntimeError, keys: tuple[str, str] = ("out_dir", "name")):
     """An exclusive lock on ``<parent>/.<name>.lock`` next to ``run_dir``, taken by rank 0 and agreed by all.
 
     A second r1fast.train into a live run directory moved the running run to ``.prev-<time>``: the first
@@ -58,14 +73,18 @@ def lock_beside(run_dir: str, error: type[Exception] = RuntimeError):
     file sits beside the directory, not in it, so ``set_aside_earlier_run`` never moves it away from the
     holder, and inside a pipeline's directory it differs from the pipeline's own ``.lock`` (no self-deadlock).
     Every rank calls it: rank 0's outcome is broadcast, so all ranks raise ``error`` together (no rank is
-    left waiting in a collective). Returns the open lock file on rank 0 (close it to release), else None."""
+    left waiting in a collective). A file where the run directory or a directory above it belongs is refused the
+    same way, naming ``keys`` (the config fields of the parent directory and the run name). Returns the open lock
+    file on rank 0 (close it to release), else None."""
     run_dir = os.path.normpath(run_dir)
     handle, refusal = None, None
     if D.rank() == 0:
         parent, name = os.path.split(os.path.abspath(run_dir))
+        refusal = _file_in_the_way(run_dir, keys)
         try:
-            os.makedirs(parent, exist_ok=True)
-            handle = _flock(os.path.join(parent, f".{name}.lock"), run_dir, error)
+            if refusal is None:
+                os.makedirs(parent, exist_ok=True)
+                handle = _flock(os.path.join(parent, f".{name}.lock"), run_dir, error)
         except error as err:
             refusal = str(err)
         except OSError as err:  # an unwritable out_dir: rank 0 alone would fail and the others wait forever

@@ -366,7 +366,8 @@ def run(cfg: Config) -> dict:
     try:  # from before Trainer(): its constructor can fail after build_mesh made the 1-rank group
         # before Trainer() touches the run directory (shared-disk check, resume, set-aside) and held to the end:
         # a second run into a live one moved it aside and both wrote step_2/4/6 into one checkpoints/
-        run_lock = lock_beside(os.path.join(cfg.train.out_dir, cfg.train.name), ConfigError)
+        run_lock = lock_beside(os.path.join(cfg.train.out_dir, cfg.train.name), ConfigError,
+                               keys=("train.out_dir", "train.name"))
         trainer = Trainer(cfg, dist)
         trainer.stop.install()  # SIGTERM and a first Ctrl-C: checkpoint after the current step, then exit
         try:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import tomllib
-from train_testing import run_cli, tiny_config
+from train_testing import TINY, run_cli, tiny_config
 
 from r1fast import run_dir as R
 from r1fast.config_io import ConfigError
@@ -167,3 +167,22 @@ def test_two_runs_set_aside_within_one_second_both_keep_their_directory(tmp_path
     assert sorted(os.listdir(tmp_path)) == [stamp, f"{stamp}-2", f"{stamp}-3"]
     assert [(tmp_path / name / "metrics.jsonl").read_text() for name in (stamp, f"{stamp}-2", f"{stamp}-3")] == [
         "first\n", "second\n", "third\n"]
+
+
+def test_a_file_where_the_run_directory_belongs_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A file at out_dir/name died after the model loaded with config_dump's FileExistsError traceback (torchrun:
+    one per rank, from the shared-directory check); a file at out_dir said "cannot lock ...: [Errno 17]"."""
+    import r1fast.train as T
+
+    monkeypatch.setattr(T, "build_model", lambda *a, **k: pytest.fail("model built before the run directory"))
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConfigError, match=r"^train.name: the run directory .*taken is a file, not a directory"):
+        T.run(tiny_config(tmp_path, "--train.name", "taken"))
+    out_dir = tmp_path / "taken" / "runs"  # a file above out_dir counts too
+    with pytest.raises(ConfigError, match=r"^train.out_dir: .*taken is a file, not a directory"):
+        T.run(tiny_config(out_dir))
+    assert T.main([*TINY, "--train.out_dir", str(tmp_path), "--train.name", "taken"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("r1fast.train: error: train.name: the run directory"), err
+    assert (tmp_path / "taken").read_text() == "a file"
+
