@@ -30,7 +30,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistInfo
 
     ``backend``: "auto" picks NCCL when CUDA is available and gloo otherwise. ``timeout_s``: how long a
     collective waits for the other ranks (``parallel.timeout_s``). Raises ConfigError on every rank when the
-    nodes run different numbers of processes (see ``check_same_local_world``).
+    nodes run different numbers of processes (see ``check_same_local_world``), and for "nccl" without CUDA.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -46,6 +46,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> DistInfo
         backend = "nccl" if cuda else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {backend!r}")
+    if backend == "nccl" and not cuda:  # init_process_group's device_id then failed with a traceback per rank
+        from r1fast.config_io import ConfigError
+
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs and torch sees none here; use gloo (or auto)")
     if world_size > 1 and not dist.is_initialized():
         kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if backend == "nccl":

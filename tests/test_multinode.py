@@ -142,3 +142,18 @@ def test_host_tensors_under_nccl_go_through_the_gpu(monkeypatch):
     monkeypatch.setattr(D, "collective_device", lambda t: t.device)  # gloo, or a CUDA tensor: in place
     D.all_reduce_sum(host)
     assert fake.seen[-1] is host
+
+
+def test_nccl_without_cuda_is_one_config_line(monkeypatch, capsys):
+    """--parallel.backend nccl on a CPU machine under torchrun: init_process_group's device_id traceback on
+    every rank, now one ConfigError line (each rank knows it alone: no collective has run yet)."""
+    import r1fast.train as T
+
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: False)
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert T.main(["--parallel.backend", "nccl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["r1fast.train: error: parallel.backend=nccl needs CUDA GPUs and torch sees none here; use gloo "
+                   "(or auto)"]
