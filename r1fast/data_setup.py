@@ -8,6 +8,7 @@ import torch
 
 from r1fast.checkpoint import resolve_dtype
 from r1fast.config import Config, ConfigError, ModelConfig
+from r1fast.config_io import DataError
 from r1fast.data import MIXTURES, TASKS, generate_tasks, load_jsonl, split_of, worked_solution
 from r1fast.model import Transformer
 from r1fast.model_config import ModelArgs
@@ -85,16 +86,32 @@ def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     if not d.task.endswith(".jsonl"):
         raise ConfigError(f"data.task: {d.task!r} is neither a built-in task ({sorted(TASKS) + sorted(MIXTURES)}) "
                           "nor a .jsonl file")
+    return _jsonl_datasets(cfg)
+
+
+def _jsonl_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """``build_datasets`` for a JSONL file: every check that the splits can feed the run comes here, before the
+    model loads (a file whose lines all fell in the held-out split crashed the first GRPO step, minutes later)."""
+    d, t = cfg.data, cfg.train
     with data_errors():  # a malformed line is the user's data, reported in one line naming path:line
         rows = load_jsonl(d.task)
     if not rows:
         raise empty_data_error(d.task, "data.task", '{"prompt": ..., "answer": ...}')
-    train = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "train"][: d.train_size]
-    heldout = [r for r in rows if split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "heldout"][: d.eval_size]
+    train, heldout = split_rows(rows, d.eval_size)
+    if not train:
+        raise DataError(f"data.task: none of the {len(rows)} line(s) of {d.task} fell in the training split (by "
+                        f"content hash ~80% train / 20% held-out: train 0, held-out {len(heldout)}); add lines")
+    train, heldout = train[: d.train_size], heldout[: d.eval_size]
     sft = [r for r in train if r.get("solution")]
     if t.sft_steps and not sft:
         raise ConfigError(f"train.sft_steps={t.sft_steps} but no line of {d.task} has a 'solution' to imitate")
     return sft, train, heldout
+
+
+def split_rows(rows: list[dict], eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) lines of a JSONL file, disjoint by content hash (~20% held out)."""
+    heldout = [split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "heldout" for r in rows]
+    return [r for r, h in zip(rows, heldout, strict=True) if not h], [r for r, h in zip(rows, heldout, strict=True) if h]
 
 
 def encode_prompts(tokenizer, samples: list[dict], template: str) -> list[list[int]]:

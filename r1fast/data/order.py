@@ -13,7 +13,10 @@ __all__ = ["batch_indices"]
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step``: a stream of seeded epoch permutations, cut in full batches."""
+    """Example indices of optimizer step ``step``: a stream of seeded epoch permutations, cut in full batches.
+    ValueError for no examples: callers check their data first, and a ZeroDivisionError deep in a step said nothing."""
+    if num_examples <= 0 and batch_size > 0:
+        raise ValueError(f"num_examples: no examples to draw a batch of {batch_size} from (got {num_examples})")
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(pos, num_examples)
