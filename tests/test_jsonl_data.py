@@ -9,8 +9,9 @@ import pytest
 from train_testing import tiny_config
 
 from r1fast.config_io import DataError
-from r1fast.data import split_of
+from r1fast.data import load_jsonl, split_of
 from r1fast.data.order import batch_indices
+from r1fast.data_setup import build_datasets
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +51,30 @@ def test_batch_indices_of_no_examples_is_a_value_error_not_a_division_by_zero():
     with pytest.raises(ValueError, match=r"^num_examples: no examples to draw a batch of 4 from"):
         batch_indices(0, 4, 0, seed=0)
     assert batch_indices(0, 0, 0, seed=0) == []
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"task": "countdown", "answer": "4*6"}, r":3: task 'countdown' needs 'target' \(an integer\) and 'numbers'"),
+    ({"task": "countdown", "answer": "4*6", "target": 24, "numbers": ["4", "6"]}, r":3: task 'countdown' needs"),
+    ({"task": "countdown", "answer": "4*6", "target": True, "numbers": [4, 6]}, r":3: task 'countdown' needs"),
+    ({"task": "addition", "answer": "twelve"}, r":3: task 'addition' needs an 'answer' that is an integer"),
+    ({"task": "sorting", "answer": "1, 2, 3"}, r":3: task 'sorting' needs an 'answer' that is numbers separated"),
+    ({"task": "addition", "tests": [{"input": "", "output": "1"}]}, r":3: task 'addition' needs an 'answer'; drop the 'task' column"),
+    ({"task": ["countdown"], "answer": "1"}, r":3: field 'task' must be a string \(got list\)"),
+], ids=["countdown-bare", "countdown-string-numbers", "countdown-bool-target", "addition", "sorting", "no-answer",
+        "task-list"])
+def test_a_builtin_task_column_must_carry_what_its_verifier_reads(tmp_path, row, message):
+    """"task": "countdown" without its puzzle crashed evaluation with KeyError 'target', after the model loaded."""
+    data = _write(tmp_path / "d.jsonl", [*_sums("train", 2), {"prompt": "make 24 with 4 6", **row}])
+    with pytest.raises(ValueError, match=message):
+        load_jsonl(data)
+    with pytest.raises(DataError, match=r"d\.jsonl" + message):
+        build_datasets(_cfg(tmp_path, data))
+
+
+def test_builtin_task_rows_that_carry_their_metadata_load(tmp_path):
+    rows = [{"prompt": "make 24 with 4 6", "answer": "4*6", "task": "countdown", "target": 24, "numbers": [4, 6]},
+            {"prompt": "sort 3 1", "answer": "1 3", "task": "sorting"}, {"prompt": "x?", "answer": "x", "task": "gsm8k"},
+            *_sums("train", 1)]
+    assert [r["task"] for r in load_jsonl(_write(tmp_path / "d.jsonl", rows))] == [
+        "countdown", "sorting", "gsm8k", "addition"]

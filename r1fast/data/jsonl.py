@@ -5,6 +5,11 @@ name the file and the 1-based line number, so a bad line in a 100k-line file is 
 Extra keys are kept (e.g. ``"tests"`` for code tasks, ``"language"``); ``"task"`` defaults to
 ``"math"`` and ``"id"`` to ``"<file name>:<line>"``. A code task, ``{"prompt", "tests": [{"input",
 "output"}, ...]}``, needs no ``"answer"``: it is graded by its tests (``r1fast.rewards.code``).
+
+A ``"task"`` naming a built-in task (addition, chain_sum, countdown, sorting) is graded by that task's exact
+verifier instead of math-verify: r1fast's own exported files use it. Such a line must carry what the verifier
+reads (countdown: ``"target"`` and ``"numbers"``; the others an ``"answer"`` in their form), checked here: a
+countdown line without them crashed evaluation with KeyError 'target' after the model had loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+
+from .tasks import TASKS, verify_answer
 
 __all__ = ["iter_json_objects", "load_jsonl"]
 
@@ -76,6 +83,42 @@ def load_jsonl(path: str | os.PathLike, *, limit: int | None = None, default_tas
         if not record["prompt"].strip():
             raise ValueError(f"{path}:{line_number}: field 'prompt' is empty")
         record.setdefault("task", default_task)
+        _check_task(record, f"{path}:{line_number}")
         record.setdefault("id", f"{name}:{line_number}")
         samples.append(record)
     return samples
+
+
+def _check_task(record: dict, where: str) -> None:
+    """ValueError naming ``where`` when the line's ``task`` is not a string, or names a built-in task whose
+    exact verifier cannot grade the line (the accuracy reward picks that verifier by this column)."""
+    task = record["task"]
+    if not isinstance(task, str):
+        raise ValueError(f"{where}: field 'task' must be a string (got {type(task).__name__})")
+    if task in TASKS and (why := _builtin_task_error(record)) is not None:
+        raise ValueError(f"{where}: task {task!r} {why}; drop the 'task' column to grade this line by math-verify")
+
+
+_ANSWER_FORMS = {"addition": "an integer", "chain_sum": "an integer", "sorting": "numbers separated by spaces"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _builtin_task_error(record: dict) -> str | None:
+    """Why the built-in task's verifier cannot grade ``record``, or None. Countdown reads the puzzle from
+    ``target`` and ``numbers``; the others compare the ``answer``, which must pass its own verifier (a sorting
+    answer "1, 2" never equals any answer, since the gold is split on spaces only)."""
+    task = record["task"]
+    if task == "countdown":
+        numbers = record.get("numbers")
+        if _is_int(record.get("target")) and isinstance(numbers, list) and numbers and all(map(_is_int, numbers)):
+            return None
+        return "needs 'target' (an integer) and 'numbers' (a list of integers)"
+    answer = record.get("answer")
+    if answer is None:
+        return "needs an 'answer'"
+    if not verify_answer(record, answer):
+        return f"needs an 'answer' that is {_ANSWER_FORMS.get(task, 'in its form')} (got {answer!r})"
+    return None
