@@ -104,7 +104,10 @@ def _jsonl_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     train, heldout = train[: d.train_size], heldout[: d.eval_size]
     sft = [r for r in train if r.get("solution")]
     if t.sft_steps and not sft:
-        raise ConfigError(f"train.sft_steps={t.sft_steps} but no line of {d.task} has a 'solution' to imitate")
+        raise ConfigError(f"train.sft_steps={t.sft_steps} but no training line of {d.task} has a 'solution' to "
+                          "imitate: set train.sft_steps=0 (--train.sft_steps 0: pure RL from the model as loaded, "
+                          "as R1-Zero) or add a \"solution\" field (the target completion, e.g. "
+                          "\"<think>...</think><answer>...</answer>\") to the lines")
     return sft, train, heldout
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 from train_testing import tiny_config
 
+from r1fast.config import ConfigError
 from r1fast.config_io import DataError
 from r1fast.data import load_jsonl, split_of
 from r1fast.data.order import batch_indices
@@ -51,6 +52,17 @@ def test_batch_indices_of_no_examples_is_a_value_error_not_a_division_by_zero():
     with pytest.raises(ValueError, match=r"^num_examples: no examples to draw a batch of 4 from"):
         batch_indices(0, 4, 0, seed=0)
     assert batch_indices(0, 0, 0, seed=0) == []
+
+
+def test_sft_steps_without_solutions_names_both_ways_out(tmp_path):
+    data = _write(tmp_path / "f.jsonl", _sums("train", 4))
+    with pytest.raises(ConfigError, match=r"^train\.sft_steps=2 but no training line of .*f\.jsonl has a 'solution' "
+                                          r"to imitate: set train\.sft_steps=0 \(--train\.sft_steps 0: pure RL.*"
+                                          r"R1-Zero\) or add a \"solution\" field"):
+        build_datasets(_cfg(tmp_path, data, "--train.sft_steps", "2"))
+    solved = [{**r, "solution": f"<think>{r['prompt']}</think><answer>{r['answer']}</answer>"} for r in _sums("train", 4)]
+    sft, _, _ = build_datasets(_cfg(tmp_path, _write(data, solved), "--train.sft_steps", "2"))
+    assert len(sft) == 4
 
 
 @pytest.mark.parametrize(("row", "message"), [
