@@ -226,10 +226,11 @@ class DataConfig:
     """A built-in task name (see r1fast.data) or a path to a .jsonl file of prompts and answers."""
     train_size: int = bounded(1000, ge=1)
     """Training prompts: generated for a built-in task; for a JSONL file, the first N prompts of the file's
-    train split (~80% of its lines, chosen by content hash), so fewer when that split is smaller."""
+    train split (~80% of its lines, chosen by content hash; every line when data.eval_size = 0), so fewer when
+    that split is smaller."""
     eval_size: int = bounded(64, ge=0)
     """Held-out evaluation prompts (0 = no evaluation set); for a JSONL file they are drawn from the
-    held-out ~20% of its lines."""
+    held-out ~20% of its lines, and with 0 those lines train too."""
     seed: int = bounded(0, ge=SEED_MIN, le=SEED_MAX)
     """Seed of task generation and prompt shuffling (a signed 64-bit integer, as TOML allows)."""
     template: str = "r1_zero"

@@ -66,7 +66,8 @@ def build_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """(cold-start SFT samples with a 'solution', GRPO training prompts, held-out prompts).
 
     Generated tasks: SFT and GRPO samples come from the train split, evaluation from the held-out
-    split; the splits are disjoint by content hash. A JSONL file is split the same way.
+    split; the splits are disjoint by content hash. A JSONL file is split the same way, except that with
+    data.eval_size = 0 every line trains (``split_rows``).
     """
     d, t = cfg.data, cfg.train
     if d.task in TASKS or d.task in MIXTURES:
@@ -100,7 +101,8 @@ def _jsonl_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     train, heldout = split_rows(rows, d.eval_size)
     if not train:
         raise DataError(f"data.task: none of the {len(rows)} line(s) of {d.task} fell in the training split (by "
-                        f"content hash ~80% train / 20% held-out: train 0, held-out {len(heldout)}); add lines")
+                        f"content hash ~80% train / 20% held-out: train 0, held-out {len(heldout)}); add lines, or "
+                        "set data.eval_size=0 to train on every line (no held-out evaluation)")
     train, heldout = train[: d.train_size], heldout[: d.eval_size]
     sft = [r for r in train if r.get("solution")]
     if t.sft_steps and not sft:
@@ -112,7 +114,11 @@ def _jsonl_datasets(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def split_rows(rows: list[dict], eval_size: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) lines of a JSONL file, disjoint by content hash (~20% held out)."""
+    """(train, held-out) lines of a JSONL file, disjoint by content hash (~20% held out); with ``eval_size`` 0
+    nothing is evaluated, so every line trains (the held-out 20% were otherwise neither trained on nor scored:
+    every pipeline rl stage runs with eval_size 0)."""
+    if eval_size == 0:
+        return list(rows), []
     heldout = [split_of(r.get("task", "jsonl"), r["prompt"], 0.2) == "heldout" for r in rows]
     return [r for r, h in zip(rows, heldout, strict=True) if not h], [r for r, h in zip(rows, heldout, strict=True) if h]
 

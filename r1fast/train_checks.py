@@ -194,10 +194,13 @@ def data_order_fingerprint(cfg: Config, sft_samples: list[dict], train_samples: 
     n training prompts, and SFT step ``s`` the same with ``train.sft_batch_size`` and ``train.seed`` over the
     cold-start examples (``r1fast.data.order``). A resume with another P, n, seed or set of prompts drew from
     another position (P 4 -> 8 at step 2 skipped 8 of 16 prompts of epoch 0 and repeated others), so these are
-    compared on resume. The prompts' content is hashed too: a JSONL file edited in place keeps every key."""
+    compared on resume. The prompts' content is hashed too: a JSONL file edited in place keeps every key. For a
+    JSONL file, whether data.eval_size is 0 decides which lines train (all, or the hash-chosen ~80%)."""
     d, t = cfg.data, cfg.train
     rl = {"data.task": d.task, "data.params": dict(d.params), "data.train_size": d.train_size, "data.seed": d.seed,
           "grpo.prompts_per_step": cfg.grpo.prompts_per_step, "training prompts": _content_hash(train_samples)}
+    if d.task.endswith(".jsonl"):
+        rl[_JSONL_SPLIT] = "every line (data.eval_size=0)" if d.eval_size == 0 else "~80% by content hash"
     sft = {"data.sft_params": dict(d.sft_params), "data.sft_size": d.sft_size,
            "train.sft_batch_size": t.sft_batch_size, "train.seed": t.seed,
            "cold-start examples": _content_hash(sft_samples)}
@@ -206,6 +209,9 @@ def data_order_fingerprint(cfg: Config, sft_samples: list[dict], train_samples: 
 
 _CONTENT_KEYS = ("training prompts", "cold-start examples")
 """The fingerprint's content hashes (reported only when no config key explains the difference)."""
+
+_JSONL_SPLIT = "JSONL lines trained on"
+"""The fingerprint key of a JSONL run's split (absent from checkpoints written before every line could train)."""
 
 
 def _content_hash(samples: list[dict]) -> str:

@@ -54,6 +54,22 @@ def test_batch_indices_of_no_examples_is_a_value_error_not_a_division_by_zero():
     assert batch_indices(0, 0, 0, seed=0) == []
 
 
+def test_eval_size_zero_trains_on_every_line(tmp_path):
+    """The held-out ~20% were neither trained on nor evaluated with eval_size 0 (every pipeline rl stage)."""
+    rows = _sums("train", 6) + _sums("heldout", 2)
+    data = _write(tmp_path / "d.jsonl", rows)
+    _, train, heldout = build_datasets(_cfg(tmp_path, data, "--data.eval_size", "0"))
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in rows] and heldout == []
+    _, train, heldout = build_datasets(_cfg(tmp_path, data, "--data.eval_size", "4"))
+    assert len(train) == 6 and [r["prompt"] for r in heldout] == [r["prompt"] for r in rows[6:]]
+    _, train, _ = build_datasets(_cfg(tmp_path, data, "--data.eval_size", "0", "--data.train_size", "3"))
+    assert len(train) == 3
+    heldout_only = _write(tmp_path / "h.jsonl", _sums("heldout", 2))
+    with pytest.raises(DataError, match=r"held-out 2\); add lines, or set data\.eval_size=0 to train on every line"):
+        build_datasets(_cfg(tmp_path, heldout_only))
+    assert len(build_datasets(_cfg(tmp_path, heldout_only, "--data.eval_size", "0"))[1]) == 2
+
+
 def test_sft_steps_without_solutions_names_both_ways_out(tmp_path):
     data = _write(tmp_path / "f.jsonl", _sums("train", 4))
     with pytest.raises(ConfigError, match=r"^train\.sft_steps=2 but no training line of .*f\.jsonl has a 'solution' "
