@@ -235,6 +235,8 @@ def check_data_order(path: str, loop_state: dict, current: dict) -> None:
     phases = ("rl", "sft") if loop_state.get("sft_step") is not None else ("rl",)
     differ = [(key, old, current[phase].get(key)) for phase in phases for key, old in saved.get(phase, {}).items()
               if current[phase].get(key) != old]
+    same_content = not any(key in _CONTENT_KEYS for key, _, _ in differ)
+    differ = [d for d in differ if not _same_jsonl_file(*d, same_content)]
     if any(key not in _CONTENT_KEYS for key, _, _ in differ):  # the content hash then differs as a consequence
         differ = [d for d in differ if d[0] not in _CONTENT_KEYS]
     changed = [f"{key}: {old!r} in the checkpoint, {new!r} now" + (" (the data itself changed)" if key in
@@ -243,3 +245,12 @@ def check_data_order(path: str, loop_state: dict, current: dict) -> None:
         raise ConfigError(f"train.resume: {path} was trained on another data order ({'; '.join(changed)}); the "
                           "resumed run would skip or repeat examples. Resume with the checkpoint's values, or start "
                           "a fresh run (train.resume=none, or another train.name)")
+
+
+def _same_jsonl_file(key: str, old, new, same_content: bool) -> bool:
+    """Whether a data.task difference is only how one JSONL file was named (./math.jsonl, then /abs/math.jsonl):
+    the order depends on the lines, not on the path that led to them, so the content hashes decide; a path that
+    resolves to the same file is no news either when the content changed (the hashes report that)."""
+    if key != "data.task" or not all(isinstance(v, str) and v.endswith(".jsonl") for v in (old, new)):
+        return False
+    return same_content or os.path.realpath(old) == os.path.realpath(new)

@@ -4,6 +4,7 @@ column carries what its verifier reads, data.eval_size = 0 trains on every line,
 same file named by another path but not other data."""
 
 import json
+import os
 
 import pytest
 from train_testing import tiny_config
@@ -13,6 +14,7 @@ from r1fast.config_io import DataError
 from r1fast.data import load_jsonl, split_of
 from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_datasets
+from r1fast.train_checks import check_data_order, data_order_fingerprint
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +108,45 @@ def test_builtin_task_rows_that_carry_their_metadata_load(tmp_path):
             *_sums("train", 1)]
     assert [r["task"] for r in load_jsonl(_write(tmp_path / "d.jsonl", rows))] == [
         "countdown", "sorting", "gsm8k", "addition"]
+
+
+def _fingerprint(tmp_path, task, *extra):
+    cfg = _cfg(tmp_path, task, *extra)
+    sft, train, _ = build_datasets(cfg)
+    return data_order_fingerprint(cfg, sft, train)
+
+
+def test_data_order_check_reads_the_file_not_the_path_that_named_it(tmp_path, monkeypatch):
+    """./math.jsonl, then /abs/math.jsonl: refused as another data order although the content hash agreed."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "math.jsonl", _sums("train", 6) + _sums("heldout", 2))
+    saved = {"data_order": _fingerprint(tmp_path, "./math.jsonl")}
+    check_data_order("ck", saved, _fingerprint(tmp_path, str(tmp_path / "math.jsonl")))
+    check_data_order("ck", saved, _fingerprint(tmp_path, "math.jsonl", "--data.eval_size", "7"))  # still 80/20
+    os.makedirs("copy")
+    _write(tmp_path / "copy" / "math.jsonl", _sums("train", 5) + _sums("heldout", 2))  # one training line fewer
+    with pytest.raises(ConfigError, match=r"another data order \(data\.task: '\./math\.jsonl' in the checkpoint, "
+                                          r"'copy/math\.jsonl' now\)"):  # other lines under another path
+        check_data_order("ck", saved, _fingerprint(tmp_path, "copy/math.jsonl"))
+    with pytest.raises(ConfigError, match=r"another data order \(JSONL lines trained on: '~80% by content hash' in "
+                                          r"the checkpoint, 'every line \(data\.eval_size=0\)' now\)"):
+        check_data_order("ck", saved, _fingerprint(tmp_path, "math.jsonl", "--data.eval_size", "0"))
+    os.replace("copy/math.jsonl", "math.jsonl")  # edited in place
+    with pytest.raises(ConfigError, match=r"another data order \(training prompts: .* \(the data itself changed\)\)"):
+        check_data_order("ck", saved, _fingerprint(tmp_path, str(tmp_path / "math.jsonl")))
+    generated = {"data_order": _fingerprint(tmp_path, "addition")}
+    with pytest.raises(ConfigError, match=r"data\.task: 'addition' in the checkpoint, 'math\.jsonl' now"):
+        check_data_order("ck", generated, _fingerprint(tmp_path, "math.jsonl"))
+    check_data_order("ck", generated, _fingerprint(tmp_path, "addition", "--data.eval_size", "0"))
+
+
+def test_a_jsonl_run_resumes_under_another_path_to_its_file(tmp_path, monkeypatch):
+    from r1fast.train import run
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "math.jsonl", _sums("train", 8) + _sums("heldout", 2))
+    common = ("--train.name", "r", "--train.checkpoint_every", "1", "--data.eval_size", "0")
+    run(_cfg(tmp_path, "./math.jsonl", *common, "--train.steps", "1"))
+    summary = run(_cfg(tmp_path, str(tmp_path / "math.jsonl"), *common, "--train.steps", "2",
+                       "--train.resume", "latest"))
+    assert summary["steps"] == 2
