@@ -135,7 +135,7 @@ def _evaluate(recipe: Recipe, model_dir: str, heldout: str, out: str) -> dict:
     e = recipe.eval
     cfg = EvalConfig(model=model_dir, data=heldout, template=recipe.pipeline.template, k=e.k, pass_k=(1, e.k),
                      temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                     bootstrap_resamples=e.bootstrap_resamples, out=out)
+                     bootstrap_resamples=e.bootstrap_resamples, require_answer_tag=e.require_answer_tag, out=out)
     return run_eval(cfg)
 
 

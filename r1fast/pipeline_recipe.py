@@ -97,6 +97,9 @@ class EvalSection:
     """Longest completion."""
     bootstrap_resamples: int = bounded(200, ge=2)
     """Bootstrap resamples for the standard deviations."""
+    require_answer_tag: bool = True
+    """Grade math only inside <answer>...</answer> (as rewards.require_answer_tag in the rl stages); false for
+    models that answer outside the R1 tags (R1-Distill, QwQ: '... </think> The answer is \\boxed{7}.')."""
 
 
 @dataclass

@@ -171,7 +171,7 @@ def write_report(recipe, records: list[dict], *, ran: list[str]) -> dict:
         n = sum(1 for line in f if line.strip())
     heldout = {"path": heldout_path, "sha256": sha256_file(full), "num_prompts": n}
     settings = {k: getattr(recipe.eval, k) for k in ("k", "temperature", "top_p", "max_new_tokens",
-                                                    "bootstrap_resamples")}
+                                                    "bootstrap_resamples", "require_answer_tag")}
     comparison = {"distilled": recipe.comparison.distilled, "rl_only": recipe.comparison.rl_only}
     finals = {arm[-1] for arm in comparison.values() if arm}
     per_prompt = {name: _per_prompt_pass1(os.path.join(recipe.run_dir, name, "eval", "samples.jsonl"))

@@ -285,3 +285,21 @@ def test_same_size_edit_is_detected_by_hash(tmp_path):
     assert not P._output_intact(recipe, out)
     path.write_text('{"prompt": "1+1", "answer": "22"}\n')         # other size
     assert not P._output_intact(recipe, out)
+
+
+def test_eval_require_answer_tag_reaches_the_held_out_evaluation(monkeypatch, tmp_path):
+    """[eval] require_answer_tag = false grades the pipeline's held-out evaluation as the rl stages' rewards
+    (rewards.require_answer_tag): it was always the <answer> block, so an R1-Distill-style student scored 0."""
+    from r1fast import eval as E
+    from r1fast.pipeline_recipe import load_recipe
+
+    text = open(os.path.join(os.path.dirname(P.__file__), "..", "recipes", "tiny_r1.toml")).read()
+    assert "[eval]\n" in text
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(text.replace("[eval]\n", "[eval]\nrequire_answer_tag = false\n", 1))
+    seen = []
+    monkeypatch.setattr(E, "run_eval", lambda cfg: seen.append(cfg) or {})
+    for path, expected in ((recipe_file, False), (os.path.join(os.path.dirname(P.__file__), "..", "recipes",
+                                                                "tiny_r1.toml"), True)):
+        P._evaluate(load_recipe(str(path), out_dir=str(tmp_path / "runs")), "model", "heldout.jsonl", "out")
+        assert seen[-1].require_answer_tag is expected
