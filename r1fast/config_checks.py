@@ -7,7 +7,7 @@ import os
 
 from r1fast.config_io import ConfigError
 
-__all__ = ["check_dir_name", "check_master_weights"]
+__all__ = ["check_dir_name", "check_fp8_experts", "check_master_weights"]
 
 
 def check_dir_name(value: str, key: str) -> None:
@@ -30,3 +30,24 @@ def check_master_weights(dtype: str, fsdp: bool) -> None:
     if dtype in ("bfloat16", "float16") and not fsdp:
         raise ConfigError(f"model.dtype={dtype} trains with fp32 master weights, which FSDP2's mixed precision "
                           "keeps: set parallel.fsdp=true (one rank works too)")
+
+
+def check_fp8_experts(enabled: bool, name_or_path: str) -> None:
+    """``parallel.fp8_experts`` needs routed experts whose hidden and moe_intermediate sizes are multiples of the
+    recipe's 128 tile: read from config.json before the model loads (a dense model was refused only after its
+    whole load, minutes for a 7B)."""
+    if not enabled:
+        return
+    if name_or_path == "tiny":
+        raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")
+    from r1fast.kernels.moe_layer import TILE as FP8_TILE  # the kernels' tile, not a second copy of 128
+    from r1fast.model_config import ModelArgs
+
+    args = ModelArgs.from_dir(name_or_path)
+    if not args.is_moe:
+        raise ConfigError(f"parallel.fp8_experts=true: {name_or_path} is a dense {args.model_type} model (no routed "
+                          "experts to run in FP8)")
+    if args.hidden_size % FP8_TILE or args.moe_intermediate_size % FP8_TILE:
+        raise ConfigError(f"parallel.fp8_experts=true: the FP8 recipe needs hidden_size and moe_intermediate_size to "
+                          f"be multiples of {FP8_TILE}, {name_or_path} has {args.hidden_size} and "
+                          f"{args.moe_intermediate_size}")

@@ -36,6 +36,7 @@ import torch
 from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
 from r1fast.config import ModelConfig, ParallelConfig, check_dir_name, check_master_weights
+from r1fast.config_checks import check_fp8_experts
 from r1fast.config_dump import save_config
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.jsonl import iter_json_objects
@@ -290,6 +291,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     check_file(cfg.data, "data")
     if cfg.model.name_or_path != "tiny":
         check_checkpoint(cfg.model.name_or_path, "model.name_or_path")
+    check_fp8_experts(cfg.parallel.fp8_experts, cfg.model.name_or_path)
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
     tokenizer = build_tokenizer(cfg.model)
     tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data

@@ -26,6 +26,7 @@ import torch
 from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
 from r1fast.config import Config, ConfigError, load_config, parse_cli
+from r1fast.config_checks import check_fp8_experts
 from r1fast.config_io import run_cli
 from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_datasets, build_model, build_tokenizer, encode_prompts
@@ -99,8 +100,7 @@ class Trainer:
         self.score.check_samples(self.train_samples + self.eval_samples)
         check_golds(self.score, self.train_samples, cfg.data.task)  # none parsable: all steps skipped, exit 0
         check_batch_split(cfg, dist.world_size)
-        if cfg.parallel.fp8_experts and cfg.model.name_or_path == "tiny":
-            raise ConfigError("parallel.fp8_experts=true: the tiny model is dense (no routed experts to run in FP8)")
+        check_fp8_experts(cfg.parallel.fp8_experts, cfg.model.name_or_path)  # from config.json, before the load
         # before the model loads, and before anything is written into the run dir
         self.resume_from = resolve_resume(t.resume, self.run_dir)
         all_prompts, all_samples = self.train_prompt_ids + self.eval_prompt_ids, self.train_samples + self.eval_samples

@@ -247,7 +247,7 @@ def test_fp8_experts_train_an_moe_model_and_requantize_every_step(tmp_path, monk
     assert len(invalidations) == 4  # one per optimizer step
     assert result["first_nll"] == pytest.approx(bf16["first_nll"], rel=0.02)  # FP8 experts, same model
     assert result["first_nll"] != bf16["first_nll"]
-    with pytest.raises(ValueError, match="has no MoE layers"):
+    with pytest.raises(ValueError, match="the tiny model is dense"):
         run_sft(_cfg(tmp_path, data, "--name", "dense", "--parallel.fp8_experts", "true"))
 
 

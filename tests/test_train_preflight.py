@@ -125,3 +125,31 @@ def test_an_engine_sized_kv_cache_is_checked_before_any_file_is_written(tmp_path
     with pytest.raises(ConfigError, match=r"the cache sized from rollout.memory_fraction=.* holds 16 KV-cache tokens"):
         T.run(cfg)
     assert not (tmp_path / cfg.train.name).exists()
+
+
+def test_fp8_experts_on_an_unfit_checkpoint_fail_before_it_loads(tmp_path, monkeypatch):
+    """A dense checkpoint (or experts off the recipe's 128 tile) was refused only after the whole model loaded."""
+    from conftest import save_char_checkpoint, save_tiny_moe_checkpoint
+
+    class Built(Exception):
+        pass
+
+    def build_model(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(T, "build_model", build_model)
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    narrow = save_char_checkpoint(tmp_path / "narrow", model_type="deepseek_v3", hidden_size=64, intermediate_size=128,
+                                  num_layers=2, num_heads=2, num_kv_heads=2, head_dim=48, qkv_bias=False,
+                                  q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                  v_head_dim=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                  moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                  routed_scaling_factor=1.0, max_position_embeddings=64)
+    cases = ((save_char_checkpoint(tmp_path / "dense"), "is a dense qwen2 model"),
+             (narrow, "multiples of 128, .* has 64 and 128"),
+             (save_tiny_moe_checkpoint(tmp_path / "moe"), None))  # fits: reaches the model load
+    for name, (path, match) in enumerate(cases):
+        cfg = tiny_config(tmp_path, "--model.name_or_path", path, "--parallel.fp8_experts", "true",
+                          "--train.name", f"run{name}")
+        with pytest.raises(Built if match is None else ConfigError, match=match):
+            T.run(cfg)
