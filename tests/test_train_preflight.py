@@ -8,6 +8,19 @@ import r1fast.train as T
 from r1fast.config_io import ConfigError
 
 
+class Built(Exception):
+    """Raised where the model would load: a run that gets there passed every earlier check."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def build_model(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(T, "build_model", build_model)
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+
+
 @pytest.mark.parametrize(("override", "match"), [
     (("--rewards.weights", "{acuracy = 1.0}"), "rewards.weights.acuracy: unknown reward"),
     (("--data.task", "additon"), "data.task: 'additon' is neither a built-in task"),
@@ -16,15 +29,7 @@ from r1fast.config_io import ConfigError
     (("--parallel.fp8_experts", "true"), "parallel.fp8_experts=true: the tiny model is dense"),
     (("--grpo.prompts_per_step", "3"), None),  # one rank: any count divides; reaches the model
 ])
-def test_mistakes_fail_before_the_model_is_built(tmp_path, monkeypatch, override, match):
-    class Built(Exception):
-        pass
-
-    def build_model(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setattr(T, "build_model", build_model)
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+def test_mistakes_fail_before_the_model_is_built(tmp_path, no_model_load, override, match):
     cfg = tiny_config(tmp_path, *override)
     with pytest.raises(Built if match is None else ConfigError, match=match):
         T.run(cfg)
@@ -72,20 +77,13 @@ def test_a_bad_resume_fails_before_the_model_is_built(tmp_path, monkeypatch):
         assert not (tmp_path / cfg.train.name).exists()
 
 
-def test_a_file_without_one_parsable_gold_answer_fails_before_the_model_is_built(tmp_path, monkeypatch):
+def test_a_file_without_one_parsable_gold_answer_fails_before_the_model_is_built(tmp_path, no_model_load):
     """Every gold "see solution": each step skipped all 16 samples, made no update, and the run exited 0 with a
     summary of 0.0 accuracy over 0 prompts. One parsable gold is enough to train (the others are skipped)."""
     import json
 
     from r1fast.config_io import DataError
 
-    class Built(Exception):
-        pass
-
-    def build_model(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setattr(T, "build_model", build_model)
     data = tmp_path / "math.jsonl"
     rows = [{"prompt": f"what is {i} plus {i}", "answer": "see solution"} for i in range(40)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,18 +125,10 @@ def test_an_engine_sized_kv_cache_is_checked_before_any_file_is_written(tmp_path
     assert not (tmp_path / cfg.train.name).exists()
 
 
-def test_fp8_experts_on_an_unfit_checkpoint_fail_before_it_loads(tmp_path, monkeypatch):
+def test_fp8_experts_on_an_unfit_checkpoint_fail_before_it_loads(tmp_path, no_model_load):
     """A dense checkpoint (or experts off the recipe's 128 tile) was refused only after the whole model loaded."""
     from conftest import save_char_checkpoint, save_tiny_moe_checkpoint
 
-    class Built(Exception):
-        pass
-
-    def build_model(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setattr(T, "build_model", build_model)
-    monkeypatch.setenv("R1FAST_KERNELS", "torch")
     narrow = save_char_checkpoint(tmp_path / "narrow", model_type="deepseek_v3", hidden_size=64, intermediate_size=128,
                                   num_layers=2, num_heads=2, num_kv_heads=2, head_dim=48, qkv_bias=False,
                                   q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
