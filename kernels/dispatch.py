@@ -100,6 +100,16 @@ def cuda_extension_ops() -> frozenset[str]:
     return frozenset(getattr(ext, "FASTER_THAN_TRITON", ()))
 
 
+def check_same_device(lead_name: str, lead: torch.Tensor, tensors) -> None:
+    """ValueError naming the first of ``tensors`` ((name, tensor or None) pairs) that is not on ``lead``'s device.
+
+    The rule above picks the implementation from the lead tensor's device; the kernels then take raw pointers to
+    every other argument, so one elsewhere (or on meta, where the value checks are skipped) was read as garbage."""
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.device != lead.device:
+            raise ValueError(f"{name} is on {t.device} but {lead_name} is on {lead.device}")
+
+
 def backend(device, op: str | None = None) -> str:
     """Which implementation runs for tensors on ``device``.
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import check_same_device, use_triton
 from .fp8 import aligned_tokens
 from .launch_math import cdiv, next_power_of_2
 from .registration import host_checks_enabled, register_op
@@ -54,15 +54,6 @@ def _check_scale(name: str, t, shape: tuple[int, ...]) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
         raise ValueError(f"{name} must be float32 of shape {shape}, got {getattr(t, 'dtype', None)} "
                          f"{tuple(getattr(t, 'shape', ()))}")
-
-
-def _check_devices(lead: str, tensors: dict) -> None:
-    """Every tensor on the device of ``tensors[lead]``: the kernels take raw pointers, so a scale or group_sizes
-    elsewhere (or on meta, where the value checks are skipped) was read as garbage with no error."""
-    device = tensors[lead].device
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but {lead} is on {device}")
 
 
 def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool | None, aligned: bool = False) -> None:
@@ -184,7 +175,8 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out=None, validate:
                          f"{TILE}-wide K chunks (pad K with zeros to {cdiv(K, TILE) * TILE})")
     _check_scale("a_scale", a_scale, (M, K // TILE))
     _check_scale("b_scale", b_scale, (E, cdiv(N, TILE), K // TILE))
-    _check_devices("a", dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, group_sizes=group_sizes, out=out))
+    check_same_device("a", a, (("a_scale", a_scale), ("b", b), ("b_scale", b_scale), ("group_sizes", group_sizes),
+                               ("out", out)))
     _check_group_sizes(group_sizes, E, M, validate)
     if out is None:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
@@ -216,7 +208,8 @@ def fp8_grouped_gemm_wgrad(at, at_scale, bt, bt_scale, group_sizes, *, out=None,
     _check_scale("at_scale", at_scale, (N, cdiv(M, TILE)))
     _check_scale("bt_scale", bt_scale, (K, cdiv(M, TILE)))
     E = group_sizes.shape[0] if isinstance(group_sizes, torch.Tensor) and group_sizes.dim() == 1 else -1
-    _check_devices("at", dict(at=at, at_scale=at_scale, bt=bt, bt_scale=bt_scale, group_sizes=group_sizes, out=out))
+    check_same_device("at", at, (("at_scale", at_scale), ("bt", bt), ("bt_scale", bt_scale),
+                                 ("group_sizes", group_sizes), ("out", out)))
     _check_group_sizes(group_sizes, E, M, validate, aligned=group_aligned)
     if out is None:
         if accumulate:

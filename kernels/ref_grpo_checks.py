@@ -14,6 +14,7 @@ import numbers
 
 import torch
 
+from .dispatch import check_same_device
 from .registration import value_checks_enabled
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -25,15 +26,6 @@ def _check_float(name, t):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def check_same_device(hidden, tensors):
-    """Every tensor of ``(name, tensor or None)`` on hidden's device, else ValueError naming it: the kernels take
-    raw pointers, so an argument on another device (or on meta) was read as garbage with no error. A one-element
-    CPU tensor stays fine where torch itself takes one (the normalizer, checked by its caller)."""
-    for name, t in tensors:
-        if isinstance(t, torch.Tensor) and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
 
 
 def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims=(2, 3), host_checks=True):
@@ -52,8 +44,7 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}] (hidden's last dim), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    check_same_device("hidden", hidden, (("weight", weight),))
     vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row")
@@ -68,7 +59,7 @@ def validate_linear(hidden, weight, token_ids, bias, temperature, *, hidden_dims
             raise ValueError(f"bias must be [{vocab}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
-    check_same_device(hidden, (("token_ids", token_ids), ("bias", bias)))
+    check_same_device("hidden", hidden, (("token_ids", token_ids), ("bias", bias)))
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden's last dim (H) must be > 0, got shape {tuple(hidden.shape)}")
     check_real("temperature", temperature, host_checks=host_checks, low=0.0, low_inclusive=False)
@@ -181,8 +172,9 @@ def validate_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_lo
             _check_float(name, t)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must be [{B}, {T}], got {tuple(t.shape)}")
-    check_same_device(hidden, (("mask", mask), ("advantages", advantages), ("old_logps", old_logps),
-                               ("ref_logps", ref_logps), ("rollout_is_ratio", rollout_is_ratio)))
+    # a CPU one-element normalizer stays fine below: torch takes CPU scalars beside any device's tensors
+    check_same_device("hidden", hidden, (("mask", mask), ("advantages", advantages), ("old_logps", old_logps),
+                                         ("ref_logps", ref_logps), ("rollout_is_ratio", rollout_is_ratio)))
     if isinstance(normalizer, torch.Tensor) and normalizer.device != hidden.device and normalizer.device.type != "cpu":
         raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {hidden.device} (or the CPU)")
     check_real("beta", beta, host_checks=host_checks, low=0.0)

@@ -20,6 +20,8 @@ import math
 import torch
 from safetensors import safe_open
 
+from r1fast.kernels.ref_fp8 import dequantize_fp8  # the kernels' reference dequantization (no Triton import)
+
 SCALE_SUFFIX = "_scale_inv"
 FP8_HEADER_DTYPE = "F8_E4M3"
 _SCALE_HEADER_DTYPES = ("F32", "BF16", "F16")
@@ -99,16 +101,15 @@ def read_scale(found: dict, scale: str, opened, opened_file: str) -> torch.Tenso
 def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
     """``dst[...] = q · scale`` per (bn, bk) block, in fp32 then cast to dst's dtype, a few rows at a time (dst may
     be a strided view: a slice of the stacked experts)."""
-    bn, bk = block
+    bn = block[0]
     if q.dim() > 2:
         for i in range(q.shape[0]):
             dequantize_into(dst[i], q[i], scale[i], block)
         return
     rows, cols = q.shape
     step = max(bn, _CHUNK_ELEMENTS // max(1, cols) // bn * bn)  # a multiple of bn: chunks start on a block
-    scale = scale.to(dst.device, torch.float32)
+    scale = scale.to(dst.device)
     for start in range(0, rows, step):
-        part = q[start:start + step].to(dst.device, torch.float32)
-        s = scale[start // bn: math.ceil((start + part.shape[0]) / bn)]
-        s = s.repeat_interleave(bn, 0)[: part.shape[0]].repeat_interleave(bk, 1)[:, :cols]
-        dst[start:start + part.shape[0]].copy_(part * s)
+        part = q[start:start + step].to(dst.device)
+        part_scale = scale[start // bn: start // bn + math.ceil(part.shape[0] / bn)]  # this chunk's blocks only
+        dst[start:start + part.shape[0]].copy_(dequantize_fp8(part, part_scale, block))

@@ -291,16 +291,15 @@ def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_use
     write_jsonl(path, (record(t) for t in kept))
 
 
-def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str]], list[dict]] = default_score) -> dict:
+def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str]], list[dict]] | None = None) -> dict:
     """Sample, filter and write the kept traces; returns {"out", "stats", "counts"}. All ranks call it.
 
     ``score(samples, texts)`` gives each text's reward dict (needs "accuracy": float or None, and "format"
-    when require_format). Raises EmptyKeptSetError when no trace survives (nothing is written then; an earlier
+    when require_format); None: ``config_score(cfg)``. Raises EmptyKeptSetError when no trace survives (nothing is written then; an earlier
     run's ``out`` and stats file are removed before sampling, so none is left behind by a failed run).
     """
     cfg.validate()
-    if score is default_score:  # the config's grading rule (it was always the <answer> block)
-        score = config_score(cfg)
+    score = score or config_score(cfg)  # default_score with the config's grading rule
     check_checkpoint(cfg.checkpoint, "checkpoint")
     check_file(cfg.data, "data")
     for path in cfg.decontaminate:

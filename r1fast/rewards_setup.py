@@ -59,13 +59,13 @@ class Scorer:
             return None
         golds = list(dict.fromkeys(str(s["answer"]) for s in samples
                                    if "tests" not in s and s.get("task") not in TASKS and "answer" in s))
+        if not golds:
+            return None
         verifier = default_verifier()
         for start in range(0, len(golds), GOLD_PROBE):
             chunk = golds[start:start + GOLD_PROBE]
             if any(ok is not None for ok in verifier.check(chunk, [""] * len(chunk))):
                 return None
-        if not golds:
-            return None
         shown = ", ".join(repr(g) for g in golds[:3]) + (", ..." if len(golds) > 3 else "")
         return (f"math-verify parses none of the {len(golds)} distinct gold answers of the training prompts "
                 f"({shown}): every sample would be skipped and no step would train; give each \"answer\" as a "

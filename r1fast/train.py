@@ -135,9 +135,10 @@ class Trainer:
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens)
-        # before any file is written; the smallest rank's cache, so all ranks raise together (CUDA sizes it from
-        # each GPU's free memory)
-        fit_kv_cache(cfg, all_prompts, all_samples, min(D.all_gather_object(self.engine.cache.capacity_tokens)))
+        if r.num_blocks is None:  # an explicit size was checked before the load
+            # before any file is written; the smallest rank's cache, so all ranks raise together (CUDA sizes it
+            # from each GPU's free memory)
+            fit_kv_cache(cfg, all_prompts, all_samples, min(D.all_gather_object(self.engine.cache.capacity_tokens)))
         if t.resume is None:
             set_aside_earlier_run(self.run_dir)
         self.logger: MetricsLogger | None = None  # opened by run(), once a resume has trimmed metrics.jsonl
