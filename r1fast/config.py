@@ -128,8 +128,9 @@ class RolloutConfig:
     max_batch_tokens: int = bounded(4096, ge=1)
     """Token budget of one engine step (prefill + decode); bounds activation memory."""
     memory_fraction: float = bounded(0.5, gt=0, le=1)
-    """Fraction of free GPU memory the KV cache may take when num_blocks is none (CUDA only; ignored on
-    CPU, where the cache has a fixed size)."""
+    """Fraction of free GPU memory the KV cache may take when num_blocks is none, counted after setting aside
+    what training allocates later (AdamW moments, gradients, the weights gathered for generation:
+    r1fast.memory_budget) (CUDA only; ignored on CPU, where the cache has a fixed size)."""
 
     def validate(self) -> None:
         if self.block_size & (self.block_size - 1):

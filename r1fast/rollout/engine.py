@@ -62,7 +62,7 @@ class Engine:
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, memory_fraction: float = 0.9,
                  max_batch_tokens: int = 8192, max_num_seqs: int = 1024, use_cuda_graphs: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, reserve_bytes: int = 0):
         if not isinstance(block_size, int) or block_size < 8 or block_size > 128 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two from 8 to 128, got {block_size!r}")
         if not 0.0 < memory_fraction <= 1.0:
@@ -71,6 +71,10 @@ class Engine:
             raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
+        # reserve_bytes: GPU memory the caller will allocate after the cache is sized (a trainer's optimizer
+        # state and gathered weights: r1fast.memory_budget), kept out of the free memory memory_fraction takes
+        if not isinstance(reserve_bytes, int) or isinstance(reserve_bytes, bool) or reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be a non-negative int, got {reserve_bytes!r}")
         self.model = model
         self.args = model.args
         weight = model.lm_head_weight
@@ -86,7 +90,7 @@ class Engine:
         self.use_cuda_graphs = use_cuda_graphs
         if num_blocks is None:
             num_blocks = self._default_num_blocks(self._bytes_per_block(), block_size, memory_fraction,
-                                                  max_batch_tokens, max_num_seqs)
+                                                  max_batch_tokens, max_num_seqs, reserve_bytes)
         elif not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         self._build_cache(num_blocks)
@@ -112,7 +116,8 @@ class Engine:
         use_graphs = self.use_cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self) if use_graphs else None
 
-    def _default_num_blocks(self, per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs) -> int:
+    def _default_num_blocks(self, per_block, block_size, memory_fraction, max_batch_tokens, max_num_seqs,
+                            reserve_bytes=0) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # memory PyTorch's caching allocator holds but does not use is free for the cache too; the
@@ -124,10 +129,11 @@ class Engine:
             # temporaries of the largest decode batch; estimated, not measured
             activations = max_batch_tokens * (8 * a.hidden_size + 3 * a.intermediate_size) * item
             sampling = min(max_num_seqs, max_batch_tokens) * a.vocab_size * 4 * 6
-            budget = free * memory_fraction - activations - sampling
+            budget = (free - reserve_bytes) * memory_fraction - activations - sampling
             blocks = int(budget // per_block)
             if blocks < 1:
                 raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB free, "
+                                 f"{reserve_bytes / 2**30:.2f} GiB of it reserved for training, "
                                  f"memory_fraction={memory_fraction}); pass num_blocks or free memory")
             return blocks
         tokens = min(CPU_CACHE_TOKENS, (1 << 30) * block_size // per_block)
