@@ -10,6 +10,10 @@ parameter is still sharded. All three arrive later, and the cache stays allocate
 A 14B model on 8 H100s in bf16 (fp32 masters, 7 GB per GPU) leaves 73 GB free at build time; a memory_fraction
 of 0.5 gave the cache 36 GB, and the second rollout then needed 7 + 14 GB of moments + 36 + 28 GB gathered =
 85 GB of an 80 GB GPU.
+
+With parallel.fp8_experts the FP8 weight cache adds, from the first forward on, two e4m3 copies of every
+routed expert weight (as is and block-transposed, whole, not sharded) of the policy and of the reference:
+2 bytes per expert parameter and model, its largest allocation for an MoE policy.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["training_reserve_bytes"]
+__all__ = ["training_reserve_bytes", "fp8_expert_copy_bytes"]
+
+
+_TILE = 128  # the recipe's 128x128 weight blocks: one fp32 scale each
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -48,3 +55,17 @@ def training_reserve_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | 
         if local is not p:
             gathered += p.numel() * item
     return moments + max(gathered, grads)
+
+
+def fp8_expert_copy_bytes(*models: nn.Module | None) -> int:
+    """Bytes of the FP8 copies ``kernels.moe_layer.Fp8WeightCache`` keeps of the routed experts of ``models``
+    (None entries skipped): per stacked weight [E, N, K], e4m3 as is and transposed plus their fp32 scales."""
+    from r1fast.moe import Experts
+
+    total = 0
+    for model in models:
+        for experts in () if model is None else (m for m in model.modules() if isinstance(m, Experts)):
+            for w in (experts.w_gate_up, experts.w_down):
+                e, n, k = w.shape  # a DTensor's shape is the whole tensor's
+                total += 2 * (e * n * k + e * -(-n // _TILE) * -(-k // _TILE) * 4)
+    return total

@@ -33,7 +33,7 @@ from r1fast.data_setup import build_datasets, build_model, build_tokenizer, enco
 from r1fast.evaluation import evaluate
 from r1fast.grpo import global_active_tokens
 from r1fast.grpo_step import RolloutBatch, build_rollout_batch, train_on_batch
-from r1fast.memory_budget import training_reserve_bytes
+from r1fast.memory_budget import fp8_expert_copy_bytes, training_reserve_bytes
 from r1fast.metrics import MetricsLogger, read_metrics
 from r1fast.parallelize import (
     apply_activation_checkpointing,
@@ -136,7 +136,8 @@ class Trainer:
         r = cfg.rollout
         self.engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks, dtype=self.compute_dtype,
                              memory_fraction=r.memory_fraction, max_batch_tokens=r.max_batch_tokens,
-                             reserve_bytes=training_reserve_bytes(self.root, self.optimizer, self.compute_dtype))
+                             reserve_bytes=training_reserve_bytes(self.root, self.optimizer, self.compute_dtype)
+                             + (fp8_expert_copy_bytes(self.root, self.ref_root) if self.fp8_cache else 0))
         if r.num_blocks is None:  # an explicit size was checked before the load
             # before any file is written; the smallest rank's cache, so all ranks raise together (CUDA sizes it
             # from each GPU's free memory)

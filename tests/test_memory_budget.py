@@ -69,8 +69,12 @@ def test_fsdp2_reserves_the_model_gathered_whole_for_generation():
     assert r["reserve"] == 2 * 4 * r["local"] + max(2 * r["full"], 4 * r["local"])
 
 
-def test_trainer_sizes_the_cache_with_its_training_reserve(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_trainer_sizes_the_cache_with_its_training_reserve(tmp_path, monkeypatch, fp8):
+    from conftest import save_tiny_moe_checkpoint
+
     from r1fast import train
+    from r1fast.memory_budget import fp8_expert_copy_bytes
 
     seen = {}
 
@@ -78,14 +82,19 @@ def test_trainer_sizes_the_cache_with_its_training_reserve(tmp_path, monkeypatch
         pass
 
     def engine(model, **kwargs):
-        seen.update(kwargs, params=_bytes(p for p in model.parameters() if p.requires_grad))
+        seen.update(kwargs, params=_bytes(p for p in model.parameters() if p.requires_grad),
+                    fp8=fp8_expert_copy_bytes(model))
         raise Stop
 
     monkeypatch.setattr(train, "Engine", engine)
+    extra = ("--model.name_or_path", save_tiny_moe_checkpoint(tmp_path / "moe"), "--parallel.fp8_experts", "true",
+             "--grpo.beta", "0.04") if fp8 else ()
     with pytest.raises(Stop):
-        train.run(tiny_config(tmp_path, "--train.name", "budget"))
-    # one fp32 process: no sharding; AdamW's two moments plus the gradients, none allocated yet
-    assert seen["reserve_bytes"] == 3 * seen["params"] > 0
+        train.run(tiny_config(tmp_path, "--train.name", "budget", *extra))
+    # one fp32 process: no sharding; AdamW's two moments plus the gradients, none allocated yet, plus (FP8
+    # experts) the cache's copies of the policy's and the reference's experts
+    assert seen["reserve_bytes"] == 3 * seen["params"] + (2 * seen["fp8"] if fp8 else 0) > 0
+    assert (seen["fp8"] > 0) == fp8
 
 
 def test_engine_budget_subtracts_the_reserve(monkeypatch):
@@ -108,3 +117,24 @@ def test_engine_budget_subtracts_the_reserve(monkeypatch):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="reserve_bytes"):
             Engine(model, reserve_bytes=bad)
+
+
+def test_fp8_expert_copies_counted_as_the_weight_cache_holds_them():
+    """fp8_expert_copy_bytes against the bytes Fp8WeightCache holds after a forward (MoE layer 2 of 2)."""
+    from r1fast.memory_budget import fp8_expert_copy_bytes
+    from r1fast.parallelize import enable_fp8_experts
+
+    args = ModelArgs(model_type="deepseek_v3", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
+                     num_heads=2, num_kv_heads=2, head_dim=48, q_lora_rank=None, kv_lora_rank=32,
+                     qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4,
+                     n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128, first_k_dense_replace=1,
+                     n_group=2, topk_group=1)
+    model = Transformer.from_config(args, seed=3)
+    cache = enable_fp8_experts(model)
+    assert fp8_expert_copy_bytes(model) > 0 and fp8_expert_copy_bytes(None) == 0
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 7)))
+    held = sum(t.numel() * t.element_size() for *_, w in cache._entries.values()
+               for t in (w.q, w.scale, w.q_t, w.scale_t))
+    assert held == fp8_expert_copy_bytes(model)
+    assert fp8_expert_copy_bytes(model, None, model) == 2 * held
