@@ -38,3 +38,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.l
                       f"{total / warmup:.2g}x its configured value and the {kwargs.get('schedule')} schedule "
                       "never starts", stacklevel=2)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **kwargs))
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, *,
+                           lr: float, betas, weight_decay: float) -> None:
+    """After a resume, this run's config sets the learning rate and AdamW's hyperparameters, not the
+    checkpoint's: its saved param groups and the scheduler's base_lrs would otherwise keep an old
+    --train.lr for good, and a longer --train.steps would run one step at the old schedule's rate.
+    With the config unchanged every value is what the scheduler had set (resume stays bit-exact)."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * fn(scheduler.last_epoch)

@@ -52,7 +52,7 @@ from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.run_dir import lock_beside, save_run_config, set_aside_earlier_run
 from r1fast.safe_write import write_file
-from r1fast.schedule import build_scheduler
+from r1fast.schedule import apply_optimizer_config, build_scheduler
 from r1fast.seeding import rollout_seeds
 from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
 from r1fast.stop_flag import StopFlag
@@ -240,7 +240,7 @@ class Trainer:
             self.step, self.loop_state = load_checkpoint(resume_from, self.root, self.optimizer, self.scheduler,
                                                          reference=self.ref_root)
             check_data_order(resume_from, self.loop_state, data_order)
-            self._apply_optimizer_config()
+            apply_optimizer_config(self.optimizer, self.scheduler, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
             if self.fp8_cache is not None:
                 self.fp8_cache.invalidate()  # the weights were replaced in place
             summary.update(self.loop_state.get("summary", {}))
@@ -315,18 +315,6 @@ class Trainer:
         return {**batch.metrics, **metrics, **times, "lr": lr}
 
     # -- bookkeeping --------------------------------------------------------------------------------
-    def _apply_optimizer_config(self) -> None:
-        """After a resume, this run's config sets the learning rate and AdamW's hyperparameters, not the
-        checkpoint's: its saved param groups and the scheduler's base_lrs would otherwise keep an old
-        --train.lr for good, and a longer --train.steps would run one step at the old schedule's rate.
-        With the config unchanged every value is what the scheduler had set (resume stays bit-exact)."""
-        t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
-        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
-            group["lr"] = t.lr * fn(self.scheduler.last_epoch)
-
     def _refresh_reference(self) -> None:
         """Copy the policy into the frozen KL reference (no-op without one)."""
         if self.ref_root is None:
