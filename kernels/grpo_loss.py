@@ -341,8 +341,8 @@ def fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, *, old_l
     Σ_t mℓ / max(Σ_t m, 1); "bnpo" Σmℓ / max(Σm, 1); "dr_grpo" Σmℓ / (B · max_completion_length);
     "dapo" Σmℓ / normalizer (the global active-token count; Σm when None).
     Metrics (detached 0-d tensors): "kl" (masked mean k3, only when beta > 0), "clip_frac" (fraction
-    of active tokens with (r < 1 − eps_low and A < 0) or (r > 1 + eps_high and A > 0): the tokens
-    whose clipped branch is taken), "entropy" (masked mean). Gradients reach hidden, weight, bias
+    of active tokens with (r' < 1 − eps_low and A < 0) or (r' > 1 + eps_high and A > 0), r' = min(r, delta)
+    as in TRL: the tokens whose clipped branch is taken), "entropy" (masked mean). Gradients reach hidden, weight, bias
     only: any other tensor argument that requires grad is a ValueError (pass it detached), and the
     kernel path has no double backward (a backward with create_graph=True raises; the reference,
     ``R1FAST_KERNELS=torch``, supports it). ``normalizer`` must be finite and > 0. hidden, weight and

@@ -106,7 +106,9 @@ def grpo_objective(logp, mask, adv, weight, *, old_logps=None, ref_logps=None, r
         per_token = per_token + beta * k3
         kl_sum = (k3 * active).sum().detach()
     loss = (weight.to(logp.dtype) * per_token).sum()
-    is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+    # on the delta-capped ratio, as TRL: with delta < 1 + eps_high a positive-advantage token above 1 + eps_high
+    # takes the delta branch (delta·A < (1 + eps_high)·A), not the clipped one
+    is_clipped = ((capped < 1.0 - eps_low) & (adv < 0)) | ((capped > 1.0 + eps_high) & (adv > 0))
     return loss, kl_sum, (is_clipped & active).sum().to(logp.dtype).detach()
 
 

@@ -66,6 +66,23 @@ def test_delta_cap_binds_on_negative_advantage():
     assert torch.count_nonzero(h.grad) == 0
 
 
+@pytest.mark.parametrize("impl", ["ref", "kernel"])
+def test_clip_frac_counts_no_clip_where_delta_binds_first(impl):
+    """delta = 1.1 < 1 + eps_high: a positive-advantage token with r = e^0.22 or e^0.5 takes the delta branch
+    (1.1·A < 1.2·A), not the clipped one, so clip_frac is 0 (the spec's "clipped branch taken", and TRL's
+    is_high_clipped on the delta-capped ratio). It used to count them: 0.4."""
+    hidden, weight, ids, mask, adv, old = _inputs()
+    dtype = torch.float64 if impl == "ref" else torch.float32
+    fn = ref.fused_linear_grpo_loss if impl == "ref" else fused.fused_linear_grpo_loss
+    only_positive = mask.clone()
+    only_positive[0] = False  # row 1 (A = 0.7): log-ratios -0.5, -0.1, 0.1, 0.22, 0.5
+    args = (hidden.to(dtype), weight.to(dtype), ids, only_positive, adv.to(dtype))
+    _, uncapped = fn(*args, old_logps=old.to(dtype), loss_type="bnpo")
+    assert uncapped["clip_frac"].item() == pytest.approx(2 / 5)  # the inputs do clip without delta
+    _, capped = fn(*args, old_logps=old.to(dtype), delta=1.1, loss_type="bnpo")
+    assert capped["clip_frac"].item() == 0.0
+
+
 @pytest.mark.parametrize("impl,level", [("ref", "token"), ("ref", "sequence"), ("kernel", "sequence")])
 def test_poisoned_padding_in_old_ref_and_ratio_changes_nothing(impl, level):
     """NaN old log-probs / rollout ratios and inf ref log-probs on padded tokens are never used (documented)."""
