@@ -97,12 +97,12 @@ def _logits_buffer(rows, vocab, like, chunk_tokens, chunk_bytes=None, with_dlogi
 
 
 def _logprobs_sweep(h2d, weight, bias, ids, inv_temperature, with_entropy, chunk_tokens):
-    """Stats-only sweep: (lse, logp, entropy or None), each [N] in the compute dtype."""
+    """Stats-only sweep: (lse in fp64, logp, entropy or None), each [N], the last two in the compute dtype."""
     n, vocab = h2d.shape[0], weight.shape[0]
     cd = compute_dtype(h2d.dtype)
-    lse = torch.empty(n, dtype=cd, device=h2d.device)
-    logp = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if with_entropy else None
+    lse = torch.empty(n, dtype=torch.float64, device=h2d.device)  # fp64: see grpo_loss_kernels.row_stats
+    logp = torch.empty(n, dtype=cd, device=h2d.device)
+    entropy = torch.empty_like(logp) if with_entropy else None
     if n == 0:
         return lse, logp, entropy
     buf, chunk = _logits_buffer(n, vocab, h2d, chunk_tokens)
@@ -146,9 +146,9 @@ def _grpo_loss_and_grads(hidden, weight, bias, token_ids, mask, advantages, opts
                    ref_logps=per_token(opts["ref_logps"]), rollout_is_ratio=per_token(opts["rollout_is_ratio"]))
         buf, chunk = _logits_buffer(n, weight.shape[0], h_act, chunk_tokens, LOSS_CHUNK_BYTES, want_grad)
         fill_logits, dl_buf = logits_gemm(weight, buf.dtype), dlogits_buffer(buf, hidden.dtype) if want_grad else None
-        lse = torch.empty(chunk, dtype=cd, device=hidden.device)
-        logp = torch.empty_like(lse)
-        entropy = torch.empty_like(lse)
+        lse = torch.empty(chunk, dtype=torch.float64, device=hidden.device)  # fp64: see row_stats
+        logp = torch.empty(chunk, dtype=cd, device=hidden.device)
+        entropy = torch.empty_like(logp)
         for s, e in _chunk_bounds(n, chunk):
             logits, c = buf[: e - s], e - s
             fill_logits(h_act[s:e], logits)

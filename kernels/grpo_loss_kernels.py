@@ -63,15 +63,19 @@ def _unit_stride_out(t):
 
 
 def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
-    """Fill lse, logp (and entropy unless None), each [C], from the [C, V] ``logits`` rows."""
+    """Fill lse, logp (and entropy unless None), each [C], from the [C, V] ``logits`` rows.
+
+    lse = m + log s is formed in ``lse``'s dtype: an fp64 ``lse`` keeps the bits of log s under a large row max m,
+    which ``dlogits_inplace`` needs; logp and entropy are relative to m either way."""
     rows, vocab = logits.shape
     if rows == 0:
         return
     if not use_triton(logits.device):
-        z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
+        z = _scaled_logits_torch(logits, bias, inv_temperature, logp.dtype)
         # log_softmax works relative to the row max: lse − Σ p·z would cancel at large |z| (see the kernel)
         log_p = torch.log_softmax(z, dim=-1)
-        lse.copy_(torch.logsumexp(z, dim=-1))
+        m = z.amax(-1)  # lse = m + log s formed in lse's dtype, as the kernel does (fp64 keeps log s's bits)
+        lse.copy_(m.to(lse.dtype) + torch.log(torch.exp(z - m.unsqueeze(-1)).sum(-1)).to(lse.dtype))
         logp.copy_(log_p.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1))
         if entropy is not None:
             entropy.copy_(-(log_p.exp() * log_p).sum(-1))
@@ -95,6 +99,8 @@ def row_stats(logits, bias, ids, inv_temperature, lse, logp, entropy):
 def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature, out=None):
     """Overwrite the [C, V] ``logits`` with coef · (onehot(ids) − softmax(z)) / T, row by row.
 
+    ``lse`` from ``row_stats``: pass it in fp64 (the sweeps do) for softmax to PyTorch's accuracy at large logits.
+
     With ``out`` (a [C, V] buffer of another dtype: fp16 dlogits from fp32 logits) the rows go there
     and ``logits`` is only read.
     """
@@ -105,10 +111,13 @@ def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature, out=None):
     if out.shape != logits.shape:
         raise ValueError(f"out must be shaped like logits {tuple(logits.shape)}, got {tuple(out.shape)}")
     if not use_triton(logits.device):
-        z = _scaled_logits_torch(logits, bias, inv_temperature, lse.dtype)
-        d = -torch.exp(z - lse.unsqueeze(-1))
-        d.scatter_add_(-1, ids.long().unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))
-        out.copy_(d * (coef.to(lse.dtype) * inv_temperature).unsqueeze(-1))
+        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z = _scaled_logits_torch(logits, bias, inv_temperature, cd)
+        lse_hi = lse.to(cd)  # lse = hi + lo, as in the kernel (lo = 0 unless lse is finer than cd)
+        lse_lo = (lse - lse_hi.to(lse.dtype)).to(cd)
+        d = -torch.exp((z - lse_hi.unsqueeze(-1)) - lse_lo.unsqueeze(-1))
+        d.scatter_add_(-1, ids.long().unsqueeze(-1), torch.ones_like(lse_hi).unsqueeze(-1))
+        out.copy_(d * (coef.to(cd) * inv_temperature).unsqueeze(-1))
         return
     from .grpo_loss_triton import _dlogits_kernel, _dlogits_out_kernel  # noqa: PLC0415  (needs Triton: dispatch.py)
 

@@ -65,7 +65,9 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
     z_target = tl.load(row_ptr + safe).to(tl.float32)
     if HAS_BIAS:
         z_target += tl.load(bias_ptr + safe).to(tl.float32)
-    tl.store(lse_ptr + row, m + log_s)
+    # lse is formed in fp64 (a per-row scalar): into an fp64 buffer it keeps log s's bits under a large max m,
+    # which the dlogits kernel needs (see _dlogits_row); an fp32 buffer gets the same rounded value as before
+    tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
     tl.store(logp_ptr + row, tl.where(in_range, (z_target * inv_temperature - m) - log_s, float("nan")))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, log_s - t / s)
@@ -75,7 +77,12 @@ def _logit_row_stats_kernel(logits_ptr, stride_row, bias_ptr, ids_ptr, lse_ptr, 
 def _dlogits_row(row_ptr, out_row_ptr, bias_ptr, ids_ptr, lse_ptr, coef_ptr, row, V, inv_temperature,
                  HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Write one row of dloss/dlogits = coef · (onehot(target) − softmax(z)) / T to ``out_row_ptr``."""
+    # softmax = exp((z - hi) - lo) with lse = hi + lo split in fp32 (lo = 0 for an fp32 lse): exp(z - lse) with lse
+    # rounded to fp32 lost ulp(lse) of every probability (1e-3 at a logit offset of 1e4; PyTorch works relative to
+    # the row max and loses ~1e-7)
     lse = tl.load(lse_ptr + row)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).to(tl.float32)
     scale = tl.load(coef_ptr + row) * inv_temperature
     target = tl.load(ids_ptr + row).to(tl.int64)
     offs0 = tl.arange(0, BLOCK_V).to(tl.int64)
@@ -83,7 +90,7 @@ def _dlogits_row(row_ptr, out_row_ptr, bias_ptr, ids_ptr, lse_ptr, coef_ptr, row
         offs = start + offs0
         valid = offs < V
         z = _load_scaled_logits(row_ptr, bias_ptr, offs, valid, inv_temperature, HAS_BIAS)
-        p = tl.exp(z - lse)
+        p = tl.exp((z - lse_hi) - lse_lo)
         d = (tl.where(offs == target, 1.0, 0.0) - p) * scale
         tl.store(out_row_ptr + offs, d.to(out_row_ptr.dtype.element_ty), mask=valid)
 

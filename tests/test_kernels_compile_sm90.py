@@ -48,7 +48,7 @@ def build(label, fn, types, consts, num_warps, num_stages=3):
                        tf32=".tf32" in kernel.asm["ptx"]))
 
 for dt in ("*bf16", "*fp32"):
-    t = {"logits_ptr": dt, "bias_ptr": dt, "ids_ptr": "*i64", "lse_ptr": "*fp32", "logp_ptr": "*fp32",
+    t = {"logits_ptr": dt, "bias_ptr": dt, "ids_ptr": "*i64", "lse_ptr": "*fp64", "logp_ptr": "*fp32",
          "entropy_ptr": "*fp32", "coef_ptr": "*fp32", "inv_temperature": "fp32"}
     build(f"grpo row stats {dt}", gk._logit_row_stats_kernel, t, dict(HAS_BIAS=True, WITH_ENTROPY=True, BLOCK_V=4096), 8)
     build(f"grpo dlogits {dt}", gk._dlogits_kernel, t, dict(HAS_BIAS=True, BLOCK_V=4096), 8)
@@ -61,7 +61,7 @@ for dt in ("*bf16", "*fp32"):
                       BLOCK_M=128 if cols else 32, BLOCK_K=128), 8 if cols else 4)
     build(f"quantize 128x128 {dt}", fp8._quantize_blocks_kernel, t, dict(POWER_OF_TWO=True, BLOCK=128), 8)
 # fp16 inputs: fp32 logits buffer (range), fp16 bias, fp16 dlogits written out of place for the gradient GEMMs
-t = {"logits_ptr": "*fp32", "bias_ptr": "*fp16", "dlogits_ptr": "*fp16", "ids_ptr": "*i64", "lse_ptr": "*fp32",
+t = {"logits_ptr": "*fp32", "bias_ptr": "*fp16", "dlogits_ptr": "*fp16", "ids_ptr": "*i64", "lse_ptr": "*fp64",
      "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "coef_ptr": "*fp32", "inv_temperature": "fp32"}
 build("grpo row stats fp16->fp32", gk._logit_row_stats_kernel, t, dict(HAS_BIAS=True, WITH_ENTROPY=True, BLOCK_V=4096), 8)
 build("grpo dlogits fp32->fp16", gk._dlogits_out_kernel, t, dict(HAS_BIAS=True, BLOCK_V=4096), 8)
