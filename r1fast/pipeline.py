@@ -79,7 +79,7 @@ from r1fast.run_dir import lock_run_dir, read_json
 from r1fast.safe_write import remove_tree, write_file
 from r1fast.sft import SFTConfig
 from r1fast.stage_io import checkpoint_identity, sha256_file
-from r1fast.train_state import latest_checkpoint
+from r1fast.train_state import finish_interrupted_saves, latest_checkpoint
 
 # ---------------------------------------------------------------------------------------------------
 # Stage runners. Each returns (outputs: name -> path, summary dict); rank 0 writes the pipeline's files.
@@ -277,8 +277,10 @@ def run_stage(recipe: Recipe, stage: Stage, markers: dict[str, dict]) -> dict:
         # starts over here, not in r1fast.train (which would set the directory, STARTED.json with it,
         # aside as an earlier run, and the next invocation would then delete a later checkpoint).
         # A symlinked stage directory (a downloaded run) is never kept: a GRPO run would resume into its target.
-        keep = (stage.kind == "rl" and not os.path.islink(stage_dir) and read_json(started) == key
-                and latest_checkpoint(stage_dir) is not None)
+        keep = stage.kind == "rl" and not os.path.islink(stage_dir) and read_json(started) == key
+        if keep:  # a kill between a replaced checkpoint's two renames left it as step_<N>.tmp
+            finish_interrupted_saves(stage_dir)
+        keep = keep and latest_checkpoint(stage_dir) is not None
         if keep:  # an interrupted GRPO run continues from its newest checkpoint
             remove_tree(os.path.join(stage_dir, "eval"), ignore_errors=True)  # a symlink: unlinked, not followed
             if os.path.exists(os.path.join(stage_dir, "DONE.json")):

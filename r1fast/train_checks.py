@@ -152,9 +152,10 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
 
 def _resume_verdict(resume: str, run_dir: str) -> tuple[str, str]:
     """("ok", path), ("missing", message) or ("bad", message) for ``train.resume=resume``."""
-    from r1fast.train_state import MANIFEST, is_complete_checkpoint, latest_checkpoint
+    from r1fast.train_state import MANIFEST, finish_interrupted_saves, is_complete_checkpoint, latest_checkpoint
 
     if resume == "latest":
+        finish_interrupted_saves(run_dir)  # a kill between a replaced checkpoint's two renames
         path = latest_checkpoint(run_dir)
         if path is None:
             return "missing", f"train.resume=latest but {run_dir}/checkpoints holds no finished checkpoint"

@@ -12,8 +12,9 @@ Everything is written into ``step_<N>.tmp``, closed by a manifest (``complete.js
 size) and renamed into place once complete, so a crash or a SIGTERM mid-save never leaves a checkpoint that
 looks finished. A directory is never deleted under its ``step_<N>`` name: it is renamed to ``step_<N>.old``
 first (one atomic rename), then removed, so a kill mid-deletion leaves only a name ``latest_checkpoint``
-ignores, and the next save clears it. ``latest_checkpoint`` also checks the manifest, so a checkpoint cut
-short some other way (a user's ``rm``, a full disk) is passed over for the intact one before it. The full state dict is gathered on
+ignores, and the next save clears it (a kill between a replaced ``step_<N>``'s two renames leaves its
+complete ``step_<N>.tmp``, which a resume renames into place: ``finish_interrupted_saves``).
+``latest_checkpoint`` also checks the manifest, so a checkpoint cut short some other way (a user's ``rm``, a full disk) is passed over for the intact one before it. The full state dict is gathered on
 rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and read by every rank on resume;
 fp32 tensors round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
 """
@@ -90,6 +91,33 @@ def latest_checkpoint(run_dir: str) -> str | None:
         if is_complete_checkpoint(path):
             return path
     return None
+
+
+def finish_interrupted_saves(run_dir: str) -> list[str]:
+    """Rename each complete ``step_<N>.tmp`` of ``run_dir/checkpoints`` whose ``step_<N>`` is absent into place;
+    returns the finished paths. A save that replaces ``step_<N>`` (the final save after a periodic one at the
+    last step, every mid-SFT checkpoint) moves the old copy to ``step_<N>.old`` before the new one, complete
+    and with its manifest, takes the name: a kill between the two renames left no ``step_<N>`` (with keep_last
+    1 no checkpoint at all: 'resume latest' found none). Rank 0, with the run directory locked, before
+    ``latest_checkpoint`` decides."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    done = []
+    for name in sorted(os.listdir(root)):
+        m = re.fullmatch(r"(step_\d+)\.tmp", name)
+        tmp = os.path.join(root, name)
+        if m is None or os.path.islink(tmp) or not os.path.isfile(os.path.join(tmp, MANIFEST)):
+            continue  # a manifest is written last: without one the save was cut short
+        final = os.path.join(root, m.group(1))
+        if not os.path.lexists(final) and is_complete_checkpoint(tmp):
+            try:
+                os.replace(tmp, final)
+            except OSError as err:  # a read-only run directory: left as it is (rank 0 alone must not raise here)
+                print(f"r1fast: cannot rename the complete {tmp} into place: {err}", file=sys.stderr)
+                continue
+            done.append(final)
+    return done
 
 
 def _delete(path: str) -> None:

@@ -94,3 +94,30 @@ def test_a_kill_while_replacing_a_checkpoint_never_exposes_a_partial_one(tmp_pat
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     summary = run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", "latest", *common))
     assert summary["steps"] == 3 and _steps(run_dir) == ["step_2", "step_3"]
+
+
+def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_keeps_it_resumable(tmp_path, monkeypatch):
+    """The final save rewrites step_2 (steps = checkpoint_every) with keep_last 1: step_2 was renamed to
+    step_2.old, and a kill before step_2.tmp (complete, manifest written) took its place left no step_<N>:
+    'resume latest' found no finished checkpoint and the whole run was lost."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train_state
+    from r1fast.train import run
+
+    real_replace = os.replace
+
+    def killed_between(src, dst):
+        if str(src).endswith("step_2.tmp") and os.path.exists(str(dst) + ".old"):
+            raise KeyboardInterrupt  # what a kill leaves behind
+        return real_replace(src, dst)
+
+    common = ("--train.name", "gap", "--train.checkpoint_every", "2", "--train.keep_last", "1",
+              "--train.sft_steps", "0")
+    monkeypatch.setattr(train_state.os, "replace", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tmp_path, "--train.steps", "2", *common))
+    monkeypatch.setattr(train_state.os, "replace", real_replace)
+    run_dir = tmp_path / "gap"
+    assert _steps(run_dir) == ["step_2.old", "step_2.tmp"]
+    summary = run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", "latest", *common))
+    assert summary["steps"] == 3 and _steps(run_dir) == ["step_3"]
