@@ -121,10 +121,12 @@ def save_run_config(cfg, run_dir: str, resumed_from: str | None = None) -> None:
         save_config(cfg, os.path.join(run_dir, f"config.resume-{resumed_from}.toml"))
 
 
-def set_aside_earlier_run(run_dir: str) -> None:
+def set_aside_earlier_run(run_dir: str, tool: str = "r1fast.train",
+                          hint: str = " (--train.resume latest continues a run instead)") -> None:
     """A fresh run into a directory that holds an earlier one moves that one to ``<run_dir>.prev-<time>``:
     appending to its metrics.jsonl mixed two runs in one file and plot, and its later checkpoints were
-    what ``--train.resume latest`` would then pick. Nothing is deleted. Every rank calls it."""
+    what ``--train.resume latest`` would then pick. Nothing is deleted. Every rank calls it (``tool`` and
+    ``hint``: the stderr line's prefix and its closing remark)."""
     run_dir = os.path.normpath(run_dir)  # "x/" would otherwise be moved into itself
     earlier = [name for name in ("metrics.jsonl", "summary.json", "checkpoints")
                if os.path.exists(os.path.join(run_dir, name))]
@@ -135,6 +137,6 @@ def set_aside_earlier_run(run_dir: str) -> None:
             suffix += 1
             aside = f"{stamp}-{suffix}"
         os.replace(run_dir, aside)
-        print(f"r1fast.train: {run_dir} holds an earlier run ({', '.join(earlier)}); moved it to {aside} "
-              "(--train.resume latest continues a run instead)", file=sys.stderr)
+        print(f"{tool}: {run_dir} holds an earlier run ({', '.join(earlier)}); moved it to {aside}{hint}",
+              file=sys.stderr)
     D.barrier()

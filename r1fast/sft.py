@@ -55,7 +55,7 @@ from r1fast.parallelize import (
 from r1fast.policy import PolicyHead, pack
 from r1fast.progress import progress
 from r1fast.rewards.format import continue_open_think, open_think_tail
-from r1fast.run_dir import lock_beside
+from r1fast.run_dir import lock_beside, set_aside_earlier_run
 from r1fast.safe_write import remove_tree, write_file
 from r1fast.schedule import build_scheduler
 from r1fast.seeding import SEED_MAX, SEED_MIN
@@ -328,6 +328,9 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=steps, schedule=cfg.schedule,
                                 min_lr_ratio=cfg.min_lr_ratio)
     run_dir = os.path.join(cfg.out_dir, cfg.name)
+    # an SFT does not resume: a rerun after a crash (or of a finished run) appended its steps to the earlier
+    # run's metrics.jsonl (steps 1, 2, 1, 2, 3) and kept its summary.json until the end
+    set_aside_earlier_run(run_dir, "r1fast.sft", "")
     if dist.is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.toml"))

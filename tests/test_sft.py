@@ -317,3 +317,30 @@ def test_the_token_count_is_completion_tokens_plus_eos(tmp_path, monkeypatch):
     # the logged nll is the step's, not its last micro-batch's
     two = run_sft(cfg("b", 2))
     assert one["first_nll"] == pytest.approx(two["first_nll"], rel=1e-6)
+
+
+def test_a_rerun_after_a_crash_sets_the_earlier_run_aside(tmp_path, monkeypatch, capsys):
+    """An SFT killed at step 3, run again: its steps were appended to the crashed run's metrics.jsonl (steps
+    1, 2, 1, 2, 3), the plot and a reader saw two runs as one."""
+    import r1fast.sft as sft
+
+    data = _task_data(tmp_path / "d.jsonl", n=4)
+    cfg = _cfg(tmp_path, data, "--steps", "3", "--batch_size", "2")
+    real, calls = sft.clip_and_step, []
+
+    def killed_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "clip_and_step", killed_at_step_3)
+    with pytest.raises(MemoryError):
+        run_sft(cfg)
+    monkeypatch.setattr(sft, "clip_and_step", real)
+    run_sft(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    (aside,) = [p for p in os.listdir(tmp_path / "runs") if p.startswith("sft.prev-")]
+    assert [json.loads(x)["step"] for x in (tmp_path / "runs" / aside / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "r1fast.sft: " in capsys.readouterr().err
