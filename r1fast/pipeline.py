@@ -111,6 +111,9 @@ def _run_rl(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     if "final_checkpoint" not in summary:  # the trainer saw SIGTERM, saved a checkpoint and returned early
         raise StageInterrupted(f"stage {stage.name!r} interrupted (its trainer saved a checkpoint); "
                                "rerun the same command to resume")
+    if summary.get("stopped_after_finish"):  # the signal came in the final evaluation or save: stop all the same
+        raise StageInterrupted(f"stage {stage.name!r} interrupted after its trainer's final checkpoint; rerun the "
+                               "same command to finish it (no training step is repeated)")
     # the trainer's own evaluations ran on no prompts (data.eval_size = 0): the pipeline evaluates instead
     summary = {k: v for k, v in summary.items() if not k.startswith("eval_") and k != "greedy_accuracy_gain_points"}
     return {"model": os.path.abspath(summary["final_checkpoint"])}, summary

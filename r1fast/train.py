@@ -290,6 +290,8 @@ class Trainer:
         # exits 0 (a resume would have only this evaluation left; torchrun's kill after its grace period is safe)
         summary["eval_after_rl"] = self.evaluate("after_rl")
         self._finish(summary)
+        if self.stop.agreed(self.dist.device):  # the signal is not lost: a caller with more to do (the pipeline) stops
+            return {**summary, "stopped_after_finish": self.stop.exit_status}
         return summary
 
     def grpo_step(self, step: int) -> dict:
@@ -352,7 +354,9 @@ def _updated(metrics: dict, updates_per_rollout: int) -> bool:
 
 def run(cfg: Config) -> dict:
     """Programmatic entry (tests, the multi-stage pipeline): train with ``cfg``; returns the summary (with
-    ``exit_status``, 128 + the signal, when a signal stopped the run after a checkpoint)."""
+    ``exit_status``, 128 + the signal, when a signal stopped the run after a checkpoint; with
+    ``stopped_after_finish``, the same number, when the signal came in the final evaluation or save of a run
+    that finished: r1fast.train exits 0 then, the pipeline stops before its next step)."""
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     run_lock = None
     try:  # from before Trainer(): its constructor can fail after build_mesh made the 1-rank group

@@ -210,6 +210,32 @@ def test_sigterm_in_an_rl_stage_ends_with_one_line_and_resumes(tmp_path, monkeyp
     assert done["summary"]["steps"] == 2 and done["eval"]["num_prompts"] == 2
 
 
+def test_sigterm_during_an_rl_stages_final_save_stops_the_pipeline(tmp_path, monkeypatch, capsys):
+    """The trainer finishes a run whose signal came in its final evaluation or save (exit 0 for r1fast.train),
+    and the pipeline swallowed that SIGTERM: it went on to the evaluation and the next stages until the
+    scheduler's SIGKILL. It now stops after the stage's trainer with 143; the rerun finishes the stage from its
+    final checkpoint without training again."""
+    import r1fast.train as T
+
+    recipe = _recipe(tmp_path, RL_RECIPE)
+    original_finish, original_step = T.Trainer._finish, T.Trainer.grpo_step
+
+    def sigterm_in_final_save(self, summary):
+        self.stop.requested = True  # what the handler does when the signal lands during the save
+        return original_finish(self, summary)
+
+    monkeypatch.setattr(T.Trainer, "_finish", sigterm_in_final_save)
+    assert P.main(["--recipe", recipe]) == P.INTERRUPTED_EXIT_CODE
+    assert "r1fast.pipeline: stage 'rl' " in capsys.readouterr().err
+    run = tmp_path / "runs" / "r"
+    assert not (run / "rl" / "DONE.json").exists() and (run / "rl" / "checkpoints" / "step_2").is_dir()
+    monkeypatch.setattr(T.Trainer, "_finish", original_finish)
+    stepped = []
+    monkeypatch.setattr(T.Trainer, "grpo_step", lambda self, step: (stepped.append(step), original_step(self, step))[1])
+    assert P.main(["--recipe", recipe]) == 0
+    assert stepped == [] and _done(tmp_path, "rl")["summary"]["steps"] == 2
+
+
 def test_an_rl_stage_killed_before_its_first_checkpoint_starts_over_and_later_checkpoints_resume(
         tmp_path, monkeypatch, capsys):
     """A kill before the first checkpoint leaves STARTED.json and metrics.jsonl: the next invocation starts the
