@@ -351,7 +351,7 @@ def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> 
     """After resuming ``run_dir`` from checkpoint ``path`` (at GRPO ``step``, or mid-SFT at ``sft_step``), make
     the run directory read as if the run had stopped there (every rank calls it; rank 0 writes):
 
-    - its checkpoints newer than ``step`` move to ``checkpoints/abandoned-<UTC time>/`` (renamed, never
+    - its checkpoints newer than ``step`` (``path`` need not be one of them) move to ``checkpoints/abandoned-<UTC time>/`` (renamed, never
       deleted), with one stderr line: a resume from an older checkpoint (a fork) with keep_last 1 kept the
       abandoned run's step_6 and pruned the fork's own, so a later ``resume latest`` continued the old run;
     - metrics.jsonl loses the records logged after the checkpoint (``trim_metrics``): a crash between
@@ -360,10 +360,9 @@ def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> 
     from r1fast.metrics import trim_metrics
 
     if D.rank() == 0:
-        root = os.path.join(run_dir, "checkpoints")
-        aside = None
-        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(root):
-            aside = _set_aside_newer(root, step)
+        # wherever ``path`` lies (this run's checkpoints, or a copy's: cp -r a b, then b resumed from a's step_2),
+        # this directory's later checkpoints belong to the branch the resumed run leaves
+        aside = _set_aside_newer(os.path.join(run_dir, "checkpoints"), step)
         trim_metrics(run_dir, step, sft_step,
                      keep_dropped=None if aside is None else os.path.join(aside, "metrics.jsonl"))
     D.barrier()
@@ -382,6 +381,6 @@ def _set_aside_newer(root: str, step: int) -> str | None:
     for _, src in newer:
         os.replace(src, os.path.join(aside, os.path.basename(src)))
     names = ", ".join(os.path.basename(p) for _, p in newer)
-    print(f"r1fast.train: resumed from step {step} of this run: moved its later checkpoints ({names}) to {aside} "
+    print(f"r1fast.train: resumed from step {step}: moved its later checkpoints ({names}) to {aside} "
           "(nothing deleted; 'resume latest' now continues this run)", file=sys.stderr)
     return aside

@@ -131,6 +131,22 @@ def test_a_fork_sets_the_abandoned_checkpoints_aside(base_run, tmp_path, capsys)
     assert [m["step"] for m in rl_metrics(aside)] == [3, 4]  # the abandoned branch's records, kept beside it
 
 
+def test_a_fork_from_a_checkpoint_outside_the_run_directory_sets_its_later_checkpoints_aside(base_run, tmp_path):
+    """The run directory copied (cp -r base b) and resumed from the original's step_2: b's own step_4, from the
+    branch the fork abandons, stayed beside the fork's step_3 (so 'resume latest' continued the abandoned
+    branch), while its metrics rows 3 and 4 were trimmed and lost."""
+    from r1fast.train import run
+    from r1fast.train_state import latest_checkpoint
+
+    run_dir = _copy(base_run, tmp_path)
+    run(tiny_config(tmp_path, *BASE, "--train.steps", "3", "--train.resume", str(base_run / "checkpoints" / "step_2")))
+    names = sorted(os.listdir(run_dir / "checkpoints"))
+    assert names[1:] == ["step_2", "step_3"] and names[0].startswith("abandoned-"), names
+    assert latest_checkpoint(str(run_dir)).endswith("step_3")
+    assert [m["step"] for m in rl_metrics(run_dir)] == [1, 2, 3]
+    assert [m["step"] for m in rl_metrics(run_dir / "checkpoints" / names[0])] == [3, 4]
+
+
 def test_ranks_the_saving_run_lacked_get_a_deterministic_rng_state_of_their_own(base_run, monkeypatch):
     from r1fast.train_state import _restore_rng, saved_world_size
 
