@@ -154,8 +154,11 @@ def _resume_verdict(resume: str, run_dir: str) -> tuple[str, str]:
     """("ok", path), ("missing", message) or ("bad", message) for ``train.resume=resume``."""
     from r1fast.train_state import MANIFEST, finish_interrupted_saves, is_complete_checkpoint, latest_checkpoint
 
+    # a kill between a replaced checkpoint's two renames; before an explicit older checkpoint too, so that
+    # rewind_run_dir sets the finished later one aside with the others (a 'resume latest' after a fork killed
+    # before its first save renamed it into place and continued the abandoned branch)
+    finish_interrupted_saves(run_dir)
     if resume == "latest":
-        finish_interrupted_saves(run_dir)  # a kill between a replaced checkpoint's two renames
         path = latest_checkpoint(run_dir)
         if path is None:
             return "missing", f"train.resume=latest but {run_dir}/checkpoints holds no finished checkpoint"

@@ -121,3 +121,38 @@ def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_keeps_it_resuma
     assert _steps(run_dir) == ["step_2.old", "step_2.tmp"]
     summary = run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", "latest", *common))
     assert summary["steps"] == 3 and _steps(run_dir) == ["step_3"]
+
+
+def test_a_fork_sets_aside_a_later_checkpoint_left_between_its_two_renames(tmp_path, monkeypatch):
+    """step_4's replacement killed between its renames (step_4.old, step_4.tmp complete), then a fork from step_2
+    killed before its first save: 'resume latest' renamed step_4.tmp into place and continued the abandoned
+    branch. The fork now finishes step_4 first and sets it aside with the other later checkpoints."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train, train_state
+
+    real_replace, real_step = os.replace, train.Trainer.grpo_step
+
+    def killed_between(src, dst):
+        if str(src).endswith("step_4.tmp") and os.path.exists(str(dst) + ".old"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    def killed_in_step_3(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    common = ("--train.name", "fork", "--train.checkpoint_every", "2", "--train.sft_steps", "0")
+    monkeypatch.setattr(train_state.os, "replace", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tiny_config(tmp_path, "--train.steps", "4", *common))
+    monkeypatch.setattr(train_state.os, "replace", real_replace)
+    run_dir = tmp_path / "fork"
+    assert _steps(run_dir) == ["step_2", "step_4.old", "step_4.tmp"]
+    monkeypatch.setattr(train.Trainer, "grpo_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tiny_config(tmp_path, "--train.steps", "3", "--train.resume", str(run_dir / "checkpoints" / "step_2"),
+                              *common))
+    assert latest_checkpoint(str(run_dir)).endswith("step_2")
+    (aside,) = [n for n in os.listdir(run_dir / "checkpoints") if n.startswith("abandoned-")]
+    assert os.listdir(run_dir / "checkpoints" / aside / "step_4")
