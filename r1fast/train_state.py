@@ -213,6 +213,8 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     tmp = final + ".tmp"
     if D.rank() == 0:
         remove_tree(tmp, ignore_errors=True)  # a symlink here made makedirs fail: unlinked
+        if os.path.isdir(os.path.dirname(tmp)):  # and before writing: a full disk's partial save of another step
+            _clear_trash(os.path.dirname(tmp))  # held its space while this one was written
         os.makedirs(tmp)
     D.barrier()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -156,3 +156,28 @@ def test_a_fork_sets_aside_a_later_checkpoint_left_between_its_two_renames(tmp_p
     assert latest_checkpoint(str(run_dir)).endswith("step_2")
     (aside,) = [n for n in os.listdir(run_dir / "checkpoints") if n.startswith("abandoned-")]
     assert os.listdir(run_dir / "checkpoints" / aside / "step_4")
+
+
+def test_a_save_clears_what_a_failed_save_left_before_writing(tmp_path, monkeypatch):
+    """A save that died of a full disk left a partial step_<N>.tmp (as big as a checkpoint, nearly); the next save
+    of another step wrote its own beside it first and only cleared it afterwards, on a disk that was still full."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    import torch
+
+    from r1fast import train_state
+    from r1fast.train import run
+
+    common = ("--train.name", "left", "--train.sft_steps", "0")
+    run(tiny_config(tmp_path, "--train.steps", "1", *common))
+    stale = tmp_path / "left" / "checkpoints" / "step_7.tmp"
+    stale.mkdir()
+    (stale / "train_state.pt").write_bytes(b"x" * 1000)
+    seen, real_save = [], torch.save
+
+    def save(obj, path, *args, **kwargs):
+        seen.append(stale.exists())
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_state.torch, "save", save)
+    run(tiny_config(tmp_path, "--train.steps", "2", "--train.resume", "latest", *common))
+    assert seen and not any(seen)
