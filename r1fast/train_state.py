@@ -14,9 +14,10 @@ looks finished. A directory is never deleted under its ``step_<N>`` name: it is 
 first (one atomic rename), then removed, so a kill mid-deletion leaves only a name ``latest_checkpoint``
 ignores, and the next save clears it (a kill between a replaced ``step_<N>``'s two renames leaves its
 complete ``step_<N>.tmp``, which a resume renames into place: ``finish_interrupted_saves``).
-``latest_checkpoint`` also checks the manifest, so a checkpoint cut short some other way (a user's ``rm``, a full disk) is passed over for the intact one before it. The full state dict is gathered on
-rank 0 (``get_state_dict(full_state_dict=True, cpu_offload=True)``) and read by every rank on resume;
-fp32 tensors round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
+``latest_checkpoint`` also checks the manifest, so a checkpoint cut short some other way (a user's ``rm``, a
+full disk) is passed over for the intact one before it. The full state dict is gathered on rank 0
+(``get_state_dict(full_state_dict=True, cpu_offload=True)``) and read by every rank on resume; fp32 tensors
+round-trip bit for bit, so a resumed CPU run equals an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -353,9 +354,10 @@ def rewind_run_dir(run_dir: str, path: str, step: int, sft_step: int | None) -> 
     """After resuming ``run_dir`` from checkpoint ``path`` (at GRPO ``step``, or mid-SFT at ``sft_step``), make
     the run directory read as if the run had stopped there (every rank calls it; rank 0 writes):
 
-    - its checkpoints newer than ``step`` (``path`` need not be one of them) move to ``checkpoints/abandoned-<UTC time>/`` (renamed, never
-      deleted), with one stderr line: a resume from an older checkpoint (a fork) with keep_last 1 kept the
-      abandoned run's step_6 and pruned the fork's own, so a later ``resume latest`` continued the old run;
+    - its checkpoints newer than ``step`` (``path`` need not be one of them) move to
+      ``checkpoints/abandoned-<UTC time>/`` (renamed, never deleted), with one stderr line: a resume from an
+      older checkpoint (a fork) with keep_last 1 kept the abandoned run's step_6 and pruned the fork's own, so a
+      later ``resume latest`` continued the old run;
     - metrics.jsonl loses the records logged after the checkpoint (``trim_metrics``): a crash between
       checkpoints logged steps that the resumed run logs again (rl steps read 1, 2, 3, 3, 4); after a fork the
       dropped records go to ``abandoned-<UTC time>/metrics.jsonl`` beside the checkpoints they belong to."""

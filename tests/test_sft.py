@@ -342,5 +342,6 @@ def test_a_rerun_after_a_crash_sets_the_earlier_run_aside(tmp_path, monkeypatch,
     rows = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     (aside,) = [p for p in os.listdir(tmp_path / "runs") if p.startswith("sft.prev-")]
-    assert [json.loads(x)["step"] for x in (tmp_path / "runs" / aside / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    earlier = (tmp_path / "runs" / aside / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in earlier] == [1, 2]
     assert "r1fast.sft: " in capsys.readouterr().err
