@@ -16,7 +16,9 @@ loss is summed over the step's completion tokens on all ranks and divided by the
 update does not depend on the number of ranks or micro-batches.
 
 Outputs under ``<out_dir>/<name>/``: config.toml, metrics.jsonl, summary.json, model/ (HF safetensors +
-tokenizer; written to model.tmp and renamed, so an existing model/ is always complete).
+tokenizer; written to model.tmp and renamed, so an existing model/ is always complete). An SFT does not resume:
+a run into a directory that holds an earlier one (a finished or a crashed run) first moves it to
+``<name>.prev-<time>``.
 The helpers every stage shares (checkpoint checks, prompt rendering) live in ``r1fast.stage_io``.
 """
 
