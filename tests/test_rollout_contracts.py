@@ -74,6 +74,20 @@ def test_stats_accumulate_generated_tokens_and_preemptions_over_calls():
     assert s2["tokens_per_s"] == pytest.approx(s2["generated_tokens"] / s2["generate_seconds"])
 
 
+def test_peak_blocks_count_the_blocks_of_sequences_that_finish_in_the_step():
+    """The peaks are read while the step's blocks are held: they were read after the step, when the sequences
+    finishing in it had already released theirs, so a one-token generate reported 0 blocks used."""
+    model = tiny_model()
+    prompt = prompts_of([20])[0]  # 3 blocks of 8
+    engine = Engine(model, block_size=8, num_blocks=8)
+    engine.generate([prompt], max_new_tokens=1, temperature=0)
+    assert engine.stats()["max_blocks_used"] == 3
+    # n = 3: 2 shared full blocks plus each sample's own last block
+    engine = Engine(model, block_size=8, num_blocks=8)
+    engine.generate([prompt], n=3, max_new_tokens=1, temperature=0)
+    assert engine.stats()["max_blocks_used"] == 5 and engine.stats()["max_blocks_shared"] == 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(block_size=4), "block_size"),  # a power of two below the kernels' smallest page
     (dict(block_size=256), "block_size"),

@@ -207,10 +207,11 @@ class Engine:
         try:
             while scheduler.has_work:
                 chunks = scheduler.schedule()
+                # every block of the step is allocated now; after it, the sequences that finished have released
+                # theirs (read only after the step, a one-token generate peaked at 0 blocks used)
+                self._record_peaks()
                 generated += self._step(scheduler, chunks, params)
-                alloc = self.cache.allocator
-                self._stats["max_blocks_used"] = max(self._stats["max_blocks_used"], alloc.num_used)
-                self._stats["max_blocks_shared"] = max(self._stats["max_blocks_shared"], alloc.num_shared)
+                self._record_peaks()  # a prefix job that finished in the step has shared its blocks
                 self._stats["steps"] += 1
         finally:
             # The allocator outlives this call: an exception mid-step (Ctrl-C, OOM, non-finite logits) must
@@ -225,6 +226,12 @@ class Engine:
         self._stats["generate_seconds"] += seconds
         self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
         return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
+
+    def _record_peaks(self) -> None:
+        """Fold the blocks used and shared now into the stats' peaks."""
+        alloc = self.cache.allocator
+        self._stats["max_blocks_used"] = max(self._stats["max_blocks_used"], alloc.num_used)
+        self._stats["max_blocks_shared"] = max(self._stats["max_blocks_shared"], alloc.num_shared)
 
     def _follow_weights(self) -> None:
         """Keep the KV cache in the model's current dtype; ValueError if the model moved to another device, or
