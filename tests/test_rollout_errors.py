@@ -137,6 +137,10 @@ def test_bools_and_non_integers_are_rejected_before_any_work():
         (dict(prompts=[{1: 2}]), r"prompts\[0\] is a dict .*no token order"),  # once read as the prompt [1]
         (dict(prompts=[{3, 1}]), r"prompts\[0\] is a set .*no token order"),
         (dict(prompts={0: ok}), "prompts must be a list of token-id lists, got dict"),
+        # not iterable: these were bare TypeErrors ("'NoneType' object is not iterable")
+        (dict(prompts=None), "prompts must be a list of token-id lists, got NoneType"),
+        (dict(prompts=[ok, None]), r"prompts\[1\] is None, not a list"),
+        (dict(prompts=[2.5]), r"prompts\[0\] is 2.5, not a list"),
         (dict(stop_token_ids=True), "stop_token_ids"),
         (dict(stop_token_ids=[VOCAB]), "stop_token_ids"),
         (dict(seed=True), "seed"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
 import torch
@@ -47,8 +47,10 @@ def _unordered(value) -> bool:
 
 def prompt_lists(prompts) -> list[list]:
     """Each prompt as a list (tensors and arrays as lists of their elements); ValueError for a flat list,
-    a mapping or a set (of prompts or as a prompt)."""
-    if isinstance(prompts, (str, bytes)) or as_int(prompts) is not None or _unordered(prompts):
+    a mapping, a set or a non-iterable such as None (as prompts or as a prompt). No prompt at all is fine."""
+    # not iterable (None, a float): named here, not a bare TypeError from the loop
+    if (isinstance(prompts, (str, bytes)) or as_int(prompts) is not None or _unordered(prompts)
+            or not isinstance(prompts, Iterable)):
         raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     lists = []
     for i, p in enumerate(prompts):
@@ -57,7 +59,7 @@ def prompt_lists(prompts) -> list[list]:
         if _unordered(p):
             raise ValueError(f"prompts[{i}] is a {type(p).__name__} ({p!r}), not a list of token ids: a mapping "
                              "or set has no token order")
-        if isinstance(p, (str, bytes)) or as_int(p) is not None:
+        if isinstance(p, (str, bytes)) or as_int(p) is not None or not isinstance(p, Iterable):
             raise ValueError(f"prompts[{i}] is {p!r}, not a list of token ids (prompts is a list of prompts)")
         lists.append(list(p))
     return lists
