@@ -123,6 +123,17 @@ def test_out_of_range_arguments_are_refused_before_any_work(engine, kwargs, matc
     assert engine.stats()["steps"] == steps and engine.stats()["blocks_used"] == 0
 
 
+def test_no_prompts_give_no_completions(engine):
+    """A rank with no prompt this step gets [] ([len(prompts)][n]); it raised "max() arg is an empty sequence"
+    while sizing the block table. Bad arguments are still refused."""
+    steps = engine.stats()["steps"]
+    assert engine.generate([], n=4, max_new_tokens=3, temperature=1.0, seed=[]) == []
+    assert engine.generate(np.zeros((0, 5), dtype=np.int64), max_new_tokens=3) == []
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([], max_new_tokens=0)
+    assert engine.stats()["steps"] == steps and engine.stats()["blocks_used"] == 0
+
+
 def test_one_token_prompts_as_arrays_and_tensors_are_prompts_not_ids(engine):
     """A one-element array or tensor is a one-token prompt (a list), never read as a bare id."""
     expect = engine.generate([[3], [5, 6]], max_new_tokens=3, temperature=0)

@@ -174,6 +174,8 @@ class Engine:
         n, params = arguments.validate(self.args, self.cache.capacity_tokens, capacity, prompts, n, max_new_tokens,
                                        temperature, top_p, top_k, stop_token_ids)
         seeds = arguments.seeds(seed, len(prompts) * n)
+        if not prompts:  # a rank with no prompt this step; the block-table width below needs a longest prompt
+            return []
         # every row holds at most the blocks of its longest prompt + max_new_tokens
         self.block_table.reset(self.cache.blocks_for(max(len(p) for p in prompts) + params.max_new_tokens))
         scheduler = Scheduler(self.cache.allocator, block_size=self.block_size,
