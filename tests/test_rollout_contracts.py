@@ -95,10 +95,26 @@ def test_peak_blocks_count_the_blocks_of_sequences_that_finish_in_the_step():
     (dict(memory_fraction=0.0), "memory_fraction"),
     (dict(max_batch_tokens=0), "max_batch_tokens"),
     (dict(num_blocks=0), "num_blocks"),
+    # bools passed as 1 (1.0); a string raised a bare TypeError from the comparison
+    (dict(max_num_seqs=True), "max_num_seqs"),
+    (dict(num_blocks=True), "num_blocks"),
+    (dict(memory_fraction=True), "memory_fraction"),
+    (dict(memory_fraction="0.5"), "memory_fraction"),
+    (dict(block_size=16.0), "block_size"),
 ])
 def test_engine_options_out_of_range_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(tiny_model(), **{"num_blocks": 8, **kwargs})
+
+
+def test_engine_options_take_numpy_and_torch_integers_like_generate():
+    """They were refused with a message naming a valid value ("num_blocks must be a positive int ..., got 8")."""
+    engine = Engine(tiny_model(), block_size=np.int64(8), num_blocks=np.int32(8), max_batch_tokens=torch.tensor(5),
+                    max_num_seqs=np.int64(2), memory_fraction=np.float32(0.5))
+    stats = engine.stats()
+    assert (stats["block_size"], stats["num_blocks"], engine.max_batch_tokens, engine.max_num_seqs) == (8, 8, 5, 2)
+    assert type(stats["block_size"]) is int
+    assert len(engine.generate([[1, 2, 3]] * 3, max_new_tokens=2, temperature=0)) == 3
 
 
 def test_engine_option_bounds_are_inclusive():

@@ -16,7 +16,7 @@ import torch
 
 from .sampler import MIN_TEMPERATURE, SamplingParams
 
-__all__ = ["as_int", "prompt_lists", "seeds", "validate"]
+__all__ = ["as_int", "is_real", "positive_int", "prompt_lists", "seeds", "validate"]
 
 
 def as_int(value) -> int | None:
@@ -35,9 +35,17 @@ def as_int(value) -> int | None:
         return None
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     """A real number (int, float, numpy scalar) that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def positive_int(value, name: str, what: str = "a positive int") -> int:
+    """``value`` as an int >= 1 (see ``as_int``); ValueError naming the argument otherwise."""
+    number = as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return number
 
 
 def _unordered(value) -> bool:
@@ -74,10 +82,10 @@ def validate(args, capacity_tokens: int, capacity: str, prompts, n, max_new_toke
         raise ValueError(f"n must be a positive int, got {n!r}")
     if new_tokens is None or new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not (_is_real(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf)):
+    if not (is_real(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf)):
         raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller "
                          f"ones overflow logits / temperature), got {temperature!r}")
-    if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
+    if not (is_real(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if k is None or k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")

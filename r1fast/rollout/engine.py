@@ -63,17 +63,20 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, memory_fraction: float = 0.9,
                  max_batch_tokens: int = 8192, max_num_seqs: int = 1024, use_cuda_graphs: bool = True,
                  dtype: torch.dtype | None = None, reserve_bytes: int = 0):
-        if not isinstance(block_size, int) or block_size < 8 or block_size > 128 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two from 8 to 128, got {block_size!r}")
-        if not 0.0 < memory_fraction <= 1.0:
+        # integers as generate takes them: numpy/torch ints were refused ("got 8"), bools passed as 1
+        what = "a power of two from 8 to 128"
+        block_size = arguments.positive_int(block_size, "block_size", what)
+        if not 8 <= block_size <= 128 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be {what}, got {block_size!r}")
+        # a string raised a bare TypeError from the comparison, a bool passed as 1.0
+        if not (arguments.is_real(memory_fraction) and 0.0 < memory_fraction <= 1.0):
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
-        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
+        max_batch_tokens = arguments.positive_int(max_batch_tokens, "max_batch_tokens")
+        max_num_seqs = arguments.positive_int(max_num_seqs, "max_num_seqs")
         # reserve_bytes: GPU memory the caller will allocate after the cache is sized (a trainer's optimizer
         # state and gathered weights: r1fast.memory_budget), kept out of the free memory memory_fraction takes
-        if not isinstance(reserve_bytes, int) or isinstance(reserve_bytes, bool) or reserve_bytes < 0:
+        reserve = arguments.as_int(reserve_bytes)
+        if reserve is None or reserve < 0:
             raise ValueError(f"reserve_bytes must be a non-negative int, got {reserve_bytes!r}")
         self.model = model
         self.args = model.args
@@ -90,9 +93,9 @@ class Engine:
         self.use_cuda_graphs = use_cuda_graphs
         if num_blocks is None:
             num_blocks = self._default_num_blocks(self._bytes_per_block(), block_size, memory_fraction,
-                                                  max_batch_tokens, max_num_seqs, reserve_bytes)
-        elif not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
+                                                  max_batch_tokens, max_num_seqs, reserve)
+        else:
+            num_blocks = arguments.positive_int(num_blocks, "num_blocks", "a positive int or None")
         self._build_cache(num_blocks)
         # independent of the cache (a cast rebuilds only that); every generate resets the table before use
         self.block_table = BlockTable(max_num_seqs, self.device)
