@@ -28,9 +28,9 @@ recorded, else the recorded sha256) and neither its declaration (fingerprint) no
 (DONE.json ``consumed``: upstream stages' finished_at and output sha256, file: inputs' sha256, external
 checkpoints' listings); a stage that runs makes its downstream run, now or after an interruption. [eval]
 has its own fingerprint (with the held-out data's identity): changing it re-runs only evaluations. An
-interrupted rl stage continues from its newest checkpoint; SIGTERM stops it after one with
-exit status 143. Before any work, the external inputs of stages that will run, a file: [eval] data and the
-sizes data stages ask of their tasks are checked: a missing file or an impossible size stops it at once.
+interrupted rl stage continues from its newest checkpoint; SIGTERM stops it after one with exit status 143
+(130 after a Ctrl-C). Before any work, the external inputs of stages that will run, a file: [eval] data and
+the sizes data stages ask of their tasks are checked: a missing file or an impossible size stops it at once.
 """
 
 from __future__ import annotations
@@ -110,10 +110,10 @@ def _run_rl(stage: Stage, stage_dir: str) -> tuple[dict, dict]:
     summary = D.broadcast_object(run(cfg))  # only rank 0 fills in the checkpoint path
     if "final_checkpoint" not in summary:  # the trainer saw SIGTERM, saved a checkpoint and returned early
         raise StageInterrupted(f"stage {stage.name!r} interrupted (its trainer saved a checkpoint); "
-                               "rerun the same command to resume")
+                               "rerun the same command to resume", summary.get("exit_status", INTERRUPTED_EXIT_CODE))
     if summary.get("stopped_after_finish"):  # the signal came in the final evaluation or save: stop all the same
         raise StageInterrupted(f"stage {stage.name!r} interrupted after its trainer's final checkpoint; rerun the "
-                               "same command to finish it (no training step is repeated)")
+                               "same command to finish it (no training step is repeated)", summary["stopped_after_finish"])
     # the trainer's own evaluations ran on no prompts (data.eval_size = 0): the pipeline evaluates instead
     summary = {k: v for k, v in summary.items() if not k.startswith("eval_") and k != "greedy_accuracy_gain_points"}
     return {"model": os.path.abspath(summary["final_checkpoint"])}, summary
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageInterrupted as err:
         print(f"r1fast.pipeline: {err}", file=sys.stderr)
         D.shutdown()
-        return INTERRUPTED_EXIT_CODE
+        return err.exit_status  # 143 after SIGTERM, 130 after Ctrl-C, as r1fast.train
     except (ConfigError, DataError, PipelineError, FileNotFoundError) as err:
         print(f"r1fast.pipeline: error: {err}", file=sys.stderr)
         D.shutdown()

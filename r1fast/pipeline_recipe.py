@@ -37,12 +37,17 @@ class PipelineError(RuntimeError):
     """A stage failed for a reason the recipe's author must fix; the message names the stage."""
 
 
-class StageInterrupted(PipelineError):
-    """SIGTERM stopped a stage after its trainer saved a checkpoint; the same command resumes it."""
-
-
 INTERRUPTED_EXIT_CODE = 143
 """Exit status after SIGTERM stopped a stage (128 + 15, what a shell reports for a process SIGTERM ended)."""
+
+
+class StageInterrupted(PipelineError):
+    """A signal stopped a stage after its trainer saved a checkpoint; the same command resumes it.
+    ``exit_status``: 128 + that signal, as r1fast.train exits (143 SIGTERM, 130 Ctrl-C)."""
+
+    def __init__(self, message: str, exit_status: int = INTERRUPTED_EXIT_CODE):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclass

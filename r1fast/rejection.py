@@ -46,6 +46,7 @@ from r1fast.data import load_jsonl
 from r1fast.rewards import combine
 from r1fast.rewards.code import check_tests
 from r1fast.rewards.format import prefix_for
+from r1fast.safe_write import write_file
 from r1fast.seeding import SEED_MAX, SEED_MIN, sample_seeds
 from r1fast.stage_io import (
     check_chat_template,
@@ -338,8 +339,9 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
                                 f"(counts: {json.dumps(counts)})")
     if D.rank() == 0:
         _write_jsonl(cfg.out, kept, cfg, resolve_template(tokenizer, cfg.template))  # what 'auto' became
-        with open(stats, "w") as f:
-            json.dump({"counts": counts, "checkpoint": os.path.abspath(cfg.checkpoint), "data": cfg.data}, f, indent=2)
+        # atomically, as the traces: a kill mid-write left a torn stats file beside a complete output
+        write_file(stats, json.dumps({"counts": counts, "checkpoint": os.path.abspath(cfg.checkpoint),
+                                      "data": cfg.data}, indent=2))
     D.barrier()
     return {"out": cfg.out, "stats": stats, "counts": counts}
 

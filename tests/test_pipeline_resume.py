@@ -210,6 +210,24 @@ def test_sigterm_in_an_rl_stage_ends_with_one_line_and_resumes(tmp_path, monkeyp
     assert done["summary"]["steps"] == 2 and done["eval"]["num_prompts"] == 2
 
 
+def test_ctrl_c_in_an_rl_stage_exits_130_as_r1fast_train_does(tmp_path, monkeypatch, capsys):
+    """The pipeline reported every interrupted stage as SIGTERM's 143; a Ctrl-C's checkpoint-and-stop is 130."""
+    import signal
+
+    import r1fast.train as T
+
+    original = T.Trainer.grpo_step
+
+    def step_then_ctrl_c(self, step):  # what the trainer's handler records for a first Ctrl-C
+        metrics = original(self, step)
+        self.stop.requested, self.stop.signum = True, signal.SIGINT
+        return metrics
+
+    monkeypatch.setattr(T.Trainer, "grpo_step", step_then_ctrl_c)
+    assert P.main(["--recipe", _recipe(tmp_path, RL_RECIPE)]) == 130
+    assert "r1fast.pipeline: stage 'rl' interrupted" in capsys.readouterr().err
+
+
 def test_sigterm_during_an_rl_stages_final_save_stops_the_pipeline(tmp_path, monkeypatch, capsys):
     """The trainer finishes a run whose signal came in its final evaluation or save (exit 0 for r1fast.train),
     and the pipeline swallowed that SIGTERM: it went on to the evaluation and the next stages until the
