@@ -130,6 +130,8 @@ def test_engine_option_bounds_are_inclusive():
     (dict(top_p=float("nan")), "top_p"),
     (dict(prompts=[[1, -2, 3]]), "outside the vocabulary"),
     (dict(stop_token_ids=-1), "stop_token_ids"),
+    (dict(stop_token_ids=b"\x01"), "stop_token_ids"),  # bytes iterate as ints: read as token 1 before
+    (dict(stop_token_ids="\x01"), "stop_token_ids"),
 ])
 def test_out_of_range_arguments_are_refused_before_any_work(engine, kwargs, match):
     steps = engine.stats()["steps"]

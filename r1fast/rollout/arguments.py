@@ -92,6 +92,8 @@ def validate(args, capacity_tokens: int, capacity: str, prompts, n, max_new_toke
     # a single id is accepted as HF's eos_token_id is (an int or a list of ints)
     single = as_int(stop_token_ids)
     try:
+        if isinstance(stop_token_ids, (str, bytes, bytearray)):
+            raise TypeError  # text is not ids: b"\x01" iterated as token 1 (a set of ids is fine: no order needed)
         ids = [single] if single is not None else list(stop_token_ids)
     except TypeError:
         raise ValueError(f"stop_token_ids must be a token id or a list of them, got {stop_token_ids!r}") from None
