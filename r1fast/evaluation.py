@@ -1,4 +1,4 @@
-"""Held-out evaluation during training: greedy accuracy, pass@1 over k samples, format rate.
+"""Held-out evaluation during training: greedy accuracy, pass@1 over k samples, greedy format rate.
 
 Each rank evaluates its shard of the held-out prompts with the rollout engine; counts are summed
 across ranks, so the numbers do not depend on the number of ranks.
@@ -54,5 +54,7 @@ def evaluate(engine, tokenizer, samples: list[dict], prompt_ids: list[list[int]]
     D.all_reduce_sum(totals)
     greedy_ok, greedy_fmt, sampled_ok, graded, length, skipped = (int(v) for v in totals.tolist())
     n = max(graded, 1)
-    return {"greedy_accuracy": greedy_ok / n, "format_rate": greedy_fmt / n, f"pass@1_k{k}": sampled_ok / (n * k),
+    # greedy_format_rate: of the greedy completions, as r1fast.eval's key (its format_rate is over the samples)
+    return {"greedy_accuracy": greedy_ok / n, "greedy_format_rate": greedy_fmt / n,
+            f"pass@1_k{k}": sampled_ok / (n * k),
             "num_prompts": graded, "skipped_prompts": skipped, "greedy_length_mean": length / n}

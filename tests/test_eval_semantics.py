@@ -139,7 +139,7 @@ def test_training_evaluation_skips_ungradable_prompts_like_r1fast_eval():
     out = evaluate(_FakeEngine(tok, text), tok, samples, [tok.encode(s["prompt"]) for s in samples], Scorer(None).check_batch,
                    max_new_tokens=8, k=3)
     assert out["num_prompts"] == 1 and out["skipped_prompts"] == 1
-    assert out["greedy_accuracy"] == out["pass@1_k3"] == out["format_rate"] == 1.0
+    assert out["greedy_accuracy"] == out["pass@1_k3"] == out["greedy_format_rate"] == 1.0
 
 
 def test_scorer_check_raises_errors_other_than_skip(monkeypatch):

@@ -72,7 +72,7 @@ def test_counts_follow_each_completions_grade():
     graded = [0, 1, 4]
     assert out["num_prompts"] == 3 and out["skipped_prompts"] == 2
     assert out["greedy_accuracy"] == pytest.approx(1 / 3)
-    assert out["format_rate"] == pytest.approx(2 / 3)
+    assert out["greedy_format_rate"] == pytest.approx(2 / 3)
     assert out["pass@1_k3"] == pytest.approx((1 + 2 + 2) / (3 * 3))  # correct samples / (prompts * k)
     assert out["greedy_length_mean"] == pytest.approx(sum(i + 2 for i in graded) / 3)
 
@@ -102,4 +102,4 @@ def test_a_ranks_shard_uses_the_global_prompt_index_for_seeds(monkeypatch):
 def test_no_graded_prompt_gives_zero_rates():
     out, _ = _run(indices_all=[2, 3])
     assert out["num_prompts"] == 0 and out["skipped_prompts"] == 2
-    assert out["greedy_accuracy"] == out["format_rate"] == out["pass@1_k3"] == out["greedy_length_mean"] == 0.0
+    assert out["greedy_accuracy"] == out["greedy_format_rate"] == out["pass@1_k3"] == out["greedy_length_mean"] == 0.0
