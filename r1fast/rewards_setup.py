@@ -115,7 +115,8 @@ def build_scorer(cfg: Config, *, completion_prefix: str | Callable[[str], str] =
     if "length_cosine" in r.weights:
         names = ("min_value_wrong", "max_value_wrong", "min_value_correct", "max_value_correct")
         params["length_cosine"] = {"max_len": cfg.rollout.max_new_tokens,
-                                   **dict(zip(names, r.length_cosine_values, strict=True))}
+                                   **dict(zip(names, r.length_cosine_values, strict=True)),
+                                   "require_answer_tag": r.require_answer_tag}  # it grades correctness itself
     if "repetition" in r.weights:
         params["repetition"] = {"unit": r.repetition_unit, "ngram_size": r.repetition_ngram_size}
     try:

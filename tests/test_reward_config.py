@@ -99,6 +99,16 @@ def test_require_answer_tag_reaches_the_training_reward_and_its_evaluation():
     assert build_scorer(cfg).score([""], [DISTILL], [meta]).total == [1.0]
 
 
+def test_require_answer_tag_reaches_the_cosine_length_reward():
+    """length_cosine grades correctness itself; it always required the <answer> tag, so with require_answer_tag
+    false every right R1-Distill answer was paid as a wrong one (-1.0 at length 0 instead of +1.0)."""
+    meta = {"prompt": "3+4", "answer": "7", "completion_tokens": 0}
+    cfg = _config(length_cosine=1.0)
+    assert build_scorer(cfg).score([""], [DISTILL], [meta]).total == [-1.0]
+    cfg.rewards.require_answer_tag = False
+    assert build_scorer(cfg).score([""], [DISTILL], [meta]).total == [1.0]
+
+
 def test_require_answer_tag_reaches_rejection_sampling():
     from r1fast.config_io import load_config
     from r1fast.rejection import RejectionConfig, config_score

@@ -11,8 +11,9 @@ wrong model is pushed to think longer and a right one to stop early:
 L is ``meta['completion_tokens']`` when the trainer provides it, else the completion's characters
 (= tokens for the character-level tiny model). Correctness is ``meta['_correct']`` when it is a bool
 (a caller that graded the sample already), else the accuracy reward is computed (its SkipSample
-propagates). Not ``meta['correct']``: data rows keep their extra keys, and a dataset column of that name
-("no" is truthy) made every wrong answer pay as correct (+0.997 instead of -0.997).
+propagates; ``require_answer_tag`` as for the accuracy reward: ``rewards.require_answer_tag``). Not
+``meta['correct']``: data rows keep their extra keys, and a dataset column of that name ("no" is truthy)
+made every wrong answer pay as correct (+0.997 instead of -0.997).
 
 The repetition penalty is ``max_penalty * (1 - distinct n-grams / n-grams)`` over words (or
 characters with ``unit="char"``): 0 for no repeats, approaching ``max_penalty`` for a loop.
@@ -29,13 +30,15 @@ __all__ = ["cosine_length_reward", "repetition_penalty"]
 
 def cosine_length_reward(prompt: str, completion: str, meta: dict, *, max_len: int = 1000,
                          min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
-                         min_value_correct: float = 0.5, max_value_correct: float = 1.0) -> float:
+                         min_value_correct: float = 0.5, max_value_correct: float = 1.0,
+                         require_answer_tag: bool = True) -> float:
     """Cosine-scaled length reward (see module docstring)."""
     _check_cosine(max_len=max_len, min_value_wrong=min_value_wrong, max_value_wrong=max_value_wrong,
                   min_value_correct=min_value_correct, max_value_correct=max_value_correct)
     length = meta.get("completion_tokens", len(completion))
     given = meta.get("_correct")
-    correct = given if isinstance(given, bool) else accuracy_reward(prompt, completion, meta) >= 1.0
+    correct = given if isinstance(given, bool) else accuracy_reward(prompt, completion, meta,
+                                                                      require_answer_tag=require_answer_tag) >= 1.0
     lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
     progress = min(length / max_len, 1.0)
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
@@ -52,7 +55,7 @@ def repetition_penalty(prompt: str, completion: str, meta: dict, *, ngram_size: 
     return max_penalty * (1.0 - len(set(ngrams)) / len(ngrams))
 
 
-def _check_cosine(*, max_len=1000, **values) -> None:
+def _check_cosine(*, max_len=1000, require_answer_tag=True, **values) -> None:
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
     for name, value in values.items():
