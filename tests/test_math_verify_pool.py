@@ -55,3 +55,28 @@ def test_a_worker_that_never_starts_times_out_on_its_own_budget(monkeypatch):
     assert after["verify_timeout"] == before["verify_timeout"] + 1 and after["gold_timeout"] == before["gold_timeout"]
     with pytest.raises(ValueError, match="startup_timeout_s"):
         MathVerifier(startup_timeout_s=0)
+
+
+# A worker that starts, says it is ready, then dies on its first request (a segfault, the OOM killer).
+_DYING_WORKER = "import sys; print('{\"ready\": true}', flush=True); sys.stdin.readline(); sys.exit(1)"
+
+
+def test_a_worker_that_dies_does_not_blacklist_a_valid_gold(monkeypatch):
+    """A death is not an overrun: read as a gold parse timeout, it marked the gold unparsable for the whole run
+    (every later sample with gold "3" skipped), and an idle worker killed between batches did the same."""
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", _DYING_WORKER])
+    verifier = MathVerifier(num_workers=1, timeout_s=30.0)
+    before = _counts()
+    try:
+        assert verifier.check(["3"], ["3"]) == [False]  # died mid-request: scored 0, the gold not blamed
+        assert "3" not in verifier._golds
+        monkeypatch.undo()
+        for _ in range(2):  # the idle worker dies between batches (the dying replacement, then a real one)
+            (worker,) = verifier._idle.queue
+            worker.proc.kill()
+            worker.proc.wait()
+            assert verifier.check(["3"], ["3"]) == [True]  # it was replaced before use, not read as a timeout
+    finally:
+        verifier.close()
+    after = _counts()
+    assert after["gold_timeout"] == before["gold_timeout"] and after["gold_unparsable"] == before["gold_unparsable"]

@@ -4,9 +4,10 @@ Parsing runs in a small pool of worker *processes* started with ``subprocess`` (
 JSON line per request. Why not ``multiprocessing``: fork from a trainer with live torch/gloo threads
 can deadlock the child, and spawn/forkserver re-import the ``__main__`` module (the training script).
 Each request has a wall-clock timeout; a worker that overruns it (sympy can take minutes on
-adversarial LaTeX) is killed and replaced, and the sample scores 0. A gold whose own parse (with a
-check against a trivial answer) overruns it is unparsable instead: the sample is skipped, like every
-later one with that gold, which is remembered so no sample pays the timeout for it again. A worker's
+adversarial LaTeX) is killed and replaced, and the sample scores 0. So is one that dies mid-request (a
+crash, the OOM killer), which is no overrun and never blames the gold; one found dead while idle is
+replaced before use. A gold whose own parse (with a check against a trivial answer) overruns it is
+unparsable instead: the sample is skipped, like every later one with that gold, which is remembered so no sample pays the timeout for it again. A worker's
 start-up (interpreter, imports, a warm-up parse) has its own budget, ``startup_timeout_s``: the
 request's timeout starts when the worker says it is ready, so a slow start never blacklists a gold.
 Counters live in ``STATS``.
@@ -160,6 +161,7 @@ class _Worker:
         )
         self.buffer = b""
         self.ready = False  # set once the worker has said it finished importing
+        self.died = False  # set when the worker exited on its own (EOF), rather than being killed for overrunning
 
     def _read_line(self, deadline: float) -> dict | None:
         """The next protocol line, or None after killing the worker when it overran ``deadline`` or died."""
@@ -172,6 +174,7 @@ class _Worker:
             chunk = os.read(fd, 65536)
             if not chunk:  # worker died
                 self.kill()
+                self.died = True
                 return None
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
@@ -195,8 +198,8 @@ class _Worker:
             deadline = time.monotonic() + timeout_s
             stage = "gold"
             gold_line = self._read_line(deadline)
-            if gold_line is None:
-                return {"timeout": stage}
+            if gold_line is None:  # a death (a crash, the OOM killer) is no overrun: the gold is not blamed
+                return {"died": stage} if self.died else {"timeout": stage}
             if on_gold is not None:
                 on_gold(gold_line["gold_ok"])
             if not gold_line["gold_ok"]:
@@ -291,6 +294,10 @@ class MathVerifier:
             return None
         settle = functools.partial(self._settle_gold, gold) if first is None else None
         worker = self._idle.get()
+        if not worker.alive():  # it died while idle: its request would read as an overrun of this gold
+            STATS["worker_restarts"] += 1
+            worker.kill()
+            worker = _Worker()
         result = {"timeout": "start"}
         try:
             # A fresh worker's start-up has its own budget; only an overrun of the gold's own parse is a bad gold.
@@ -307,6 +314,8 @@ class MathVerifier:
             STATS["gold_timeout"] += 1
             STATS["gold_unparsable"] += 1
             return None
+        if "died" in result:  # counted in worker_restarts; the sample scores 0
+            return False
         if "timeout" in result:
             STATS["verify_timeout"] += 1
             return False
