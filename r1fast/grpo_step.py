@@ -76,7 +76,10 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
     reward_seconds = time.perf_counter() - t0
     rewards = torch.tensor(graded.total, dtype=torch.float64)
     lengths = torch.tensor([len(c.token_ids) for _, _, c in flat], dtype=torch.float64)
-    per_reward = {f"reward_{name}": values for name, values in graded.per_reward.items()}
+    # a skipped sample enters no statistic: its other rewards' raw scores are not logged either, so reward_mean
+    # (over the unskipped samples) is the weighted sum of the reward_<name> means
+    per_reward = {f"reward_{name}": [math.nan if skip else v for v, skip in zip(values, graded.skipped, strict=True)]
+                  for name, values in graded.per_reward.items()}
     if g.soft_overlong_penalty:  # DAPO: linear penalty over the last overlong_cache_len tokens
         penalty = soft_overlong_penalty(lengths, r.max_new_tokens, g.overlong_cache_len).double()
         rewards += penalty

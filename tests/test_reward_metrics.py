@@ -69,3 +69,24 @@ def test_skipped_and_error_counts_are_global_like_the_means(monkeypatch):
     assert (alone["reward_skipped"], alone["reward_errors"]) == (1, 1)
     assert (two["reward_skipped"], two["reward_errors"]) == (2, 2)
     assert two["reward_mean"] == pytest.approx(alone["reward_mean"])
+
+
+def test_a_skipped_sample_enters_no_reward_statistic():
+    """A sample skipped by one reward (unparsable gold) still has its other rewards' raw scores in the batch
+    (format 0 here); they were logged, so reward_format counted 8 samples while reward_mean counted 7, and
+    reward_mean was no longer the weighted sum of the logged reward_<name> means."""
+    fmt = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # the skipped sample (index 2) is the only unformatted one
+
+    class _TwoRewards(_ScriptedScorer):
+        def score(self, prompts, texts, metas):
+            batch = super().score(prompts, texts, metas)
+            total = [0.0 if s else t + 0.5 * f for t, f, s in zip(TOTAL, fmt, SKIPPED, strict=True)]
+            return RewardBatch(total=total, skipped=batch.skipped, errors={},
+                               per_reward={**batch.per_reward, "format": list(fmt)})
+
+    cfg = load_config(None, ["--grpo.samples_per_prompt", "4", "--grpo.prompts_per_step", "2"])
+    comps = [[Completion([1] * 5, [-0.1] * 5, "stop") for _ in range(4)] for _ in range(2)]
+    m = build_rollout_batch(cfg, _Tokenizer(), _TwoRewards(), [{"prompt": "p"}] * 2, [[1, 2]] * 2, comps,
+                            "cpu").metrics
+    assert m["reward_format"] == 1.0 and m["format_rate"] == 1.0 and m["reward_format_std"] == 0.0
+    assert m["reward_mean"] == pytest.approx(m["reward_accuracy"] + 0.5 * m["reward_format"])
