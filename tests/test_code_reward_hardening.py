@@ -200,3 +200,15 @@ def test_blank_answer_is_no_program():
 
 def test_closing_fence_may_carry_trailing_whitespace():
     assert extract_code(_answer("```python\nA\n```   \t\nprose\n")) == "A\n"
+
+
+def test_a_long_line_that_almost_opens_a_fence_is_read_in_linear_time():
+    """`[ \\t]*([^`]*)` let a line of ``` + 32k spaces + ` backtrack quadratically: 8.8 s in the trainer process
+    (reading the program happens before any sandbox limit applies); 100k characters took minutes."""
+    import time
+
+    line = "```" + " " * 32_000 + "`"
+    start = time.perf_counter()
+    assert fenced_blocks(line) == [] and extract_code(_answer(line)) == line  # no fence: the answer text itself
+    assert time.perf_counter() - start < 0.5
+    assert fenced_blocks("```  Python  extra\nA\n```\n") == [("python", "A\n")]  # the info string still splits
