@@ -35,6 +35,19 @@ def test_digit_group_separators_join_the_number():
     assert scores == [c[2] for c in cases]
 
 
+def test_scientific_notation_check_is_linear_in_the_answer_length():
+    """"\\d+\\.?\\d*" split a run of digits two ways at every position: a 20k-digit answer spent 4.7 s in this one
+    regex inside the worker (100k digits: minutes, so the sample always hit the timeout and a gold was blacklisted)."""
+    from r1fast.rewards.math_verify_pool import _expand_scientific
+
+    start = time.perf_counter()
+    for text in ("1" * 20_000, "1" * 20_000 + "e", " " * 20_000 + "1"):
+        assert _expand_scientific(text) == text  # not E-notation: left as written
+    assert time.perf_counter() - start < 0.5
+    assert [_expand_scientific(t) for t in ("1e-05", " 1.5E3 ", ".5e1", "5.e2", "-2e0")] == ["0.00001", "1500", "5",
+                                                                                          "500", "-2"]
+
+
 @pytest.mark.parametrize("think", ["x² + y² = z²", "so 3² = 9", "half is ½", "x₁ plus x₂", "step ① done",
                                    "ＡＢＣ is the name", "let 𝑥 be ５"])
 def test_numbers_of_any_kind_are_not_words(think):
