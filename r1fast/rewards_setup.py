@@ -44,8 +44,8 @@ class Scorer:
         ``language`` column, malformed ``tests``), before any training. ``tests`` are checked whenever a
         sample has them, code reward or not: ``check`` grades such a sample by them."""
         try:
+            check_tests(samples)  # first: a malformed tests list is the line's own error, whatever the rewards
             self.combined.check_metas(samples)
-            check_tests(samples)
         except ValueError as exc:
             raise DataError(f"data: {exc}") from None
 

@@ -118,3 +118,13 @@ def test_require_answer_tag_reaches_rejection_sampling():
     assert config_score(load_config(None, args, schema=RejectionConfig))([meta], [DISTILL])[0]["accuracy"] == 0.0
     cfg = load_config(None, [*args, "--require_answer_tag", "false"], schema=RejectionConfig)
     assert config_score(cfg)([meta], [DISTILL])[0]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["accuracy", "math_accuracy", "length_cosine"])
+def test_a_sample_without_an_answer_fails_at_load_under_an_answer_reward(name):
+    """A code line (tests, no answer) under the default weights {accuracy, format} raised KeyError('answer') on every
+    sample of every step (logged, scored 0), so such a run trained on the format reward alone, with no error."""
+    code_line = {"id": "c", "prompt": "echo", "tests": [{"input": "1\n", "output": "1"}]}
+    with pytest.raises(DataError, match=f"sample 'c': reward '{name}': .*'answer'"):
+        build_scorer(_config(**{name: 1.0})).check_samples([{"id": "m", "prompt": "1+1", "answer": "2"}, code_line])
+    build_scorer(_config(code=1.0)).check_samples([code_line])

@@ -16,7 +16,7 @@ from .math_verify_pool import STATS, MathVerifier, default_verifier
 
 __all__ = [
     "STATS", "SkipSample", "MathVerifier", "math_accuracy_reward", "task_accuracy_reward", "accuracy_reward",
-    "default_verifier", "math_accuracy_batch", "accuracy_batch",
+    "default_verifier", "math_accuracy_batch", "accuracy_batch", "check_answer_meta",
 ]
 
 
@@ -86,3 +86,15 @@ def accuracy_reward(prompt: str, completion: str, meta: dict, *, require_answer_
 
 
 accuracy_reward.batch = accuracy_batch
+
+
+def check_answer_meta(meta: dict) -> None:
+    """A sample must carry the ``answer`` these rewards compare: a code line (``tests``, no answer) raised
+    KeyError('answer') at every step instead, scored 0 while the run went on training on the other rewards."""
+    if "answer" not in meta:
+        hint = " (a code task, with 'tests': use the reward 'code')" if "tests" in meta else ""
+        raise ValueError(f"no 'answer' to grade{hint}")
+
+
+# checked on every sample when the data loads (``CombinedReward.check_metas``)
+accuracy_reward.check_meta = math_accuracy_reward.check_meta = check_answer_meta

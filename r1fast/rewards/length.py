@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from .accuracy import accuracy_reward
+from .accuracy import accuracy_reward, check_answer_meta
 
 __all__ = ["cosine_length_reward", "repetition_penalty"]
 
@@ -72,6 +72,12 @@ def _check_repetition(*, ngram_size=3, max_penalty=-1.0, unit="word") -> None:
         raise ValueError(f"unit: expected 'word' or 'char', got {unit!r}")
 
 
+def _check_cosine_meta(meta: dict) -> None:
+    if not isinstance(meta.get("_correct"), bool):  # correctness is graded from the answer
+        check_answer_meta(meta)
+
+
 # the registry checks parameters when a run is configured, not at the first scored sample
 cosine_length_reward.check_params = _check_cosine
+cosine_length_reward.check_meta = _check_cosine_meta
 repetition_penalty.check_params = _check_repetition
