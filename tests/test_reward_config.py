@@ -128,3 +128,12 @@ def test_a_sample_without_an_answer_fails_at_load_under_an_answer_reward(name):
     with pytest.raises(DataError, match=f"sample 'c': reward '{name}': .*'answer'"):
         build_scorer(_config(**{name: 1.0})).check_samples([{"id": "m", "prompt": "1+1", "answer": "2"}, code_line])
     build_scorer(_config(code=1.0)).check_samples([code_line])
+
+
+def test_a_sample_task_accuracy_cannot_grade_fails_at_load():
+    """task_accuracy (exact match only) on a math line raised "task 'math' is not a generated task" on every sample
+    of every step, scored 0, instead of failing when the data loaded."""
+    math_line = {"id": "m", "prompt": "1+1", "answer": "2", "task": "math"}
+    with pytest.raises(DataError, match="sample 'm': reward 'task_accuracy': .*not a generated task"):
+        build_scorer(_config(task_accuracy=1.0)).check_samples([math_line])
+    build_scorer(_config(task_accuracy=1.0)).check_samples([{**math_line, "task": "addition"}])

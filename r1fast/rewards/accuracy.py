@@ -96,5 +96,14 @@ def check_answer_meta(meta: dict) -> None:
         raise ValueError(f"no 'answer' to grade{hint}")
 
 
+def _check_task_meta(meta: dict) -> None:
+    """task_accuracy grades generated tasks only: any other line raised at every step."""
+    if meta.get("task") not in TASKS:
+        raise ValueError(f"task {meta.get('task')!r} is not a generated task (known: {sorted(TASKS)}); "
+                         "use the reward 'accuracy' (math-verify for the others)")
+    check_answer_meta(meta)
+
+
 # checked on every sample when the data loads (``CombinedReward.check_metas``)
 accuracy_reward.check_meta = math_accuracy_reward.check_meta = check_answer_meta
+task_accuracy_reward.check_meta = _check_task_meta
