@@ -80,3 +80,16 @@ def test_a_worker_that_dies_does_not_blacklist_a_valid_gold(monkeypatch):
         verifier.close()
     after = _counts()
     assert after["gold_timeout"] == before["gold_timeout"] and after["gold_unparsable"] == before["gold_unparsable"]
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
+    """A worker that exits before "ready" (math_verify or r1fast not importable by the child interpreter) made every
+    math answer score 0 with no error, and the load-time gold check passed: the run trained on format alone."""
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", "import a_module_that_does_not_exist"])
+    verifier = MathVerifier(num_workers=1, timeout_s=30.0)
+    try:
+        with pytest.raises(RuntimeError, match="math-verify worker exited .* start-up"):
+            verifier.check(["5"], ["5"])
+        assert verifier._golds == {}  # nothing is remembered about the gold
+    finally:
+        verifier.close()

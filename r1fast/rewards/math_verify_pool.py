@@ -185,13 +185,17 @@ class _Worker:
         """``{"gold_ok"}`` from the worker, with ``"correct"`` when the gold parsed; ``on_gold(gold_ok)`` is
         called as soon as the gold is parsed. When the worker does not answer in time it is killed and the
         result is ``{"timeout": stage}``: "start" (sending, interpreter, imports: ``startup_timeout_s``),
-        "gold" or "pred" (the answer: ``timeout_s``, counted from the worker's "ready")."""
+        "gold" or "pred" (the answer: ``timeout_s``, counted from the worker's "ready"). A worker that exits before
+        it is ready raises RuntimeError (a broken environment, not a wrong answer)."""
         stage = "start"
         try:
             self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
             self.proc.stdin.flush()
             if not self.ready:
                 if self._read_line(time.monotonic() + startup_timeout_s) is None:
+                    if self.died:  # not slow but broken: every math answer would score 0 without an error
+                        raise RuntimeError(f"math-verify worker exited (code {self.proc.returncode}) during start-up: "
+                                           f"can {self.command[0]} import math_verify and r1fast?")
                     return {"timeout": stage}
                 self.ready = True
             # The worker may have begun parsing a moment before "ready" reached us: the gold gets at least
