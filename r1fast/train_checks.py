@@ -67,7 +67,13 @@ def check_golds(scorer, samples: list[dict], task: str) -> None:
     """DataError on every rank when math-verify can parse no gold answer of the training ``samples``
     (``Scorer.unparsable_golds``): rank 0 decides (one pool's work, not one per rank) and broadcasts, so no rank
     is left waiting in a collective for one that raised alone."""
-    reason = D.broadcast_object(scorer.unparsable_golds(samples) if D.rank() == 0 else None)
+    reason = None
+    if D.rank() == 0:
+        try:
+            reason = scorer.unparsable_golds(samples)
+        except RuntimeError as exc:  # the math-verify worker cannot start: raised on every rank, not rank 0 alone
+            reason = str(exc)
+    reason = D.broadcast_object(reason)
     if reason is not None:
         raise DataError(f"data.task={task!r}: {reason}")
 

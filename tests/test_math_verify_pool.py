@@ -93,3 +93,16 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
         assert verifier._golds == {}  # nothing is remembered about the gold
     finally:
         verifier.close()
+    # at load, on every rank (rank 0 alone raising left the others waiting in its broadcast): a DataError
+    from r1fast.config import Config
+    from r1fast.config_io import DataError
+    from r1fast.rewards import math_verify_pool
+    from r1fast.rewards_setup import build_scorer
+    from r1fast.train_checks import check_golds
+
+    monkeypatch.setattr(math_verify_pool, "_DEFAULT", MathVerifier(num_workers=1))
+    try:
+        with pytest.raises(DataError, match="math-verify worker exited"):
+            check_golds(build_scorer(Config()), [{"prompt": "1+1", "answer": "2"}], "f.jsonl")
+    finally:
+        math_verify_pool._DEFAULT.close()
