@@ -2,7 +2,7 @@
 
 ``meta["tests"]`` is a list (or a JSON string of a list) of ``{"input": str, "output": str}``. The
 program reads the input on stdin; its stdout is compared in the parent with the expected output
-after trimming trailing whitespace on each line and trailing blank lines. A test passes only when
+after trimming trailing whitespace on each line and leading and trailing blank lines. A test passes only when
 the program exits 0, in time, under the output cap, *and* prints the expected text; so a program
 that only calls ``exit(0)`` or prints nothing fails (a test with an empty expected output is refused
 as malformed, since it could not tell such a program from a correct one).
