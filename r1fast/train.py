@@ -312,7 +312,8 @@ class Trainer:
             # optimizer.step()" warning when that was the first RL step
             self.scheduler.step()
         times["time_train_s"] = time.perf_counter() - t1
-        gen_tokens = D.all_reduce_sum(torch.tensor([float(batch.generated_tokens)])).item()
+        # fp64: an fp32 count is exact only to 2**24 = 16.7M tokens per step
+        gen_tokens = D.all_reduce_sum(torch.tensor([float(batch.generated_tokens)], dtype=torch.float64)).item()
         times["generated_tokens_per_s"] = gen_tokens / max(times["time_rollout_s"], 1e-9)
         return {**batch.metrics, **metrics, **times, "lr": lr}
 
