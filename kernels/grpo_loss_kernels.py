@@ -21,7 +21,7 @@ import torch
 
 from .dispatch import use_triton
 from .launch_math import next_power_of_2
-from .ref_grpo_loss import grpo_objective
+from .ref_grpo_loss import compute_dtype, grpo_objective
 
 # ----------------------------------------------------------------------------------------------
 # launchers
@@ -111,7 +111,7 @@ def dlogits_inplace(logits, bias, ids, lse, coef, inv_temperature, out=None):
     if out.shape != logits.shape:
         raise ValueError(f"out must be shaped like logits {tuple(logits.shape)}, got {tuple(out.shape)}")
     if not use_triton(logits.device):
-        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        cd = compute_dtype(logits.dtype)
         z = _scaled_logits_torch(logits, bias, inv_temperature, cd)
         lse_hi = lse.to(cd)  # lse = hi + lo, as in the kernel (lo = 0 unless lse is finer than cd)
         lse_lo = (lse - lse_hi.to(lse.dtype)).to(cd)

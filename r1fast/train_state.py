@@ -213,9 +213,11 @@ def save_checkpoint(run_dir: str, step: int, root: torch.nn.Module, model, optim
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if D.rank() == 0:
-        remove_tree(tmp, ignore_errors=True)  # a symlink here made makedirs fail: unlinked
-        if os.path.isdir(os.path.dirname(tmp)):  # and before writing: a full disk's partial save of another step
-            _clear_trash(os.path.dirname(tmp))  # held its space while this one was written
+        # before writing: a kill's or a full disk's leftovers (another step's partial save held its space while
+        # this one was written), this step's own step_<N>.tmp among them (a symlink there made makedirs fail:
+        # unlinked)
+        if os.path.isdir(os.path.dirname(tmp)):
+            _clear_trash(os.path.dirname(tmp))
         os.makedirs(tmp)
     D.barrier()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -77,11 +77,8 @@ def validate(args, capacity_tokens: int, capacity: str, prompts, n, max_new_toke
 
     ``args``: the model's ModelArgs; ``capacity_tokens``: the KV cache's size, described by ``capacity``."""
     vocab = args.vocab_size
-    n_int, new_tokens, k = as_int(n), as_int(max_new_tokens), as_int(top_k)
-    if n_int is None or n_int < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if new_tokens is None or new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    n_int, new_tokens = positive_int(n, "n"), positive_int(max_new_tokens, "max_new_tokens")
+    k = as_int(top_k)
     if not (is_real(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf)):
         raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller "
                          f"ones overflow logits / temperature), got {temperature!r}")
