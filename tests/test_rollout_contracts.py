@@ -170,3 +170,13 @@ def test_one_element_tensors_are_lists_not_ids(engine):
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.generate([[1, 2]], max_new_tokens=2, stop_token_ids=[torch.tensor([3])])
     assert engine.stats()["blocks_used"] == 0
+
+
+def test_huge_max_num_seqs_builds_only_the_rows_a_step_can_run():
+    """Engine(max_num_seqs=10**9) built a 1e9-entry free list and a [1e9, 16] int32 table (64 GB); a step's
+    token budget bounds the running sequences, so the table has min(max_num_seqs, max_batch_tokens) rows."""
+    engine = Engine(tiny_model(), num_blocks=64, max_batch_tokens=6, max_num_seqs=10**9)
+    assert engine.max_num_seqs == 10**9 and engine.block_table.num_rows == 6
+    out = engine.generate([[1, 2, 3]] * 4, n=3, max_new_tokens=5, temperature=1.0, seed=0)
+    assert [len(c.token_ids) for group in out for c in group] == [5] * 12
+    assert engine.stats()["blocks_used"] == 0

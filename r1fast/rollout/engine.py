@@ -97,8 +97,12 @@ class Engine:
         else:
             num_blocks = arguments.positive_int(num_blocks, "num_blocks", "a positive int or None")
         self._build_cache(num_blocks)
-        # independent of the cache (a cast rebuilds only that); every generate resets the table before use
-        self.block_table = BlockTable(max_num_seqs, self.device)
+        # independent of the cache (a cast rebuilds only that); every generate resets the table before use.
+        # Every running sequence takes >= 1 token of a step's budget, so no more than max_batch_tokens ever
+        # run at once: rows past that would never be used (max_num_seqs=10**9 built a 1e9-entry free list
+        # and a 64 GB table before this cap)
+        self._table_rows = min(max_num_seqs, max_batch_tokens)
+        self.block_table = BlockTable(self._table_rows, self.device)
         self.staging = HostStaging(self.device)
         self._stats = {"preemptions": 0, "generated_tokens": 0, "generate_seconds": 0.0, "steps": 0,
                        "max_blocks_used": 0, "max_blocks_shared": 0, "last_tokens_per_s": 0.0}
@@ -182,7 +186,7 @@ class Engine:
         # every row holds at most the blocks of its longest prompt + max_new_tokens
         self.block_table.reset(self.cache.blocks_for(max(len(p) for p in prompts) + params.max_new_tokens))
         scheduler = Scheduler(self.cache.allocator, block_size=self.block_size,
-                              max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
+                              max_batch_tokens=self.max_batch_tokens, max_num_seqs=self._table_rows,
                               block_table=self.block_table)
         outputs: list[list[Sequence]] = []
         arrival = 0
