@@ -180,3 +180,22 @@ def test_huge_max_num_seqs_builds_only_the_rows_a_step_can_run():
     out = engine.generate([[1, 2, 3]] * 4, n=3, max_new_tokens=5, temperature=1.0, seed=0)
     assert [len(c.token_ids) for group in out for c in group] == [5] * 12
     assert engine.stats()["blocks_used"] == 0
+
+
+def test_a_failed_generate_counts_its_tokens_and_time_as_it_counts_its_steps():
+    """stats() counted the steps of a call that raised mid-generation but not its tokens or seconds."""
+    engine = Engine(tiny_model(), num_blocks=64)
+    real, calls = engine._step, []
+
+    def failing_step(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(real(*args))
+        return calls[-1]
+
+    engine._step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[1, 2, 3]] * 2, max_new_tokens=8, temperature=0)
+    stats = engine.stats()
+    assert stats["steps"] == 3 and stats["generated_tokens"] == sum(calls) == 6
+    assert stats["generate_seconds"] > 0 and stats["blocks_used"] == 0

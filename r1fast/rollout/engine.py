@@ -213,6 +213,7 @@ class Engine:
             self.graphs.check_weights()
         start = time.perf_counter()
         generated = 0
+        finished = False
         try:
             while scheduler.has_work:
                 chunks = scheduler.schedule()
@@ -222,18 +223,20 @@ class Engine:
                 generated += self._step(scheduler, chunks, params)
                 self._record_peaks()  # a prefix job that finished in the step has shared its blocks
                 self._stats["steps"] += 1
+            finished = True
         finally:
             # The allocator outlives this call: an exception mid-step (Ctrl-C, OOM, non-finite logits) must
             # not leave its sequences' blocks allocated, or every later call finds the cache full.
             # After a normal return every sequence has already released its blocks (a no-op here).
             scheduler.abort()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        self._stats["preemptions"] += scheduler.num_preemptions
-        self._stats["generated_tokens"] += generated
-        self._stats["generate_seconds"] += seconds
-        self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
+            if finished and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # not after a failure: a CUDA error would replace it
+            # a failed call's tokens and time count too, as its steps do (they counted steps alone)
+            seconds = time.perf_counter() - start
+            self._stats["preemptions"] += scheduler.num_preemptions
+            self._stats["generated_tokens"] += generated
+            self._stats["generate_seconds"] += seconds
+            self._stats["last_tokens_per_s"] = generated / seconds if seconds else 0.0
         return [[Completion(s.generated, s.logprobs, s.finish_reason) for s in group] for group in outputs]
 
     def _record_peaks(self) -> None:
