@@ -199,3 +199,28 @@ def test_a_failed_generate_counts_its_tokens_and_time_as_it_counts_its_steps():
     stats = engine.stats()
     assert stats["steps"] == 3 and stats["generated_tokens"] == sum(calls) == 6
     assert stats["generate_seconds"] > 0 and stats["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("where", ["allocate", "release"])
+def test_an_interrupt_inside_the_allocator_leaks_no_block(where):
+    """A KeyboardInterrupt between a block's allocation and its recording leaked the block for good, and one
+    at the start of a finished sequence's release leaked all its blocks (it had left the running queue)."""
+    engine = Engine(tiny_model(), num_blocks=32, block_size=8)
+    alloc = engine.cache.allocator
+    real, calls = getattr(alloc, where), []
+
+    def interrupted(*block):
+        calls.append(block)
+        if where == "allocate":
+            block = real()  # taken from the free list, interrupted before the caller records it
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*block) if where == "release" else block
+
+    setattr(alloc, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[1, 2, 3] * 5] * 3, n=2, max_new_tokens=12, temperature=0)
+    delattr(alloc, where)
+    assert engine.stats()["blocks_used"] == 0 and alloc.num_free == 32 and alloc.num_shared == 0
+    out = engine.generate([[1, 2, 3]] * 2, max_new_tokens=20, temperature=0)
+    assert [len(c[0].token_ids) for c in out] == [20, 20]

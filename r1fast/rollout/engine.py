@@ -227,8 +227,9 @@ class Engine:
         finally:
             # The allocator outlives this call: an exception mid-step (Ctrl-C, OOM, non-finite logits) must
             # not leave its sequences' blocks allocated, or every later call finds the cache full.
-            # After a normal return every sequence has already released its blocks (a no-op here).
-            scheduler.abort()
+            # After a normal return every sequence has already released its blocks.
+            if not finished:
+                scheduler.abort()
             if finished and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # not after a failure: a CUDA error would replace it
             # a failed call's tokens and time count too, as its steps do (they counted steps alone)

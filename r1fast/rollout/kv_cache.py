@@ -33,9 +33,13 @@ class BlockAllocator:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._refcount = [0] * num_blocks
+        self.reset()
+
+    def reset(self) -> None:
+        """Free every block: no references, nothing shared."""
+        self._refcount = [0] * self.num_blocks
         # LIFO free list: recently freed blocks are reused first (warm in L2)
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(self.num_blocks - 1, -1, -1))
         self._num_shared = 0
 
     @property

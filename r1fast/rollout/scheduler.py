@@ -209,17 +209,19 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
 
     def abort(self) -> None:
-        """Release the blocks of every running and waiting sequence and empty both queues.
+        """Drop every running and waiting sequence and free every block of the allocator (a failed call).
 
-        The allocator belongs to the engine and outlives this scheduler: after an exception mid-generation
-        the sequences still holding blocks (running ones, waiting samples holding a share of their group's
-        prompt blocks, preempted ones mid-admission) would otherwise keep them forever.
+        The allocator belongs to the engine and outlives this scheduler, and between generate calls no
+        sequence holds a block, so freeing all of them is exact. Releasing each sequence's blocks instead
+        leaked a block that an interrupt caught between its allocation and its recording, and raised
+        "double free" (hiding the original exception) for one caught inside a release.
         """
         for seq in self.running + self.waiting:
-            if seq.blocks:
-                self._release(seq)
+            seq.blocks = []
+            seq.num_shared_blocks = 0
         self.running.clear()
         self.waiting.clear()
+        self.allocator.reset()
 
     # -- after the step --------------------------------------------------------------------------
     def advance(self, chunk: Chunk) -> None:
