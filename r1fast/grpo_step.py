@@ -106,7 +106,8 @@ def build_rollout_batch(cfg: Config, tokenizer, scorer, samples: list[dict], pro
                            "kept_fraction": [float(k) for k in keep],
                            "truncated_fraction": [float(c.finish_reason == "length") for _, _, c in flat]},
                           # global counts, as every other rollout metric (rank 0's own were logged before)
-                          {"reward_skipped": sum(graded.skipped), "reward_errors": sum(graded.errors.values())})
+                          {"reward_skipped": sum(graded.skipped), "reward_errors": sum(graded.errors.values()),
+                           "reward_verify_failures": graded.verify_failures})
     longest = torch.tensor([float(lengths.max()) if lengths.numel() else 0.0], dtype=torch.float64)
     D.all_reduce_max(longest)
     reward_std = math.sqrt(max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0))

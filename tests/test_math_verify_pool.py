@@ -82,6 +82,37 @@ def test_a_worker_that_dies_does_not_blacklist_a_valid_gold(monkeypatch):
     assert after["gold_timeout"] == before["gold_timeout"] and after["gold_unparsable"] == before["gold_unparsable"]
 
 
+def test_a_request_whose_worker_died_is_repeated_once_on_a_fresh_worker(monkeypatch, tmp_path):
+    """A worker killed mid-request (the OOM killer picks the largest process, not the culprit) scored a correct
+    answer 0; the request is now repeated once, and only an answer whose worker dies twice scores 0."""
+    marker = str(tmp_path / "died-once")
+    dies_once = (f"import os, sys\nif not os.path.exists({marker!r}):\n    open({marker!r}, 'w').close()\n"
+                 f"    {_DYING_WORKER.replace('; ', chr(10) + '    ')}\n{_Worker.command[2]}")
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", dies_once])
+    verifier = MathVerifier(num_workers=1, timeout_s=30.0)
+    before = STATS["worker_died_retries"]
+    try:
+        assert verifier.check(["3", "4"], ["3", "5"]) == [True, False]
+    finally:
+        verifier.close()
+    assert STATS["worker_died_retries"] == before + 1
+
+
+def test_answers_the_verifier_failed_on_are_counted_in_the_reward_batch(monkeypatch):
+    """An answer whose worker died twice (or whose check overran) scored 0 like a wrong one, and nothing in the
+    logged metrics told a slow or failing verifier from a model that answers wrong."""
+    from r1fast.rewards import accuracy, combine
+
+    monkeypatch.setattr(_Worker, "command", [sys.executable, "-c", _DYING_WORKER])
+    verifier = MathVerifier(num_workers=1, timeout_s=30.0)
+    monkeypatch.setattr(accuracy, "default_verifier", lambda: verifier)
+    try:
+        graded = combine({"math_accuracy": 1.0}).score(["p"] * 2, ["<answer>3</answer>"] * 2, [{"answer": "3"}] * 2)
+    finally:
+        verifier.close()
+    assert graded.total == [0.0, 0.0] and graded.verify_failures == 2 and not any(graded.skipped)
+
+
 def test_a_worker_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
     """A worker that exits before "ready" (math_verify or r1fast not importable by the child interpreter) made every
     math answer score 0 with no error, and the load-time gold check passed: the run trained on format alone."""

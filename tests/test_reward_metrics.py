@@ -58,7 +58,8 @@ def test_skipped_and_error_counts_are_global_like_the_means(monkeypatch):
 
     class _ErroringScorer(_ScriptedScorer):
         def score(self, prompts, texts, metas):
-            return RewardBatch(**{**vars(super().score(prompts, texts, metas)), "errors": {"accuracy": 1}})
+            return RewardBatch(**{**vars(super().score(prompts, texts, metas)), "errors": {"accuracy": 1},
+                                  "verify_failures": 3})
 
     cfg = load_config(None, ["--grpo.samples_per_prompt", "4", "--grpo.prompts_per_step", "2"])
     comps = [[Completion([1] * 5, [-0.1] * 5, "stop") for _ in range(4)] for _ in range(2)]
@@ -66,8 +67,8 @@ def test_skipped_and_error_counts_are_global_like_the_means(monkeypatch):
     alone = build_rollout_batch(*args).metrics
     monkeypatch.setattr(D, "all_reduce_sum", lambda t: t.mul_(2))
     two = build_rollout_batch(*args).metrics
-    assert (alone["reward_skipped"], alone["reward_errors"]) == (1, 1)
-    assert (two["reward_skipped"], two["reward_errors"]) == (2, 2)
+    assert (alone["reward_skipped"], alone["reward_errors"], alone["reward_verify_failures"]) == (1, 1, 3)
+    assert (two["reward_skipped"], two["reward_errors"], two["reward_verify_failures"]) == (2, 2, 6)
     assert two["reward_mean"] == pytest.approx(alone["reward_mean"])
 
 

@@ -118,12 +118,15 @@ class RewardBatch:
     """Scores of one batch. ``total[i]`` is the weighted sum (0 for a skipped sample);
     ``per_reward[name][i]`` the raw score (NaN when skipped); ``errors[name]`` the number of samples on
     which that reward raised (``errors["total"]``: samples whose weighted sum overflowed, scored 0);
-    ``skipped[i]`` True when some reward could not grade sample i."""
+    ``skipped[i]`` True when some reward could not grade sample i; ``verify_failures`` the math answers
+    scored 0 because math-verify overran its timeout on them or its worker died twice (wrong answers to
+    the loss, but a count that rises says the verifier is too slow or failing, not the model)."""
 
     total: list[float]
     per_reward: dict[str, list[float]]
     skipped: list[bool]
     errors: dict[str, int] = field(default_factory=dict)
+    verify_failures: int = 0
 
     @property
     def num_skipped(self) -> int:
@@ -154,6 +157,7 @@ class CombinedReward:
         if len(prompts) != n or len(metas) != n:
             raise ValueError(f"prompts/metas: expected {n} items to match completions, got {len(prompts)}/{len(metas)}")
         per_reward, errors, skipped = {}, {}, [False] * n
+        verify_failures = STATS["verify_timeout"] + STATS["verify_died"]
         for name, reward in self.rewards.items():
             before = self.error_counts[name]
             scores = reward.score_batch(prompts, completions, metas, self._on_error(name, completions, metas))
@@ -167,7 +171,9 @@ class CombinedReward:
                 errors["total"] = errors.get("total", 0) + 1
                 logger.warning("the weighted reward total of sample %r is %r (scored 0)", _sample_id(metas, i), value)
                 total[i] = 0.0
-        return RewardBatch(total=total, per_reward=per_reward, skipped=skipped, errors=errors)
+        verify_failures = STATS["verify_timeout"] + STATS["verify_died"] - verify_failures
+        return RewardBatch(total=total, per_reward=per_reward, skipped=skipped, errors=errors,
+                           verify_failures=verify_failures)
 
     def check_metas(self, metas: list[dict]) -> None:
         """ValueError naming the first sample whose metadata a reward cannot use (a reward's ``check_meta``),

@@ -4,9 +4,9 @@ Parsing runs in a small pool of worker *processes* started with ``subprocess`` (
 JSON line per request. Why not ``multiprocessing``: fork from a trainer with live torch/gloo threads
 can deadlock the child, and spawn/forkserver re-import the ``__main__`` module (the training script).
 Each request has a wall-clock timeout; a worker that overruns it (sympy can take minutes on
-adversarial LaTeX) is killed and replaced, and the sample scores 0. So is one that dies mid-request (a
-crash, the OOM killer), which is no overrun and never blames the gold; one found dead while idle is
-replaced before use. A gold whose own parse (with a check against a trivial answer) overruns it is
+adversarial LaTeX) is killed and replaced, and the sample scores 0. One that dies mid-request (a crash,
+the OOM killer) is no overrun and never blames the gold: the request is repeated once on a fresh worker,
+and the sample scores 0 only when that one dies too; one found dead while idle is replaced before use. A gold whose own parse (with a check against a trivial answer) overruns it is
 unparsable instead: the sample is skipped, like every later one with that gold, which is remembered so no sample pays the timeout for it again. A worker's
 start-up (interpreter, imports, a warm-up parse) has its own budget, ``startup_timeout_s``: the
 request's timeout starts when the worker says it is ready, so a slow start never blacklists a gold.
@@ -33,7 +33,9 @@ from decimal import Decimal
 __all__ = ["STATS", "MathVerifier", "default_verifier"]
 
 # "gold_unparsable" (skipped samples), "gold_timeout" (golds whose parse overran), "verify_timeout"
-# (answers that overran, and workers that did not start within startup_timeout_s), "worker_restarts"
+# (answers that overran, and workers that did not start within startup_timeout_s), "worker_restarts",
+# "worker_died_retries" (requests repeated on a fresh worker after theirs died), "verify_died" (answers
+# scored 0 because the retry's worker died too)
 STATS: Counter = Counter()
 
 
@@ -292,11 +294,12 @@ class MathVerifier:
                 self._golds[gold] = ok
         state.set()
 
-    def _check_one(self, gold: str, pred: str) -> bool | None:
+    def _request(self, gold: str, pred: str) -> dict:
+        """One request on an idle worker (replaced when found dead or left dead): the worker's result, or
+        {"known_bad_gold": True} for a gold already found unparsable."""
         first = self._gold_known(gold)
         if first is False:
-            STATS["gold_unparsable"] += 1
-            return None
+            return {"known_bad_gold": True}
         settle = functools.partial(self._settle_gold, gold) if first is None else None
         worker = self._idle.get()
         if not worker.alive():  # it died while idle: its request would read as an overrun of this gold
@@ -315,11 +318,24 @@ class MathVerifier:
                 STATS["worker_restarts"] += 1
                 worker = _Worker()
             self._idle.put(worker)
+        return result
+
+    def _check_one(self, gold: str, pred: str) -> bool | None:
+        result = self._request(gold, pred)
+        if "died" in result:
+            # A death is rarely the answer's doing (the OOM killer picks the largest process, not the culprit):
+            # one retry on a fresh worker; an answer that kills its worker twice scores 0
+            STATS["worker_died_retries"] += 1
+            result = self._request(gold, pred)
+        if result.get("known_bad_gold"):
+            STATS["gold_unparsable"] += 1
+            return None
         if result.get("timeout") == "gold":
             STATS["gold_timeout"] += 1
             STATS["gold_unparsable"] += 1
             return None
-        if "died" in result:  # counted in worker_restarts; the sample scores 0
+        if "died" in result:  # twice
+            STATS["verify_died"] += 1
             return False
         if "timeout" in result:
             STATS["verify_timeout"] += 1
