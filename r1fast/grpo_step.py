@@ -210,7 +210,13 @@ def _train_on_batch(cfg: Config, root, ref_root, batch: RolloutBatch, clip_and_s
             optimizer.zero_grad(set_to_none=True)  # a non-finite loss: skip this update, keep the weights
             skipped += 1
         else:
-            grad_norms.append(clip_and_step())
+            norm = clip_and_step()  # the global norm: the same on every rank
+            # a finite loss with an overflowing backward: clip_and_step kept the weights, so this update is
+            # skipped too (uncounted, the schedule stepped and the run never aborted on it: grad_norm NaN forever)
+            if math.isfinite(norm):
+                grad_norms.append(norm)
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
     loss_sum, kl_sum, clip_sum, entropy_sum = flags[1:]
     n = g.updates_per_rollout

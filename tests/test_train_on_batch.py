@@ -136,3 +136,24 @@ def test_a_skipped_non_finite_update_leaves_no_gradient_behind(monkeypatch):
     _, _, want = _expected(inner, None, batch, packed, loss_type="dapo", beta=0.0, old_logps=old)
     for got, exp in zip(grads[0], want, strict=True):
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12)
+
+
+def test_an_update_whose_gradient_overflows_counts_as_skipped(monkeypatch):
+    """A finite loss whose backward overflows: clip_and_step keeps the weights (non-finite norm), and that update
+    was not counted, so the trainer stepped the LR schedule for it and never aborted (grad_norm NaN every step)."""
+    from r1fast.parallelize import clip_and_step
+    from r1fast.train import _updated
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    root, _, batch, _ = _setup(0.0)
+    first = next(root.parameters())
+    first.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # the loss itself stays finite
+    cfg = load_config(None, ["--grpo.micro_batch_size", "3", "--grpo.prompts_per_step", "1", "--grpo.samples_per_prompt",
+                             str(len(LENS)), "--grpo.beta", "0", "--grpo.loss_type", "dapo", "--grpo.updates_per_rollout",
+                             "2", "--rollout.temperature", str(TEMPERATURE), "--rollout.max_new_tokens", str(MAX_NEW)])
+    optimizer = torch.optim.AdamW(root.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in root.parameters()]
+    metrics = train_on_batch(cfg, root, None, batch, lambda: clip_and_step(root, optimizer, 1.0, False), optimizer, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, root.parameters(), strict=True))
+    assert metrics["skipped_nonfinite"] == 2 and metrics["grad_norm"] != metrics["grad_norm"]  # NaN: no update
+    assert not _updated(metrics, 2)  # so the trainer leaves the LR schedule where it was
