@@ -277,8 +277,8 @@ class Trainer:
                 self.loop_state["nonfinite_in_a_row"] = nonfinite
                 if nonfinite >= MAX_NONFINITE_IN_A_ROW:
                     self._save_checkpoint()
-                    raise RuntimeError(f"{nonfinite} non-finite losses in a row at step {self.step}; checkpoint "
-                                       f"written under {self.run_dir}/checkpoints")
+                    raise RuntimeError(f"{nonfinite} non-finite losses or gradients in a row at step {self.step}; "
+                                       f"checkpoint written under {self.run_dir}/checkpoints")
                 if self.stop.agreed(self.dist.device):
                     path = self._save_checkpoint()
                     if self.dist.is_main:

@@ -209,7 +209,7 @@ def test_the_non_finite_counter_survives_a_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.Trainer, "grpo_step", non_finite)
     assert train.run(tiny_config(tmp_path, *BASE, "--train.steps", "5"))["exit_status"] == 143
-    with pytest.raises(RuntimeError, match=r"^3 non-finite losses in a row at step 3"):
+    with pytest.raises(RuntimeError, match=r"^3 non-finite losses or gradients in a row at step 3"):
         train.run(tiny_config(tmp_path, *BASE, "--train.steps", "5", "--train.resume", "latest"))
 
 

@@ -236,7 +236,7 @@ def test_non_finite_losses_skip_then_abort_with_a_checkpoint(tmp_path, monkeypat
 
     original = trainer_cls.grpo_step
     monkeypatch.setattr(trainer_cls, "grpo_step", grab)
-    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+    with pytest.raises(RuntimeError, match="non-finite losses or gradients in a row"):
         train.run(cfg)
     records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r.get("phase") == "rl"]
