@@ -25,13 +25,13 @@ import torch
 
 from r1fast import distributed as D
 from r1fast.checkpoint import resolve_dtype
+from r1fast.cold_start import run_cold_start_sft
 from r1fast.config import Config, ConfigError, load_config, parse_cli
 from r1fast.config_checks import check_fp8_experts
 from r1fast.config_io import run_cli
 from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_datasets, build_model, build_tokenizer, encode_prompts
 from r1fast.evaluation import evaluate
-from r1fast.grpo import global_active_tokens
 from r1fast.grpo_step import RolloutBatch, build_rollout_batch, train_on_batch
 from r1fast.memory_budget import fp8_expert_copy_bytes, training_reserve_bytes
 from r1fast.metrics import MetricsLogger, read_metrics
@@ -45,9 +45,8 @@ from r1fast.parallelize import (
     release_one_rank_group,
     unsharded_for_rollout,
 )
-from r1fast.policy import PolicyHead, pack
+from r1fast.policy import PolicyHead
 from r1fast.progress import progress
-from r1fast.rewards.format import continue_open_think
 from r1fast.rewards_setup import build_scorer
 from r1fast.rollout import Engine
 from r1fast.run_dir import lock_beside, save_run_config, set_aside_earlier_run
@@ -164,48 +163,9 @@ class Trainer:
         return result
 
     def cold_start_sft(self, start: int = 0) -> bool:
-        """R1's cold start: supervised steps on worked solutions so the policy emits the template.
-
-        Runs SFT steps ``start`` .. ``train.sft_steps``. A SIGTERM (agreed by all ranks after a step) writes
-        a checkpoint that resumes here and returns False; True once every step ran."""
-        t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
-        for group in self.optimizer.param_groups:
-            group["lr"] = t.sft_lr
-        batch = t.sft_batch_size
-        eos = [self.tokenizer.eos_id]
-        with progress(t.sft_steps, "cold-start SFT", enabled=None if self.dist.is_main else False) as bar:
-            bar.advance(start)
-            for step in range(start, t.sft_steps):
-                idx = batch_indices(step, batch, len(self.sft_samples), t.seed)[rank::world]
-                samples = [self.sft_samples[i] for i in idx]
-                prompts = encode_prompts(self.tokenizer, samples, self.cfg.data.template)
-                targets = [self.tokenizer.encode(continue_open_think(s["solution"], self.score.prefix(s["prompt"]))) + eos
-                           for s in samples]  # a template that opens <think> gets no second one
-                packed = pack(prompts, targets, device=self.dist.device)
-                tokens = float(global_active_tokens(packed.mask))
-                loss = self.root(packed, mode="nll", normalizer=tokens / world)
-                loss.backward()
-                grad_norm = self._clip_and_step()
-                self.optimizer.zero_grad(set_to_none=True)
-                nll = D.all_reduce_sum(loss.detach().clone()).item() / world
-                bar.advance(nll=f"{nll:.3f}")
-                if (step + 1) % t.log_every == 0:
-                    self.logger.log(step, phase="sft", nll=nll, grad_norm=grad_norm, tokens=tokens)
-                if step + 1 < t.sft_steps and self.stop.agreed(self.dist.device):
-                    # torchrun kills the workers a grace period after SIGTERM: a long SFT must not run on
-                    self.loop_state["sft_step"] = step + 1
-                    path = self._save_checkpoint()
-                    if self.dist.is_main:
-                        print(f"r1fast.train: {self.stop.name} during the cold-start SFT: checkpoint written to "
-                              f"{path} (resumes at SFT step {step + 1}); exiting", file=sys.stderr)
-                    return False
-        self.loop_state.pop("sft_step", None)
-        for group in self.optimizer.param_groups:  # GRPO starts from its own schedule
-            group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](0)
-        # and from fresh AdamW moments, as a separate RL stage would: the SFT's moments moved the weights
-        # 8.8e-5 at lr 1e-4 on a first GRPO step whose gradient was exactly zero
-        self.optimizer.state.clear()
-        return True
+        """R1's cold start, SFT steps ``start`` .. ``train.sft_steps`` (``r1fast.cold_start``); False when a
+        SIGTERM wrote a checkpoint that resumes there, True once every step ran."""
+        return run_cold_start_sft(self, start, MAX_NONFINITE_IN_A_ROW)
 
     def _clip_and_step(self) -> float:
         return clip_and_step(self.root, self.optimizer, self.cfg.train.grad_clip,

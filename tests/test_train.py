@@ -247,6 +247,35 @@ def test_non_finite_losses_skip_then_abort_with_a_checkpoint(tmp_path, monkeypat
         assert torch.equal(saved["model." + k], v), k
 
 
+def test_non_finite_cold_start_sft_steps_skip_then_abort_with_a_checkpoint(tmp_path, monkeypatch):
+    """The cold start's NaN steps were skipped silently (the weights kept, nothing counted): a cold start of
+    NaN steps went on into GRPO with the untrained policy and exit status 0."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    from r1fast import train
+    from r1fast.policy import PolicyHead
+
+    real = PolicyHead.forward
+    weights_before = {}
+
+    def nan_nll(self, packed, *, mode="loss", **kwargs):
+        if mode == "nll" and not weights_before:
+            weights_before.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        out = real(self, packed, mode=mode, **kwargs)
+        return out * float("nan") if mode == "nll" else out
+
+    monkeypatch.setattr(PolicyHead, "forward", nan_nll)
+    cfg = tiny_config(tmp_path, "--train.steps", "2", "--train.sft_steps", "5", "--train.name", "nan_sft")
+    with pytest.raises(RuntimeError, match="3 non-finite losses or gradients in a row at cold-start SFT step 3"):
+        train.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "nan_sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_nonfinite") for r in records if r.get("phase") == "sft"] == [1, 1, 1]
+    assert not [r for r in records if r.get("phase") == "rl"]
+    saved = final_weights(tmp_path / "nan_sft")
+    assert len(saved) == len(weights_before)
+    for k, v in weights_before.items():
+        assert torch.equal(saved["model." + k], v), k
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_run_on_cuda(tmp_path, dtype):
