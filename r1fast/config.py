@@ -283,7 +283,8 @@ class TrainConfig:
     grad_clip: float = bounded(1.0, ge=0)
     """Clip the global gradient norm to this value (0 = off)."""
     warmup_steps: int = bounded(0, ge=0)
-    """Linear learning-rate warmup steps."""
+    """Linear learning-rate warmup, in GRPO steps that updated the weights (the updates_per_rollout updates of
+    one step share its rate; a step that skipped every update does not advance the schedule)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule after warmup."""
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)

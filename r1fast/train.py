@@ -267,9 +267,9 @@ class Trainer:
         metrics = train_on_batch(self.cfg, self.root, self.ref_root, batch, self._clip_and_step, self.optimizer,
                                  self.dist.world_size)
         if _updated(metrics, self.cfg.grpo.updates_per_rollout):
-            # the schedule counts optimizer updates, as torch's LambdaLR expects: a step without one (all groups
-            # dropped or skipped, non-finite losses) stepped it anyway, with torch's "lr_scheduler.step() before
-            # optimizer.step()" warning when that was the first RL step
+            # the schedule counts GRPO steps that updated the weights (its updates_per_rollout updates share one
+            # rate): a step without an update (all groups dropped or skipped, non-finite losses) stepped it anyway,
+            # with torch's "lr_scheduler.step() before optimizer.step()" warning when that was the first RL step
             self.scheduler.step()
         times["time_train_s"] = time.perf_counter() - t1
         # fp64: an fp32 count is exact only to 2**24 = 16.7M tokens per step
