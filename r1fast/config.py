@@ -174,7 +174,8 @@ class GRPOConfig:
     with beta = 0 the gradient would not change and that combination is refused. A step whose groups are all
     dropped takes no optimizer update."""
     overlong_filter: bool = False
-    """Mask out completions truncated at max_new_tokens from the loss."""
+    """Mask out completions truncated at max_new_tokens from the loss (DAPO). dapo/bnpo leave their tokens out of
+    the token normalizer; grpo/dr_grpo still count their rows in the per-sequence mean (B), as TRL does."""
     soft_overlong_penalty: bool = False
     """Penalize completions linearly over the last overlong_cache_len tokens before max_new_tokens (DAPO)."""
     overlong_cache_len: int = bounded(16, ge=1)
