@@ -285,6 +285,11 @@ class Trainer:
         with torch.no_grad():  # both sharded alike under FSDP2 (the reference reshards after forward)
             for p_ref, p in zip(self.ref_root.parameters(), self.root.parameters(), strict=True):
                 p_ref.copy_(p)
+        if self.fp8_cache is not None:
+            # FSDP2 gathers the new values without bumping the unsharded weights' versions, and after a step
+            # whose updates were all skipped no optimizer step invalidated the cache: the reference's FP8 copies
+            # were the pre-refresh weights
+            self.fp8_cache.invalidate()
 
     def _save_checkpoint(self) -> str:
         return save_checkpoint(self.run_dir, self.step, self.root, self.model, self.optimizer, self.scheduler,

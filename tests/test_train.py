@@ -94,6 +94,22 @@ def test_the_kl_reference_is_the_sft_policy_then_refreshed_every_ref_update_step
     assert kl[2] > 1e-5 and kl[4] > 1e-5, kl
 
 
+def test_refreshing_the_reference_invalidates_the_shared_fp8_weight_cache():
+    """The refresh copies shard to shard; FSDP2's next gather writes the new values into the reference's unsharded
+    weights without bumping their versions, and after a step whose updates were all skipped no optimizer step had
+    invalidated the cache since the reference's last forward: it ran on its pre-refresh FP8 copies."""
+    from types import SimpleNamespace
+
+    from r1fast.train import Trainer
+
+    invalidated = []
+    policy, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    trainer = SimpleNamespace(root=policy, ref_root=reference, fp8_cache=SimpleNamespace(
+        invalidate=lambda: invalidated.append(True)))
+    Trainer._refresh_reference(trainer)
+    assert invalidated == [True] and torch.equal(reference.weight, policy.weight)
+
+
 @pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path):
     # a KL reference refreshed every step (under FSDP2 its copy is shard to shard); the length reward differs
