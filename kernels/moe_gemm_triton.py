@@ -136,7 +136,9 @@ def _grouped_wgrad_kernel(
     # additions into acc differs (the tail before the inner tiles: after the loop, its operands' addresses
     # stayed live through the loop: 249-254 registers against 237-239, before B got its boundary mask).
     first = row_start // BLOCK_T
-    last = (row_end + BLOCK_T - 1) // BLOCK_T
+    # an expert with no tokens has no tiles: one starting inside a tile (unaligned layout) added that tile's
+    # all-masked product times its scales, NaN when another expert's NaN / inf had set them (0 x NaN)
+    last = tl.where(row_end > row_start, (row_end + BLOCK_T - 1) // BLOCK_T, first)
     inner_start = first
     inner_end = row_end // BLOCK_T  # tiles before it end at or before row_end
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)

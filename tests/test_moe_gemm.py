@@ -107,6 +107,30 @@ def test_wgrad_boundary_and_inner_tiles(aligned):
     assert_close_to_ref(out, ref, fp32, name="wgrad")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_wgrad_of_an_empty_expert_inside_a_non_finite_tile_is_zero(bad):
+    """Unaligned layout: expert 1 has no tokens and starts inside tile 0, whose column scales expert 0's NaN / inf
+    token made non-finite. It has no tile, so its gradient is zeros (kept under accumulate), as the reference's;
+    the kernel ran the tile's all-masked product times those scales: 0 x NaN, 128 x 128 NaNs."""
+    sizes = [10, 0, 50]
+    M, N, K = sum(sizes), 128, 128
+    group_sizes = torch.tensor(sizes, dtype=torch.int32)
+    dy = torch.randn(M, N)
+    dy[0, 3] = bad
+    dyt, dyts = fp8.quantize_fp8_128x1(dy)
+    xt, xts = fp8.quantize_fp8_128x1(torch.randn(M, K))
+    out = moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes)
+    ref = ref_fp8.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes)
+    assert torch.equal(ref[1], torch.zeros(N, K)) and torch.equal(out[1], ref[1])
+    # the experts that share the tile are poisoned, as in the reference (inf, not NaN, where the interpreter reads
+    # the NaN byte 0x7F as 480)
+    assert not out[0].isfinite().all() and not out[2].isfinite().all()
+    grad = torch.randn(len(sizes), N, K)
+    kept = grad[1].clone()
+    moe_gemm.fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, out=grad, accumulate=True)
+    assert torch.equal(grad[1], kept)
+
+
 def _nan_tail(t: torch.Tensor, extra: int = 128) -> torch.Tensor:
     """``t`` [R, M] fp8 as a view of storage whose every byte past column M is 0x7F (e4m3 NaN): the padding a
     caller's torch.empty buffer may hold, and a whole tile beyond it."""
