@@ -60,6 +60,8 @@ def _check_group_sizes(group_sizes, num_experts: int, total: int, validate: bool
     """``aligned``: ``total`` is the token length of the group-aligned layout (``fp8.aligned_tokens``)."""
     if not isinstance(group_sizes, torch.Tensor) or group_sizes.dtype not in (torch.int32, torch.int64):
         raise ValueError("group_sizes must be an int32/int64 tensor")
+    if num_experts < 0 and group_sizes.dim() != 1:  # the wgrad takes E from group_sizes: no E to name
+        raise ValueError(f"group_sizes must be 1-D [E] (one size per expert), got shape {tuple(group_sizes.shape)}")
     if tuple(group_sizes.shape) != (num_experts,):
         raise ValueError(f"group_sizes must have shape ({num_experts},) (one per expert), got {tuple(group_sizes.shape)}")
     if validate is None:  # default: check whenever it costs no graph break (reads the sizes on the host)

@@ -206,6 +206,10 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         call(xq, xs, wq, ws, gs.float())
     with pytest.raises(ValueError, match="^out must"):
         call(xq, xs, wq, ws, gs, out=torch.empty(8, 64))
+    at, ats = fp8.quantize_fp8_128x1(torch.randn(8, 128))
+    for bad in (gs[None], gs[0]):  # the wgrad reads E from group_sizes: it said "must have shape (-1,)"
+        with pytest.raises(ValueError, match=r"^group_sizes must be 1-D \[E\]"):
+            moe_gemm.fp8_grouped_gemm_wgrad(at, ats, at, ats, bad)
     x200q, x200s = fp8.quantize_fp8_1x128(torch.randn(8, 200))
     w200q, w200s = fp8.quantize_fp8_128x128(torch.randn(2, 64, 200))
     with pytest.raises(ValueError, match="^a: K = 200 is not a multiple of 128"):
