@@ -108,8 +108,10 @@ def _rows_cols_impl(x: torch.Tensor, emit_rows: bool, emit_cols: bool, power_of_
             # padding quantized as the kernel does (NaN bytes in a NaN column tile, else zeros), bit for bit
             M = x.shape[0]
             tokens = M if group_sizes is None else aligned_tokens(M, group_sizes.shape[0])
-            cols = x.new_zeros(cdiv(tokens, TILE) * TILE, x.shape[1])
+            # one spare row last, where the rows in no group (unvalidated sizes summing below M: position -1) go
+            cols = x.new_zeros(cdiv(tokens, TILE) * TILE + 1, x.shape[1])
             cols[slice(None, M) if group_sizes is None else group_aligned_rows(group_sizes, M)] = x
+            cols = cols[:-1]
             padded_qt, st = ref(cols.t(), power_of_two=power_of_two, amax_floor=amax_floor)
             qt = padded_qt[:, :tokens]  # the padded layout the op promises
         return q, s, qt, st

@@ -85,13 +85,19 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
 
 def group_aligned_rows(group_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
     """int64 [M]: the token position of each of x's M rows in the group-aligned 128x1 layout, where group e
-    starts at 128 * sum_{j<e} ceil(size_j / 128) (device ops only)."""
-    sizes = group_sizes.long()
+    starts at 128 * sum_{j<e} ceil(size_j / 128) (device ops only). Unvalidated sizes are read as the kernel reads
+    them: negative ones as 0, and rows past the sizes' sum (in no group) get -1."""
+    sizes = group_sizes.long().clamp(min=0)
     tiles = (sizes + TILE - 1) // TILE
-    shift = (tiles.cumsum(0) - tiles) * TILE - (sizes.cumsum(0) - sizes)  # aligned start - packed start
-    group_of_row = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes,
-                                           output_size=num_rows)
-    return torch.arange(num_rows, device=sizes.device) + shift[group_of_row]
+    ends = sizes.cumsum(0)
+    shift = (tiles.cumsum(0) - tiles) * TILE - (ends - sizes)  # aligned start - packed start
+    rows = torch.arange(num_rows, device=sizes.device)
+    if sizes.numel() == 0:  # no group: every row is in none
+        return rows - rows - 1
+    # searchsorted, not repeat_interleave(output_size=M): that raised RuntimeError on sizes not summing to M
+    group_of_row = torch.searchsorted(ends, rows, right=True)
+    in_group = group_of_row < sizes.numel()
+    return torch.where(in_group, rows + shift[group_of_row.clamp(max=sizes.numel() - 1)], -1)
 
 
 def _aligned_offsets(group_sizes: torch.Tensor) -> list[int]:

@@ -195,3 +195,16 @@ def test_128x128_blocks_below_the_floor_get_the_floor_scale(monkeypatch, kernels
     # a value of 1e-6 at scale 1e-4/448 is 4.48 -> E4M3 4.5 (spacing 0.5 in [4, 8))
     assert torch.all(q[:128, 128:].float().abs() == 4.5)
     assert torch.all(q[:128, :128].float() == 0.0)
+
+
+@pytest.mark.parametrize("sizes", [[100, 100], [200, 200], [-5, 305], [7, -3, 50, 400], [0, 0], []])
+def test_unvalidated_group_sizes_read_alike_on_the_reference(monkeypatch, sizes):
+    """validate=False: the docstring's reading of sizes that do not sum to M (negative ones count as 0, rows past
+    the sum are not quantized) holds on the CPU fallback too, byte for byte with the kernel. The reference raised
+    RuntimeError ("allocated size does not match required size", "repeats can not be negative") on every one."""
+    x = _wide_range((300, 200), torch.float32)
+    groups = torch.tensor(sizes, dtype=torch.int32)
+    got = fp8.quantize_fp8_128x1(x, group_sizes=groups, validate=False)
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    want = fp8.quantize_fp8_128x1(x, group_sizes=groups, validate=False)
+    assert _same_bytes(got[0], want[0]) == 0 and torch.equal(got[1], want[1])
