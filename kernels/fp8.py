@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import check_same_device, use_triton
 from .launch_math import cdiv, next_power_of_2
 from .registration import host_checks_enabled, register_op
 
@@ -197,7 +197,7 @@ def quantize_fp8_1x128(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
     return q, s
 
 
-def _check_groups(group_sizes, num_rows: int, validate: bool | None):
+def _check_groups(group_sizes, x: torch.Tensor, validate: bool | None):
     """``group_sizes`` of the 128x1 tilings: None, or an int32/int64 [E] tensor on x's device summing to M."""
     if group_sizes is None:
         return None
@@ -206,6 +206,9 @@ def _check_groups(group_sizes, num_rows: int, validate: bool | None):
         raise ValueError(f"group_sizes must be a 1-D int32/int64 tensor (rows per group), got "
                          f"{getattr(group_sizes, 'dtype', type(group_sizes).__name__)} "
                          f"{tuple(getattr(group_sizes, 'shape', ()))}")
+    # the kernel reads the sizes through a raw pointer: on meta (value checks skipped) it quantized garbage
+    check_same_device("x", x, (("group_sizes", group_sizes),))
+    num_rows = x.shape[0]
     if validate is None:
         validate = host_checks_enabled(group_sizes)
     if validate and (bool((group_sizes < 0).any()) or int(group_sizes.sum()) != num_rows):  # E = 0 with rows too
@@ -233,7 +236,7 @@ def quantize_fp8_128x1(x: torch.Tensor, *, power_of_two: bool = False, amax_floo
     (nor the dual's 1x128 rows), negative sizes count as 0, and nothing outside x and the outputs is touched.
     """
     _check_float("x", x, (2,))
-    groups = _check_groups(group_sizes, x.shape[0], validate)
+    groups = _check_groups(group_sizes, x, validate)
     _, _, qt, st = _rows_cols_op(x, False, True, power_of_two, _check_amax_floor(amax_floor), groups)
     return qt, st
 
@@ -243,7 +246,7 @@ def quantize_fp8_1x128_dual(x: torch.Tensor, *, power_of_two: bool = False, amax
                             group_sizes: torch.Tensor | None = None, validate: bool | None = None):
     """Both tilings from one read of x: ``(*quantize_fp8_1x128(x), *quantize_fp8_128x1(x, group_sizes=...))``."""
     _check_float("x", x, (2,))
-    groups = _check_groups(group_sizes, x.shape[0], validate)
+    groups = _check_groups(group_sizes, x, validate)
     return _rows_cols_op(x, True, True, power_of_two, _check_amax_floor(amax_floor), groups)
 
 

@@ -137,6 +137,11 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
     for floor in (0.0, 1e-40, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="amax_floor must be a finite number"):
             fp8.quantize_fp8_1x128_dual(torch.ones(4, 8), amax_floor=floor)
+    # sizes on another device than x: the kernel read them through a raw pointer (meta: garbage scales, no error)
+    meta_sizes = torch.tensor([1, 3], dtype=torch.int32, device="meta")
+    for quantize in (fp8.quantize_fp8_128x1, fp8.quantize_fp8_1x128_dual):
+        with pytest.raises(ValueError, match="^group_sizes is on meta but x is on cpu"):
+            quantize(torch.ones(4, 8), group_sizes=meta_sizes)
 
 
 def test_amax_floor_matches_the_reference_and_keeps_tiny_tiles():
