@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dispatch import check_same_device
 from .fp8 import GRAD_AMAX_FLOOR, quantize_fp8_1x128, quantize_fp8_1x128_dual, quantize_fp8_128x1, quantize_fp8_128x128
 from .moe_gemm import fp8_grouped_gemm, fp8_grouped_gemm_wgrad
 from .moe_permute import combine, combine_backward, gather_rows, route_tokens
@@ -277,6 +278,9 @@ def _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down):
                              f"{getattr(t, 'dtype', type(t).__name__)}")
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be an int32/int64 tensor, got {getattr(topk_ids, 'dtype', type(topk_ids).__name__)}")
+    # the kernels take raw pointers: topk_weights on meta beside a CPU x gave a garbage output (zeros, NaN), no error
+    check_same_device("x", x, (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w_gate_up", w_gate_up),
+                               ("w_down", w_down)))
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     T, H = x.shape

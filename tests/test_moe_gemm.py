@@ -233,6 +233,9 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
                       ("w_gate_up", good["w_gate_up"].to(torch.float8_e4m3fn)), ("w_down", good["w_down"].int())):
         with pytest.raises(ValueError, match=f"^{name} must be"):  # accepted before, or blamed on `w`
             moe_ffn_fp8(**{**good, name: bad})
+    for name in ("topk_weights", "topk_ids", "w_gate_up", "w_down"):  # topk_weights on meta: garbage out, no error
+        with pytest.raises(ValueError, match=f"^{name} is on meta but x is on cpu"):
+            moe_ffn_fp8(**{**good, name: good[name].to("meta")})
 
 
 def test_routing_references_match_the_kernels():
