@@ -37,6 +37,8 @@ interpreted kernels produce the same bytes as PyTorch's ``.to(torch.float8_e4m3f
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .dispatch import check_same_device, use_triton
@@ -178,7 +180,8 @@ _blocks_op = register_op(
 
 
 def _check_amax_floor(amax_floor) -> float:
-    if isinstance(amax_floor, bool) or not isinstance(amax_floor, (int, float)) or \
+    # numbers.Real: numpy scalars are no Python float (np.float32(1e-4) was refused as "not a finite number")
+    if isinstance(amax_floor, bool) or not isinstance(amax_floor, numbers.Real) or \
             not _MIN_AMAX_FLOOR <= amax_floor < float("inf"):
         raise ValueError(f"amax_floor must be a finite number >= {_MIN_AMAX_FLOOR:.3g} (smaller ones give subnormal "
                          f"scales), got {amax_floor!r}")

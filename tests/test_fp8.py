@@ -156,6 +156,17 @@ def test_amax_floor_matches_the_reference_and_keeps_tiny_tiles():
     assert err < 0.05  # the gradient floor: 1e-9 tiles quantize as well as unit ones (1e-4 floor: ~75% off)
 
 
+def test_amax_floor_takes_numpy_scalars():
+    """np.float32(1e-4) was refused as "amax_floor must be a finite number" (np.float64 passed: a float subclass)."""
+    import numpy as np
+
+    x = torch.randn(4, 130) * 1e-6
+    expected = fp8.quantize_fp8_1x128(x, amax_floor=float(np.float32(1e-4)))
+    for floor in (np.float32(1e-4), np.float64(np.float32(1e-4))):
+        q, s = fp8.quantize_fp8_1x128(x, amax_floor=floor)
+        assert torch.equal(s, expected[1]) and torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8))
+
+
 def test_empty_inputs_quantize_on_every_backend(monkeypatch):
     for forced in (False, True):
         if forced:
