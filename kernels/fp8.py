@@ -266,7 +266,18 @@ def quantize_fp8_128x128(w: torch.Tensor, *, power_of_two: bool = False):
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp32 ``q * scale`` with each scale entry covering a ``block`` of the last two dims (ragged ok)."""
+    """fp32 ``q * scale`` with each scale entry covering a ``block`` of the last two dims (ragged ok).
+
+    ValueError unless ``scale`` has q's leading dims and ceil(rows / block[0]) x ceil(cols / block[1]) entries
+    last: a wider scale was silently cut to fit (the wrong tiling read as the right one), a narrower one raised
+    a broadcasting RuntimeError."""
     from .ref_fp8 import dequantize_fp8 as ref
 
+    if q.dim() < 2:
+        raise ValueError(f"q must have at least 2 dims, got shape {tuple(q.shape)}")
+    rows, cols = q.shape[-2:]
+    expected = (*q.shape[:-2], cdiv(rows, block[0]), cdiv(cols, block[1]))
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"scale must have shape {expected} for q of shape {tuple(q.shape)} in {tuple(block)} blocks, "
+                         f"got {tuple(scale.shape)}")
     return ref(q, scale, block)

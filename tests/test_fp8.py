@@ -167,6 +167,17 @@ def test_amax_floor_takes_numpy_scalars():
         assert torch.equal(s, expected[1]) and torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8))
 
 
+def test_dequantize_refuses_a_scale_of_another_tiling():
+    """A scale wider than q's tiling was silently cut to fit, a narrower one raised a broadcasting RuntimeError."""
+    q, s = fp8.quantize_fp8_1x128(torch.randn(3, 200))
+    assert fp8.dequantize_fp8(q, s, (1, 128)).shape == (3, 200)
+    for bad in (torch.ones(3, 3), torch.ones(3, 1), torch.ones(2, 2)):
+        with pytest.raises(ValueError, match=r"^scale must have shape \(3, 2\) for q of shape \(3, 200\)"):
+            fp8.dequantize_fp8(q, bad, (1, 128))
+    with pytest.raises(ValueError, match="q must have at least 2 dims"):
+        fp8.dequantize_fp8(q[0], s[0], (1, 128))
+
+
 def test_empty_inputs_quantize_on_every_backend(monkeypatch):
     for forced in (False, True):
         if forced:
