@@ -197,6 +197,36 @@ def _fused_grad_buffer(weight: torch.Tensor) -> torch.Tensor | None:
     return grad
 
 
+def _forward(x, topk_weights, topk_ids, q1, s1, q2, s2, *, for_backward: bool):
+    """(out, what backward needs or None). Without a backward (rollout, the frozen KL reference) x is quantized
+    1x128 only and h is not kept: the 128x1 tiles and the FP8 copy of h were built and dropped; out is the same
+    bits either way (the dual quantizer's 1x128 half is the plain one)."""
+    topk = topk_ids.shape[1]
+    group_sizes, token_of_row, row_of_slot = route_tokens(topk_ids, q1.shape[0])
+    x_rows = gather_rows(x.to(torch.bfloat16), token_of_row)  # [M, H] permuted by expert
+    xtq = xts = hq = hs = None
+    if for_backward:
+        # the 128x1 tiles for wgrad in the group-aligned layout: a tile shared by two experts gave them one
+        # scale per column, so a NaN token of one expert poisoned another's weight gradient (and a x1e5 outlier
+        # cost it 9.6 dB: 24.6 -> 15.0)
+        xq, xs, xtq, xts = quantize_fp8_1x128_dual(x_rows, group_sizes=group_sizes, validate=False)
+    else:
+        xq, xs = quantize_fp8_1x128(x_rows)
+    del x_rows
+    h = fp8_grouped_gemm(xq, xs, q1, s1, group_sizes, validate=False)  # [M, 2I]
+    if for_backward:
+        hq, hs = quantize_fp8_1x128(h)  # the SwiGLU input, kept in FP8 for backward
+    act = _swiglu(h).to(torch.bfloat16)
+    del h
+    aq, as_ = quantize_fp8_1x128(act)
+    y = fp8_grouped_gemm(aq, as_, q2, s2, group_sizes, validate=False)  # [M, H]
+    weights = topk_weights.float().contiguous()
+    out = combine(y, row_of_slot, weights, topk, x.dtype)
+    if not for_backward:
+        return out, None
+    return out, (weights, xtq, xts, hq, hs, y, group_sizes, token_of_row, row_of_slot)
+
+
 class _MoeFfnFp8(torch.autograd.Function):
     """Inputs: x, topk_weights, the master weights (differentiated), topk_ids, then the weights' FP8 copies
     (``Fp8Weight`` fields: q, scale, q_t, scale_t of fc1, then of fc2) as plain tensors, so the Function
@@ -204,26 +234,11 @@ class _MoeFfnFp8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_weights, w_gate_up, w_down, topk_ids, q1, s1, q1t, s1t, q2, s2, q2t, s2t):
-        T, H = x.shape
-        topk = topk_ids.shape[1]
-        group_sizes, token_of_row, row_of_slot = route_tokens(topk_ids, q1.shape[0])
-        x_rows = gather_rows(x.to(torch.bfloat16), token_of_row)  # [M, H] permuted by expert
-        # the 128x1 tiles for wgrad in the group-aligned layout: a tile shared by two experts gave them one
-        # scale per column, so a NaN token of one expert poisoned another's weight gradient (and a x1e5 outlier
-        # cost it 9.6 dB: 24.6 -> 15.0)
-        xq, xs, xtq, xts = quantize_fp8_1x128_dual(x_rows, group_sizes=group_sizes, validate=False)
-        del x_rows
-        h = fp8_grouped_gemm(xq, xs, q1, s1, group_sizes, validate=False)  # [M, 2I]
-        hq, hs = quantize_fp8_1x128(h)  # the SwiGLU input, kept in FP8 for backward
-        act = _swiglu(h).to(torch.bfloat16)
-        del h
-        aq, as_ = quantize_fp8_1x128(act)
-        y = fp8_grouped_gemm(aq, as_, q2, s2, group_sizes, validate=False)  # [M, H]
-        weights = topk_weights.float().contiguous()
-        out = combine(y, row_of_slot, weights, topk, x.dtype)
+        out, saved = _forward(x, topk_weights, topk_ids, q1, s1, q2, s2, for_backward=True)
+        weights, xtq, xts, hq, hs, y, group_sizes, token_of_row, row_of_slot = saved
         ctx.save_for_backward(weights, xtq, xts, hq, hs, y, group_sizes, token_of_row, row_of_slot,
                               q1t, s1t, q2t, s2t, w_gate_up, w_down)
-        ctx.meta = (T, topk, x.dtype)
+        ctx.meta = (x.shape[0], topk_ids.shape[1], x.dtype)
         return out
 
     @staticmethod
@@ -322,5 +337,8 @@ def moe_ffn_fp8(x, topk_weights, topk_ids, w_gate_up, w_down, *, cache: Fp8Weigh
                          f"from {int(topk_ids.min())} to {int(topk_ids.max())}")
     fc1 = cache.get(w_gate_up) if cache is not None else Fp8Weight.quantize(w_gate_up)
     fc2 = cache.get(w_down) if cache is not None else Fp8Weight.quantize(w_down)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w_gate_up, w_down))):
+        return _forward(x, topk_weights, topk_ids.contiguous(), fc1.q, fc1.scale, fc2.q, fc2.scale,
+                        for_backward=False)[0]
     return _MoeFfnFp8.apply(x, topk_weights, w_gate_up, w_down, topk_ids.contiguous(),
                             fc1.q, fc1.scale, fc1.q_t, fc1.scale_t, fc2.q, fc2.scale, fc2.q_t, fc2.scale_t)

@@ -282,3 +282,26 @@ def test_cache_is_invalidated_by_the_attached_optimizer_step():
     optimizer.step()  # detached: no invalidation, but the step's in-place update bumps the version
     again = cache.get(w)
     assert cache.quantizations == 3 and torch.equal(again.scale, ref_fp8.quantize_fp8_128x128(w.detach())[1])
+
+
+@pytest.mark.parametrize("backend", ["triton-interpret", "torch"])
+def test_a_forward_without_backward_skips_the_backward_only_work_and_gives_the_same_bits(monkeypatch, backend):
+    """Rollout and the frozen KL reference run the layer with no gradient: it still built the 128x1 tiles of x
+    and the FP8 copy of h, then dropped them. Skipped now; the output is the same bits."""
+    from r1fast.kernels import moe_layer
+
+    if backend == "torch":
+        monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    x, tw, ti, wgu, wd = _layer_inputs(T=37, H=256, inter=128, E=3, k=2)
+    with_grad, _ = _layer_grads(x, tw, ti, wgu, wd, torch.randn(37, 256), moe_ffn_fp8)
+    calls = []
+    real_dual, real_plain = moe_layer.quantize_fp8_1x128_dual, moe_layer.quantize_fp8_1x128
+    monkeypatch.setattr(moe_layer, "quantize_fp8_1x128_dual", lambda *a, **k: calls.append("dual") or real_dual(*a, **k))
+    monkeypatch.setattr(moe_layer, "quantize_fp8_1x128", lambda *a, **k: calls.append("1x128") or real_plain(*a, **k))
+    with torch.no_grad():
+        frozen = moe_ffn_fp8(x, tw, ti, wgu.requires_grad_(True), wd)
+    assert calls == ["1x128", "1x128"]  # x and the SwiGLU output; before: dual, h, act
+    assert torch.equal(frozen, with_grad) and not frozen.requires_grad
+    calls.clear()
+    no_leaf_needs_grad = moe_ffn_fp8(x, tw, ti, wgu.detach(), wd)
+    assert calls == ["1x128", "1x128"] and torch.equal(no_leaf_needs_grad, with_grad)
