@@ -87,7 +87,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype (bfloat16 on GPUs; float32 for CPU runs and tests). Training keeps fp32 master weights and
     optimizer state for bfloat16/float16 (FSDP2 mixed precision, so parallel.fsdp must be on); checkpoints are
-    written in this dtype."""
+    written in this dtype. float16 trains without loss scaling: activation gradients below its smallest
+    subnormal (6e-8) flush to zero and those below 6e-5 lose bits, so prefer bfloat16 wherever the GPU has it."""
 
     def validate(self) -> None:
         if self.head_dim is None and self.hidden_size % self.num_heads:
