@@ -16,8 +16,9 @@ order and each reports how many samples it removed (``r1fast.rejection_filters``
     per_prompt_cap   beyond max_per_prompt kept traces for one prompt
 
 Output: a JSONL of ``{"prompt", "completion", "answer", "task", "id", "rewards", "provenance"}`` (SFT reads
-prompt/completion; provenance holds the checkpoint, the sampling settings, the sample's seed and
-index, token count (without the stop token) and finish reason), written to ``out + ".tmp"`` and
+prompt/completion; a completion starts with the think tag its rendered prompt left open, so the trace is whole;
+provenance holds the checkpoint, the sampling settings, the sample's seed and index, token count (without the
+stop token) and finish reason), written to ``out + ".tmp"`` and
 renamed, so an existing output is complete; plus ``<out>.stats.json`` with the counts
 (``dropped_too_long``: prompts skipped, and said on stderr, because prompt + max_new_tokens exceeds the
 model's positions or KV cache). An empty kept set raises ``EmptyKeptSetError`` naming the stage and
@@ -264,7 +265,7 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=seeds, stop_token_ids=stop_token_ids(tokenizer, engine.args))
         flat = [(i, j, c) for i, group in zip(mine, groups, strict=True) for j, c in enumerate(group)]
         texts = [tokenizer.decode(c.token_ids) for _, _, c in flat]
-        if completion_prefix is None:  # the prompt's open <think>: graded, not written
+        if completion_prefix is None:  # the prompt's open <think>: graded (and written by _write_jsonl), not sampled
             completion_prefix = stage_io.completion_prefix(tokenizer, cfg.template)
         graded = [prefix_for(completion_prefix, samples[i]["prompt"]) + t for (i, _, _), t in zip(flat, texts, strict=True)]
         rewards = score([samples[i] for i, _, _ in flat], graded)
@@ -278,7 +279,13 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
     return sorted(traces, key=lambda t: (t["prompt_index"], t["sample_index"]))
 
 
-def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_used: str) -> None:
+def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_used: str,
+                 completion_prefix="") -> None:
+    """The kept traces as SFT records. Each completion is written with the think tag its prompt left open
+    (``completion_prefix``, as the filters read it): a student whose template opens no think block (distillation
+    from an R1-Distill-style teacher) otherwise trained on '...</think><answer>' without its '<think>', and every
+    stage graded it format 0. r1fast.sft drops the tag again under a template that opens it (continue_open_think),
+    so the same template trains the same tokens as before. provenance.num_tokens counts the sampled tokens only."""
     sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
 
     def record(t: dict) -> dict:
@@ -286,6 +293,7 @@ def _write_jsonl(path: str, kept: list[dict], cfg: RejectionConfig, template_use
                       "template": template_used, "sampling": sampling, "sample_index": t["sample_index"],
                       "seed": t["seed"], "num_tokens": t["num_tokens"], "finish_reason": t["finish_reason"]}
         rec = {k: t[k] for k in ("prompt", "completion", "answer", "task", "id", "rewards")}
+        rec["completion"] = prefix_for(completion_prefix, t["prompt"]) + t["completion"]
         return {**rec, "provenance": provenance}
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -327,7 +335,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     prompt_ids, dropped = encode_prompts_that_fit("r1fast.rejection", engine, tokenizer, samples, cfg.template,
                                                   max_new_tokens=cfg.max_new_tokens, path=cfg.data)
-    prefix = completion_prefix(tokenizer, cfg.template)  # the prompt's open <think>: graded, not written
+    prefix = completion_prefix(tokenizer, cfg.template)  # the prompt's open <think>: graded and written, not sampled
     with torch.no_grad():
         traces = sample_traces(engine, tokenizer, samples, cfg, score, prompt_ids=prompt_ids, completion_prefix=prefix)
     kept, counts = filter_traces(traces, cfg, eval_texts=eval_texts, completion_prefix=prefix)
@@ -338,7 +346,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
         raise EmptyKeptSetError(f"rejection sampling from {cfg.checkpoint!r}: no trace survived the filters "
                                 f"(counts: {json.dumps(counts)})")
     if D.rank() == 0:
-        _write_jsonl(cfg.out, kept, cfg, resolve_template(tokenizer, cfg.template))  # what 'auto' became
+        _write_jsonl(cfg.out, kept, cfg, resolve_template(tokenizer, cfg.template), prefix)  # what 'auto' became
         # atomically, as the traces: a kill mid-write left a torn stats file beside a complete output
         write_file(stats, json.dumps({"counts": counts, "checkpoint": os.path.abspath(cfg.checkpoint),
                                       "data": cfg.data}, indent=2))

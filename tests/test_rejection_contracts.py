@@ -139,3 +139,32 @@ def test_counts_prompts_with_a_kept_trace_not_kept_traces(tmp_path, tiny_checkpo
     counts = rej.run_rejection(cfg)["counts"]
     assert counts["kept"] == 3 and counts["incorrect"] == 1
     assert counts["prompts_with_kept"] == 2 and counts["prompts"] == 3
+
+
+def test_written_traces_keep_the_think_tag_their_prompt_opened(tmp_path):
+    """A teacher whose template ends the prompt with '<think>\\n' samples '...</think><answer>...': written without
+    that tag, a student whose template opens nothing (distillation) trained on targets with no '<think>' and was
+    graded format 0. Under the teacher's own template the SFT tokens stay those of the sampled completion."""
+    from test_prompt_template import R1_DISTILL_LIKE
+
+    from r1fast.rejection import _write_jsonl
+    from r1fast.rewards.format import format_reward
+    from r1fast.sft import tokenize_sft_records
+
+    sampled = "1 plus 2 is 3</think>\n<answer>3</answer>"
+    kept = [{**_trace(0, sampled), "prompt": "1+2", "answer": "3", "task": "addition", "id": "a0",
+             "sample_index": 0, "seed": 0, "num_tokens": len(sampled), "finish_reason": "stop"}]
+    out = tmp_path / "kept.jsonl"
+    _write_jsonl(str(out), kept, RejectionConfig(checkpoint="c", data="d", out="o"), "chat", "<think>\n")
+    row = json.loads(out.read_text())
+    assert row["completion"] == "<think>\n" + sampled
+    records = [({"prompt": row["prompt"]}, row["completion"])]
+    student, teacher = CharTokenizer(), CharTokenizer(chat_template=R1_DISTILL_LIKE)
+    (_, target), = tokenize_sft_records(records, student, "compact")
+    assert format_reward("", student.decode(target), {}) == 1.0
+    (_, target), = tokenize_sft_records(records, teacher, "chat")
+    assert target == teacher.encode(sampled)
+    by_prompt = lambda prompt: "<think>" if prompt.endswith("<think>") else ""  # noqa: E731  (template 'none')
+    _write_jsonl(str(out), [kept[0], {**kept[0], "prompt": "1+2 <think>"}], RejectionConfig(checkpoint="c", data="d",
+                 out="o"), "none", by_prompt)
+    assert [json.loads(x)["completion"] for x in out.read_text().splitlines()] == [sampled, "<think>" + sampled]
