@@ -116,7 +116,7 @@ class RejectionConfig:
     """Longest kept trace, in tokens, not counting the stop token; none = max_new_tokens (truncated traces are
     dropped in any case)."""
     language: str = "en"
-    """Target language of the chain of thought (en or zh)."""
+    """Target language of the chain of thought (en or zh); a sample's own "language" column overrides it."""
     min_language_share: float = bounded(0.95, ge=0, le=1)
     """Least share of chain-of-thought words in the target language."""
     filter_code_blocks: bool = True
@@ -163,23 +163,25 @@ class RejectionConfig:
         return self
 
 
-def default_score(samples: list[dict], texts: list[str], *, require_answer_tag: bool = True) -> list[dict[str, float | None]]:
+def default_score(samples: list[dict], texts: list[str], *, require_answer_tag: bool = True,
+                  language: str = "en") -> list[dict[str, float | None]]:
     """Reward values per text: accuracy (None when ungradable; a code task's 1/0 when its program passes every
     test, as r1fast.eval grades it; math from the <answer> block only with ``require_answer_tag``), format,
-    language consistency."""
+    language consistency (target: the sample's ``language`` column, else ``language``)."""
     from r1fast.rewards.format import format_reward
     from r1fast.rewards.grading import grade
     from r1fast.rewards.language import language_consistency_reward
 
     acc = grade(samples, texts, require_answer_tag=require_answer_tag)[0]  # code samples have no answer: KeyError before
     return [{"accuracy": a, "format": format_reward("", t, {}),
-             "language_consistency": language_consistency_reward("", t, s)}
+             "language_consistency": language_consistency_reward("", t, s, language=language)}
             for a, t, s in zip(acc, texts, samples, strict=True)]
 
 
 def config_score(cfg: RejectionConfig) -> Callable[[list[dict], list[str]], list[dict]]:
-    """``default_score`` with ``cfg.require_answer_tag`` (a chat or R1-Distill model's traces all scored 0 before)."""
-    return functools.partial(default_score, require_answer_tag=cfg.require_answer_tag)
+    """``default_score`` with ``cfg.require_answer_tag`` (a chat or R1-Distill model's traces all scored 0 before) and
+    ``cfg.language`` (the target the mixed_language filter uses; language=zh recorded consistency against en)."""
+    return functools.partial(default_score, require_answer_tag=cfg.require_answer_tag, language=cfg.language)
 
 
 def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[str] = (),
@@ -189,7 +191,9 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
     ``stage_io.completion_prefix``) + each completion, as rewards do.
 
     A trace: ``prompt``, ``completion``, ``prompt_index``, ``rewards`` ({"accuracy": float | None,
-    "format": float, ...}), ``num_tokens`` (without the stop token), ``finish_reason``.
+    "format": float, ...}), ``num_tokens`` (without the stop token), ``finish_reason``, optionally ``language``:
+    its sample's own target language, which overrides ``cfg.language`` as it does for the language reward (an
+    en/zh mixed data set otherwise lost every correct zh trace to mixed_language).
     """
     counts = {"samples": len(traces), **dict.fromkeys(FILTER_STAGES, 0)}
     index = F.NgramIndex(eval_texts, n=cfg.decontamination_ngram) if eval_texts else None
@@ -207,7 +211,7 @@ def filter_traces(traces: list[dict], cfg: RejectionConfig, *, eval_texts: list[
             stage = "incorrect"
         elif F.bad_length(t["num_tokens"], t["finish_reason"], min_tokens=cfg.min_tokens, max_tokens=max_tokens):
             stage = "length"
-        elif F.mixed_language(text, language=cfg.language, min_share=cfg.min_language_share):
+        elif F.mixed_language(text, language=t.get("language") or cfg.language, min_share=cfg.min_language_share):
             stage = "mixed_language"
         elif F.unreadable(text, code_blocks=cfg.filter_code_blocks, max_paragraph_words=cfg.max_paragraph_words):
             stage = "unreadable"
@@ -272,7 +276,8 @@ def sample_traces(engine, tokenizer, samples: list[dict], cfg: RejectionConfig,
         for (i, j, c), text, r, seed in zip(flat, texts, rewards, seeds, strict=True):
             s = samples[i]
             traces.append({"prompt": s["prompt"], "completion": text, "answer": s.get("answer"), "task": s.get("task"),
-                           "id": s.get("id"), "prompt_index": i, "sample_index": j, "rewards": r,
+                           "id": s.get("id"), "language": s.get("language"), "prompt_index": i, "sample_index": j,
+                           "rewards": r,
                            "seed": seed, "num_tokens": trace_tokens(c),
                            "finish_reason": c.finish_reason})
     traces = [t for part in D.all_gather_object(traces) for t in part]

@@ -168,3 +168,31 @@ def test_written_traces_keep_the_think_tag_their_prompt_opened(tmp_path):
     _write_jsonl(str(out), [kept[0], {**kept[0], "prompt": "1+2 <think>"}], RejectionConfig(checkpoint="c", data="d",
                  out="o"), "none", by_prompt)
     assert [json.loads(x)["completion"] for x in out.read_text().splitlines()] == [sampled, "<think>" + sampled]
+
+
+def test_a_samples_language_column_sets_the_filters_target_as_it_sets_the_rewards():
+    """The language reward takes a sample's "language" column over the configured target; the mixed_language
+    filter read cfg.language alone, so an en/zh data set lost every correct zh trace (and cfg.language=zh still
+    recorded consistency against en)."""
+    from r1fast.rejection import config_score
+
+    zh = "<think>三加四等于七</think><answer>7</answer>"
+    samples = [{"prompt": "q0", "answer": "7", "language": "zh"}, {"prompt": "q1", "answer": "7"}]
+    tok = SimpleNamespace(eos_id=1, vocab_size=2, decode=lambda ids: zh)  # every sample writes the zh trace
+
+    class _Fixed(_Engine):
+        def generate(self, prompts, n, seed=None, **kw):
+            return [[Completion([0, 1], [0.0] * 2, "stop")] for _ in prompts]
+
+    cfg = RejectionConfig(checkpoint="c", data="d", out="o", k=1, template="none")
+    ids = {i: [0] for i in range(len(samples))}
+    traces = sample_traces(_Fixed(tok), tok, samples, cfg, lambda s, t: [{"accuracy": 1.0, "format": 1.0}] * len(t),
+                           prompt_ids=ids, completion_prefix="")
+    assert [t["language"] for t in traces] == ["zh", None]
+    kept, counts = filter_traces(traces, cfg)
+    assert [t["prompt_index"] for t in kept] == [0] and counts["mixed_language"] == 1
+    kept, counts = filter_traces(traces, RejectionConfig(checkpoint="c", data="d", out="o", language="zh"))
+    assert len(kept) == 2 and counts["mixed_language"] == 0
+    score = config_score(RejectionConfig(checkpoint="c", data="d", out="o", language="zh"))
+    assert [r["language_consistency"] for r in score([{"answer": "7"}, {"answer": "7", "language": "en"}], [zh] * 2)] \
+        == [1.0, 0.0]
