@@ -55,6 +55,7 @@ from r1fast.stage_io import (
     check_file,
     check_sampling_temperature,
     check_template,
+    checked_template,
     completion_prefix,
     data_errors,
     empty_data_error,
@@ -336,6 +337,7 @@ def run_rejection(cfg: RejectionConfig, *, score: Callable[[list[dict], list[str
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.checkpoint, device=device, dtype=dtype, key="checkpoint")
     check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
+    checked_template(tokenizer, cfg.template, "template")  # sampled in a format the checkpoint never learned?
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     prompt_ids, dropped = encode_prompts_that_fit("r1fast.rejection", engine, tokenizer, samples, cfg.template,

@@ -67,6 +67,7 @@ from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT
     check_checkpoint,
     check_file,
     check_template,
+    checked_template,
     data_errors,
     empty_data_error,
     encode_prompt,
@@ -299,6 +300,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.world_size, dist.rank
+    template_used = checked_template(tokenizer, cfg.template, "template")  # rank 0 warns; the model records it
     # once the ranks are known (all agree on a refusal): two SFTs into one directory mixed their metrics.jsonl
     held.enter_context(lock_beside(os.path.join(cfg.out_dir, cfg.name), ConfigError) or contextlib.nullcontext())
     if cfg.batch_size % world:
@@ -370,7 +372,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
                            skipped_nonfinite=not math.isfinite(nll), grad_norm=grad_norm, lr=lr, tokens=tokens,
                            tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
     model_dir = os.path.join(run_dir, "model")
-    tokenizer.prompt_template = resolve_template(tokenizer, cfg.template)  # 'auto' in later stages uses it
+    tokenizer.prompt_template = template_used  # 'auto' in later stages uses it
     _save_model(root, model, tokenizer, model_dir, dtype=compute)
     summary = {"steps": steps, "examples": len(examples), "dropped_too_long": dropped, "tokens_trained": tokens_total,
                "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,

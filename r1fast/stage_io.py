@@ -144,6 +144,19 @@ def resolve_template(tokenizer, template: str) -> str:
     return "chat" if has_chat else "r1_zero"
 
 
+def checked_template(tokenizer, template: str, key: str) -> str:
+    """``resolve_template``, and one stderr line (rank 0) when the checkpoint records that it was trained with
+    another template: an SFT on 'compact' then GRPO on data.template's default r1_zero ran (and saved) the policy
+    on a prompt format it never saw, without a word. A warning, not an error: a deliberate change is allowed."""
+    used = resolve_template(tokenizer, template)
+    trained = getattr(tokenizer, "prompt_template", None)
+    if trained is not None and trained != used and D.rank() == 0:
+        print(f"r1fast: {key}={template!r} renders prompts with {used!r}, but the checkpoint was trained with "
+              f"{trained!r} (its r1fast_prompt.json); set {key}={trained!r} or auto to keep the format it learned",
+              file=sys.stderr)
+    return used
+
+
 def render_prompt(tokenizer, template: str, *, prompt: str | None = None, messages: list[dict] | None = None) -> str:
     """The text the model is conditioned on: a chat template (``chat``/``auto`` with one) or a named template.
 

@@ -53,7 +53,7 @@ from r1fast.run_dir import lock_beside, save_run_config, set_aside_earlier_run
 from r1fast.safe_write import write_file
 from r1fast.schedule import apply_optimizer_config, build_scheduler
 from r1fast.seeding import rollout_seeds
-from r1fast.stage_io import completion_prefix, resolve_template, stop_token_ids
+from r1fast.stage_io import checked_template, completion_prefix, stop_token_ids
 from r1fast.stop_flag import StopFlag
 from r1fast.train_checks import (
     check_batch_split,
@@ -93,7 +93,7 @@ class Trainer:
         # recipe's data and tokenizer take ~0.1 s)
         self.tokenizer = build_tokenizer(cfg.model)
         self.sft_samples, self.train_samples, self.eval_samples = build_datasets(cfg)
-        self.tokenizer.prompt_template = resolve_template(self.tokenizer, cfg.data.template)  # saved: eval's 'auto'
+        self.tokenizer.prompt_template = checked_template(self.tokenizer, cfg.data.template, "data.template")  # saved
         self.train_prompt_ids = encode_prompts(self.tokenizer, self.train_samples, cfg.data.template)
         self.eval_prompt_ids = encode_prompts(self.tokenizer, self.eval_samples, cfg.data.template)
         self.score = build_scorer(cfg, completion_prefix=completion_prefix(self.tokenizer, cfg.data.template))

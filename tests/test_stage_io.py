@@ -118,3 +118,35 @@ def test_length_rule_matches_the_engine_at_the_boundary_and_an_all_long_file_is_
     small.generate([tok.encode("1" * 17)], n=1, max_new_tokens=8, temperature=0.0)  # 17 + 8 = 25 fits
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         small.generate([tok.encode("1" * 18)], n=1, max_new_tokens=8, temperature=0.0)
+
+
+def test_a_template_other_than_the_one_the_checkpoint_was_trained_with_is_said(tmp_path, monkeypatch, capsys):
+    """An SFT on 'compact' then GRPO with data.template's default r1_zero (or a second SFT, or rejection sampling,
+    on another template) ran the policy on a prompt format it never saw, silently; now one stderr line says so,
+    and 'auto' or the same template say nothing."""
+    from r1fast.config_io import load_config
+    from r1fast.sft import SFTConfig, run_sft
+    from r1fast.stage_io import checked_template
+    from r1fast.tokenizer import load as load_tokenizer
+
+    tok = CharTokenizer()
+    assert checked_template(tok, "r1_zero", "data.template") == "r1_zero"  # nothing recorded: nothing to say
+    tok.prompt_template = "compact"
+    assert checked_template(tok, "auto", "template") == "compact" and checked_template(tok, "compact", "t") == "compact"
+    assert capsys.readouterr().err == ""
+    assert checked_template(tok, "r1_zero", "data.template") == "r1_zero"
+    assert "data.template='r1_zero' renders prompts with 'r1_zero', but the checkpoint was trained with 'compact'" \
+        in capsys.readouterr().err
+
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    monkeypatch.setenv("R1FAST_PROGRESS", "0")
+    ckpt = save_char_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "r1fast_prompt.json").write_text('{"prompt_template": "compact"}')
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2", "completion": "<answer>3</answer>"}\n')
+    for name, template, said in (("same", "auto", False), ("other", "none", True)):
+        run_sft(load_config(None, ["--data", str(data), "--out_dir", str(tmp_path / "runs"), "--name", name,
+                                   "--template", template, "--steps", "1", "--batch_size", "1",
+                                   "--model.name_or_path", ckpt], schema=SFTConfig))
+        assert ("but the checkpoint was trained with 'compact'" in capsys.readouterr().err) == said
+        assert load_tokenizer(tmp_path / "runs" / name / "model").prompt_template == ("none" if said else "compact")
