@@ -111,18 +111,36 @@ def test_logits_match_transformers(arch, tmp_path_factory):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
-def test_varlen_packed_equals_per_sequence(arch, tmp_path_factory):
-    _, path = saved_hf(arch, tmp_path_factory)
-    model = Transformer.from_pretrained(path)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("path", ["padded", "loop"])
+def test_varlen_packed_equals_per_sequence(arch, path, tmp_path_factory):
+    """Packed with cu_seqlens (positions restarting at 0 per sequence, no attention across boundaries), forward
+    and backward equal one forward per sequence: dense, Qwen3 q/k norm, MLA + MoE; both SDPA layouts."""
+    from r1fast.attention import SDPAAttention
+
+    _, path_ = saved_hf(arch, tmp_path_factory)
+    model = Transformer.from_pretrained(path_)
+    attn = SDPAAttention()
+    attn._padding_pays = lambda *a: path == "padded"
     lengths = [5, 1, 9, 4]
     seqs = [torch.randint(0, V, (n,)) for n in lengths]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    with torch.no_grad():
-        packed = model(torch.cat(seqs), cu_seqlens=cu)
-        single = torch.cat([model(s[None])[0] for s in seqs])
+    weight = torch.randn(sum(lengths), H)  # a loss that reads every position
+
+    def grads(out):
+        model.zero_grad()
+        (out * weight).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = model(torch.cat(seqs), cu_seqlens=cu, attn=attn)
+    g_packed = grads(packed)
+    single = torch.cat([model(s[None], attn=attn)[0] for s in seqs])
+    g_single = grads(single)
     assert packed.shape == (sum(lengths), H)
     torch.testing.assert_close(packed, single, atol=ATOL, rtol=0)
+    assert g_packed.keys() == g_single.keys() == {n for n, _ in model.named_parameters() if n != "lm_head.weight"}
+    for name, g in g_single.items():
+        assert (g_packed[name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-7, name
 
 
 def test_attention_backend_gets_the_contract(tmp_path_factory):

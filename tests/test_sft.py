@@ -251,6 +251,30 @@ def test_fp8_experts_train_an_moe_model_and_requantize_every_step(tmp_path, monk
         run_sft(_cfg(tmp_path, data, "--name", "dense", "--parallel.fp8_experts", "true"))
 
 
+def test_the_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, monkeypatch):
+    """Global per-token mean: the step's gradient, read where run_sft clips it, is the same for 1, 3 or 7
+    sequences per forward (ragged lengths, so a per-micro-batch mean would weight tokens differently)."""
+    import r1fast.sft as sft
+
+    data = _task_data(tmp_path / "d.jsonl", n=7)
+    grads = {}
+    original = sft.clip_and_step
+
+    def recording(root, *args):
+        grads[micro] = {n: p.grad.clone() for n, p in root.named_parameters()}
+        return original(root, *args)
+
+    monkeypatch.setattr(sft, "clip_and_step", recording)
+    for micro in (1, 3, 7):
+        run_sft(_cfg(tmp_path, data, "--name", f"m{micro}", "--steps", "1", "--batch_size", "7",
+                     "--micro_batch_size", str(micro)))
+    examples, _ = encode_sft_examples(read_sft_records(data), CharTokenizer(), "compact", 64)
+    assert len({len(c) for _, c in examples}) > 1  # ragged completions
+    for name, g in grads[7].items():
+        for micro in (1, 3):
+            assert (grads[micro][name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-9, (micro, name)
+
+
 def test_activation_checkpointing_gives_the_same_weights(tmp_path):
     data = _task_data(tmp_path / "d.jsonl", n=4)
     common = ("--steps", "2", "--batch_size", "4", "--lr", "3e-3")
