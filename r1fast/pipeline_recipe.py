@@ -214,8 +214,23 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
         raise ConfigError(f"stages: the recipe declares no stage{where}")
     _check_ref(recipe.eval.data, "eval.data", outputs, models)
     _check_eval_data_order(recipe, where)
+    _check_base_seeds(recipe, where)
     _check_comparison(recipe)
     return recipe
+
+
+def _check_base_seeds(recipe: Recipe, where: str) -> None:
+    """A tiny family's base weights come from the seed of the stage that builds them (sft seed, rl train.seed):
+    under two seeds, two base:<family> stages (the comparison's arms) started from different models, silently."""
+    first: dict[str, tuple[str, int]] = {}
+    for s in recipe.stages:
+        ref = s.inputs.get("model", [""])[0]
+        if s.kind in ("sft", "rl") and ref.startswith("base:") and recipe.models[ref[5:]].name_or_path == "tiny":
+            seed = s.config.seed if s.kind == "sft" else s.config.train.seed
+            name, seen = first.setdefault(ref, (s.name, seed))
+            if seen != seed:
+                raise ConfigError(f"stages.{s.name}: starts from {ref} with seed {seed}, stage {name!r} with seed {seen}: "
+                                  f"the tiny model's initial weights come from that seed; give both one seed{where}")
 
 
 def _check_eval_data_order(recipe: Recipe, where: str) -> None:

@@ -236,6 +236,9 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace("params = { min_digits = 1,", "params = { min_digit = 1,"), r"stages.data.config.params: .*min_digit"),
         (text.replace("[eval]\n", '[eval]\ndata = "teacher_rejection:kept"\n'),
          r"eval.data: .* after 'teacher_cold_start', the first stage whose model is evaluated"),
+        # base:student drawn from seed 1 for the distilled arm and seed 0 for the RL arm: two base models
+        (text.replace("config = { steps = 3, batch_size = 2 }", "config = { steps = 3, batch_size = 2, seed = 1 }"),
+         r"stages.student_cold_start: starts from base:student with seed 0, stage 'student_distill' with seed 1"),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError, match=message):
