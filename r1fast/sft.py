@@ -82,7 +82,6 @@ MAX_NONFINITE_IN_A_ROW = 3
 """Consecutive non-finite losses after which SFT aborts (a single one is skipped and logged)."""
 
 
-
 @dataclass
 class SFTConfig:
     """One supervised fine-tuning run."""
@@ -316,10 +315,12 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
                           "set it <= that, or none for the model's limit")
     limit = cfg.max_seq_len or positions
     examples, dropped = fit_sft_examples(tokenized, tokenizer.eos_id, limit)  # eos: build_model may set it
-    if not examples:
-        used = resolve_template(tokenizer, cfg.template)  # name what 'auto' became: r1_zero's text alone is long
+    if not examples:  # names what 'auto' became: r1_zero's text alone is long
         raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens "
-                        f"(prompts rendered with template {used!r}{' from auto' if cfg.template == 'auto' else ''})")
+                        f"(prompts rendered with template {template_used!r}{' from auto' if cfg.template == 'auto' else ''})")
+    if dropped and dist.is_main:  # a smaller training set is said, as the cold start, eval and rejection say theirs
+        print(f"r1fast.sft: dropped {dropped} of {len(tokenized)} records of {cfg.data!r}: prompt + completion + EOS "
+              f"is longer than max_seq_len={limit} tokens (dropped_too_long={dropped})", file=sys.stderr)
     steps = cfg.steps or cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     mesh = build_mesh(dist.device.type, world, dist.local_world_size,
                       one_rank=param_dtype is not None) if cfg.parallel.fsdp else None

@@ -164,12 +164,14 @@ def test_run_sft_learns_saves_and_is_deterministic(tmp_path):
     assert e["first_nll"] < a["first_nll"]
 
 
-def test_chat_records_and_too_long_examples(tmp_path):
+def test_chat_records_and_too_long_examples(tmp_path, capsys):
     rows = [{"messages": [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "<answer>3</answer>"}]},
             {"prompt": "9" * 80, "completion": "x"}]
     data = _write_jsonl(tmp_path / "d.jsonl", rows)
     s = run_sft(_cfg(tmp_path, data, "--steps", "1", "--batch_size", "1"))
     assert s["examples"] == 1 and s["dropped_too_long"] == 1
+    # said on stderr too (it was in summary.json alone), as the cold start, eval and rejection say theirs
+    assert "r1fast.sft: dropped 1 of 2 records" in capsys.readouterr().err
     only_long = _write_jsonl(tmp_path / "long.jsonl", rows[1:])
     with pytest.raises(ValueError, match="longer than max_seq_len"):
         run_sft(_cfg(tmp_path, only_long, "--steps", "1"))
