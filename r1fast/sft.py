@@ -78,8 +78,7 @@ from r1fast.stage_io import (  # noqa: F401  (re-exported for callers of the SFT
 )
 from r1fast.train_state import save_hf
 
-MAX_NONFINITE_IN_A_ROW = 3
-"""Consecutive non-finite losses after which SFT aborts (a single one is skipped and logged)."""
+MAX_NONFINITE_IN_A_ROW = 3  # consecutive non-finite losses or gradients after which SFT aborts (one: skipped, logged)
 
 
 @dataclass
@@ -355,28 +354,29 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
                 loss.backward()
                 nll += loss.detach()
             nll = D.all_reduce_sum(nll).item() / world
-            if math.isfinite(nll):
-                grad_norm = clip_and_step(root, optimizer, cfg.grad_clip, mesh is None and world > 1)
-                nonfinite = 0
-            else:
-                grad_norm, nonfinite = float("nan"), nonfinite + 1
+            grad_norm = clip_and_step(root, optimizer, cfg.grad_clip, mesh is None and world > 1) \
+                if math.isfinite(nll) else float("nan")
+            # a finite loss whose backward overflowed was skipped too (clip_and_step kept the weights) but not counted
+            finite = math.isfinite(grad_norm)
+            nonfinite = 0 if finite else nonfinite + 1
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                raise RuntimeError(f"SFT {cfg.name}: {nonfinite} non-finite losses in a row at step {step}")
+                raise RuntimeError(f"SFT {cfg.name}: {nonfinite} non-finite losses or gradients in a row at step {step}")
             tokens_total += tokens
             history.append(nll)
             bar.advance(1, nll=f"{nll:.3f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 logger.log(step + 1, phase="sft", nll=nll if math.isfinite(nll) else None,
-                           skipped_nonfinite=not math.isfinite(nll), grad_norm=grad_norm, lr=lr, tokens=tokens,
+                           skipped_nonfinite=not finite, grad_norm=grad_norm, lr=lr, tokens=tokens,
                            tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
     model_dir = os.path.join(run_dir, "model")
     tokenizer.prompt_template = template_used  # 'auto' in later stages uses it
     _save_model(root, model, tokenizer, model_dir, dtype=compute)
+    first, final = (x if math.isfinite(x) else None for x in (history[0], history[-1]))  # NaN is no JSON
     summary = {"steps": steps, "examples": len(examples), "dropped_too_long": dropped, "tokens_trained": tokens_total,
-               "first_nll": history[0], "final_nll": history[-1], "model_dir": model_dir, "data": cfg.data,
+               "first_nll": first, "final_nll": final, "model_dir": model_dir, "data": cfg.data,
                "base_model": cfg.model.name_or_path, "world_size": world, "time_s": time.perf_counter() - start}
     if dist.is_main:
         write_file(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))  # never via a link

@@ -186,10 +186,37 @@ def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     data = _task_data(tmp_path / "d.jsonl", n=4)
     original = PolicyHead.forward
     monkeypatch.setattr(PolicyHead, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 2"):
+    with pytest.raises(RuntimeError, match="3 non-finite losses or gradients in a row at step 2"):
         run_sft(_cfg(tmp_path, data, "--steps", "5", "--batch_size", "2"))
     rows = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_nonfinite"] for r in rows] == [True, True] and rows[0]["nll"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the skipped steps
+def test_an_overflowing_backward_counts_as_a_skipped_step_and_nan_is_no_json(tmp_path, monkeypatch):
+    """A finite loss whose backward overflowed: clip_and_step kept the weights, but the step was logged
+    skipped_nonfinite=false, reset the abort count, and summary.json's NaN nll was no valid JSON."""
+    class _InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    data = _task_data(tmp_path / "d.jsonl", n=4)
+    original = PolicyHead.forward
+    monkeypatch.setattr(PolicyHead, "forward", lambda self, *a, **k: _InfGrad.apply(original(self, *a, **k)))
+    with pytest.raises(RuntimeError, match="3 non-finite losses or gradients in a row at step 2"):
+        run_sft(_cfg(tmp_path, data, "--steps", "5", "--batch_size", "2"))
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in rows] == [True, True] and rows[0]["nll"] is not None
+    monkeypatch.setattr(PolicyHead, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    run_sft(_cfg(tmp_path, data, "--steps", "2", "--batch_size", "2", "--name", "nan2"))
+    summary = json.loads((tmp_path / "runs" / "nan2" / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
+    assert summary["first_nll"] is None and summary["final_nll"] is None
 
 
 def test_bad_input_fails_before_work(tmp_path):
