@@ -45,13 +45,13 @@ from r1fast.stage_io import (
     check_file,
     check_sampling_temperature,
     check_template,
+    checked_template,
     completion_prefix,
     data_errors,
     empty_data_error,
     encode_prompts_that_fit,
     load_policy,
     pick_device_dtype,
-    resolve_template,
     stop_token_ids,
 )
 
@@ -270,12 +270,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     device, dtype = pick_device_dtype(cfg.dtype)
     tokenizer, model = load_policy(cfg.model, device=device, dtype=dtype)
     check_chat_template(tokenizer, cfg.template, "template")  # one line, not the first render's traceback
+    used = checked_template(tokenizer, cfg.template, "template")  # a format the checkpoint never learned? (rank 0)
     model.eval()
     engine = Engine(model, block_size=cfg.block_size, max_batch_tokens=cfg.max_batch_tokens)
     with torch.no_grad():
         metrics, records = evaluate_policy(engine, tokenizer, samples, cfg)
     if cfg.out is not None and D.rank() == 0:
-        write_outputs(cfg.out, metrics, records, cfg, resolve_template(tokenizer, cfg.template))
+        write_outputs(cfg.out, metrics, records, cfg, used)
     return metrics
 
 

@@ -274,3 +274,18 @@ def test_bootstrap_std_uses_ddof_one():
         assert match, (seed, got)
         seen.add(match[0])
     assert len(seen - {0.0}) >= 1
+
+
+def test_eval_says_when_the_template_is_not_the_one_the_checkpoint_learned(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                            capsys):
+    """Training, SFT and rejection said it; r1fast.eval scored a 'compact'-trained policy on bare prompts
+    without a word (a low score read as the model's, not the format's)."""
+    monkeypatch.setenv("R1FAST_KERNELS", "torch")
+    (tmp_path / "ckpt" / "r1fast_prompt.json").write_text('{"prompt_template": "compact"}')
+    data = _heldout(tmp_path / "heldout.jsonl", n=1)
+    for template, said in (("auto", False), ("none", True)):
+        run_eval(load_config(None, ["--model", tiny_checkpoint, "--data", data, "--template", template, "--k", "1",
+                                    "--max_new_tokens", "2", "--out", str(tmp_path / template)], schema=EvalConfig))
+        assert ("but the checkpoint was trained with 'compact'" in capsys.readouterr().err) == said
+        settings = json.loads((tmp_path / template / "eval.json").read_text())["settings"]
+        assert settings["template_used"] == ("compact" if template == "auto" else "none")
