@@ -40,12 +40,21 @@ def check_table_values(table_name: str, table: torch.Tensor, lens_name: str, len
                          f"([0, {num_blocks})), and {lens_name}[{row}] = {int(lens[row])} reads it")
 
 
-def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int) -> None:
-    """cu_seqlens_q starts at 0, never decreases and ends at T: the kernels write each chunk's rows of out."""
+def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int, max_seqlen_q: int) -> None:
+    """cu_seqlens_q starts at 0, never decreases and ends at T: the kernels write each chunk's rows of out.
+
+    No chunk may be longer than ``max_seqlen_q``: it sizes the kernel's query-tile grid, and a chunk past
+    it kept its last rows unwritten (Lq = 20 with max_seqlen_q = 1 at D = 64, one head: rows 16..19 of a
+    NaN-poisoned out stayed NaN, uninitialised memory without out=) while the reference ignores it.
+    """
     cu = cu_seqlens_q.long()
     if int(cu[0]) != 0 or int(cu[-1]) != num_queries or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens_q must start at 0, never decrease and end at T = {num_queries} (q's rows), "
                          f"got {cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''}")
+    longest = int(cu.diff().max()) if cu.numel() > 1 else 0
+    if longest > max_seqlen_q:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query chunk ({longest} queries in "
+                         "cu_seqlens_q); pass at least that")
 
 
 def check_groups_values(group_of_seq: torch.Tensor, num_groups: int) -> None:
