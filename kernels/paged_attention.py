@@ -170,7 +170,8 @@ def paged_attention(
     ``causal=False`` lets every query see all ``seq_lens[b]`` keys. ``num_splits`` overrides the split-KV
     heuristic (``choose_num_splits``). Values are checked for CPU tensors only (``paged_attention_values``; on
     CUDA it would be a host sync per layer): table entries must index existing blocks, seq_lens[b] must fit
-    its table row, cu_seqlens_q must run from 0 to T and no chunk may exceed ``max_seqlen_q``. Raises
+    its table row, cu_seqlens_q must run from 0 to T and chunk b may exceed neither ``max_seqlen_q`` nor
+    seq_lens[b]. Raises
     ValueError on bad shapes, dtypes, head dims, block sizes, head counts, ``num_splits`` < 1 or a
     ``softmax_scale`` that is not a positive finite number, or when grad mode is on and q, a cache or ``out`` requires grad (not
     differentiable, see the module docstring). fp64 inputs take the reference and get an fp64 lse.
@@ -180,7 +181,7 @@ def paged_attention(
     if values_checkable(q):
         check_table_values("block_table", block_table, "seq_lens", seq_lens, k_cache)
         if cu_seqlens_q is not None:
-            check_cu_seqlens_values(cu_seqlens_q, q.shape[0], max_seqlen_q)
+            check_cu_seqlens_values(cu_seqlens_q, q.shape[0], max_seqlen_q, seq_lens)
     scale = _scale(softmax_scale, q.shape[2])
     num_splits = _splits(num_splits, "num_splits")
     out, lse = _outputs(q, out, return_lse)

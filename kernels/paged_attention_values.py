@@ -40,12 +40,15 @@ def check_table_values(table_name: str, table: torch.Tensor, lens_name: str, len
                          f"([0, {num_blocks})), and {lens_name}[{row}] = {int(lens[row])} reads it")
 
 
-def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int, max_seqlen_q: int) -> None:
+def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int, max_seqlen_q: int,
+                            seq_lens: torch.Tensor) -> None:
     """cu_seqlens_q starts at 0, never decreases and ends at T: the kernels write each chunk's rows of out.
 
     No chunk may be longer than ``max_seqlen_q``: it sizes the kernel's query-tile grid, and a chunk past
     it kept its last rows unwritten (Lq = 20 with max_seqlen_q = 1 at D = 64, one head: rows 16..19 of a
     NaN-poisoned out stayed NaN, uninitialised memory without out=) while the reference ignores it.
+    Nor may chunk b be longer than seq_lens[b], which counts the chunk's own tokens: its first queries would
+    sit at negative positions (20 queries over seq_len 5 came back with 15 all-zero rows and no error).
     """
     cu = cu_seqlens_q.long()
     if int(cu[0]) != 0 or int(cu[-1]) != num_queries or bool((cu[1:] < cu[:-1]).any()):
@@ -55,6 +58,11 @@ def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int, max_se
     if longest > max_seqlen_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query chunk ({longest} queries in "
                          "cu_seqlens_q); pass at least that")
+    bad = (cu.diff() > seq_lens.long()).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        raise ValueError(f"query chunk {b} has {int(cu[b + 1] - cu[b])} queries (cu_seqlens_q) but seq_lens[{b}] = "
+                         f"{int(seq_lens[b])}; seq_lens counts the KV tokens including the chunk's own")
 
 
 def check_groups_values(group_of_seq: torch.Tensor, num_groups: int) -> None:

@@ -43,3 +43,20 @@ def test_max_seqlen_q_below_the_longest_chunk_is_refused(monkeypatch, kernels):
     for max_q in (20, 33):  # the longest chunk exactly, or more, is valid
         got = paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu, max_seqlen_q=max_q, out=out)
         assert (got.double() - _oracle(q, k_cache, v_cache, 40)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_chunk_longer_than_its_sequence_is_refused(monkeypatch, kernels):
+    # seq_lens counts the chunk's own tokens, so 20 queries over 5 keys put 15 queries before position 0;
+    # both paths returned those rows as zeros without an error
+    monkeypatch.setenv("R1FAST_KERNELS", kernels)
+    q, k_cache, v_cache, table, _ = _inputs(1, 20, 5)
+    cu = torch.tensor([0, 0, 20], dtype=torch.int32)
+    table = table.expand(2, -1).contiguous()
+    with pytest.raises(ValueError, match=r"query chunk 1 has 20 queries .* seq_lens\[1\] = 5"):
+        paged_attention(q, k_cache, v_cache, table, torch.tensor([3, 5], dtype=torch.int32), cu_seqlens_q=cu,
+                        max_seqlen_q=20)
+    # a chunk as long as its sequence (a whole prompt) and an empty chunk over an empty sequence are valid
+    got = paged_attention(q, k_cache, v_cache, table, torch.tensor([0, 20], dtype=torch.int32), cu_seqlens_q=cu,
+                          max_seqlen_q=20)
+    assert (got.double() - _oracle(q, k_cache, v_cache, 20)).abs().max() < 1e-5
