@@ -172,11 +172,15 @@ def paged_attention(
     CUDA it would be a host sync per layer): table entries must index existing blocks, seq_lens[b] must fit
     its table row, cu_seqlens_q must run from 0 to T and chunk b may exceed neither ``max_seqlen_q`` nor
     seq_lens[b]. Raises
-    ValueError on bad shapes, dtypes, head dims, block sizes, head counts, ``num_splits`` < 1 or a
-    ``softmax_scale`` that is not a positive finite number, or when grad mode is on and q, a cache or ``out`` requires grad (not
+    ValueError on bad shapes, dtypes, head dims, block sizes, head counts, ``num_splits`` < 1, a ``causal``
+    that is not a bool or a ``softmax_scale`` that is not a positive finite number, or when grad mode is on and q, a cache or ``out`` requires grad (not
     differentiable, see the module docstring). fp64 inputs take the reference and get an fp64 lse.
     """
     _refuse_grad("paged_attention", q=q, k_cache=k_cache, v_cache=v_cache, out=out)
+    if not isinstance(causal, bool):
+        # the flag reaches the kernel as a constexpr and the reference as ``if causal``: None ran a prefill
+        # chunk non-causally on both paths (every query saw the later keys), a string failed in the op schema
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     ref.check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out)
     if values_checkable(q):
         check_table_values("block_table", block_table, "seq_lens", seq_lens, k_cache)

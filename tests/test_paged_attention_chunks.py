@@ -1,5 +1,6 @@
 """Varlen query chunks that disagree with the other arguments: paged_attention refuses them on CPU (both
-backends) instead of returning rows it never wrote or attended from positions that do not exist."""
+backends) instead of returning rows it never wrote or attended from positions that do not exist; and a
+``causal`` flag that is not a bool, which silently ran the chunks non-causally."""
 
 import math
 
@@ -60,3 +61,15 @@ def test_chunk_longer_than_its_sequence_is_refused(monkeypatch, kernels):
     got = paged_attention(q, k_cache, v_cache, table, torch.tensor([0, 20], dtype=torch.int32), cu_seqlens_q=cu,
                           max_seqlen_q=20)
     assert (got.double() - _oracle(q, k_cache, v_cache, 20)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("flag", [None, "no"])
+def test_causal_must_be_a_bool(monkeypatch, kernels, flag):
+    # causal=None gave every query of a 5-token chunk the later keys too (0.37 from the causal result) on both
+    # paths; "no" failed inside the op schema with a RuntimeError
+    monkeypatch.setenv("R1FAST_KERNELS", kernels)
+    q, k_cache, v_cache, table, lens = _inputs(2, 5, 30)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="causal must be True or False"):
+        paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu, max_seqlen_q=5, causal=flag)
