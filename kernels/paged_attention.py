@@ -182,6 +182,8 @@ def paged_attention(
         # chunk non-causally on both paths (every query saw the later keys), a string failed in the op schema
         raise ValueError(f"causal must be True or False, got {causal!r}")
     ref.check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out)
+    if cu_seqlens_q is not None:
+        max_seqlen_q = int(max_seqlen_q)  # the op's schema takes a Python int
     if values_checkable(q):
         check_table_values("block_table", block_table, "seq_lens", seq_lens, k_cache)
         if cu_seqlens_q is not None:

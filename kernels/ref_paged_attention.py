@@ -22,6 +22,7 @@ Semantics shared with the kernels:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -106,7 +107,8 @@ def check_paged_attention_args(q, k_cache, v_cache, block_table, seq_lens, cu_se
             )
         if cu_seqlens_q.device != q.device:
             raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but q is on {q.device}")
-        if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
+        # numpy integers too (np.int64(1) was refused); True is no length (it was taken as 1)
+        if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 1:
             raise ValueError(f"max_seqlen_q must be a positive int (the longest query chunk), got {max_seqlen_q!r}")
     _check_out(out, q)
 

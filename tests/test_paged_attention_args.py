@@ -5,6 +5,7 @@ cascade's explicit softmax_scale (the suite had only run the default 1/sqrt(D)).
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,12 @@ def test_prefill_block_aligned_lengths_ignore_garbage_past_the_last_block(monkey
         s, e = int(cu[b]), int(cu[b + 1])
         want = _oracle(q[s:e], k_cache, v_cache, table[b], int(lens[b]))
         assert torch.allclose(got[s:e].double(), want, atol=2e-5, rtol=1e-5), b
+    # numpy integers (np.int64(5) was refused; True was taken as 1); a bool is no length
+    for longest in (np.int64(5), np.int32(5)):
+        assert torch.equal(paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu, max_seqlen_q=longest),
+                           got)
+    with pytest.raises(ValueError, match="max_seqlen_q must be a positive int"):
+        paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu, max_seqlen_q=True)
 
 
 def _cascade_case():
