@@ -277,7 +277,8 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping):
 
     A negative slot skips that token (padding, as in vLLM). Slots beyond the cache raise ValueError when
     ``slot_mapping`` is on the CPU (reference and Triton interpreter); on CUDA they are not checked (that would
-    need a host sync per layer). The cache's block_size
+    need a host sync per layer). Two tokens with the same slot leave an unspecified mix of their k and v there
+    (the writes race; not checked, as vLLM does not check its slot mapping). The cache's block_size
     must be one ``paged_attention`` reads (a power of two, 8..128; ValueError otherwise). Returns None.
     Not differentiable: ValueError when grad mode is on and k, v or a cache requires grad.
     """
