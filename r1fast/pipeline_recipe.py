@@ -204,7 +204,8 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
         table = t.get("config", {})
         for forced in FORCED_KEYS[kind]:
             head, _, leaf = forced.partition(".")
-            if head in table and (not leaf or leaf in table[head]):
+            # a non-table value there (data = 5) is left to _apply_table's "is a section" error
+            if head in table and (not leaf or (isinstance(table[head], dict) and leaf in table[head])):
                 raise ConfigError(f"stages.{name}.config.{forced}: set by the pipeline from inputs/[pipeline]{where}")
         stage = Stage(name, kind, inputs, table)
         stage.config = _stage_config(recipe, stage, {r: r for refs in inputs.values() for r in refs}, where)

@@ -228,6 +228,10 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace("base:student", "base:pupil", 1), r"names no \[models.pupil\] section"),
         (text.replace("config = { k = 4,", "config = { out = 'x.jsonl', k = 4,"), r"config.out: set by the pipeline"),
         (text.replace("train = { steps = 1, lr = 1e-7 }", "train = { steps = 1, sft_steps = 5 }"), "its own sft stage"),
+        # a scalar where a section goes: a TypeError traceback ('int' is not iterable) from the forced-key check
+        (text.replace("data = { train_size = 6 }", "data = 5", 1), r"stages.teacher_rl.config.data is a section"),
+        (text.replace("data = { train_size = 6 }", "data = 'task'", 1),
+         r"stages.teacher_rl.config.data is a section"),  # not "data.task: set by the pipeline"
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
