@@ -172,14 +172,17 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     check_template(pipe.template, "pipeline.template")  # else named as the first stage's forced config key
     if out_dir is not None:
         pipe.out_dir = out_dir
+    for key, kind, form in (("models", dict, "a table of [models.<family>]"), ("stages", list, "an array of [[stages]]")):
+        if not isinstance(raw.get(key, kind()), kind):  # models = 5: a traceback, not a line naming the key
+            raise ConfigError(f"{key} must be {form} tables{where}")
     models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}
     recipe = Recipe(path, pipe, models, _section(EvalSection, raw.get("eval", {}), "eval", where),
                     _section(ComparisonSection, raw.get("comparison", {}), "comparison", where), [], raw)
     outputs: dict[str, tuple[str, ...]] = {}
     for i, t in enumerate(raw.get("stages", [])):
         key = f"stages[{i}]"
-        if (set(t) - {"name", "kind", "inputs", "config"} or not isinstance(t.get("name"), str)
-                or not all(isinstance(t.get(k, {}), dict) for k in ("inputs", "config"))):
+        if (not isinstance(t, dict) or set(t) - {"name", "kind", "inputs", "config"}
+                or not isinstance(t.get("name"), str) or not all(isinstance(t.get(k, {}), dict) for k in ("inputs", "config"))):
             raise ConfigError(f"{key}: a stage has a string name, a kind, an inputs table and a config table{where}")
         name, kind = t["name"], t.get("kind")
         if kind not in KINDS:

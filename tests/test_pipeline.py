@@ -232,6 +232,10 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace("data = { train_size = 6 }", "data = 5", 1), r"stages.teacher_rl.config.data is a section"),
         (text.replace("data = { train_size = 6 }", "data = 'task'", 1),
          r"stages.teacher_rl.config.data is a section"),  # not "data.task: set by the pipeline"
+        # a traceback each ('int' object is not iterable / has no attribute 'items') before
+        ("stages = 5\n" + text.split("[[stages]]")[0], r"^stages must be an array of \[\[stages\]\] tables"),
+        ("stages = [5]\n" + text.split("[[stages]]")[0], r"^stages\[0\]: a stage has a string name"),
+        ("models = 5\n" + text.split("[models.teacher]")[0], r"^models must be a table of \[models.<family>\] tables"),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
