@@ -48,6 +48,7 @@ from r1fast import distributed as D
 from r1fast.config import Config
 from r1fast.config_io import ConfigError, DataError
 from r1fast.eval import EvalConfig
+from r1fast.pipeline_checks import check_data_sizes, check_external_inputs
 from r1fast.pipeline_data import mix_sft_inputs, run_data_stage
 from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API)
     FORCED_KEYS,
@@ -68,8 +69,6 @@ from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API
     _model_section,
     _section,
     _stage_config,
-    check_data_sizes,
-    check_external_inputs,
     data_files,
     load_recipe,
     optimizer_steps,

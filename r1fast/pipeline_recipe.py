@@ -16,7 +16,7 @@ from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.sft import SFTConfig
-from r1fast.stage_io import check_checkpoint, check_file, check_template
+from r1fast.stage_io import check_template
 
 KINDS = {  # kind -> (input roles: True = a list of refs, outputs)
     "data": ({}, ("cold_start", "prompts", "heldout", "non_reasoning")),
@@ -356,48 +356,8 @@ def _check_comparison(recipe: Recipe) -> None:
                           f"{totals['distilled']}, rl_only {totals['rl_only']}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checks of the stages that will run, before any work (``r1fast.pipeline.run_pipeline``).
-# ---------------------------------------------------------------------------------------------------
-
-
-def check_external_inputs(recipe: Recipe, to_run: list[str]) -> None:
-    """FileNotFoundError naming the key for a missing file: or pretrained base input of a stage that will run,
-    and for a missing ``[eval] data = "file:..."`` (every evaluation and the report read it)."""
-    source, _, what = recipe.eval.data.partition(":")
-    if source == "file":
-        check_file(what, "eval.data")
-    for stage in recipe.stages:
-        if stage.name not in to_run:
-            continue
-        for role, refs in stage.inputs.items():
-            for ref in refs:
-                source, _, what = ref.partition(":")
-                key = f"stages.{stage.name}.inputs.{role}"
-                if source == "file":
-                    (check_checkpoint if role == "model" else check_file)(what, key)
-                elif source == "base" and recipe.models[what].name_or_path != "tiny":
-                    check_checkpoint(recipe.models[what].name_or_path, f"models.{what}.name_or_path")
-
-
 def data_files(c: DataGenConfig) -> dict[str, tuple[int, str, int, dict]]:
     """The generated task files of a data stage: name -> (size, split, seed, difficulty params)."""
     return {"cold_start": (c.cold_start_size, "train", c.seed + 1, c.cold_start_params),
             "prompts": (c.prompts_size, "train", c.seed, c.params),
             "heldout": (c.heldout_size, "heldout", c.seed, c.params)}
-
-
-def check_data_sizes(recipe: Recipe, to_run: list[str]) -> None:
-    """ConfigError naming the key when a data stage that will run asks its task for more distinct items than
-    the difficulty params allow. It generates the files once more (2,200 addition items took 0.05 s; a
-    shortfall gives up after 100 tries per item: 0.25 s for 200), so a later stage never trains first."""
-    for stage in recipe.stages:
-        if stage.name not in to_run or stage.kind != "data":
-            continue
-        c: DataGenConfig = stage.config
-        for name, (n, split, seed, params) in data_files(c).items():
-            try:
-                generate_tasks(c.task, n, seed=seed, split=split, **params)
-            except ValueError as err:
-                raise ConfigError(f"stages.{stage.name}.config.{name}_size={n}: "
-                                  f"{str(err).removeprefix('n: ')}") from err
