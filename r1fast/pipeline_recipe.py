@@ -219,6 +219,7 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     _check_ref(recipe.eval.data, "eval.data", outputs, models)
     _check_eval_data_order(recipe, where)
     _check_base_seeds(recipe, where)
+    _check_tiny_positions(recipe, where)
     _check_comparison(recipe)
     return recipe
 
@@ -235,6 +236,26 @@ def _check_base_seeds(recipe: Recipe, where: str) -> None:
             if seen != seed:
                 raise ConfigError(f"stages.{s.name}: starts from {ref} with seed {seed}, stage {name!r} with seed {seen}: "
                                   f"the tiny model's initial weights come from that seed; give both one seed{where}")
+
+
+def _check_tiny_positions(recipe: Recipe, where: str) -> None:
+    """Completion lengths that leave no room for a prompt in a tiny family's positions (its max_seq_len, known on
+    load): they failed only once the stage, or the evaluation after it, ran (eval.max_new_tokens=100 on max_seq_len
+    64: a DataError after the sft stage before it had trained and saved its model)."""
+    for s in recipe.stages:
+        family = _family(recipe, s.inputs["model"][0]) if "model" in s.inputs else None
+        if family is None or recipe.models[family].name_or_path != "tiny":
+            continue
+        checks = [("eval.max_new_tokens", recipe.eval.max_new_tokens)] if "model" in KINDS[s.kind][1] else []
+        if s.kind == "rl":
+            checks.append((f"stages.{s.name}.config.rollout.max_new_tokens", s.config.rollout.max_new_tokens))
+        if s.kind == "rejection":
+            checks.append((f"stages.{s.name}.config.max_new_tokens", s.config.max_new_tokens))
+        limit = recipe.models[family].max_seq_len
+        for key, n in checks:
+            if n >= limit:
+                raise ConfigError(f"{key}={n} must be < models.{family}.max_seq_len={limit}, the positions of the "
+                                  f"{family} model stage {s.name!r} uses (the prompt needs room){where}")
 
 
 def _check_eval_data_order(recipe: Recipe, where: str) -> None:

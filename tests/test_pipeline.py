@@ -236,6 +236,13 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         ("stages = 5\n" + text.split("[[stages]]")[0], r"^stages must be an array of \[\[stages\]\] tables"),
         ("stages = [5]\n" + text.split("[[stages]]")[0], r"^stages\[0\]: a stage has a string name"),
         ("models = 5\n" + text.split("[models.teacher]")[0], r"^models must be a table of \[models.<family>\] tables"),
+        # lengths the tiny teacher's 64 positions cannot hold failed only when their stage ran, after earlier ones
+        (text.replace("max_new_tokens = 24\nbootstrap", "max_new_tokens = 64\nbootstrap"),
+         r"^eval.max_new_tokens=64 must be < models.teacher.max_seq_len=64, .* stage 'teacher_cold_start' uses"),
+        (text.replace("rollout = { max_new_tokens = 24 }", "rollout = { max_new_tokens = 80 }"),
+         r"^stages.teacher_rl.config.rollout.max_new_tokens=80 must be < models.teacher.max_seq_len=64"),
+        (text.replace("k = 4, max_new_tokens = 24", "k = 4"),  # RejectionConfig's default: 256
+         r"^stages.teacher_rejection.config.max_new_tokens=256 must be < models.teacher.max_seq_len=64"),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
