@@ -155,7 +155,10 @@ def _section(schema: type, table: dict, key: str, where: str):
     _apply_table(obj, table, f"{key}.", where)
     _check_tree(obj, "")
     if hasattr(obj, "validate"):
-        obj.validate()
+        try:
+            obj.validate()
+        except ConfigError as err:  # ModelConfig's rules say "model.num_heads": name the recipe's table and file
+            raise ConfigError(f"{key}: {err}{where}") from None
     return obj
 
 
