@@ -113,7 +113,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str = "") -> Any:
             return value
     elif inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return float(str(value))  # via str: a TOML integer past float's range is inf, not an OverflowError
     elif inner is str:
         if isinstance(value, str):
             return value

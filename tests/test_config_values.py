@@ -50,6 +50,13 @@ def test_non_finite_floats_are_out_of_range_in_toml_and_in_tuples(tmp_path):
     assert _error(str(path)).startswith(f"model.rope_theta: inf is out of range (in {path})")
     path.write_text("[train]\nbetas = [0.9, nan]\n")
     assert _error(str(path)).startswith("train.betas[1]: nan is out of range")
+    huge = "1" + "0" * 400  # a TOML integer past float's range: an OverflowError traceback before
+    path.write_text(f"[train]\nlr = {huge}\nbetas = [-{huge}, 0.9]\n")
+    assert _error(str(path)).startswith(f"train.lr: inf is out of range (in {path})")
+    path.write_text(f"[train]\nbetas = [-{huge}, 0.9]\n")
+    assert _error(str(path)).startswith("train.betas[0]: -inf is out of range")
+    path.write_text(f"[rewards]\nweights = {{accuracy = {huge}}}\n")
+    assert _error(str(path)).startswith(f"rewards.weights.accuracy: inf is out of range (in {path})")
     cfg = Config()
     cfg.grpo.eps_low = float("-inf")  # set in code (the pipeline builds configs so), caught by validate
     with pytest.raises(ConfigError, match=r"^grpo\.eps_low: -inf is out of range; allowed: 0 <= value < 1 \(finite\)"):
