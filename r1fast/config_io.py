@@ -331,7 +331,7 @@ def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
                           "UTF-8, the only encoding TOML allows") from err
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
+    except ValueError as err:  # TOMLDecodeError, or an integer of over 4300 digits (Python's int-from-str limit)
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
 
 

@@ -55,6 +55,8 @@ def test_non_finite_floats_are_out_of_range_in_toml_and_in_tuples(tmp_path):
     assert _error(str(path)).startswith(f"train.lr: inf is out of range (in {path})")
     path.write_text(f"[train]\nbetas = [-{huge}, 0.9]\n")
     assert _error(str(path)).startswith("train.betas[0]: -inf is out of range")
+    path.write_text("[train]\nsteps = " + "1" * 5000 + "\n")  # tomllib's own ValueError escaped as a traceback
+    assert _error(str(path)).startswith(f"{path}: invalid TOML: Exceeds the limit (4300 digits)")
     path.write_text(f"[rewards]\nweights = {{accuracy = {huge}}}\n")
     assert _error(str(path)).startswith(f"rewards.weights.accuracy: inf is out of range (in {path})")
     cfg = Config()
