@@ -16,7 +16,7 @@ from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.sft import SFTConfig
-from r1fast.stage_io import check_template
+from r1fast.stage_io import check_sampling_temperature, check_template
 
 KINDS = {  # kind -> (input roles: True = a list of refs, outputs)
     "data": ({}, ("cold_start", "prompts", "heldout", "non_reasoning")),
@@ -94,8 +94,9 @@ class EvalSection:
     """Reference to the held-out JSONL."""
     k: int = bounded(4, ge=1)
     """Samples per prompt for pass@1 (averaged over k) and pass@k."""
-    temperature: float = bounded(0.6, gt=0)
-    """Sampling temperature (R1 evaluated at 0.6)."""
+    temperature: float = bounded(0.6, ge=0)
+    """Sampling temperature (R1 evaluated at 0.6); 0 = greedy (the k samples are then identical), else at least
+    1e-5 (r1fast.eval's rule)."""
     top_p: float = bounded(0.95, gt=0, le=1)
     """Nucleus mass (R1: 0.95)."""
     max_new_tokens: int = bounded(64, ge=1)
@@ -105,6 +106,10 @@ class EvalSection:
     require_answer_tag: bool = True
     """Grade math only inside <answer>...</answer> (as rewards.require_answer_tag in the rl stages); false for
     models that answer outside the R1 tags (R1-Distill, QwQ: '... </think> The answer is \\boxed{7}.')."""
+
+    def validate(self) -> None:
+        # r1fast.eval's rule, checked on load: 1e-6 failed in the evaluation after the first stage had trained
+        check_sampling_temperature(self.temperature, "temperature")
 
 
 @dataclass
