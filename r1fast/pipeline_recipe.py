@@ -180,7 +180,8 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     check_template(pipe.template, "pipeline.template")  # else named as the first stage's forced config key
     if out_dir is not None:
         pipe.out_dir = out_dir
-    for key, kind, form in (("models", dict, "a table of [models.<family>]"), ("stages", list, "an array of [[stages]]")):
+    for key, kind, form in (("models", dict, "a table of [models.<family>]"),
+                            ("stages", list, "an array of [[stages]]")):
         if not isinstance(raw.get(key, kind()), kind):  # models = 5: a traceback, not a line naming the key
             raise ConfigError(f"{key} must be {form} tables{where}")
     models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}
@@ -190,7 +191,8 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     for i, t in enumerate(raw.get("stages", [])):
         key = f"stages[{i}]"
         if (not isinstance(t, dict) or set(t) - {"name", "kind", "inputs", "config"}
-                or not isinstance(t.get("name"), str) or not all(isinstance(t.get(k, {}), dict) for k in ("inputs", "config"))):
+                or not isinstance(t.get("name"), str)
+                or not all(isinstance(t.get(k, {}), dict) for k in ("inputs", "config"))):
             raise ConfigError(f"{key}: a stage has a string name, a kind, an inputs table and a config table{where}")
         name, kind = t["name"], t.get("kind")
         if kind not in KINDS:
@@ -204,8 +206,12 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
             if role not in roles:
                 raise ConfigError(f"stages.{name}.inputs.{role}: unknown input; {kind} takes {', '.join(roles)}")
             refs = ref if roles[role] else [ref]
-            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-                raise ConfigError(f"stages.{name}.inputs.{role}: expected {'a list of refs' if roles[role] else 'a ref'}")
+            # an empty sft data list loaded and failed when the stage ran, on the train.jsonl the pipeline names
+            if (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)
+                    or not (refs or role in OPTIONAL_ROLES)):
+                what = ("a ref" if not roles[role] else "a list of refs" if role in OPTIONAL_ROLES
+                        else "a non-empty list of refs")
+                raise ConfigError(f"stages.{name}.inputs.{role}: expected {what}{where}")
             for r in refs:
                 _check_ref(r, f"stages.{name}.inputs.{role}", outputs, models)
             inputs[role] = refs

@@ -247,6 +247,8 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
          r"^models.teacher: model.num_heads=3 must divide model.hidden_size=32 .*\(in .*recipe.toml\)$"),
         (text.replace("[eval]\n", "[eval]\ntemperature = 1e-6\n"), r"^eval: temperature=1e-06 is below 1e-05, .* \(in "),
         (text.replace("[eval]\n", "[eval]\ntemperature = -1.0\n"), r"^eval.temperature: -1.0 is out of range"),
+        (text.replace('data = ["data:cold_start"]', "data = []", 1),
+         r"^stages.teacher_cold_start.inputs.data: expected a non-empty list of refs \(in "),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
