@@ -213,7 +213,7 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
                         else "a non-empty list of refs")
                 raise ConfigError(f"stages.{name}.inputs.{role}: expected {what}{where}")
             for r in refs:
-                _check_ref(r, f"stages.{name}.inputs.{role}", outputs, models)
+                _check_ref(r, f"stages.{name}.inputs.{role}", outputs, models, model_role=role == "model")
             inputs[role] = refs
         missing = [r for r in roles if r not in inputs and r not in OPTIONAL_ROLES]
         if missing:
@@ -284,7 +284,9 @@ def _check_eval_data_order(recipe: Recipe, where: str) -> None:
                           f"first stage whose model is evaluated; declare {source!r} before it{where}")
 
 
-def _check_ref(ref: str, key: str, outputs: dict, models: dict) -> None:
+def _check_ref(ref: str, key: str, outputs: dict, models: dict, model_role: bool = False) -> None:
+    """``ref`` names something that exists by then, and a model for a model input, data otherwise (``model_role``):
+    an rl stage's model = "data:prompts" loaded and failed when the stage ran, after the stages before it."""
     source, sep, what = ref.partition(":")
     if not sep or not what:
         raise ConfigError(f"{key}: {ref!r} is not a reference (base:<family>, <stage>:<output>, file:<path>)")
@@ -295,6 +297,10 @@ def _check_ref(ref: str, key: str, outputs: dict, models: dict) -> None:
             raise ConfigError(f"{key}: {ref!r} names no earlier stage {source!r}")
         if what not in outputs[source]:
             raise ConfigError(f"{key}: stage {source!r} has no output {what!r} (it has {', '.join(outputs[source])})")
+    is_model = source == "base" or (source != "file" and what == "model")  # a file: may be either
+    if source != "file" and is_model != model_role:
+        raise ConfigError(f"{key}: {ref!r} is {'a model' if is_model else 'a data file'}; this input takes "
+                          f"{'a model' if model_role else 'a data file'}")
 
 
 def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: str = ""):

@@ -249,6 +249,12 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace("[eval]\n", "[eval]\ntemperature = -1.0\n"), r"^eval.temperature: -1.0 is out of range"),
         (text.replace('data = ["data:cold_start"]', "data = []", 1),
          r"^stages.teacher_cold_start.inputs.data: expected a non-empty list of refs \(in "),
+        # a model where data goes and back: loaded, then failed when the stage ran (or evaluated)
+        (text.replace('"teacher_cold_start:model", prompts', '"data:prompts", prompts'),
+         r"^stages.teacher_rl.inputs.model: 'data:prompts' is a data file; this input takes a model$"),
+        (text.replace('data = ["data:cold_start"]', 'data = ["base:student"]', 1),
+         r"^stages.teacher_cold_start.inputs.data: 'base:student' is a model; this input takes a data file$"),
+        (text.replace("[eval]\n", '[eval]\ndata = "teacher_cold_start:model"\n'), r"^eval.data: .* is a model;"),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
