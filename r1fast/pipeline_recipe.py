@@ -254,8 +254,8 @@ def _check_base_seeds(recipe: Recipe, where: str) -> None:
 
 def _check_tiny_positions(recipe: Recipe, where: str) -> None:
     """Completion lengths that leave no room for a prompt in a tiny family's positions (its max_seq_len, known on
-    load): they failed only once the stage, or the evaluation after it, ran (eval.max_new_tokens=100 on max_seq_len
-    64: a DataError after the sft stage before it had trained and saved its model)."""
+    load), and an sft max_seq_len past them: they failed only once the stage, or the evaluation after it, ran
+    (eval.max_new_tokens=100 on max_seq_len 64: a DataError after the sft stage before it had trained and saved)."""
     for s in recipe.stages:
         family = _family(recipe, s.inputs["model"][0]) if "model" in s.inputs else None
         if family is None or recipe.models[family].name_or_path != "tiny":
@@ -266,6 +266,9 @@ def _check_tiny_positions(recipe: Recipe, where: str) -> None:
         if s.kind == "rejection":
             checks.append((f"stages.{s.name}.config.max_new_tokens", s.config.max_new_tokens))
         limit = recipe.models[family].max_seq_len
+        if s.kind == "sft" and s.config.max_seq_len is not None and s.config.max_seq_len > limit:
+            raise ConfigError(f"stages.{s.name}.config.max_seq_len={s.config.max_seq_len} exceeds models.{family}."
+                              f"max_seq_len={limit}, the positions of the model this stage trains{where}")
         for key, n in checks:
             if n >= limit:
                 raise ConfigError(f"{key}={n} must be < models.{family}.max_seq_len={limit}, the positions of the "

@@ -241,6 +241,8 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
          r"^eval.max_new_tokens=64 must be < models.teacher.max_seq_len=64, .* stage 'teacher_cold_start' uses"),
         (text.replace("rollout = { max_new_tokens = 24 }", "rollout = { max_new_tokens = 80 }"),
          r"^stages.teacher_rl.config.rollout.max_new_tokens=80 must be < models.teacher.max_seq_len=64"),
+        (text.replace("config = { steps = 2, batch_size = 2 }", "config = { steps = 2, batch_size = 2, max_seq_len = 65 }"),
+         r"^stages.teacher_sft_base.config.max_seq_len=65 exceeds models.teacher.max_seq_len=64"),
         (text.replace("k = 4, max_new_tokens = 24", "k = 4"),  # RejectionConfig's default: 256
          r"^stages.teacher_rejection.config.max_new_tokens=256 must be < models.teacher.max_seq_len=64"),
         (text.replace("num_heads = 2", "num_heads = 3", 1),  # said only "model.num_heads=3 must divide ..."
