@@ -14,6 +14,7 @@ from r1fast.config import Config, ModelConfig, check_dir_name
 from r1fast.config_io import ConfigError, _apply_table, _check_tree, bounded, read_toml
 from r1fast.data import MIXTURES, TASKS, generate_tasks
 from r1fast.rejection import RejectionConfig
+from r1fast.rewards_setup import build_scorer
 from r1fast.seeding import SEED_MAX, SEED_MIN
 from r1fast.sft import SFTConfig
 from r1fast.stage_io import check_sampling_temperature, check_template
@@ -325,7 +326,12 @@ def _stage_config(recipe: Recipe, stage: Stage, paths: dict[str, str], where: st
         d.task, d.template, d.eval_size, t.out_dir, t.name = ins["prompts"][0], p.template, 0, run_dir, stage.name
         if t.sft_steps:
             raise ConfigError(f"{key}.train.sft_steps={t.sft_steps}: cold-start SFT is its own sft stage here")
-        return _validated(cfg, key, where)
+        cfg = _validated(cfg, key, where)
+        try:  # reward names and parameters: r1fast.train checks them only once the stage runs, after earlier ones
+            build_scorer(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}{where}") from None
+        return cfg
     cfg = RejectionConfig(checkpoint=ins["model"][0], data=ins["prompts"][0], template=p.template,
                           out=os.path.join(run_dir, stage.name, "kept.jsonl"), decontaminate=tuple(ins.get("decontaminate", ())))
     _apply_table(cfg, stage.table, key + ".", where)

@@ -257,6 +257,8 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace('data = ["data:cold_start"]', 'data = ["base:student"]', 1),
          r"^stages.teacher_cold_start.inputs.data: 'base:student' is a model; this input takes a data file$"),
         (text.replace("[eval]\n", '[eval]\ndata = "teacher_cold_start:model"\n'), r"^eval.data: .* is a model;"),
+        (text.replace("weights = { accuracy = 1.0,", "weights = { acuracy = 1.0,"),  # refused once teacher_rl ran
+         r"^stages.teacher_rl.config.rewards.weights.acuracy: unknown reward; known: .* \(in "),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
