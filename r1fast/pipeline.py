@@ -48,7 +48,7 @@ from r1fast import distributed as D
 from r1fast.config import Config
 from r1fast.config_io import ConfigError, DataError
 from r1fast.eval import EvalConfig
-from r1fast.pipeline_checks import check_data_sizes, check_external_inputs
+from r1fast.pipeline_checks import check_batch_splits, check_data_sizes, check_external_inputs
 from r1fast.pipeline_data import mix_sft_inputs, run_data_stage
 from r1fast.pipeline_recipe import (  # noqa: F401  (re-exported: the recipe API)
     FORCED_KEYS,
@@ -343,6 +343,7 @@ def run_pipeline(recipe_path: str, *, out_dir: str | None = None) -> dict:
     to_run = D.broadcast_object(plan(recipe) if D.rank() == 0 else None)
     check_external_inputs(recipe, to_run)
     check_data_sizes(recipe, to_run)
+    check_batch_splits(recipe, to_run, D.world_size())
     if D.rank() == 0:
         os.makedirs(recipe.run_dir, exist_ok=True)
     markers = {s.name: _marker(recipe, s) for s in recipe.stages if s.name not in to_run}

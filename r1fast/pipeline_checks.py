@@ -1,6 +1,6 @@
 """Checks of the stages a pipeline run will run, before any work (``r1fast.pipeline.run_pipeline``): the files
-they read from outside the pipeline and the sizes its data stages ask of their tasks. The recipe's own checks run
-when it loads (``r1fast.pipeline_recipe.load_recipe``)."""
+they read from outside the pipeline, the sizes its data stages ask of their tasks and the batches its ranks split.
+The recipe's own checks run when it loads (``r1fast.pipeline_recipe.load_recipe``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from r1fast.data import generate_tasks
 from r1fast.pipeline_recipe import DataGenConfig, Recipe, data_files
 from r1fast.stage_io import check_checkpoint, check_file
 
-__all__ = ["check_data_sizes", "check_external_inputs"]
+__all__ = ["check_batch_splits", "check_data_sizes", "check_external_inputs"]
 
 
 def check_external_inputs(recipe: Recipe, to_run: list[str]) -> None:
@@ -45,3 +45,16 @@ def check_data_sizes(recipe: Recipe, to_run: list[str]) -> None:
             except ValueError as err:
                 raise ConfigError(f"stages.{stage.name}.config.{name}_size={n}: "
                                   f"{str(err).removeprefix('n: ')}") from err
+
+
+def check_batch_splits(recipe: Recipe, to_run: list[str], world: int) -> None:
+    """ConfigError naming the key when a training stage that will run has a batch ``world`` ranks cannot split
+    evenly. r1fast.sft and r1fast.train refuse it only when they start: a later stage's, after the stages before
+    it had trained."""
+    for stage in recipe.stages:
+        if stage.name not in to_run or stage.kind not in ("sft", "rl"):
+            continue
+        key, n = (("batch_size", stage.config.batch_size) if stage.kind == "sft"
+                  else ("grpo.prompts_per_step", stage.config.grpo.prompts_per_step))
+        if n % world:
+            raise ConfigError(f"stages.{stage.name}.config.{key}={n} must be divisible by the {world} ranks")

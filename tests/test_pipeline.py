@@ -276,6 +276,21 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
             P.load_recipe(_recipe(tmp_path, bad))
 
 
+def test_a_batch_the_ranks_cannot_split_is_refused_before_any_work(tmp_path, monkeypatch):
+    """r1fast.sft and r1fast.train refuse an uneven batch only when they start: on 4 ranks the data stage and
+    teacher_cold_start (batch 4) ran before teacher_rl's grpo.prompts_per_step=2 was refused."""
+    from r1fast.pipeline_checks import check_batch_splits
+
+    recipe = _recipe(tmp_path)
+    check_batch_splits(P.load_recipe(recipe), STAGES, 2)  # every batch of the micro recipe splits over 2 ranks
+    check_batch_splits(P.load_recipe(recipe), STAGES[:2], 4)  # only the stages that will run are checked
+    monkeypatch.setattr(P.D, "world_size", lambda: 4)  # what the check sees; nothing here runs a collective
+    with pytest.raises(ConfigError, match=r"^stages\.teacher_rl\.config\.grpo\.prompts_per_step=2 must be divisible "
+                                          r"by the 4 ranks$"):
+        P.run_pipeline(recipe)
+    assert not (tmp_path / "runs" / "micro" / "data").exists()
+
+
 def test_empty_kept_set_stops_the_pipeline_naming_stage_and_counts(tmp_path):
     recipe = _recipe(tmp_path, cold_steps=1, cold_lr=1e-6)  # an untrained teacher answers nothing correctly
     with pytest.raises(P.PipelineError, match=r"stage 'teacher_rejection' \(rejection\) kept no trace.*"
