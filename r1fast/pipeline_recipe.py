@@ -181,10 +181,9 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     check_template(pipe.template, "pipeline.template")  # else named as the first stage's forced config key
     if out_dir is not None:
         pipe.out_dir = out_dir
-    for key, kind, form in (("models", dict, "a table of [models.<family>]"),
-                            ("stages", list, "an array of [[stages]]")):
-        if not isinstance(raw.get(key, kind()), kind):  # models = 5: a traceback, not a line naming the key
-            raise ConfigError(f"{key} must be {form} tables{where}")
+    for k, kind, form in (("models", dict, "a table of [models.<family>]"), ("stages", list, "an array of [[stages]]")):
+        if not isinstance(raw.get(k, kind()), kind):  # models = 5: a traceback, not a line naming the key
+            raise ConfigError(f"{k} must be {form} tables{where}")
     models = {name: _section(ModelConfig, t, f"models.{name}", where) for name, t in raw.get("models", {}).items()}
     recipe = Recipe(path, pipe, models, _section(EvalSection, raw.get("eval", {}), "eval", where),
                     _section(ComparisonSection, raw.get("comparison", {}), "comparison", where), [], raw)
@@ -254,9 +253,8 @@ def _check_base_seeds(recipe: Recipe, where: str) -> None:
 
 
 def _check_tiny_positions(recipe: Recipe, where: str) -> None:
-    """Completion lengths that leave no room for a prompt in a tiny family's positions (its max_seq_len, known on
-    load), and an sft max_seq_len past them: they failed only once the stage, or the evaluation after it, ran
-    (eval.max_new_tokens=100 on max_seq_len 64: a DataError after the sft stage before it had trained and saved)."""
+    """Lengths a tiny family's positions (max_seq_len, known on load) cannot hold: a completion that leaves a prompt
+    no room, an sft max_seq_len past them; they failed once the stage or its evaluation ran, after earlier stages."""
     for s in recipe.stages:
         family = _family(recipe, s.inputs["model"][0]) if "model" in s.inputs else None
         if family is None or recipe.models[family].name_or_path != "tiny":
@@ -358,6 +356,9 @@ def _check_task(cfg: DataGenConfig, key: str, where: str) -> DataGenConfig:
             generate_tasks(cfg.task, 1, seed=cfg.seed, **getattr(cfg, name))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{key}.{name}: {err}{where}") from err
+    if cfg.non_reasoning_digits[0] > cfg.non_reasoning_digits[1]:  # random.randint's traceback when the stage ran
+        raise ConfigError(f"{key}.non_reasoning_digits: {list(cfg.non_reasoning_digits)} is not [shortest, "
+                          f"longest]{where}")
     return cfg
 
 

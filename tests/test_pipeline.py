@@ -259,6 +259,8 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
         (text.replace("[eval]\n", '[eval]\ndata = "teacher_cold_start:model"\n'), r"^eval.data: .* is a model;"),
         (text.replace("weights = { accuracy = 1.0,", "weights = { acuracy = 1.0,"),  # refused once teacher_rl ran
          r"^stages.teacher_rl.config.rewards.weights.acuracy: unknown reward; known: .* \(in "),
+        (text.replace("non_reasoning_digits = [1, 2]", "non_reasoning_digits = [2, 1]"),  # randint's traceback
+         r"^stages.data.config.non_reasoning_digits: \[2, 1\] is not \[shortest, longest\] \(in "),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
