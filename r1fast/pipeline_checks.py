@@ -1,15 +1,16 @@
 """Checks of the stages a pipeline run will run, before any work (``r1fast.pipeline.run_pipeline``): the files
 they read from outside the pipeline, the sizes its data stages ask of their tasks and the batches its ranks split.
-The recipe's own checks run when it loads (``r1fast.pipeline_recipe.load_recipe``)."""
+The recipe's own checks run when it loads (``r1fast.pipeline_recipe.load_recipe``), ``check_tiny_positions`` among
+them."""
 
 from __future__ import annotations
 
 from r1fast.config_io import ConfigError
 from r1fast.data import generate_tasks
-from r1fast.pipeline_recipe import DataGenConfig, Recipe, data_files
+from r1fast.pipeline_recipe import KINDS, DataGenConfig, Recipe, _family, data_files
 from r1fast.stage_io import check_checkpoint, check_file
 
-__all__ = ["check_batch_splits", "check_data_sizes", "check_external_inputs"]
+__all__ = ["check_batch_splits", "check_data_sizes", "check_external_inputs", "check_tiny_positions"]
 
 
 def check_external_inputs(recipe: Recipe, to_run: list[str]) -> None:
@@ -58,3 +59,25 @@ def check_batch_splits(recipe: Recipe, to_run: list[str], world: int) -> None:
                   else ("grpo.prompts_per_step", stage.config.grpo.prompts_per_step))
         if n % world:
             raise ConfigError(f"stages.{stage.name}.config.{key}={n} must be divisible by the {world} ranks")
+
+
+def check_tiny_positions(recipe: Recipe, where: str) -> None:
+    """Lengths a tiny family's positions (max_seq_len, known on load) cannot hold: a completion that leaves a prompt
+    no room, an sft max_seq_len past them; they failed once the stage or its evaluation ran, after earlier stages."""
+    for s in recipe.stages:
+        family = _family(recipe, s.inputs["model"][0]) if "model" in s.inputs else None
+        if family is None or recipe.models[family].name_or_path != "tiny":
+            continue
+        checks = [("eval.max_new_tokens", recipe.eval.max_new_tokens)] if "model" in KINDS[s.kind][1] else []
+        if s.kind == "rl":
+            checks.append((f"stages.{s.name}.config.rollout.max_new_tokens", s.config.rollout.max_new_tokens))
+        if s.kind == "rejection":
+            checks.append((f"stages.{s.name}.config.max_new_tokens", s.config.max_new_tokens))
+        limit = recipe.models[family].max_seq_len
+        if s.kind == "sft" and s.config.max_seq_len is not None and s.config.max_seq_len > limit:
+            raise ConfigError(f"stages.{s.name}.config.max_seq_len={s.config.max_seq_len} exceeds models.{family}."
+                              f"max_seq_len={limit}, the positions of the model this stage trains{where}")
+        for key, n in checks:
+            if n >= limit:
+                raise ConfigError(f"{key}={n} must be < models.{family}.max_seq_len={limit}, the positions of the "
+                                  f"{family} model stage {s.name!r} uses (the prompt needs room){where}")

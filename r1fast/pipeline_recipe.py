@@ -170,6 +170,8 @@ def _section(schema: type, table: dict, key: str, where: str):
 
 def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     """Parse and validate ``path``: sections, stage kinds, references, configs, the comparison's budget."""
+    from r1fast.pipeline_checks import check_tiny_positions  # (that module imports this one)
+
     raw = read_toml(path, "recipe")  # one-line errors: unreadable, not UTF-8, invalid TOML
     where = f" (in {path})"
     unknown = set(raw) - {"pipeline", "models", "eval", "comparison", "stages"}
@@ -233,7 +235,7 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
     _check_ref(recipe.eval.data, "eval.data", outputs, models)
     _check_eval_data_order(recipe, where)
     _check_base_seeds(recipe, where)
-    _check_tiny_positions(recipe, where)
+    check_tiny_positions(recipe, where)
     _check_comparison(recipe)
     return recipe
 
@@ -250,28 +252,6 @@ def _check_base_seeds(recipe: Recipe, where: str) -> None:
             if seen != seed:
                 raise ConfigError(f"stages.{s.name}: starts from {ref} with seed {seed}, stage {name!r} with seed {seen}: "
                                   f"the tiny model's initial weights come from that seed; give both one seed{where}")
-
-
-def _check_tiny_positions(recipe: Recipe, where: str) -> None:
-    """Lengths a tiny family's positions (max_seq_len, known on load) cannot hold: a completion that leaves a prompt
-    no room, an sft max_seq_len past them; they failed once the stage or its evaluation ran, after earlier stages."""
-    for s in recipe.stages:
-        family = _family(recipe, s.inputs["model"][0]) if "model" in s.inputs else None
-        if family is None or recipe.models[family].name_or_path != "tiny":
-            continue
-        checks = [("eval.max_new_tokens", recipe.eval.max_new_tokens)] if "model" in KINDS[s.kind][1] else []
-        if s.kind == "rl":
-            checks.append((f"stages.{s.name}.config.rollout.max_new_tokens", s.config.rollout.max_new_tokens))
-        if s.kind == "rejection":
-            checks.append((f"stages.{s.name}.config.max_new_tokens", s.config.max_new_tokens))
-        limit = recipe.models[family].max_seq_len
-        if s.kind == "sft" and s.config.max_seq_len is not None and s.config.max_seq_len > limit:
-            raise ConfigError(f"stages.{s.name}.config.max_seq_len={s.config.max_seq_len} exceeds models.{family}."
-                              f"max_seq_len={limit}, the positions of the model this stage trains{where}")
-        for key, n in checks:
-            if n >= limit:
-                raise ConfigError(f"{key}={n} must be < models.{family}.max_seq_len={limit}, the positions of the "
-                                  f"{family} model stage {s.name!r} uses (the prompt needs room){where}")
 
 
 def _check_eval_data_order(recipe: Recipe, where: str) -> None:
