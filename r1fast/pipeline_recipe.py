@@ -199,8 +199,11 @@ def load_recipe(path: str, *, out_dir: str | None = None) -> Recipe:
         name, kind = t["name"], t.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"stages.{name}.kind: {kind!r} is not one of {', '.join(KINDS)}{where}")
-        if name in outputs or ":" in name or name in ("base", "file"):
-            raise ConfigError(f"stages.{name}: stage names must be unique and not contain ':'{where}")
+        # the run directory's own files: a stage named report.md ran every stage, then the report hit its directory
+        if name in outputs or ":" in name or name in ("base", "file", "lineage.json", "report.json", "report.md",
+                                                      ".lock"):
+            raise ConfigError(f"stages.{name}: stage names must be unique, without ':', and none of base, file and the "
+                              f"run directory's own lineage.json, report.json, report.md, .lock{where}")
         check_dir_name(name, f"stages[{i}].name")  # each stage writes to <run dir>/<name>
         roles, _ = KINDS[kind]
         inputs = {}

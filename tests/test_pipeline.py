@@ -261,6 +261,7 @@ def test_recipe_errors_are_caught_on_load(tmp_path):
          r"^stages.teacher_rl.config.rewards.weights.acuracy: unknown reward; known: .* \(in "),
         (text.replace("non_reasoning_digits = [1, 2]", "non_reasoning_digits = [2, 1]"),  # randint's traceback
          r"^stages.data.config.non_reasoning_digits: \[2, 1\] is not \[shortest, longest\] \(in "),
+        (text.replace('"student_distill"', '"report.md"'), r"^stages.report.md: stage names must be unique, without"),
         (MICRO.format(out=tmp_path / "runs", **{**DEFAULTS, "student_rl_steps": 2}), r"same total optimizer steps; distilled takes 3, rl_only 4"),
         (text.replace('kind = "rejection"', 'kind = "reject"'), r"'reject' is not one of"),
         (text.replace("k = 4, max_new_tokens", "k = 0, max_new_tokens"), r"stages.teacher_rejection.config.k"),
