@@ -258,6 +258,12 @@ def write_outputs(out_dir: str, metrics: dict, records: list[dict], cfg: EvalCon
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.data``; returns the metrics. Missing paths fail before any work."""
     cfg.validate()
+    if cfg.out is not None:  # a file at out (or above it) failed os.makedirs only after the whole evaluation
+        existing = os.path.abspath(cfg.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"out: {existing!r} is a file; out names a directory (eval.json, eval.md, samples.jsonl)")
     check_checkpoint(cfg.model, "model")
     check_file(cfg.data, "data")
     from r1fast.rollout import Engine

@@ -163,6 +163,16 @@ def test_missing_checkpoint_fails_before_work(tmp_path, monkeypatch, capsys):
         load_config(None, ["--model", "m", "--data", data, "--k", "0"], schema=EvalConfig)
 
 
+def test_an_out_that_cannot_be_a_directory_fails_before_work(tmp_path, monkeypatch, capsys):
+    """eval.json and the rest are written after the evaluation: a file at --out was a FileExistsError traceback
+    then, the whole evaluation lost."""
+    data = _heldout(tmp_path / "heldout.jsonl", n=1)
+    for out in (data, f"{data}/sub"):  # the file itself, or a path through it
+        assert main(["--model", str(tmp_path / "nope"), "--data", data, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"r1fast.eval: error: out: {data!r} is a file;") and err.strip().count("\n") == 0
+
+
 def test_missing_data_file_fails_before_model_load(tmp_path, tiny_checkpoint, monkeypatch):
     import r1fast.eval as ev
 
