@@ -161,6 +161,13 @@ class RejectionConfig:
         for key, path in [("data", self.data), *(("decontaminate", p) for p in self.decontaminate)]:
             if os.path.abspath(path) == os.path.abspath(self.out):  # run_rejection removes out before sampling
                 raise ConfigError(f"out: {self.out!r} is also the {key} input; it would be deleted")
+        # a directory at out was an IsADirectoryError traceback (removing it), a file above it one after sampling
+        existing = os.path.abspath(self.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if os.path.isdir(existing) == (existing == os.path.abspath(self.out)):
+            raise ConfigError(f"out: {existing!r} is a {'directory' if os.path.isdir(existing) else 'file'}; out names "
+                              "the JSONL file of kept traces, in a directory")
         return self
 
 

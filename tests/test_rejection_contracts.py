@@ -2,6 +2,7 @@
 and config checks that must fail before any model loads."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -97,6 +98,17 @@ def test_out_naming_the_data_file_by_another_spelling_is_refused(tmp_path, monke
         RejectionConfig(checkpoint="c", data=str(data), out="d.jsonl").validate()
     with pytest.raises(ConfigError, match="out"):
         RejectionConfig(checkpoint="c", data="d.jsonl", out="./d.jsonl").validate()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_sampling(tmp_path):
+    """A directory at out was an IsADirectoryError traceback; a file above out one after all the sampling."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=rf"^out: {re.escape(repr(str(tmp_path)))} is a directory; out names"):
+        RejectionConfig(checkpoint="c", data=str(data), out=str(tmp_path)).validate()
+    with pytest.raises(ConfigError, match=rf"^out: {re.escape(repr(str(data)))} is a file; out names"):
+        RejectionConfig(checkpoint="c", data=str(data), out=str(data / "kept.jsonl")).validate()
+    RejectionConfig(checkpoint="c", data=str(data), out=str(tmp_path / "new" / "kept.jsonl")).validate()
 
 
 def test_written_records_carry_each_traces_provenance(tmp_path):
