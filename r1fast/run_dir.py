@@ -43,10 +43,15 @@ def _flock(path: str, run_dir: str, error: type[Exception]):
     return handle
 
 
-def lock_run_dir(run_dir: str, error: type[Exception] = RuntimeError):
+def lock_run_dir(run_dir: str, error: type[Exception] = RuntimeError,
+                 keys: tuple[str, str] = ("pipeline.out_dir", "pipeline.name")):
     """An exclusive lock on ``<run_dir>/.lock``, held while the returned file stays open (the OS drops it
     at exit): two pipeline invocations on one run directory deleted each other's stages (one died with a
-    checkpoint directory gone). Raises ``error`` naming the holder when another process holds it."""
+    checkpoint directory gone). Raises ``error`` naming the holder when another process holds it, and naming
+    ``keys`` (as ``lock_beside``) when a file is where the run directory or one above it belongs."""
+    refusal = _file_in_the_way(run_dir, keys)  # os.makedirs's NotADirectoryError traceback before
+    if refusal is not None:
+        raise error(refusal)
     os.makedirs(run_dir, exist_ok=True)
     return _flock(os.path.join(run_dir, ".lock"), run_dir, error)
 

@@ -186,3 +186,18 @@ def test_a_file_where_the_run_directory_belongs_is_one_line_before_the_model_loa
     assert len(err) == 1 and err[0].startswith("r1fast.train: error: train.name: the run directory"), err
     assert (tmp_path / "taken").read_text() == "a file"
 
+
+def test_a_file_where_the_pipeline_run_directory_belongs_is_one_line(tmp_path, capsys):
+    """r1fast.pipeline --out_dir FILE (or [pipeline] out_dir) was a NotADirectoryError traceback from os.makedirs."""
+    from r1fast import pipeline as P
+
+    (tmp_path / "taken").write_text("a file")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[pipeline]\nname = "taken"\n[[stages]]\nname = "data"\nkind = "data"\n')
+    assert P.main(["--recipe", str(recipe), "--out_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"r1fast.pipeline: error: pipeline.name: the run directory {tmp_path / 'taken'} is a file, not a "
+                   "directory; move it or choose another pipeline.name"], err
+    assert P.main(["--recipe", str(recipe), "--out_dir", str(tmp_path / "taken" / "runs")]) == 1
+    assert capsys.readouterr().err.startswith(f"r1fast.pipeline: error: pipeline.out_dir: {tmp_path / 'taken'} is a file")
+
