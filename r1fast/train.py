@@ -106,9 +106,9 @@ class Trainer:
         all_prompts, all_samples = self.train_prompt_ids + self.eval_prompt_ids, self.train_samples + self.eval_samples
         if cfg.rollout.num_blocks is not None:  # its size is known now; otherwise once the engine sized it
             fit_kv_cache(cfg, all_prompts, all_samples, cfg.rollout.num_blocks * cfg.rollout.block_size)
+        self.sft_samples = fit_lengths(cfg, self.tokenizer, all_prompts, self.sft_samples, all_samples)
         self.model = model = build_model(cfg, self.tokenizer, dist.device, master)
         self.stop_ids = stop_token_ids(self.tokenizer, model.args)
-        self.sft_samples = fit_lengths(cfg, self.tokenizer, model, all_prompts, self.sft_samples, all_samples)
         self.mesh = build_mesh(dist.device.type, dist.world_size, dist.local_world_size,
                                one_rank=param_dtype is not None) if cfg.parallel.fsdp else None
         self.ref_root, ref = None, None

@@ -86,14 +86,18 @@ def check_batch_split(cfg: Config, world: int) -> None:
             raise ConfigError(f"{key}={value} must be divisible by the {world} ranks")
 
 
-def fit_lengths(cfg: Config, tokenizer, model, prompt_ids: list[list[int]], sft_samples: list[dict],
+def fit_lengths(cfg: Config, tokenizer, prompt_ids: list[list[int]], sft_samples: list[dict],
                 prompt_samples: list[dict]) -> list[dict]:
     """Check that every prompt plus ``rollout.max_new_tokens`` fits the model's positions (ConfigError if not,
     naming the first too-long prompts by their sample ``id`` from ``prompt_samples``: a JSONL file's path:line);
     return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
-    ``r1fast.sft`` drops them; ConfigError when none is left)."""
-    limit = model.args.max_position_embeddings
-    source = "model.max_seq_len" if cfg.model.name_or_path == "tiny" else "max_position_embeddings in its config.json"
+    ``r1fast.sft`` drops them; ConfigError when none is left). The positions are the tiny model's max_seq_len or
+    config.json's, read before the model loads: an HF model's refusal came only after its load (minutes for a 7B)."""
+    from r1fast.model_config import ModelArgs
+
+    tiny = cfg.model.name_or_path == "tiny"
+    limit = cfg.model.max_seq_len if tiny else ModelArgs.from_dir(cfg.model.name_or_path).max_position_embeddings
+    source = "model.max_seq_len" if tiny else "max_position_embeddings in its config.json"
     where = f"the model holds {limit} positions ({source})"
     budget = limit - cfg.rollout.max_new_tokens
     too_long = [(i, len(p)) for i, p in enumerate(prompt_ids) if len(p) > budget]

@@ -46,19 +46,16 @@ def test_no_evaluation_set_reports_no_accuracy(tmp_path, monkeypatch):
 
 def test_too_long_prompts_are_named_by_file_line():
     """One 809-token prompt in a 7.5k-line MATH export stopped the run without saying which line it was."""
-    from types import SimpleNamespace
-
     from r1fast.train_checks import fit_lengths
 
-    cfg = tiny_config("/tmp", "--rollout.max_new_tokens", "8")
-    model = SimpleNamespace(args=SimpleNamespace(max_position_embeddings=64))
+    cfg = tiny_config("/tmp", "--rollout.max_new_tokens", "8", "--model.max_seq_len", "64")
     samples = [{"id": f"math.jsonl:{i + 1}"} for i in range(6)]
     prompts = [[1] * n for n in (10, 57, 56, 80, 60, 90)]
     with pytest.raises(ConfigError, match=r"64 positions .*fewer than 4 prompt\(s\) plus rollout.max_new_tokens=8 need: "
                                           r"math.jsonl:2 \(57 tokens\), math.jsonl:4 \(80 tokens\), math.jsonl:5 "
                                           r"\(60 tokens\), \.\.\. \(longest 90 tokens\)"):
-        fit_lengths(cfg, None, model, prompts, [], samples)
-    assert fit_lengths(cfg, None, model, prompts[:1] + prompts[2:3], [], samples[:2]) == []
+        fit_lengths(cfg, None, prompts, [], samples)
+    assert fit_lengths(cfg, None, prompts[:1] + prompts[2:3], [], samples[:2]) == []
 
 
 def test_a_bad_resume_fails_before_the_model_is_built(tmp_path, monkeypatch):
@@ -143,3 +140,16 @@ def test_fp8_experts_on_an_unfit_checkpoint_fail_before_it_loads(tmp_path, no_mo
                           "--train.name", f"run{name}")
         with pytest.raises(Built if match is None else ConfigError, match=match):
             T.run(cfg)
+
+
+def test_an_hf_models_positions_are_checked_before_it_loads(tmp_path, no_model_load):
+    """fit_lengths read max_position_embeddings from the built model: a completion length an HF checkpoint cannot
+    hold was refused only after its whole load (minutes for a 7B); config.json says it before."""
+    from conftest import save_char_checkpoint
+
+    path = save_char_checkpoint(tmp_path / "short", max_position_embeddings=64)
+    cfg = tiny_config(tmp_path, "--model.name_or_path", path, "--rollout.max_new_tokens", "60")
+    with pytest.raises(ConfigError, match=r"^the model holds 64 positions \(max_position_embeddings in its config.json\)"):
+        T.run(cfg)
+    with pytest.raises(Built):  # TINY's 12 new tokens fit: the run reaches the load
+        T.run(tiny_config(tmp_path, "--model.name_or_path", path, "--train.name", "b"))
