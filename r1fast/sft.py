@@ -45,6 +45,7 @@ from r1fast.data.jsonl import iter_json_objects
 from r1fast.data.order import batch_indices
 from r1fast.data_setup import build_tokenizer
 from r1fast.metrics import MetricsLogger
+from r1fast.model_config import ModelArgs
 from r1fast.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -296,6 +297,18 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     records = read_sft_records(cfg.data, limit=cfg.limit)  # bad data fails before the model is built
     tokenizer = build_tokenizer(cfg.model)
     tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data
+    # the positions from config.json (tiny: model.max_seq_len): checked after the model's load before (minutes: 7B)
+    positions = (cfg.model.max_seq_len if cfg.model.name_or_path == "tiny"
+                 else ModelArgs.from_dir(cfg.model.name_or_path).max_position_embeddings)
+    if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "
+                          "(positions past it are outside the range its RoPE was trained or scaled for); "
+                          "set it <= that, or none for the model's limit")
+    limit = cfg.max_seq_len or positions
+    if not fit_sft_examples(tokenized, tokenizer.eos_id, limit)[0]:  # only lengths count here
+        used = repr(resolve_template(tokenizer, cfg.template)) + (" from auto" if cfg.template == "auto" else "")
+        raise DataError(f"data: all {len(tokenized)} records of {cfg.data!r} are longer than max_seq_len={limit} "
+                        f"tokens (prompts rendered with template {used})")  # auto's r1_zero text alone is long
     dist = D.init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.world_size, dist.rank
     template_used = checked_template(tokenizer, cfg.template, "template")  # rank 0 warns; the model records it
@@ -307,16 +320,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     compute = resolve_dtype(cfg.model.dtype)  # bf16: fp32 master weights that FSDP2 gathers in bf16
     master, param_dtype = master_and_compute_dtypes(compute)
     tokenizer, model = build_model(cfg.model, dist.device, seed=cfg.seed, dtype=master, tokenizer=tokenizer)
-    positions = model.args.max_position_embeddings
-    if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
-        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "
-                          "(positions past it are outside the range its RoPE was trained or scaled for); "
-                          "set it <= that, or none for the model's limit")
-    limit = cfg.max_seq_len or positions
     examples, dropped = fit_sft_examples(tokenized, tokenizer.eos_id, limit)  # eos: build_model may set it
-    if not examples:  # names what 'auto' became: r1_zero's text alone is long
-        raise DataError(f"data: all {dropped} records of {cfg.data!r} are longer than max_seq_len={limit} tokens "
-                        f"(prompts rendered with template {template_used!r}{' from auto' if cfg.template == 'auto' else ''})")
     if dropped and dist.is_main:  # a smaller training set is said, as the cold start, eval and rejection say theirs
         print(f"r1fast.sft: dropped {dropped} of {len(tokenized)} records of {cfg.data!r}: prompt + completion + EOS "
               f"is longer than max_seq_len={limit} tokens (dropped_too_long={dropped})", file=sys.stderr)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny_moe_checkpoint
+from conftest import save_char_checkpoint, save_tiny_moe_checkpoint
 from safetensors.torch import load_file
 
 from r1fast.config_io import ConfigError, DataError, load_config
@@ -316,7 +316,6 @@ def test_activation_checkpointing_gives_the_same_weights(tmp_path):
 def test_bad_data_is_one_line_and_found_before_the_model_is_built(tmp_path, monkeypatch, capsys):
     import r1fast.sft as sft
 
-    build = sft.build_model
     monkeypatch.setattr(sft, "build_model", lambda *a, **k: pytest.fail("model built before the data check"))
     (tmp_path / "empty.jsonl").write_text("\n")
     eval_style = _write_jsonl(tmp_path / "ev.jsonl", [{"prompt": "1+1", "answer": "2"}])
@@ -330,12 +329,16 @@ def test_bad_data_is_one_line_and_found_before_the_model_is_built(tmp_path, monk
     with pytest.raises(DataError):  # programmatic callers get the same type (a ValueError)
         read_sft_records(eval_style)
     assert not (tmp_path / "runs").exists()
-    # every record longer than max_seq_len: known once the tokenizer is built, still one line
-    monkeypatch.setattr(sft, "build_model", build)
+    # every record longer than max_seq_len, a max_seq_len past an HF model's positions: known from the tokenizer
+    # and config.json, still one line (both were checked after the model was built: a 7B's whole load)
     long = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "9" * 80, "completion": "x"}])
     assert sft.main(["--data", long, *out]) == 1
     err = capsys.readouterr().err
     assert "r1fast.sft: error: data: all 1 records" in err and "longer than max_seq_len" in err and err.count("\n") == 1
+    ckpt = save_char_checkpoint(tmp_path / "ckpt", max_position_embeddings=64)
+    assert sft.main(["--data", long, *out, "--model.name_or_path", ckpt, "--max_seq_len", "65"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast.sft: error: max_seq_len=65 exceeds the model's max_position_embeddings=64 ("), err
 
 
 def test_fit_keeps_an_example_of_exactly_max_seq_len():
