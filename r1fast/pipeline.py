@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1fast.pipeline: {err}", file=sys.stderr)
         D.shutdown()
         return err.exit_status  # 143 after SIGTERM, 130 after Ctrl-C, as r1fast.train
-    except (ConfigError, DataError, PipelineError, FileNotFoundError) as err:
+    except (ConfigError, DataError, PipelineError, FileNotFoundError, PermissionError) as err:
         print(f"r1fast.pipeline: error: {err}", file=sys.stderr)
         D.shutdown()
         return 2 if isinstance(err, ConfigError) else 1

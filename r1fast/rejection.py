@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         D.shutdown()
         return 0
 
-    return run_cli("r1fast.rejection", body, user_errors=(FileNotFoundError, EmptyKeptSetError))
+    return run_cli("r1fast.rejection", body, user_errors=(FileNotFoundError, PermissionError, EmptyKeptSetError))
 
 
 if __name__ == "__main__":

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         D.shutdown()
         return 0
 
-    return run_cli("r1fast.sft", body, user_errors=(FileNotFoundError,))
+    return run_cli("r1fast.sft", body, user_errors=(FileNotFoundError, PermissionError))
 
 
 if __name__ == "__main__":

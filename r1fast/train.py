@@ -345,7 +345,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("r1fast.train", lambda: _main(argv), user_errors=(FileNotFoundError,))
+    return run_cli("r1fast.train", lambda: _main(argv), user_errors=(FileNotFoundError, PermissionError))
 
 
 def _main(argv: list[str] | None) -> int:
