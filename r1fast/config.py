@@ -157,7 +157,8 @@ class GRPOConfig:
     eps_high: float = bounded(0.2, ge=0)
     """Upper clip: the ratio is clipped at 1 + eps_high (DAPO's clip-higher uses 0.28)."""
     delta: float | None = bounded(None, gt=1)
-    """Two-sided clipping: cap the ratio at delta for negative advantages; none = off."""
+    """Two-sided clipping: cap the ratio at delta for negative advantages; none = off. Must exceed 1 + eps_high
+    (below it the cap clips positive advantages too)."""
     beta: float = bounded(0.001, ge=0)
     """Weight of the k3 KL penalty to the reference model (0 = no reference model)."""
     ref_update_steps: int = bounded(0, ge=0)
@@ -357,6 +358,11 @@ class Config:
         if g.ref_update_steps and g.beta == 0:  # accepted and silently a no-op before
             raise ConfigError(f"grpo.ref_update_steps={g.ref_update_steps} has no effect with grpo.beta=0: no "
                               "reference model is kept (set grpo.beta > 0, or ref_update_steps = 0)")
+        if g.delta is not None and g.delta <= 1 + g.eps_high:
+            # at or below 1 + eps_high the cap binds for positive advantages too (min(r, delta) < clip(r)): not the
+            # two-sided clipping the field documents
+            raise ConfigError(f"grpo.delta={g.delta} must exceed 1 + grpo.eps_high = {1 + g.eps_high:g}: below it the "
+                              "ratio cap also clips positive advantages; it is meant for negative ones only")
         if g.soft_overlong_penalty and g.overlong_cache_len >= r.max_new_tokens:
             raise ConfigError(f"grpo.overlong_cache_len={g.overlong_cache_len} must be < "
                               f"rollout.max_new_tokens={r.max_new_tokens} when grpo.soft_overlong_penalty is on")

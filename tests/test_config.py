@@ -162,6 +162,9 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, toml, overrides,
         (["--rollout.temperature", "1e-6"], ["rollout.temperature", "1e-06", "1e-05 <= value"]),  # engine refuses it
         (["--train.betas", "0.9,1.0"], ["train.betas[1]", "0 <= value < 1"]),
         (["--grpo.delta", "0.5"], ["grpo.delta", "1 < value"]),
+        # at or below 1 + eps_high the cap clipped positive advantages too (accepted before)
+        (["--grpo.delta", "1.2"], ["grpo.delta=1.2 must exceed 1 + grpo.eps_high = 1.2", "positive advantages"]),
+        (["--grpo.delta", "1.25", "--grpo.eps_high", "0.28"], ["grpo.delta=1.25 must exceed 1 + grpo.eps_high = 1.28"]),
     ],
 )
 def test_out_of_range_names_key_and_allowed_values(overrides, must_contain):
@@ -212,7 +215,7 @@ def _unusual_config():
     cfg.train.lr = 1.2345678901234567e-7
     cfg.train.betas = (0.0, 0.999999)
     cfg.train.resume = "none-like but not none"
-    cfg.grpo.delta = 1.0000000000000002
+    cfg.grpo.delta = math.nextafter(1 + cfg.grpo.eps_high, math.inf)  # the smallest delta allowed
     cfg.grpo.loss_type = "dapo"
     cfg.rollout.num_blocks = 12345
     cfg.rollout.temperature = math.nextafter(1e-5, 1.0)  # just above the engine's smallest temperature
