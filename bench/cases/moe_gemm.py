@@ -145,18 +145,21 @@ def _blockwise_scaled_mm_available():
     return None
 
 
-def _wgrad_inputs(sizes, N, K):
+def _wgrad_inputs(sizes, N, K, device="cuda"):
     import torch
 
     from r1fast.kernels.fp8 import quantize_fp8_128x1
 
     M = sum(sizes)
-    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    dyt, dyts = quantize_fp8_128x1(dy)
-    xt, xts = quantize_fp8_128x1(x)
-    group_sizes = torch.tensor(sizes, dtype=torch.int32, device="cuda")
-    grad = torch.zeros(len(sizes), N, K, device="cuda")
+    dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    group_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    # The MoE layer's layout (moe_layer.py): every expert's tokens start on a 128-token tile of their own.
+    # The global 128-row tiling is another kernel path (an expert starting inside a tile is masked), which
+    # the layer never runs: at ragged sizes (multiples of 16, not 128) it would publish the wrong path's time.
+    dyt, dyts = quantize_fp8_128x1(dy, group_sizes=group_sizes)
+    xt, xts = quantize_fp8_128x1(x, group_sizes=group_sizes)
+    grad = torch.zeros(len(sizes), N, K, device=device)
     offs = group_sizes.cumsum(0).to(torch.int32)
     return dyt, dyts, xt, xts, group_sizes, grad, dy, x, offs
 
@@ -164,7 +167,8 @@ def _wgrad_inputs(sizes, N, K):
 def _ours_wgrad(dyt, dyts, xt, xts, group_sizes, grad, *rest):
     from r1fast.kernels.moe_gemm import fp8_grouped_gemm_wgrad
 
-    return fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, out=grad, accumulate=True, validate=False)
+    return fp8_grouped_gemm_wgrad(dyt, dyts, xt, xts, group_sizes, out=grad, accumulate=True, group_aligned=True,
+                                  validate=False)
 
 
 def _bf16_wgrad(dyt, dyts, xt, xts, group_sizes, grad, dy, x, offs):
