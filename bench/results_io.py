@@ -30,6 +30,9 @@ from bench.rows import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORT_KINDS = ("cases", "quick", "ceilings")
+PEER_DISTRIBUTIONS = ("liger-kernel", "transformers")
+"""The peers' packages whose versions every report records: a ratio to "liger-fused-linear" means little
+without knowing which Liger (ANCHORS.md measured 0.8.5; a carried wheel may be another)."""
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
@@ -132,6 +135,7 @@ def environment_metadata(now: _dt.datetime | None = None) -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
+        **{dist: _version(dist) for dist in PEER_DISTRIBUTIONS},
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -9,6 +9,7 @@ from bench_testing import FAMILY, REPO, MiB, make_case
 from bench import registry
 from bench.ceilings import measure_ceilings
 from bench.results_io import (
+    environment_metadata,
     git_commit,
     gpu_slug,
     render_markdown,
@@ -157,3 +158,23 @@ def test_measure_ceilings_records_a_failure_as_reason():
 
     ceilings = measure_ceilings("cpu", timer=failing_timer, matmul_n=16, copy_bytes=4096)
     assert all(c["value"] is None and "no timer here" in c["reason"] for c in ceilings.values())
+
+
+def test_metadata_records_the_peers_versions(monkeypatch):
+    """A peer's ratio is only comparable with the peer's version (ANCHORS.md names Liger-Kernel 0.8.5)."""
+    from bench import results_io
+
+    versions = {"liger-kernel": "0.8.5", "transformers": "5.17.0"}
+
+    def fake_version(dist):
+        if dist in versions:
+            return versions[dist]
+        if dist == "triton":
+            return "3.6.0"
+        raise results_io.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(results_io.metadata, "version", fake_version)
+    meta = environment_metadata()
+    assert meta["liger-kernel"] == "0.8.5" and meta["transformers"] == "5.17.0"
+    del versions["liger-kernel"]
+    assert environment_metadata()["liger-kernel"] == "not installed"
