@@ -56,6 +56,8 @@ case "${1:-}" in
 import json, sys
 rl = [r for r in map(json.loads, open(sys.argv[1])) if r.get("phase") == "rl"]
 keys = ("time_rollout_s", "time_reward_s", "time_train_s", "generated_tokens_per_s")
+if not rl:  # the run failed before its first GRPO step: its log above says why
+    sys.exit("no GRPO step in metrics.jsonl")
 print("mean over", len(rl), "GRPO steps:", {k: round(sum(r[k] for r in rl) / len(rl), 4) for k in keys})
 PY
         ;;
