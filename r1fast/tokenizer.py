@@ -175,9 +175,14 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def _special_ids(self) -> frozenset[int]:
+        """Added tokens marked special in tokenizer.json, plus the config's named special tokens (eos_token, ...):
+        transformers registers those as special whatever tokenizer.json says, so its decode drops them. Without
+        them an eos that tokenizer.json adds as a plain token stayed in every decoded completion
+        ("...</answer><|im_end|>") and the strict format reward scored it 0."""
         if self._skip_ids is None:
-            self._skip_ids = frozenset(i for i, token in self.tok.get_added_tokens_decoder().items()
-                                       if token.special and token.content not in R1_TAGS)
+            added = {i for i, token in self.tok.get_added_tokens_decoder().items() if token.special}
+            named = {self.tok.token_to_id(t) for t in self.special_tokens_map.values()} - {None}
+            self._skip_ids = frozenset(i for i in added | named if self.tok.id_to_token(i) not in R1_TAGS)
         return self._skip_ids
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:

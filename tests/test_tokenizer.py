@@ -186,6 +186,26 @@ def test_r1_tags_added_as_special_tokens_survive_decoding(tmp_path):
     assert tok.decode([*ids, tok.eos_id], skip_special_tokens=False) == completion + "<|im_end|>"
 
 
+def test_named_special_tokens_dropped_in_decoding_like_transformers(tmp_path):
+    """An eos that tokenizer.json adds as a plain (non-special) token is still a special token to transformers
+    (named in tokenizer_config.json), so decode drops it; r1fast kept "<|im_end|>" in the completion text."""
+    raw = _tiny_bpe(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<|im_end|>":
+            added["special"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load(tmp_path)
+    completion = "<think>12*7</think> <answer>84</answer>"
+    ids = [*tok.encode(completion), tok.eos_id]
+    assert raw.token_to_id("<|im_end|>") == tok.eos_id
+    assert tok.decode(ids) == completion
+    assert tok.decode(ids, skip_special_tokens=False) == completion + "<|im_end|>"
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert auto.decode(ids, skip_special_tokens=True) == completion
+
+
 def test_hf_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         load(tmp_path)
