@@ -91,7 +91,7 @@ class CharTokenizer:
 
     def to_hf_tokenizer(self):
         """The same tokenization as an HF ``tokenizers.Tokenizer`` (what ``save`` writes as tokenizer.json)."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415
 
         chars = {c: i for i, c in enumerate(self.vocab) if c not in self.special_tokens}
         tok = Tokenizer(models.WordLevel(vocab={**{s: i for i, s in enumerate(self.special_tokens)}, **chars},
@@ -100,6 +100,11 @@ class CharTokenizer:
         tok.decoder = decoders.Fuse()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in R1_TAGS])
+        # <bos> first, as ``encode(add_special_tokens=True)`` and r1fast's named-template prompts have it: without
+        # this, transformers' ``tokenizer(prompt)`` on a saved checkpoint fed the model prompts without the <bos>
+        # every training prompt began with
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B:1",
+                                                           special_tokens=[("<bos>", self.bos_id)])
         return tok
 
     def save(self, path) -> None:

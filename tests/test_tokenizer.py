@@ -40,11 +40,13 @@ def test_char_save_load_and_hf_compatibility(tmp_path):
     assert back.encode(R1_TEXT) == tok.encode(R1_TEXT)
     assert back.apply_chat_template([{"role": "user", "content": "2+2?"}]) == "2+2? Assistant: <think>"
     hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert hf.encode(R1_TEXT).ids == tok.encode(R1_TEXT)
+    assert hf.encode(R1_TEXT, add_special_tokens=False).ids == tok.encode(R1_TEXT)
     assert hf.decode(tok.encode(R1_TEXT)) == R1_TEXT
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert auto(R1_TEXT, add_special_tokens=False)["input_ids"] == tok.encode(R1_TEXT)
+    # <bos> first by default, as every prompt r1fast trained on (a named template's) began with it
+    assert auto(R1_TEXT)["input_ids"] == tok.encode(R1_TEXT, add_special_tokens=True) == [tok.bos_id, *tok.encode(R1_TEXT)]
     assert (auto.eos_token_id, auto.pad_token_id, auto.bos_token_id) == (tok.eos_id, tok.pad_id, tok.bos_id)
 
 
