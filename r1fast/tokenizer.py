@@ -142,8 +142,9 @@ class HFTokenizer:
         self.files = dict(files or {})
         self._loaded = files is not None  # read from a directory by ``load`` (else built in code)
         # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
-        self.special_tokens_map = {name: str(_content(config[name])) for name in SPECIAL_TOKEN_NAMES
-                                   if _content(config.get(name)) is not None}
+        named = {**config, **self._legacy_special_tokens(config)}
+        self.special_tokens_map = {name: str(_content(named[name])) for name in SPECIAL_TOKEN_NAMES
+                                   if _content(named.get(name)) is not None}
         self.bos_token, self.eos_token, self.pad_token = (self.special_tokens_map.get(f"{n}_token")
                                                           for n in ("bos", "eos", "pad"))
         self.chat_template = named_templates(chat_template or config.get("chat_template"))
@@ -152,6 +153,23 @@ class HFTokenizer:
         self.eos_id = self._id(self.eos_token, "eos_token")
         pad = self._id(self.pad_token, "pad_token")
         self.pad_id = pad if pad is not None else self.eos_id
+
+    def _legacy_special_tokens(self, config: dict) -> dict:
+        """The named tokens of the source's special_tokens_map.json where transformers reads them: for a config
+        without added_tokens_decoder (saved before transformers 4.34) its entries override the config's. Unread, a
+        directory naming bos/eos only there loaded with neither: a Llama-3 chat prompt lost its <|begin_of_text|>
+        (the template's bos_token rendered as "") while transformers' has it."""
+        data = self.files.get("special_tokens_map.json")
+        if data is None or "added_tokens_decoder" in config:
+            return {}
+        file = os.path.join(os.path.dirname(self.source), "special_tokens_map.json")
+        try:
+            tokens = json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(tokens, dict):
+            raise ConfigError(f"{file}: expected a JSON object of named special tokens, got {type(tokens).__name__}")
+        return {name: tokens[name] for name in SPECIAL_TOKEN_NAMES if name in tokens}
 
     def _id(self, token, field):
         if token is None:

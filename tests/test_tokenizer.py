@@ -208,6 +208,33 @@ def test_named_special_tokens_dropped_in_decoding_like_transformers(tmp_path):
     assert auto.decode(ids, skip_special_tokens=True) == completion
 
 
+def test_special_tokens_map_json_names_tokens_as_in_transformers(tmp_path):
+    """A config without added_tokens_decoder (saved before transformers 4.34): transformers takes the named tokens
+    of special_tokens_map.json, over the config's; r1fast read only the config and loaded no eos and no pad."""
+    raw = _tiny_bpe(tmp_path)
+    template = "{{ eos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<unk>", "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False,
+                                                  "rstrip": False, "single_word": False}}))
+    tok = load(tmp_path)
+    assert (tok.eos_id, tok.pad_id) == (raw.token_to_id("<|im_end|>"), raw.token_to_id("<|endoftext|>"))
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert tok.apply_chat_template(messages) == "<|im_end|>2+2?"
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (auto.eos_token_id, auto.pad_token_id) == (tok.eos_id, tok.pad_id)
+    assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<|im_end|>2+2?"
+    # a config with added_tokens_decoder is read alone, in transformers too
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": {}}))
+    assert (load(tmp_path).eos_id, load(tmp_path).pad_id) == (None, raw.token_to_id("<unk>"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text("{")
+    with pytest.raises(ValueError, match="special_tokens_map.json: not valid JSON"):
+        load(tmp_path)
+
+
 def test_hf_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         load(tmp_path)
