@@ -190,11 +190,14 @@ def completion_prefix(tokenizer, template: str):
 
 
 def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
-    """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``),
-    chat templates write their own."""
+    """Token ids of a rendered prompt; named templates get <bos> first (as ``data_setup.encode_prompts``) unless
+    the text already starts with it, chat templates write their own."""
     chat = resolve_template(tokenizer, template) == "chat"
     bos = getattr(tokenizer, "bos_id", None)
-    return ([] if chat or bos is None else [bos]) + tokenizer.encode(text)
+    ids = tokenizer.encode(text)
+    # a prompt pre-rendered with a chat template (template 'none') carries its own <bos>: a second one made every
+    # prompt start <bos><bos>, which apply_chat_template (it encodes without adding specials) never gives
+    return ids if chat or bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
 def generation_limit(engine) -> int:

@@ -50,6 +50,16 @@ def test_grpo_prompts_render_as_sft_and_eval_render_them():
         encode_prompts(plain, samples, "chat")
 
 
+def test_prerendered_prompt_with_its_own_bos_gets_no_second_one():
+    """Template 'none' on a prompt rendered with a chat template that writes <bos> (Llama-3, R1-Distill): one
+    <bos>, not two (the model never sees <bos><bos>); a prompt without it still gets one."""
+    tok = CharTokenizer()
+    prerendered = "<bos>User: 2+2. Assistant: <think>"
+    assert encode_prompt(tok, prerendered, "none") == tok.encode(prerendered)
+    assert tok.encode(prerendered).count(tok.bos_id) == 1
+    assert encode_prompt(tok, "User: 2+2.", "none") == [tok.bos_id, *tok.encode("User: 2+2.")]
+
+
 def test_bf16_runs_save_bf16_checkpoints(tmp_path):
     from r1fast.train_state import save_hf
 
