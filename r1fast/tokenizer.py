@@ -142,6 +142,7 @@ class HFTokenizer:
         self.files = dict(files or {})
         self._loaded = files is not None  # read from a directory by ``load`` (else built in code)
         # every named special token the config gives (unk_token, sep_token, ...): templates may print any of them
+        self._sync_added_tokens(config)
         named = {**config, **self._legacy_special_tokens(config)}
         self.special_tokens_map = {name: str(_content(named[name])) for name in SPECIAL_TOKEN_NAMES
                                    if _content(named.get(name)) is not None}
@@ -153,6 +154,31 @@ class HFTokenizer:
         self.eos_id = self._id(self.eos_token, "eos_token")
         pad = self._id(self.pad_token, "pad_token")
         self.pad_id = pad if pad is not None else self.eos_id
+
+    def _sync_added_tokens(self, config: dict) -> None:
+        """Give the added tokens of tokenizer.json the properties tokenizer_config.json's added_tokens_decoder
+        states for the same id and content (lstrip, rstrip, ...), as transformers does when it loads: with the
+        config's rstrip=True on <|im_end|> it encodes "ab  <|im_end|>\\n\\ncd" as 5 ids, r1fast read 9 from
+        tokenizer.json's flags; one special in either file is special (dropped by decode). Tokens the config
+        names at another id or not at all are left alone."""
+        from tokenizers import AddedToken  # noqa: PLC0415
+
+        entries = config.get("added_tokens_decoder")
+        current = self.tok.get_added_tokens_decoder()
+        changed = []
+        for index, entry in (entries.items() if isinstance(entries, dict) else ()):
+            have = current.get(int(index)) if str(index).isdigit() else None
+            if have is None or not isinstance(entry, dict) or entry.get("content") != have.content:
+                continue
+            flags = {k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
+                     if isinstance(entry.get(k), bool) and entry[k] != getattr(have, k)}
+            if entry.get("special") is True and not have.special:  # special in either file: transformers' decode
+                flags["special"] = True  # drops it (the config's special=False does not unmark one)
+            if flags:
+                props = {k: getattr(have, k) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")}
+                changed.append(AddedToken(have.content, **{**props, **flags}))
+        if changed:
+            self.tok.add_tokens(changed)  # same content: updates the token in place, its id unchanged
 
     def _legacy_special_tokens(self, config: dict) -> dict:
         """The named tokens of the source's special_tokens_map.json where transformers reads them: for a config
