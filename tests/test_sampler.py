@@ -79,6 +79,22 @@ def test_top_p_drops_the_token_whose_mass_before_equals_top_p():
     assert kept.tolist() == [[True, True, False, False, False]]
 
 
+def test_top_p_mass_is_exact_at_a_boundary_and_over_a_real_vocabulary():
+    """The kept set is the smallest one whose exact mass reaches top_p. An fp32 softmax and cumsum summed
+    0.4 + 0.2 + 0.2 to 0.79999995 (the exact softmax of these fp32 logits gives 0.8 + 5e-9) and kept a fourth
+    token at top_p 0.8; over 152,064 sorted tokens the fp32 cumsum drifted by 1.3e-5 and dropped ~20 tokens."""
+    from r1fast.rollout.sampler import _truncate
+
+    logits = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]).log()
+    assert torch.isfinite(_truncate(logits, 0, 0.8)).tolist() == [[True, True, True, False, False]]
+    big = 3.0 * torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    for top_p in (0.9, 0.99):
+        kept = torch.isfinite(_truncate(big, 0, top_p)).sum(-1)
+        exact_sorted = torch.softmax(big.double().sort(dim=-1, descending=True).values, dim=-1)
+        before = exact_sorted.cumsum(dim=-1) - exact_sorted  # fp64: rounding 1e-11, far below the margins here
+        assert kept.tolist() == (before < top_p).sum(-1).tolist(), top_p
+
+
 # ---- truncation and logprob semantics against an fp64 inverse-CDF reference ------------------------
 
 SMALL_LOGITS = torch.tensor([[1.3, -0.4, 2.1, 0.2, -1.7, 0.9, 1.6, -0.8]])  # distinct values, V = 8

@@ -76,12 +76,18 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # mass strictly before each token; a token is kept while that mass is below top_p, so the most
-        # likely token is always kept. The inclusive sum shifted by one, not cumsum - p: that subtraction
-        # turned 0.4 + 0.2 into 0.59999996 < 0.6 and kept a third token of [0.4, 0.2, 0.2, 0.1, 0.1]
-        mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0))
-        drop_sorted = mass_before >= top_p
+        # the mass in fp64, as the CDF below: an fp32 cumsum drifted by 1.3e-5 over 152,064 sorted tokens
+        # (top_p 0.99 kept 38,102 tokens where the rule keeps 38,119), and its fp32 softmax summed
+        # 0.4 + 0.2 + 0.2 to 0.79999995 < 0.8, keeping a fourth token of [0.4, 0.2, 0.2, 0.1, 0.1]
+        # one fp64 [B, V] buffer, filled in place (softmax(dtype=float64) holds a converted copy too);
+        # the first sorted logit is the row maximum
+        mass = sorted_logits.double().sub_(sorted_logits[:, :1]).exp_().cumsum_(dim=-1)
+        mass = mass.div_(mass[:, -1:].clone())
+        # a token is kept while the mass strictly before it is below top_p, so the most likely token is
+        # always kept. The inclusive sum shifted by one, not cumsum - p: that subtraction turned
+        # 0.4 + 0.2 into 0.59999996 < 0.6 and kept a third token of [0.4, 0.2, 0.2, 0.1, 0.1]
+        drop_sorted = torch.zeros_like(order, dtype=torch.bool)
+        drop_sorted[:, 1:] = mass[:, :-1] >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
