@@ -95,6 +95,17 @@ def test_top_p_mass_is_exact_at_a_boundary_and_over_a_real_vocabulary():
         assert kept.tolist() == (before < top_p).sum(-1).tolist(), top_p
 
 
+def test_top_p_keeps_the_lower_ids_of_tied_tokens_at_any_vocabulary_size():
+    """Equal logits at top_p 0.5 keep the first half of the ids. The unstable sort kept ids 0-1 of V = 4 but
+    ids 32-63 of V = 64: which tied tokens survived depended on the vocabulary size (and the device)."""
+    from r1fast.rollout.sampler import _truncate
+
+    for vocab in (4, 7, 64, 1024):  # 1/V exact in binary (V = 7: no count sums to 0.5)
+        kept = torch.isfinite(_truncate(torch.zeros(2, vocab), 0, 0.5))
+        half = (vocab + 1) // 2  # the smallest count whose mass reaches 0.5
+        assert kept.tolist() == [[i < half for i in range(vocab)]] * 2, vocab
+
+
 # ---- truncation and logprob semantics against an fp64 inverse-CDF reference ------------------------
 
 SMALL_LOGITS = torch.tensor([[1.3, -0.4, 2.1, 0.2, -1.7, 0.9, 1.6, -0.8]])  # distinct values, V = 8

@@ -35,9 +35,11 @@ class SamplingParams:
     temperature: float = 1.0
     """0 = greedy; > 0 divides the logits (``Engine.generate`` rejects 0 < temperature < MIN_TEMPERATURE)."""
     top_p: float = 1.0
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off)."""
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off): the token whose mass
+    crosses top_p is kept, as in HF and vLLM. Applied after top_k, to the renormalised top-k set; among
+    tokens of equal probability the lower ids are kept first."""
     top_k: int = 0
-    """Keep the k most likely tokens (0 = off)."""
+    """Keep the k most likely tokens (0 = off); tokens tied with the k-th are kept too (as HF and vLLM)."""
     max_new_tokens: int = 16
     """Generated tokens per completion at most."""
     stop_token_ids: tuple[int, ...] = ()
@@ -75,7 +77,10 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        # stable: among tokens of equal probability the lower ids are kept first. The default sort broke
+        # such ties by its algorithm: equal logits at top_p 0.5 kept ids 0-1 of V = 4 but 50-99 of V = 100
+        # (bf16 logits tie often, so which tied tokens survive depended on V and the device)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         # the mass in fp64, as the CDF below: an fp32 cumsum drifted by 1.3e-5 over 152,064 sorted tokens
         # (top_p 0.99 kept 38,102 tokens where the rule keeps 38,119), and its fp32 softmax summed
         # 0.4 + 0.2 + 0.2 to 0.79999995 < 0.8, keeping a fourth token of [0.4, 0.2, 0.2, 0.1, 0.1]
