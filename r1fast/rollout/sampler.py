@@ -33,7 +33,8 @@ class SamplingParams:
     """Sampling settings of one ``generate`` call (shared by all its sequences)."""
 
     temperature: float = 1.0
-    """0 = greedy; > 0 divides the logits (``Engine.generate`` rejects 0 < temperature < MIN_TEMPERATURE)."""
+    """0 = greedy (ties go to the lowest id); > 0 divides the logits (``Engine.generate`` rejects
+    0 < temperature < MIN_TEMPERATURE)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off): the token whose mass
     crosses top_p is kept, as in HF and vLLM. Applied after top_k, to the renormalised top-k set; among
