@@ -235,9 +235,7 @@ class _MoeFfnFp8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, w_gate_up, w_down, topk_ids, q1, s1, q1t, s1t, q2, s2, q2t, s2t):
         out, saved = _forward(x, topk_weights, topk_ids, q1, s1, q2, s2, for_backward=True)
-        weights, xtq, xts, hq, hs, y, group_sizes, token_of_row, row_of_slot = saved
-        ctx.save_for_backward(weights, xtq, xts, hq, hs, y, group_sizes, token_of_row, row_of_slot,
-                              q1t, s1t, q2t, s2t, w_gate_up, w_down)
+        ctx.save_for_backward(*saved, q1t, s1t, q2t, s2t, w_gate_up, w_down)
         ctx.meta = (x.shape[0], topk_ids.shape[1], x.dtype)
         return out
 

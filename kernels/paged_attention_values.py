@@ -54,11 +54,12 @@ def check_cu_seqlens_values(cu_seqlens_q: torch.Tensor, num_queries: int, max_se
     if int(cu[0]) != 0 or int(cu[-1]) != num_queries or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens_q must start at 0, never decrease and end at T = {num_queries} (q's rows), "
                          f"got {cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''}")
-    longest = int(cu.diff().max()) if cu.numel() > 1 else 0
+    chunks = cu.diff()
+    longest = int(chunks.max()) if chunks.numel() else 0
     if longest > max_seqlen_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query chunk ({longest} queries in "
                          "cu_seqlens_q); pass at least that")
-    bad = (cu.diff() > seq_lens.long()).nonzero()
+    bad = (chunks > seq_lens.long()).nonzero()
     if bad.numel():
         b = int(bad[0, 0])
         raise ValueError(f"query chunk {b} has {int(cu[b + 1] - cu[b])} queries (cu_seqlens_q) but seq_lens[{b}] = "

@@ -93,7 +93,7 @@ def group_aligned_rows(group_sizes: torch.Tensor, num_rows: int) -> torch.Tensor
     shift = (tiles.cumsum(0) - tiles) * TILE - (ends - sizes)  # aligned start - packed start
     rows = torch.arange(num_rows, device=sizes.device)
     if sizes.numel() == 0:  # no group: every row is in none
-        return rows - rows - 1
+        return torch.full_like(rows, -1)
     # searchsorted, not repeat_interleave(output_size=M): that raised RuntimeError on sizes not summing to M
     group_of_row = torch.searchsorted(ends, rows, right=True)
     in_group = group_of_row < sizes.numel()

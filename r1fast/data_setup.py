@@ -40,6 +40,12 @@ def build_tokenizer(m: ModelConfig):
     return load_tokenizer(m.tokenizer or m.name_or_path)
 
 
+def model_positions(m: ModelConfig) -> int:
+    """The positions of the model a section builds, read before it loads (a 7B load takes minutes): the tiny
+    model's ``max_seq_len``, else ``max_position_embeddings`` of the checkpoint's config.json."""
+    return m.max_seq_len if m.name_or_path == "tiny" else ModelArgs.from_dir(m.name_or_path).max_position_embeddings
+
+
 def build_model(cfg: Config, tok, device: torch.device, dtype: torch.dtype | None = None) -> Transformer:
     """('tiny') a small Qwen2-style model built in code for the character tokenizer ``tok``, or the local HF
     directory (``tok`` checked against it: ``stage_io.check_tokenizer_fits``); parameters in ``dtype``

@@ -51,6 +51,7 @@ from r1fast.stage_io import (
     empty_data_error,
     encode_prompts_that_fit,
     load_policy,
+    nearest_existing,
     pick_device_dtype,
     stop_token_ids,
 )
@@ -259,9 +260,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.data``; returns the metrics. Missing paths fail before any work."""
     cfg.validate()
     if cfg.out is not None:  # a file at out (or above it) failed os.makedirs only after the whole evaluation
-        existing = os.path.abspath(cfg.out)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
+        existing = nearest_existing(cfg.out)
         if not os.path.isdir(existing):
             raise ConfigError(f"out: {existing!r} is a file; out names a directory (eval.json, eval.md, samples.jsonl)")
     check_checkpoint(cfg.model, "model")

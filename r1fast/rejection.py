@@ -62,6 +62,7 @@ from r1fast.stage_io import (
     encode_prompt,
     encode_prompts_that_fit,
     load_policy,
+    nearest_existing,
     pick_device_dtype,
     render_prompt,
     resolve_template,
@@ -162,9 +163,7 @@ class RejectionConfig:
             if os.path.abspath(path) == os.path.abspath(self.out):  # run_rejection removes out before sampling
                 raise ConfigError(f"out: {self.out!r} is also the {key} input; it would be deleted")
         # a directory at out was an IsADirectoryError traceback (removing it), a file above it one after sampling
-        existing = os.path.abspath(self.out)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
+        existing = nearest_existing(self.out)
         if os.path.isdir(existing) == (existing == os.path.abspath(self.out)):
             raise ConfigError(f"out: {existing!r} is a {'directory' if os.path.isdir(existing) else 'file'}; out names "
                               "the JSONL file of kept traces, in a directory")

@@ -42,9 +42,8 @@ from r1fast.config_checks import check_fp8_experts
 from r1fast.config_dump import save_config
 from r1fast.config_io import ConfigError, DataError, _check_tree, bounded, load_config, parse_cli, run_cli
 from r1fast.data.order import batch_indices
-from r1fast.data_setup import build_tokenizer
+from r1fast.data_setup import build_tokenizer, model_positions
 from r1fast.metrics import MetricsLogger
-from r1fast.model_config import ModelArgs
 from r1fast.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -193,8 +192,7 @@ def _run_sft(cfg: SFTConfig, held: contextlib.ExitStack) -> dict:
     tokenizer = build_tokenizer(cfg.model)
     tokenized = tokenize_sft_records(records, tokenizer, cfg.template)  # so does unencodable data
     # the positions from config.json (tiny: model.max_seq_len): checked after the model's load before (minutes: 7B)
-    positions = (cfg.model.max_seq_len if cfg.model.name_or_path == "tiny"
-                 else ModelArgs.from_dir(cfg.model.name_or_path).max_position_embeddings)
+    positions = model_positions(cfg.model)
     if cfg.max_seq_len is not None and cfg.max_seq_len > positions:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's max_position_embeddings={positions} "
                           "(positions past it are outside the range its RoPE was trained or scaled for); "

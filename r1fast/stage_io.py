@@ -51,6 +51,15 @@ def check_checkpoint(path: str, key: str) -> None:
                                 f"{os.path.join(path, INDEX_FILE)} exists")
 
 
+def nearest_existing(path: str) -> str:
+    """The absolute ``path``, or its nearest ancestor that exists: what an output path will be created under (a
+    file there makes os.makedirs fail, after the work whose results it was to hold)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_file(path: str, key: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{key}: file {path!r} does not exist")

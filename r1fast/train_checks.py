@@ -15,7 +15,7 @@ import time
 from r1fast import distributed as D
 from r1fast.config import Config, ConfigError
 from r1fast.config_io import DataError
-from r1fast.data_setup import encode_prompts
+from r1fast.data_setup import encode_prompts, model_positions
 from r1fast.rewards.format import continue_open_think, prefix_for
 from r1fast.stage_io import completion_prefix
 
@@ -93,11 +93,8 @@ def fit_lengths(cfg: Config, tokenizer, prompt_ids: list[list[int]], sft_samples
     return the cold-start examples whose prompt + worked solution fit (the longer ones are dropped, as
     ``r1fast.sft`` drops them; ConfigError when none is left). The positions are the tiny model's max_seq_len or
     config.json's, read before the model loads: an HF model's refusal came only after its load (minutes for a 7B)."""
-    from r1fast.model_config import ModelArgs
-
-    tiny = cfg.model.name_or_path == "tiny"
-    limit = cfg.model.max_seq_len if tiny else ModelArgs.from_dir(cfg.model.name_or_path).max_position_embeddings
-    source = "model.max_seq_len" if tiny else "max_position_embeddings in its config.json"
+    limit = model_positions(cfg.model)
+    source = "model.max_seq_len" if cfg.model.name_or_path == "tiny" else "max_position_embeddings in its config.json"
     where = f"the model holds {limit} positions ({source})"
     budget = limit - cfg.rollout.max_new_tokens
     too_long = [(i, len(p)) for i, p in enumerate(prompt_ids) if len(p) > budget]

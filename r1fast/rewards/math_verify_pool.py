@@ -3,13 +3,14 @@
 Parsing runs in a small pool of worker *processes* started with ``subprocess`` (``python -c``), one
 JSON line per request. Why not ``multiprocessing``: fork from a trainer with live torch/gloo threads
 can deadlock the child, and spawn/forkserver re-import the ``__main__`` module (the training script).
-Each request has a wall-clock timeout; a worker that overruns it (sympy can take minutes on
-adversarial LaTeX) is killed and replaced, and the sample scores 0. One that dies mid-request (a crash,
-the OOM killer) is no overrun and never blames the gold: the request is repeated once on a fresh worker,
-and the sample scores 0 only when that one dies too; one found dead while idle is replaced before use. A gold whose own parse (with a check against a trivial answer) overruns it is
-unparsable instead: the sample is skipped, like every later one with that gold, which is remembered so no sample pays the timeout for it again. A worker's
-start-up (interpreter, imports, a warm-up parse) has its own budget, ``startup_timeout_s``: the
-request's timeout starts when the worker says it is ready, so a slow start never blacklists a gold.
+Each request has a wall-clock timeout; a worker that overruns it (sympy can take minutes on adversarial LaTeX)
+is killed and replaced, and the sample scores 0. One that dies mid-request (a crash, the OOM killer) is no
+overrun and never blames the gold: the request is repeated once on a fresh worker, and the sample scores 0
+only when that one dies too; one found dead while idle is replaced before use. A gold whose own parse (with a
+check against a trivial answer) overruns it is unparsable instead: the sample is skipped, like every later one
+with that gold, which is remembered so no sample pays the timeout for it again. A worker's start-up
+(interpreter, imports, a warm-up parse) has its own budget, ``startup_timeout_s``: the request's timeout
+starts when the worker says it is ready, so a slow start never blacklists a gold.
 Counters live in ``STATS``.
 """
 
